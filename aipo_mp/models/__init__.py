@@ -1,0 +1,70 @@
+"""Model families, registered by name and matched from an HF config.json.
+
+Adding a family: one module with a `FAMILY` record, plus a line in FAMILIES.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from aipo_mp.config import ConfigError, ModelArch
+from aipo_mp.models import gemma2, llama, mistral
+from aipo_mp.models.base import Family
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (llama.FAMILY, mistral.FAMILY, gemma2.FAMILY)}
+
+# Written beside a Megatron checkpoint by aipo_mp; holds the HF config it came from.
+MEGATRON_META = "aipo_checkpoint.json"
+
+
+def supported_architectures() -> list[str]:
+    return sorted(a for f in FAMILIES.values() for a in f.hf_architectures)
+
+
+def family_for_hf_config(hf: dict) -> Family:
+    archs = hf.get("architectures") or []
+    for fam in FAMILIES.values():
+        if any(a in fam.hf_architectures for a in archs) or hf.get("model_type") == fam.hf_model_type:
+            return fam
+    got = ", ".join(archs) or hf.get("model_type") or "none given"
+    raise ConfigError(f"unsupported architecture {got}; supported: {', '.join(supported_architectures())}")
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ConfigError(f"unknown model family {name!r}; supported: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def read_hf_config(directory: str | Path) -> dict:
+    """config.json of an HF directory, or the HF config stored with an aipo_mp checkpoint."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise ConfigError(f"model directory not found: {d}")
+    meta = d / MEGATRON_META
+    if meta.exists():
+        return json.loads(meta.read_text())["hf_config"]
+    cfg = d / "config.json"
+    if not cfg.exists():
+        raise ConfigError(f"{d} has neither config.json (HF) nor {MEGATRON_META} (aipo_mp checkpoint)")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{cfg}: not valid JSON ({e.msg} at line {e.lineno})")
+
+
+def arch_from_hf_config(hf: dict) -> ModelArch:
+    fam = family_for_hf_config(hf)
+    try:
+        return fam.arch_from_hf(hf)
+    except KeyError as e:
+        raise ConfigError(f"{fam.name} config.json lacks the field {e.args[0]}")
+
+
+def arch_from_dir(directory: str | Path) -> ModelArch:
+    return arch_from_hf_config(read_hf_config(directory))
+
+
+def hf_config_for(arch: ModelArch) -> dict:
+    return get_family(arch.family).hf_config(arch)

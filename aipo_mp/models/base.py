@@ -1,0 +1,468 @@
+"""What every family shares: the Family record, the layer spec, the TransformerConfig, model
+construction for any TP/PP/VPP layout, and the declarative HF <-> Megatron parameter mapping.
+
+Family modules (llama.py, mistral.py, gemma2.py) supply only data and small functions: how to
+read their HF config, which spec options they need, and their parameter-name table.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from aipo_mp.config import ConfigError, ModelArch, ParallelConfig, PrecisionConfig
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter mapping
+# ---------------------------------------------------------------------------------------------
+
+COPY, QKV, GLU = "copy", "qkv", "glu"
+NONE, COLUMN, ROW, GLU_COLUMN = "none", "column", "row", "glu_column"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One Megatron parameter and the HF tensor(s) it is made of. `{i}` is the global layer index.
+
+    transform: copy | qkv (q, k, v fused per query group) | glu (gate and up stacked)
+    split: how tensor parallelism slices the Megatron tensor: none | column (dim 0) | row (dim 1)
+           | glu_column (each rank holds [gate shard; up shard])
+    """
+
+    megatron: str
+    hf: tuple[str, ...]
+    transform: str = COPY
+    split: str = NONE
+
+    def pattern(self) -> re.Pattern:
+        return re.compile("^" + re.escape(self.megatron).replace(r"\{i\}", r"(\d+)") + "$")
+
+
+def to_megatron(rule: Rule, tensors: list[torch.Tensor], arch: ModelArch) -> torch.Tensor:
+    if rule.transform == COPY:
+        return tensors[0]
+    if rule.transform == GLU:
+        return torch.cat(tensors, dim=0)
+    q, k, v = tensors
+    ng, hd = arch.num_key_value_heads, arch.head_dim
+    h = q.shape[-1]
+    per_group = [q.reshape(ng, -1, h), k.reshape(ng, hd, h), v.reshape(ng, hd, h)]
+    return torch.cat(per_group, dim=1).reshape(-1, h)
+
+
+def to_hf(rule: Rule, tensor: torch.Tensor, arch: ModelArch) -> list[torch.Tensor]:
+    if rule.transform == COPY:
+        return [tensor]
+    if rule.transform == GLU:
+        return list(torch.chunk(tensor, 2, dim=0))
+    ng, hd = arch.num_key_value_heads, arch.head_dim
+    h = tensor.shape[-1]
+    qpg = arch.num_attention_heads // ng * hd
+    grouped = tensor.reshape(ng, qpg + 2 * hd, h)
+    q, k, v = torch.split(grouped, [qpg, hd, hd], dim=1)
+    return [q.reshape(-1, h), k.reshape(-1, h), v.reshape(-1, h)]
+
+
+def tp_slice(tensor: torch.Tensor, split: str, rank: int, size: int) -> torch.Tensor:
+    if split == NONE or size == 1:
+        return tensor
+    if split == COLUMN:
+        return torch.chunk(tensor, size, dim=0)[rank]
+    if split == ROW:
+        return torch.chunk(tensor, size, dim=1)[rank]
+    gate, up = torch.chunk(tensor, 2, dim=0)
+    return torch.cat([torch.chunk(gate, size, 0)[rank], torch.chunk(up, size, 0)[rank]], dim=0)
+
+
+def tp_merge(shards: list[torch.Tensor], split: str) -> torch.Tensor:
+    if split == NONE or len(shards) == 1:
+        return shards[0]
+    if split == COLUMN:
+        return torch.cat(shards, dim=0)
+    if split == ROW:
+        return torch.cat(shards, dim=1)
+    halves = [torch.chunk(s, 2, dim=0) for s in shards]
+    return torch.cat([torch.cat([g for g, _ in halves]), torch.cat([u for _, u in halves])])
+
+
+def decoder_rules(pre_mlp_norm: str = "post_attention_layernorm", extra: tuple[Rule, ...] = ()) -> list[Rule]:
+    """The Llama-style table shared by all three families. `pre_mlp_norm` is the HF name of the
+    norm before the MLP (Llama calls it post_attention_layernorm); Gemma-2 adds its norms in `extra`."""
+    L, H = "decoder.layers.{i}.", "model.layers.{i}."
+    return [
+        Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), split=COLUMN),
+        Rule(L + "input_layernorm.weight", (H + "input_layernorm.weight",)),
+        Rule(L + "pre_mlp_layernorm.weight", (f"{H}{pre_mlp_norm}.weight",)),
+        Rule(
+            L + "self_attention.linear_qkv.weight",
+            tuple(f"{H}self_attn.{p}_proj.weight" for p in "qkv"),
+            QKV,
+            COLUMN,
+        ),
+        Rule(L + "self_attention.linear_proj.weight", (H + "self_attn.o_proj.weight",), split=ROW),
+        Rule(L + "mlp.linear_fc1.weight", (H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight"), GLU, GLU_COLUMN),
+        Rule(L + "mlp.linear_fc2.weight", (H + "mlp.down_proj.weight",), split=ROW),
+        Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
+        *extra,
+    ]
+
+
+def output_rule(tied: bool) -> Rule:
+    # Tied models have no lm_head; the last pipeline stage's copy is the embedding.
+    return Rule("output_layer.weight", ("model.embed_tokens.weight" if tied else "lm_head.weight",), split=COLUMN)
+
+
+# ---------------------------------------------------------------------------------------------
+# Family record
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpecOptions:
+    zero_centered_norm: bool = False  # Gemma: x̂·(1+w)
+    post_norms: bool = False  # Gemma-2: norms after attention and after the MLP
+    activation: Callable = F.silu
+    attn_logit_softcapping: Optional[float] = None
+    window_size: Optional[int] = None
+    sliding_layers: Optional[tuple] = None  # 1-based layer numbers with the window; None: all
+    softmax_scale: Optional[float] = None
+    embedding_scale: Optional[float] = None  # Gemma: sqrt(hidden)
+    final_logit_softcapping: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    hf_architectures: tuple[str, ...]
+    hf_model_type: str
+    arch_from_hf: Callable[[dict], ModelArch]
+    hf_config: Callable[[ModelArch], dict]
+    spec_options: Callable[[ModelArch], SpecOptions]
+    rules: Callable[[ModelArch], list[Rule]]
+    notes: str = ""
+
+    def rule_for(self, arch: ModelArch, megatron_name: str) -> tuple[Rule, Optional[int]]:
+        for rule in self.rules(arch):
+            m = rule.pattern().match(megatron_name)
+            if m:
+                return rule, (int(m.group(1)) if m.groups() else None)
+        raise KeyError(f"no {self.name} mapping for Megatron parameter {megatron_name}")
+
+    def hf_names(self, arch: ModelArch) -> list[str]:
+        """Every HF tensor name a checkpoint of this architecture holds."""
+        names = []
+        for rule in self.rules(arch):
+            if rule.megatron == "output_layer.weight" and arch.tie_embeddings:
+                continue
+            layers = range(arch.num_layers) if "{i}" in rule.megatron else [None]
+            names += [n.format(i=i) for i in layers for n in rule.hf]
+        return names
+
+
+def rope_theta_of(hf: dict) -> float:
+    params = hf.get("rope_parameters") or {}
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def rope_type_of(hf: dict) -> str:
+    scaling = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    return scaling.get("rope_type", scaling.get("type", "default")) or "default"
+
+
+def common_arch_fields(hf: dict, family: str) -> dict:
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    return dict(
+        family=family,
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        vocab_size=hf["vocab_size"],
+        rope_theta=rope_theta_of(hf),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+    )
+
+
+def require_default_rope(hf: dict, family: str) -> None:
+    kind = rope_type_of(hf)
+    if kind != "default":
+        raise ConfigError(
+            f"{family}: RoPE scaling type {kind!r} is not supported yet; supported: default (no scaling)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer spec, TransformerConfig, model construction
+# ---------------------------------------------------------------------------------------------
+
+
+def te_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def choose_backend(requested: str) -> str:
+    if requested == "te" and not te_available():
+        raise ConfigError(
+            "precision.backend=te needs Transformer Engine on a CUDA machine; install the `te` extra "
+            "or use precision.backend=local"
+        )
+    if requested == "auto":
+        return "te" if te_available() else "local"
+    return requested
+
+
+def local_layer_spec(opts: SpecOptions):
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    from aipo_mp.models.layers import RowParallelLinearWithPostNorm, TorchCoreAttention, rms_norm_builder
+
+    norm = rms_norm_builder(opts.zero_centered_norm)
+    if opts.post_norms:
+        out_proj = ModuleSpec(module=RowParallelLinearWithPostNorm,
+                              params={"post_norm_zero_centered": opts.zero_centered_norm})
+    else:
+        out_proj = RowParallelLinear
+    core_attention = ModuleSpec(
+        module=TorchCoreAttention,
+        params={
+            "logit_softcapping": opts.attn_logit_softcapping,
+            "window_size": opts.window_size,
+            "sliding_layers": opts.sliding_layers,
+        },
+    )
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=core_attention,
+                    linear_proj=out_proj,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=out_proj)),
+            mlp_bda=get_bias_dropout_add,
+            # Same checkpoint keys as the Transformer Engine spec (norms fused into the linears
+            # there), so a checkpoint moves between backends.
+            sharded_state_dict_keys_map={
+                "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+            },
+        ),
+    )
+
+
+def te_layer_spec(opts: SpecOptions):
+    """Transformer Engine layers (FP8-capable). Gemma-2's soft-capping and post-norms are not in
+    TE's fused attention, so Gemma-2 keeps the local attention and norms on this backend."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    if opts.post_norms or opts.attn_logit_softcapping or opts.window_size:
+        return local_layer_spec(opts)
+    return get_gpt_layer_with_transformer_engine_spec()
+
+
+def transformer_config(arch: ModelArch, par: ParallelConfig, prec: PrecisionConfig, opts: SpecOptions,
+                       recompute: str = "none", extra: Optional[dict] = None):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from aipo_mp import platform
+
+    dtype = torch.bfloat16 if prec.dtype == "bf16" else torch.float32
+    kwargs = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.intermediate_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_key_value_heads,
+        kv_channels=arch.head_dim,
+        layernorm_epsilon=arch.rms_norm_eps,
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        gated_linear_unit=True,
+        activation_func=opts.activation,
+        softmax_scale=opts.softmax_scale,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=par.tp,
+        pipeline_model_parallel_size=par.pp,
+        virtual_pipeline_model_parallel_size=par.vpp if par.vpp > 1 else None,
+        context_parallel_size=par.cp,
+        sequence_parallel=par.sequence_parallel,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        init_method_std=0.02,
+        deallocate_pipeline_outputs=False,
+        **platform.p2p_settings(),
+    )
+    if recompute != "none":
+        kwargs["recompute_granularity"] = recompute
+        if recompute == "full":
+            kwargs.update(recompute_method="uniform", recompute_num_layers=1)
+    if prec.fp8:
+        kwargs.update(fp8=prec.fp8, fp8_recipe=prec.fp8_recipe)
+    kwargs.update(extra or {})
+    return TransformerConfig(**kwargs)
+
+
+@dataclass
+class BuiltModel:
+    """The model chunks of this rank (one per virtual pipeline stage) and what built them."""
+
+    chunks: list
+    family: Family
+    arch: ModelArch
+    config: object  # TransformerConfig
+    options: SpecOptions = field(default_factory=SpecOptions)
+
+
+def build_model(family: Family, arch: ModelArch, par: ParallelConfig, prec: PrecisionConfig,
+                recompute: str = "none") -> BuiltModel:
+    """GPTModel chunks for this rank. Needs initialize_model_parallel() first."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    from aipo_mp.models.layers import rms_norm_builder
+
+    opts = family.spec_options(arch)
+    backend = choose_backend(prec.backend)
+    config = transformer_config(arch, par, prec, opts, recompute)
+    layer = te_layer_spec(opts) if backend == "te" else local_layer_spec(opts)
+    vpp = par.vpp if par.vpp > 1 else None
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        spec = TransformerBlockSubmodules(
+            layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=stage),
+            layer_norm=rms_norm_builder(opts.zero_centered_norm),
+        )
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=arch.vocab_size,
+            max_sequence_length=arch.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            parallel_output=True,
+            share_embeddings_and_output_weights=arch.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=arch.rope_theta,
+            vp_stage=stage,
+        )
+        attach_family_hooks(model, opts)
+        chunks.append(model)
+    return BuiltModel(chunks, family, arch, config, opts)
+
+
+def attach_family_hooks(model, opts: SpecOptions) -> None:
+    """Gemma's embedding scale and final-logit soft-capping, as forward hooks so every caller of
+    the model (training, reference pass, verification) sees the same numbers."""
+    if opts.embedding_scale and getattr(model, "pre_process", False):
+        scale = opts.embedding_scale
+
+        def scale_embedding(_module, _inputs, output):
+            # HF computes the normalizer in the model's dtype.
+            return output * torch.tensor(scale, dtype=output.dtype)
+
+        model.embedding.register_forward_hook(scale_embedding)
+    if opts.final_logit_softcapping and getattr(model, "post_process", False):
+        cap = opts.final_logit_softcapping
+
+        def softcap_logits(_module, _inputs, output):
+            logits, bias = output
+            return torch.tanh(logits / cap) * cap, bias
+
+        model.output_layer.register_forward_hook(softcap_logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading HF weights into the chunks of any layout
+# ---------------------------------------------------------------------------------------------
+
+
+def global_param_names(chunk) -> dict[str, str]:
+    """Local parameter name -> global name (layer index across pipeline/virtual stages)."""
+    out = {}
+    layers = chunk.decoder.layers
+    for name, _ in chunk.named_parameters():
+        m = re.match(r"^decoder\.layers\.(\d+)\.(.*)$", name)
+        if m:
+            global_idx = layers[int(m.group(1))].layer_number - 1
+            out[name] = f"decoder.layers.{global_idx}.{m.group(2)}"
+        else:
+            out[name] = name
+    return out
+
+
+def load_hf_weights(built: BuiltModel, read: Callable[[str], torch.Tensor]) -> None:
+    """Fill every parameter of this rank from HF tensors given by `read(name)`."""
+    from aipo_mp.models.layers import tp_rank_and_size
+
+    rank, size = tp_rank_and_size()
+    for chunk in built.chunks:
+        params = dict(chunk.named_parameters())
+        for local, gname in global_param_names(chunk).items():
+            rule, layer = built.family.rule_for(built.arch, gname)
+            hf = [read(n.format(i=layer)) for n in rule.hf]
+            full = to_megatron(rule, hf, built.arch)
+            shard = tp_slice(full, rule.split, rank, size)
+            param = params[local]
+            if tuple(shard.shape) != tuple(param.shape):
+                raise ConfigError(
+                    f"shape mismatch for {gname} (from {', '.join(n.format(i=layer) for n in rule.hf)}): "
+                    f"checkpoint gives {tuple(full.shape)} -> shard {tuple(shard.shape)}, model expects {tuple(param.shape)}"
+                )
+            with torch.no_grad():
+                param.copy_(shard.to(param.dtype))
+
+
+def megatron_state_to_hf(built: BuiltModel, gathered: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Global (TP-merged) Megatron tensors -> HF tensors."""
+    out = {}
+    for gname, tensor in gathered.items():
+        rule, layer = built.family.rule_for(built.arch, gname)
+        if rule.megatron == "output_layer.weight" and built.arch.tie_embeddings:
+            continue
+        for n, t in zip(rule.hf, to_hf(rule, tensor, built.arch)):
+            out[n.format(i=layer)] = t
+    return out

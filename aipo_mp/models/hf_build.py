@@ -1,0 +1,53 @@
+"""Random-weight Hugging Face checkpoints of any supported architecture, built locally with
+`transformers` (no hub): the numerical reference for tests, and the demo's starting point."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from aipo_mp.config import ModelArch
+from aipo_mp.io_utils import atomic_directory
+from aipo_mp.models import hf_config_for
+
+
+def hf_model_from_arch(arch: ModelArch, seed: int = 0, noise: float = 0.02, dtype=torch.float32):
+    """A transformers model of `arch` whose every weight (norms included) is random, so that a
+    mapping mistake anywhere changes the logits."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg_dict = hf_config_for(arch)
+    model_type = cfg_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **{k: v for k, v in cfg_dict.items() if k != "architectures"})
+    config.architectures = cfg_dict["architectures"]
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+            else:
+                p.normal_(0.0, noise)
+    return model.eval()
+
+
+def save_hf_model(arch: ModelArch, out_dir: str | Path, seed: int = 0, tokenizer_dir: Optional[str | Path] = None,
+                  overwrite: bool = True) -> Path:
+    """Write a random-weight HF directory (safetensors) for `arch`; cached by a stamp file."""
+    out_dir = Path(out_dir)
+    stamp = {"arch": arch.__dict__, "seed": seed, "tokenizer": str(tokenizer_dir or "")}
+    stamp_file = out_dir / "aipo_build.json"
+    if stamp_file.exists() and json.loads(stamp_file.read_text()) == json.loads(json.dumps(stamp)):
+        return out_dir
+    model = hf_model_from_arch(arch, seed)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer_dir:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(tmp)
+        (tmp / "aipo_build.json").write_text(json.dumps(stamp))
+    return out_dir

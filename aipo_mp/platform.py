@@ -1,0 +1,212 @@
+"""Process start-up: torch.distributed from torchrun or Slurm variables, device choice, and the
+CPU shims that let megatron-core run on gloo. Every CPU workaround lives in this one module and
+is applied only when CUDA is absent."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits, read from the launcher's environment."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun", "slurm" or "single"
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host name of a Slurm node list: 'gpu[003-005,9],cpu1' -> 'gpu003'."""
+    head = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not head:
+        raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, _, ranges = head.groups()
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def slurm_default_port(job_id: str) -> int:
+    """A port derived from the job id, so concurrent jobs on shared nodes do not collide."""
+    digits = int(re.sub(r"\D", "", job_id) or "0")
+    return 20000 + digits % 20000
+
+
+def read_dist_env(port: Optional[int] = None, environ: Optional[dict] = None) -> DistEnv:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; srun sets SLURM_*. torchrun wins when
+    both are present (torchrun started inside an allocation)."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", port or 29500)),
+            launcher="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+        addr = env.get("MASTER_ADDR") or first_slurm_host(nodelist)
+        default_port = slurm_default_port(env.get("SLURM_JOB_ID", "0"))
+        return DistEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            master_addr=addr,
+            master_port=int(env.get("MASTER_PORT", port or default_port)),
+            launcher="slurm",
+        )
+    return DistEnv(0, 1, 0, "127.0.0.1", port or free_port(), "single")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def init_distributed(port: Optional[int] = None, timeout_minutes: int = 30) -> DistEnv:
+    """Start torch.distributed (NCCL on CUDA, gloo otherwise). Idempotent."""
+    env = read_dist_env(port)
+    if torch.distributed.is_initialized():
+        return env
+    if has_cuda():
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        backend = "nccl"
+    else:
+        apply_cpu_shims()
+        backend = "gloo"
+    torch.distributed.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{env.master_addr}:{env.master_port}",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+    return env
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if has_cuda() else torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU shims. megatron-core assumes CUDA in a few places; these make it run on CPU with gloo.
+# ---------------------------------------------------------------------------------------------
+
+_SHIMS_APPLIED = False
+
+
+class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
+    """Pipeline schedules, FP32Optimizer and the tied-embedding set-up create tensors with a
+    hard-coded device="cuda" or call `.cuda()`; rewrite those to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.cuda,):
+            return args[0]
+        dev = kwargs.get("device")
+        if dev is not None and _is_cuda(dev):
+            kwargs = dict(kwargs, device="cpu")
+        if func is torch.Tensor.to:
+            args = tuple("cpu" if _is_cuda(a) else a for a in args)
+        return func(*args, **kwargs)
+
+
+def _is_cuda(dev) -> bool:
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    return False
+
+
+_CPU_MODE: Optional[_CudaToCpuMode] = None
+
+
+def apply_cpu_shims() -> None:
+    """Applied once per process, only when CUDA is absent."""
+    global _SHIMS_APPLIED, _CPU_MODE
+    if _SHIMS_APPLIED or has_cuda():
+        return
+    # RoPE (RotaryEmbedding.get_emb), the attention memory buffer and dist_checkpointing save
+    # ask torch.cuda.current_device(); answer with the CPU device.
+    torch.cuda.current_device = lambda: "cpu"
+    # dist_checkpointing save and the async writers call torch.cuda.synchronize(); nothing to wait for.
+    torch.cuda.synchronize = lambda *a, **k: None
+    # Hard-coded device="cuda" in schedules and optimizers (see _CudaToCpuMode).
+    _CPU_MODE = _CudaToCpuMode()
+    _CPU_MODE.__enter__()
+    _SHIMS_APPLIED = True
+
+
+def seed_model_parallel_rng(seed: int) -> None:
+    """megatron's CUDA RNG tracker needs CUDA; on CPU install its no-op tracker, so dropout uses
+    the CPU generator (seeded here per rank as megatron would)."""
+    from megatron.core import tensor_parallel
+
+    torch.manual_seed(seed)
+    if has_cuda():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:
+        tensor_parallel.model_parallel_cuda_manual_seed(
+            seed, inference_rng_tracker=True, force_reset_rng=True
+        )
+
+
+def initialize_model_parallel(tp: int, pp: int, vpp: Optional[int] = None, cp: int = 1) -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
+        context_parallel_size=cp,
+    )
+
+
+def p2p_settings() -> dict:
+    """TransformerConfig fields for pipeline p2p: batched isend/irecv needs NCCL on gloo."""
+    if has_cuda():
+        return {}
+    return {"batch_p2p_comm": False, "batch_p2p_sync": False}
+
+
+@contextlib.contextmanager
+def cpu_threads(n: Optional[int]):
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
