@@ -351,17 +351,15 @@ def layout_errors(arch: ModelArch, par: ParallelConfig, world_size: Optional[int
             errors.append(f"{name}={val}: must be >= 1")
     if errors:
         return errors
-    if arch.num_attention_heads % tp:
-        errors.append(
-            f"parallel.tp={tp} does not divide the {arch.num_attention_heads} attention heads; "
-            f"choose tp from {divisors(arch.num_attention_heads, arch.num_key_value_heads)}"
-        )
-    if arch.num_key_value_heads % tp:
-        errors.append(
-            f"parallel.tp={tp} does not divide the {arch.num_key_value_heads} query groups "
-            f"(key/value heads); choose tp from {divisors(arch.num_attention_heads, arch.num_key_value_heads)}"
-        )
-    if arch.vocab_size % tp:
+    choices = divisors(arch.num_attention_heads, arch.num_key_value_heads)
+    heads, groups = arch.num_attention_heads, arch.num_key_value_heads
+    if heads % tp:
+        also = f" nor the {groups} query groups" if groups % tp else ""
+        errors.append(f"parallel.tp={tp} does not divide the {heads} attention heads{also}; choose tp from {choices}")
+    elif groups % tp:
+        errors.append(f"parallel.tp={tp} does not divide the {groups} query groups (key/value heads); "
+                      f"choose tp from {choices}")
+    elif arch.vocab_size % tp:
         errors.append(f"parallel.tp={tp} does not divide the vocabulary ({arch.vocab_size}); choose another tp")
     if arch.num_layers % (pp * vpp):
         what = f"pp x vpp = {pp} x {vpp}" if vpp > 1 else f"parallel.pp={pp}"
@@ -456,10 +454,20 @@ def training_errors(cfg: Config, arch: ModelArch, world_size: Optional[int]) -> 
 
 
 def objective_errors(cfg: Config) -> list[str]:
+    """Hyperparameters must belong to the chosen objective. Keys of *other* objectives are
+    tolerated with a warning, so `objective.name=dpo` can override a recipe written for aipo."""
+    import warnings
+
     from aipo_mp import objectives
 
     try:
-        objectives.resolve_params(cfg.objective.name, cfg.objective.params)
+        valid = objectives.get_objective(cfg.objective.name).defaults
+        others = objectives.all_hyperparameter_names() - set(valid)
+        ignored = sorted(k for k in cfg.objective.params if k in others)
+        if ignored:
+            warnings.warn(f"objective '{cfg.objective.name}' ignores {', '.join(ignored)} (used by other objectives)")
+        own = {k: v for k, v in cfg.objective.params.items() if k not in others}
+        objectives.resolve_params(cfg.objective.name, own)
     except objectives.ObjectiveError as e:
         return [f"objective: {e}"]
     return []
