@@ -1,0 +1,100 @@
+"""Config loading, overrides and validation: each bad config is one clear line and exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from aipo_mp.config import ConfigError, load_config, validate
+from aipo_mp.platform import first_slurm_host, read_dist_env
+from tests.conftest import ROOT
+
+TINY = str(ROOT / "configs" / "models" / "tiny_llama.yaml")  # 4 heads, 2 query groups, 4 layers
+
+BAD = [
+    (["parallel.tp=3"], "does not divide the 4 attention heads", None),
+    (["parallel.tp=4"], "does not divide the 2 query groups", None),
+    (["parallel.pp=3"], "does not divide the 4 layers", None),
+    (["parallel.pp=2", "parallel.vpp=4"], "pp x vpp = 2 x 4 does not divide the 4 layers", None),
+    (["parallel.tp=2"], "world size 3 is not a multiple of tp x pp x cp = 2", 3),
+    (["parallel.sequence_parallel=true"], "sequence_parallel needs parallel.tp > 1", None),
+    (["train.lrr=1e-6"], "unknown config key train.lrr; did you mean train.lr?", None),
+    (["train.steps=abc"], "train.steps: expected int, got str 'abc'", None),
+    (["precision.dtype=fp16"], "precision.dtype='fp16': choose one of fp32, bf16", None),
+    (["objective.name=dpoo"], "unknown objective 'dpoo'", None),
+    (["objective.name=dpo", "objective.bogus=1"], "bogus", None),
+]
+
+
+def run_check(overrides, world_size, capsys):
+    from aipo_mp.cli import main
+
+    argv = ["check", TINY, *overrides] + (["--world-size", str(world_size)] if world_size else [])
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("overrides,message,world_size", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bad_config_is_one_clear_line(overrides, message, world_size, capsys):
+    code, _out, err = run_check(overrides, world_size, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert message in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+def test_good_config_passes(capsys):
+    code, out, err = run_check(["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"], 8, capsys)
+    assert code == 0, err
+    assert "tp=2 pp=2" in out and "dp=2" in out
+
+
+def test_cli_process_exit_code_and_no_traceback():
+    """The real console entry point, in its own process."""
+    proc = subprocess.run([sys.executable, "-m", "aipo_mp.cli", "check", TINY, "parallel.tp=3"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: ")
+    assert "Traceback" not in proc.stderr
+
+
+def test_several_errors_one_line_each():
+    cfg = load_config(TINY, ["parallel.tp=3", "parallel.pp=3"])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert len(e.value.errors) == 2
+
+
+def test_defaults_include_and_overrides(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"defaults: [{TINY}]\ntrain:\n  lr: 1.0e-6\n  steps: 5\nparallel:\n  tp: 2\n")
+    cfg = load_config(recipe, ["train.steps=7", "objective.beta=0.2"])
+    assert cfg.model.arch.hidden_size == 128  # from the included model config
+    assert cfg.train.lr == 1e-6 and cfg.train.steps == 7 and cfg.parallel.tp == 2
+    assert cfg.objective.params == {"beta": 0.2}
+
+
+def test_yaml_syntax_error_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    assert "bad.yaml" in str(e.value) and "not valid YAML" in str(e.value)
+
+
+def test_dist_env_from_slurm_and_torchrun():
+    slurm = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+             "SLURM_JOB_NODELIST": "gpu[003-004,9]", "SLURM_JOB_ID": "4242"}
+    env = read_dist_env(environ=slurm)
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.launcher) == (3, 8, 1, "gpu003", "slurm")
+    assert env.master_port == 20000 + 4242
+    torchrun = dict(slurm, RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="h", MASTER_PORT="1234")
+    env = read_dist_env(environ=torchrun)
+    assert (env.rank, env.world_size, env.master_addr, env.master_port, env.launcher) == (1, 2, "h", 1234, "torchrun")
+    assert first_slurm_host("node1,node2") == "node1"
+    assert first_slurm_host("a-b[10-12]") == "a-b10"
