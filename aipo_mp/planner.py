@@ -1,0 +1,890 @@
+"""Memory and FLOPs model of a training layout, for scaling studies (`aipo-mp plan`).
+
+Pure arithmetic on the architecture: nothing here imports torch or megatron, so a plan for
+Mistral-Large on 512 GPUs takes milliseconds on a laptop. The formulas follow how this project
+allocates and runs the model (megatron-core GPTModel, packed pairs, fp32 DDP gradient buffers,
+megatron's distributed optimizer on GPUs); docs/planner.md has the same formulas with the
+assumptions behind them.
+
+Notation: h hidden, f ffn (intermediate), a attention heads, g key/value heads (query groups),
+d head_dim, hq = a·d, hkv = g·d, V vocab, L layers, t = tp, s = seq_length (one packed row), b =
+rows per micro-batch (1 in this trainer), e = bytes per element of the training dtype (2 for bf16).
+
+Parameters per TP rank (megatron shapes, no biases, no padded vocabulary):
+    per layer   (a+2g)·d/t·h  (fused QKV)  + h·a·d/t  (proj)  + 2f/t·h  (fc1, gated)  + h·f/t  (fc2)
+                + n_norm·h  (RMSNorm weights, replicated; n_norm = 2, Gemma-2: 4)
+    stage 0     + V/t·h  (embedding)
+    last stage  + h  (final norm)  + V/t·h  (output layer; with tied embeddings only when pp > 1,
+                where the last stage holds a trained copy that is all-reduced with the embedding)
+Each pipeline rank holds L/pp layers (with vpp > 1 in vpp chunks of L/(pp·vpp)); the binding rank
+is the one with the most parameters.
+
+Static bytes per GPU (P = parameters of the rank, d_p = data-parallel size):
+    weights     e·P                      (bf16 params, or fp32 when dtype=fp32)
+    gradients   4·P                      (megatron DDP buffer, grad_reduce_in_fp32=True, not sharded)
+    optimizer   bf16: (4 master + 4 + 4 Adam moments)·P, fp32: (4 + 4)·P;  / d_p with the
+                distributed optimizer (ZeRO-1 sharding of the states)
+
+Activations of one transformer layer for one micro-batch (bytes; the Korthikanti et al. 2022
+"Reducing Activation Recomputation in Large Transformer Models" accounting, which gives
+s·b·h·(34 + 5·a·s/h) for GPT with 4h MLP and dropout, adapted to this model: no dropout masks,
+GQA, gated MLP, fused or unfused attention). Every term is divided by t with sequence parallel
+(SP, the default when t > 1); without SP the "replicated" terms are not:
+    replicated  n_norm·c·h + 2·e·h        norm inputs (c = e for Transformer Engine's fused
+                                           LayerNormLinear, 4 + 4 for the local fp32 Gemma norm
+                                           (fp32 input and fp32 normalised copy), 4 + e for the
+                                           local Llama norm) + inputs of the QKV and fc1 GEMMs
+    sharded     e·(2·hq + 2·hkv)          q, k, v after RoPE and the attention output (proj input)
+                + e·5f                    fc1 output [2f], act(gate) [f], up + glu_linear_offset (a
+                                           copy megatron's glu makes) [f], the product (fc2 input) [f]
+    core attn   fused (flash, TE):   + 4·a (fp32 log-sum-exp per head)
+                unfused (this repo's TorchCoreAttention, Gemma-2 on every backend):
+                                     fp32 q and k (k repeated over the query groups) and the
+                                     repeated v replace q, k, v: + 8·hq + e·hq − e·(hq + 2·hkv)
+                                     + s·a·(4 + e + 4·[softcap]) (fp32 softmax, probs in dtype,
+                                       fp32 tanh output) per token, over the whole packed row
+Multiply by s·b. Left out: RoPE's cos/sin tables (4·d·e per token and layer, < 1 %).
+Checked against the tensors autograd actually saves (saved_tensors_hooks) for this repo's local
+backend on CPU: within 1 % for Llama, Mistral and Gemma-2 (tiny models, s = 256 and 512). Recomputation:
+    selective   core attention recomputed: the unfused extras and the s² term disappear
+                (no change with flash attention)
+    full        each layer keeps only its input, e·h (/t with SP), per layer and micro-batch in
+                flight, plus one layer's full activations as working memory for the backward
+Micro-batches in flight (1F1B): pipeline rank r holds min(pp − r, M) micro-batches (the first
+stage pp of them: as Korthikanti notes, the first stage then holds about one micro-batch's
+activations for the whole model). Interleaved (vpp > 1): rank r holds
+min(2·(pp − r − 1) + (vpp − 1)·pp + 1, M·vpp) chunk passes of L/(pp·vpp) layers, i.e. the first
+stage holds pp·(1 + (pp − 1)/(pp·vpp)) micro-batches' worth. With pp > 1 each in-flight pass also
+keeps its output tensor e·s·b·h/t (deallocate_pipeline_outputs=False).
+Last stage: final norm input + output-layer input, and logits s·b·V/t·(4 + e): the fp32 softmax
+the vocab-parallel cross entropy keeps for the backward plus the logits in the training dtype.
+Runtime overhead: a fixed 2 GiB per GPU (CUDA context, NCCL buffers, cuBLAS workspaces); a layout
+"fits" when its peak leaves >= 10 % of the GPU memory free (allocator fragmentation, spikes).
+
+Reference (one forward pass per pair, before training):
+    none        objectives without a reference (SimPO): nothing
+    initial     reference = the policy's own starting weights: nothing extra
+    model       a second frozen model in the same layout, bf16 weights e·P, freed after the
+                precompute: peak of that phase = static training state + e·P + one micro-batch's
+                forward working set; training then runs without it
+    model-live  the reference weights stay resident through training: + e·P
+
+Sampling (vLLM, a separate stage on the same GPUs): weights 2·P_total/t_v, KV cache per token
+2·L·ceil(g/t_v)·d·2 bytes (K and V, bf16; vLLM replicates KV heads when t_v > g); KV tokens that
+fit = (0.9·memory − weights − 2 GiB activations/CUDA graphs) / KV bytes per token.
+
+Step time (model FLOPs, Megatron/PaLM accounting):
+    forward FLOPs per token  F = 2·N + 4·L·hq·s_seq
+        N      = parameters other than the input embedding (the embedding is a lookup; the output
+                 layer's V·h GEMM is counted, once, also when tied)
+        s_seq  = s / (2·pairs_per_row): the length of one sequence, since attention never
+                 crosses a sequence boundary in a packed row (chosen and rejected are separate)
+    policy   3·F per token (forward + backward), +F with full recomputation (hardware FLOPs)
+    reference  F per token, once per pair (precomputed in one pipelined pass over the round's
+               pairs, so without a bubble; amortised over the round's steps)
+    tokens per step  = global_batch_pairs / pairs_per_row · s  (one row per pair by default)
+    time  = FLOPs / (GPUs · peak · efficiency)  ·  (1 + pipeline bubble (pp − 1)/(vpp·M))
+            + data-parallel gradient traffic (not overlapped in this trainer): reduce-scatter of
+              fp32 grads + all-gather of bf16 params, (d_p − 1)/d_p·P·(4 + e) bytes per GPU with
+              the distributed optimizer (all-reduce 2·(d_p − 1)/d_p·4·P without), over NVLink when
+              the DP group sits in one node (tp·dp <= gpus per node), else over the network
+    efficiency (default 0.40) is the fraction of bf16 dense peak the GEMMs reach on a well-tuned
+    layout, tensor-parallel communication inside the node included; MFU printed = model FLOPs
+    (policy 3·F + reference F, no recompute) / (time · GPUs · peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from aipo_mp.config import ConfigError, ModelArch, ParallelConfig, layout_errors
+
+GiB = 1024**3
+
+
+class PlanError(ValueError):
+    """A user mistake in the planner's arguments (printed as one `error:` line, exit code 2)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardware
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    name: str
+    peak_tflops: float  # bf16 dense tensor-core peak
+    memory_bytes: int  # total memory as nvidia-smi reports it
+    nominal: str
+    intra_node_gbs: float  # achievable NCCL bus bandwidth inside a node (NVLink/NVSwitch), GB/s
+    inter_node_gbs: float  # achievable per-GPU bandwidth across nodes (one NIC per GPU), GB/s
+
+
+MiB = 1024**2
+GPUS = {
+    "h100-80gb": GPUSpec("h100-80gb", 989.0, 81559 * MiB, "80 GB", 360.0, 40.0),  # NVLink4, 400G NDR
+    "h200-141gb": GPUSpec("h200-141gb", 989.0, 143771 * MiB, "141 GB", 360.0, 40.0),
+    "a100-80gb": GPUSpec("a100-80gb", 312.0, 81920 * MiB, "80 GB", 230.0, 20.0),  # NVLink3, 200G HDR
+}
+
+RUNTIME_OVERHEAD = 2 * GiB  # CUDA context, NCCL buffers, cuBLAS workspaces per GPU
+VLLM_OVERHEAD = 2 * GiB  # vLLM's profiled activations and CUDA graphs
+DTYPE_BYTES = {"bf16": 2, "fp32": 4}
+RECOMPUTE = ("none", "selective", "full")
+REFERENCE_MODES = ("none", "initial", "model", "model-live")
+
+
+def get_gpu(gpu: str | GPUSpec) -> GPUSpec:
+    if isinstance(gpu, GPUSpec):
+        return gpu
+    if gpu not in GPUS:
+        raise PlanError(f"unknown GPU {gpu!r}; choose one of {', '.join(GPUS)}")
+    return GPUS[gpu]
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    dp: int = 1
+    sequence_parallel: Optional[bool] = None  # None: on whenever tp > 1
+
+    @property
+    def sp(self) -> bool:
+        return self.tp > 1 if self.sequence_parallel is None else self.sequence_parallel
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def short(self) -> str:
+        return f"tp={self.tp} pp={self.pp} vpp={self.vpp} dp={self.dp}"
+
+
+def _div(n: int, k: int, what: str) -> int:
+    if k <= 0 or n % k:
+        raise PlanError(f"{what}: {n} is not divisible by {k}")
+    return n // k
+
+
+def layout_problems(arch: ModelArch, layout: Layout, gpus_per_node: Optional[int] = None,
+                    global_batch_pairs: Optional[int] = None, seq_length: Optional[int] = None) -> list[str]:
+    """Why a layout cannot run (empty when it can): the config's own checks plus the planner's."""
+    par = ParallelConfig(tp=layout.tp, pp=layout.pp, vpp=layout.vpp, sequence_parallel=layout.sp)
+    errors = layout_errors(arch, par, layout.world)
+    if layout.dp < 1:
+        errors.append(f"dp={layout.dp}: must be >= 1")
+    if arch.intermediate_size % layout.tp:
+        errors.append(f"tp={layout.tp} does not divide the ffn size {arch.intermediate_size}")
+    if gpus_per_node and (layout.tp > gpus_per_node or gpus_per_node % layout.tp):
+        errors.append(f"tp={layout.tp} must divide the {gpus_per_node} GPUs of a node (TP stays on NVLink)")
+    if global_batch_pairs is not None and global_batch_pairs % max(layout.dp, 1):
+        errors.append(f"global batch {global_batch_pairs} pairs is not divisible by dp={layout.dp}")
+    if seq_length is not None and layout.sp and seq_length % layout.tp:
+        errors.append(f"seq_length {seq_length} is not a multiple of tp={layout.tp} (sequence parallel)")
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageParams:
+    """Parameters of one pipeline rank, as one of its TP ranks allocates them."""
+
+    stage: int
+    layers: int
+    layer_sharded: int  # TP-sharded layer weights (QKV, proj, fc1, fc2) of all the stage's layers
+    layer_norms: int  # replicated norm weights of the stage's layers
+    embedding: int = 0
+    output_layer: int = 0
+    final_norm: int = 0
+    tied_copy: bool = False  # output_layer is the last stage's copy of a tied embedding
+
+    @property
+    def total(self) -> int:
+        return self.layer_sharded + self.layer_norms + self.embedding + self.output_layer + self.final_norm
+
+    @property
+    def sharded(self) -> int:
+        return self.layer_sharded + self.embedding + self.output_layer
+
+    @property
+    def replicated(self) -> int:
+        return self.layer_norms + self.final_norm
+
+
+@dataclass
+class ParamCounts:
+    tp: int
+    pp: int
+    vpp: int
+    per_layer: int  # one layer on one TP rank
+    stages: list[StageParams]
+
+    @property
+    def max_per_rank(self) -> int:
+        return max(s.total for s in self.stages)
+
+    @property
+    def binding_stage(self) -> int:
+        return max(self.stages, key=lambda s: (s.total, -s.stage)).stage
+
+    @property
+    def model_total(self) -> int:
+        """The whole model's distinct parameters, rebuilt from the shards (a tied copy counted once)."""
+        total = sum(s.sharded * self.tp + s.replicated for s in self.stages)
+        return total - sum(s.output_layer * self.tp for s in self.stages if s.tied_copy)
+
+    def per_rank(self) -> list[int]:
+        return [s.total for s in self.stages]
+
+
+def layer_params(arch: ModelArch, tp: int = 1) -> tuple[int, int]:
+    """(TP-sharded, replicated) parameters of one transformer layer on one TP rank."""
+    h, f, d = arch.hidden_size, arch.intermediate_size, arch.head_dim
+    a, g = arch.num_attention_heads, arch.num_key_value_heads
+    qkv = _div((a + 2 * g) * d, tp, "QKV output features / tp") * h
+    proj = h * _div(a * d, tp, "attention output features / tp")
+    fc1 = _div(2 * f, tp, "fc1 output features / tp") * h
+    fc2 = h * _div(f, tp, "ffn size / tp")
+    return qkv + proj + fc1 + fc2, norms_per_layer(arch) * h
+
+
+def norms_per_layer(arch: ModelArch) -> int:
+    return 4 if arch.family == "gemma2" else 2
+
+
+def param_counts(arch: ModelArch, tp: int = 1, pp: int = 1, vpp: int = 1) -> ParamCounts:
+    """Per pipeline stage, per TP rank parameter counts as megatron allocates them."""
+    if tp < 1 or pp < 1 or vpp < 1:
+        raise PlanError(f"tp={tp}, pp={pp}, vpp={vpp}: each must be >= 1")
+    if vpp > 1 and pp < 2:
+        raise PlanError(f"vpp={vpp} needs pp > 1")
+    per_stage = _div(arch.num_layers, pp * vpp, "layers / (pp x vpp)") * vpp
+    sharded, repl = layer_params(arch, tp)
+    vocab_shard = _div(arch.vocab_size, tp, "vocabulary / tp") * arch.hidden_size
+    stages = []
+    for r in range(pp):
+        st = StageParams(r, per_stage, per_stage * sharded, per_stage * repl)
+        if r == 0:
+            st.embedding = vocab_shard
+        if r == pp - 1:
+            st.final_norm = arch.hidden_size
+            if not arch.tie_embeddings or pp > 1:
+                st.output_layer = vocab_shard
+                st.tied_copy = arch.tie_embeddings
+        stages.append(st)
+    return ParamCounts(tp, pp, vpp, sharded + repl, stages)
+
+
+def compute_params(arch: ModelArch) -> int:
+    """N for the FLOPs count: all parameters but the input embedding (the output GEMM counted once)."""
+    emb = arch.vocab_size * arch.hidden_size
+    return arch.num_params() - emb + (emb if arch.tie_embeddings else 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+# ---------------------------------------------------------------------------------------------
+
+
+def uses_flash_attention(arch: ModelArch, backend: str = "te") -> bool:
+    """Transformer Engine's fused attention, except for Gemma-2 (soft-capping, sliding window,
+    post-norms), which keeps this repo's unfused attention and local norms on every backend."""
+    return backend == "te" and arch.family != "gemma2"
+
+
+def _norm_bytes(arch: ModelArch, e: int, fused: bool) -> int:
+    """Bytes per hidden element a norm keeps for its backward (its input, plus local fp32 copies)."""
+    if fused:
+        return e
+    fp32_input = 4
+    normed = 4 if arch.family == "gemma2" else e  # (1 + w) in fp32 vs w · normed.to(dtype)
+    return fp32_input + normed
+
+
+def layer_activation_bytes(arch: ModelArch, seq_length: int, rows: int = 1, tp: int = 1, sp: bool = False,
+                           recompute: str = "none", dtype: str = "bf16", backend: str = "te") -> float:
+    """Activation bytes one transformer layer keeps for the backward of one micro-batch
+    (recompute none/selective), or, for recompute=full, the checkpointed layer input only."""
+    e = DTYPE_BYTES[dtype]
+    h, f, a = arch.hidden_size, arch.intermediate_size, arch.num_attention_heads
+    hq, hkv = a * arch.head_dim, arch.num_key_value_heads * arch.head_dim
+    s, b, t = seq_length, rows, tp
+    rep_div = t if sp else 1
+    if recompute == "full":
+        return s * b * e * h / rep_div
+    flash = uses_flash_attention(arch, backend)
+    fused_norms = backend == "te" and arch.family != "gemma2"
+    n_norm = norms_per_layer(arch)
+    replicated = n_norm * _norm_bytes(arch, e, fused_norms) * h + 2 * e * h
+    sharded = e * (2 * hq + 2 * hkv) + e * 5 * f
+    if flash:
+        sharded += 4 * a  # fp32 log-sum-exp per head and token
+    elif recompute != "selective":
+        softcap = 4 if arch.attn_logit_softcapping else 0
+        sharded += 4 * hq * 2 + e * hq - e * (hq + 2 * hkv)  # fp32 q, k and repeated v replace q, k, v
+        sharded += s * a * (4 + e + softcap)  # scores over the whole packed row
+    per_token = replicated / rep_div + sharded / t
+    extra = 0.0
+    if not flash and recompute != "selective":
+        extra = s * s * b  # the boolean [s, s] mask kept by masked_fill (not per head)
+    return s * b * per_token + extra
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory per GPU
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageMemory:
+    stage: int
+    params: int
+    weights: float
+    grads: float
+    optimizer: float
+    optimizer_distributed: float
+    optimizer_plain: float
+    activations: float  # with the chosen recomputation
+    activations_by_recompute: dict
+    in_flight: float  # micro-batches' worth of the stage's layers held at once
+    logits: float  # last stage: logits + final norm/output-layer inputs
+    reference_by_mode: dict  # extra bytes of the reference in each mode (training phase)
+    reference_phase: float  # peak while precomputing with a separate reference model
+    overhead: float
+    training_total: float
+    total: float  # peak over the reference precompute and training phases
+
+
+@dataclass
+class MemoryEstimate:
+    layout: Layout
+    dtype: str
+    seq_length: int
+    recompute: str
+    distributed_optimizer: bool
+    reference_mode: str
+    num_microbatches: int
+    stages: list[StageMemory]
+
+    @property
+    def binding(self) -> StageMemory:
+        return max(self.stages, key=lambda s: (s.total, -s.stage))
+
+    @property
+    def total(self) -> float:
+        return self.binding.total
+
+    # The binding stage's components.
+    @property
+    def weights(self) -> float:
+        return self.binding.weights
+
+    @property
+    def grads(self) -> float:
+        return self.binding.grads
+
+    @property
+    def optimizer(self) -> float:
+        return self.binding.optimizer
+
+    @property
+    def activations(self) -> float:
+        return self.binding.activations
+
+    @property
+    def logits(self) -> float:
+        return max(s.logits for s in self.stages)
+
+
+def in_flight_passes(pp: int, vpp: int, stage: int, num_microbatches: int) -> float:
+    """Micro-batches' worth of the stage's layers whose activations are held at the peak."""
+    if pp == 1:
+        return 1.0
+    if vpp == 1:
+        return float(min(pp - stage, num_microbatches))
+    chunks = min(2 * (pp - stage - 1) + (vpp - 1) * pp + 1, num_microbatches * vpp)
+    return chunks / vpp
+
+
+def microbatches(global_batch_pairs: int, dp: int, pairs_per_row: int = 1, pp: int = 1, vpp: int = 1) -> int:
+    """Rows each data-parallel rank runs per step (padded to a multiple of pp for interleaving)."""
+    m = math.ceil(global_batch_pairs / (dp * pairs_per_row))
+    if vpp > 1:
+        m = math.ceil(m / pp) * pp
+    return max(m, 1)
+
+
+def memory_per_gpu(arch: ModelArch, layout: Layout, dtype: str = "bf16", seq_length: int = 2560,
+                   micro_batch_rows: int = 1, recompute: str = "none", distributed_optimizer: bool = True,
+                   reference_mode: str = "initial", num_microbatches_in_flight: Optional[float] = None,
+                   num_microbatches: Optional[int] = None, backend: str = "te") -> MemoryEstimate:
+    """Bytes per GPU on every pipeline stage; `.binding` is the stage with the highest peak.
+
+    num_microbatches: rows per DP rank per step (bounds the 1F1B warm-up); default pp (so the
+    first stage holds pp micro-batches). num_microbatches_in_flight: override the schedule's
+    count (every stage then holds that many micro-batches of its layers)."""
+    if dtype not in DTYPE_BYTES:
+        raise PlanError(f"dtype {dtype!r}: choose one of {', '.join(DTYPE_BYTES)}")
+    if recompute not in RECOMPUTE:
+        raise PlanError(f"recompute {recompute!r}: choose one of {', '.join(RECOMPUTE)}")
+    if reference_mode not in REFERENCE_MODES:
+        raise PlanError(f"reference mode {reference_mode!r}: choose one of {', '.join(REFERENCE_MODES)}")
+    e = DTYPE_BYTES[dtype]
+    t, pp, vpp, dp = layout.tp, layout.pp, layout.vpp, layout.dp
+    counts = param_counts(arch, t, pp, vpp)
+    m = num_microbatches if num_microbatches is not None else pp
+    s, b, h = seq_length, micro_batch_rows, arch.hidden_size
+    rep_div = t if layout.sp else 1
+    act_layer = {rc: layer_activation_bytes(arch, s, b, t, layout.sp, rc, dtype, backend) for rc in RECOMPUTE}
+    opt_bytes = 12 if dtype == "bf16" else 8  # fp32 master + two moments, or two moments
+    stages = []
+    for st in counts.stages:
+        p = st.total
+        weights, grads = e * p, 4.0 * p
+        opt_plain = float(opt_bytes * p)
+        opt_dist = opt_plain / dp
+        flight = num_microbatches_in_flight if num_microbatches_in_flight is not None else \
+            in_flight_passes(pp, vpp, st.stage, m)
+        layer_sets = flight * st.layers
+        pipe_out = (flight * vpp if vpp > 1 else flight) * e * s * b * h / rep_div if pp > 1 else 0.0
+        acts = {}
+        for rc in RECOMPUTE:
+            acts[rc] = layer_sets * act_layer[rc] + pipe_out
+            if rc == "full":
+                acts[rc] += act_layer["none"]  # one layer recomputed at a time during the backward
+        logits = 0.0
+        if st.stage == pp - 1:
+            final_norm_in = _norm_bytes(arch, e, False) * h  # the final norm is always the local one
+            logits = s * b * ((final_norm_in + e * h) / rep_div + (4 + e) * arch.vocab_size / t)
+        ref_w = float(e * p)
+        ref_by_mode = {"none": 0.0, "initial": 0.0, "model": 0.0, "model-live": ref_w}
+        optimizer = opt_dist if distributed_optimizer else opt_plain
+        static = weights + grads + optimizer + RUNTIME_OVERHEAD
+        training = static + acts[recompute] + logits + ref_by_mode[reference_mode]
+        # Precompute with a separate reference: static state + its weights + a forward working set.
+        fwd_ws = act_layer["none"] + (logits if st.stage == pp - 1 else 0.0)
+        ref_phase = static + ref_w + fwd_ws
+        total = max(training, ref_phase) if reference_mode == "model" else training
+        stages.append(StageMemory(
+            st.stage, p, weights, grads, optimizer, opt_dist, opt_plain, acts[recompute], acts, flight, logits,
+            ref_by_mode, ref_phase, float(RUNTIME_OVERHEAD), training, total))
+    return MemoryEstimate(layout, dtype, seq_length, recompute, distributed_optimizer, reference_mode, m, stages)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling stage (vLLM)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingMemory:
+    tp: int
+    weights: float
+    kv_bytes_per_token: float
+    kv_tokens: int
+    full_sequences: int  # KV for this many sequences of seq_length tokens at once
+    utilization: float
+
+
+def sampling_memory(arch: ModelArch, gpu: str | GPUSpec, tp_vllm: int, seq_length: int = 2560,
+                    utilization: float = 0.9) -> SamplingMemory:
+    g = get_gpu(gpu)
+    weights = 2.0 * param_counts(arch, tp_vllm, 1).max_per_rank
+    kv_heads = math.ceil(arch.num_key_value_heads / tp_vllm)
+    per_token = 2.0 * arch.num_layers * kv_heads * arch.head_dim * 2
+    free = utilization * g.memory_bytes - weights - VLLM_OVERHEAD
+    tokens = max(0, int(free // per_token))
+    return SamplingMemory(tp_vllm, weights, per_token, tokens, tokens // seq_length, utilization)
+
+
+def vllm_tp_options(arch: ModelArch, gpus_per_node: int = 8) -> list[int]:
+    return [t for t in range(1, gpus_per_node + 1)
+            if gpus_per_node % t == 0 and arch.num_attention_heads % t == 0 and arch.vocab_size % t == 0]
+
+
+def choose_vllm_tp(arch: ModelArch, gpu: str | GPUSpec, gpus_per_node: int = 8, seq_length: int = 2560,
+                   min_sequences: int = 64) -> SamplingMemory:
+    """The smallest vLLM TP whose KV cache holds `min_sequences` full-length sequences at once
+    (else the largest TP in a node)."""
+    options = [sampling_memory(arch, gpu, t, seq_length) for t in vllm_tp_options(arch, gpus_per_node)]
+    for opt in options:
+        if opt.full_sequences >= min_sequences:
+            return opt
+    return options[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Step time
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepTime:
+    tokens: int  # tokens the policy trains on per step
+    flops_per_token_forward: float
+    model_flops: float  # per step, whole cluster: policy 3F + reference F (amortised)
+    hardware_flops: float  # + recomputation + pipeline padding rows
+    num_microbatches: int
+    compute_s: float
+    bubble_fraction: float
+    bubble_s: float
+    dp_comm_s: float
+    reference_s: float  # part of total_s: the amortised reference forward
+    total_s: float
+    mfu: float
+    efficiency: float
+
+
+def forward_flops_per_token(arch: ModelArch, seq_length: int, pairs_per_row: int = 1) -> float:
+    s_seq = seq_length / (2 * pairs_per_row)
+    return 2.0 * compute_params(arch) + 4.0 * arch.num_layers * arch.num_attention_heads * arch.head_dim * s_seq
+
+
+def step_time(arch: ModelArch, layout: Layout, gpus: Optional[int] = None, gpu: str | GPUSpec = "h100-80gb",
+              seq_length: int = 2560, global_batch_pairs: int = 32, recompute: str = "none",
+              reference_forward: bool = True, efficiency: float = 0.40, pairs_per_row: int = 1,
+              distributed_optimizer: bool = True, gpus_per_node: int = 8, dtype: str = "bf16",
+              backend: str = "te") -> StepTime:
+    """Estimated seconds per optimizer step (see the module docstring for the model)."""
+    spec = get_gpu(gpu)
+    if gpus is not None and gpus != layout.world:
+        raise PlanError(f"{gpus} GPUs do not match {layout.short()} (= {layout.world} GPUs)")
+    if not 0 < efficiency <= 1:
+        raise PlanError(f"efficiency {efficiency}: must be in (0, 1]")
+    n = layout.world
+    e = DTYPE_BYTES[dtype]
+    f_fwd = forward_flops_per_token(arch, seq_length, pairs_per_row)
+    m_real = microbatches(global_batch_pairs, layout.dp, pairs_per_row)
+    m = microbatches(global_batch_pairs, layout.dp, pairs_per_row, layout.pp, layout.vpp)
+    tokens = layout.dp * m_real * seq_length
+    hw_tokens = layout.dp * m * seq_length
+    policy_hw = (4.0 if recompute == "full" else 3.0) * f_fwd * hw_tokens
+    if recompute == "selective" and not uses_flash_attention(arch, backend):
+        attn = 4.0 * arch.num_layers * arch.num_attention_heads * arch.head_dim * seq_length / (2 * pairs_per_row)
+        policy_hw += attn * hw_tokens
+    ref_hw = f_fwd * tokens if reference_forward else 0.0
+    rate = n * spec.peak_tflops * 1e12 * efficiency
+    bubble = (layout.pp - 1) / (layout.vpp * m)
+    compute = policy_hw / rate
+    ref_s = ref_hw / rate  # one long forward-only pass over the round: no bubble to speak of
+    counts = param_counts(arch, layout.tp, layout.pp, layout.vpp)
+    p = counts.max_per_rank
+    dp = layout.dp
+    volume = (dp - 1) / dp * p * ((4 + e) if distributed_optimizer else 8)
+    bw = spec.intra_node_gbs if layout.tp * dp <= gpus_per_node else spec.inter_node_gbs
+    dp_comm = volume / (bw * 1e9)
+    total = compute * (1 + bubble) + dp_comm + ref_s
+    model = 3.0 * f_fwd * tokens + (f_fwd * tokens if reference_forward else 0.0)
+    mfu = model / (total * n * spec.peak_tflops * 1e12)
+    return StepTime(tokens, f_fwd, model, policy_hw + ref_hw, m, compute, bubble, compute * bubble, dp_comm,
+                    ref_s, total, mfu, efficiency)
+
+
+# ---------------------------------------------------------------------------------------------
+# Enumeration and ranking
+# ---------------------------------------------------------------------------------------------
+
+
+def enumerate_layouts(arch: ModelArch, gpus: int, gpus_per_node: int = 8, global_batch_pairs: int = 32,
+                      seq_length: int = 2560, max_vpp: int = 4) -> list[Layout]:
+    """Every valid (tp, pp, vpp, dp) for `gpus` GPUs: tp within a node dividing heads, KV heads and
+    vocabulary; pp (x vpp) dividing the layers; dp = gpus / (tp·pp) dividing the global batch."""
+    out = []
+    for tp in range(1, min(gpus_per_node, gpus) + 1):
+        for pp in range(1, arch.num_layers + 1):
+            if gpus % (tp * pp) or arch.num_layers % pp:
+                continue
+            dp = gpus // (tp * pp)
+            vpps = [1] + [v for v in range(2, max_vpp + 1) if pp > 1 and arch.num_layers % (pp * v) == 0]
+            for vpp in vpps:
+                lay = Layout(tp, pp, vpp, dp)
+                if not layout_problems(arch, lay, gpus_per_node, global_batch_pairs, seq_length):
+                    out.append(lay)
+    return out
+
+
+@dataclass
+class PlanSettings:
+    arch: ModelArch
+    gpus: int
+    gpu: GPUSpec
+    seq_length: int = 2560
+    global_batch_pairs: int = 32
+    gpus_per_node: int = 8
+    dtype: str = "bf16"
+    reference_mode: str = "initial"
+    distributed_optimizer: bool = True
+    efficiency: float = 0.40
+    headroom: float = 0.10
+    pairs_per_row: int = 1
+    model_name: str = ""
+    backend: str = "te"
+
+
+@dataclass
+class PlanRow:
+    layout: Layout
+    recompute: str
+    memory: MemoryEstimate
+    time: StepTime
+    fits: bool
+    headroom: float  # fraction of GPU memory left at the peak
+    fits_model_reference: bool  # would still fit with reference.mode=model (precompute)
+    model_reference_peak: float
+    settings: PlanSettings = field(repr=False, default=None)
+
+    @property
+    def gpus_per_replica(self) -> int:
+        return self.layout.tp * self.layout.pp
+
+
+def evaluate(settings: PlanSettings, layout: Layout, recompute: str) -> PlanRow:
+    st = settings
+    m = microbatches(st.global_batch_pairs, layout.dp, st.pairs_per_row, layout.pp, layout.vpp)
+    mem = memory_per_gpu(st.arch, layout, st.dtype, st.seq_length, 1, recompute, st.distributed_optimizer,
+                         st.reference_mode, num_microbatches=m, backend=st.backend)
+    cap = st.gpu.memory_bytes
+    head = 1 - mem.total / cap
+    with_model = memory_per_gpu(st.arch, layout, st.dtype, st.seq_length, 1, recompute, st.distributed_optimizer,
+                                "model", num_microbatches=m, backend=st.backend).total
+    t = step_time(st.arch, layout, None, st.gpu, st.seq_length, st.global_batch_pairs, recompute,
+                  st.reference_mode != "none", st.efficiency, st.pairs_per_row, st.distributed_optimizer,
+                  st.gpus_per_node, st.dtype, st.backend)
+    return PlanRow(layout, recompute, mem, t, head >= st.headroom, head, 1 - with_model / cap >= st.headroom,
+                   with_model, st)
+
+
+def plan(arch: ModelArch, gpus: int, gpu: str | GPUSpec = "h100-80gb", seq_length: int = 2560,
+         global_batch_pairs: int = 32, gpus_per_node: int = 8, dtype: str = "bf16",
+         reference_mode: str = "initial", distributed_optimizer: bool = True, efficiency: float = 0.40,
+         headroom: float = 0.10, recompute: str = "auto", max_vpp: int = 4, pairs_per_row: int = 1,
+         model_name: str = "", backend: str = "te") -> list[PlanRow]:
+    """Ranked rows, one per layout: fitting (>= headroom free) first, then by estimated step time,
+    then fewer GPUs per model replica (tp·pp). recompute="auto" picks, per layout, the least
+    recomputation that fits (full when nothing fits)."""
+    if gpus < 1:
+        raise PlanError(f"--gpus {gpus}: must be >= 1")
+    if backend not in ("te", "local"):
+        raise PlanError(f"backend {backend!r}: choose te or local")
+    if recompute != "auto" and recompute not in RECOMPUTE:
+        raise PlanError(f"recompute {recompute!r}: choose auto or one of {', '.join(RECOMPUTE)}")
+    settings = PlanSettings(arch, gpus, get_gpu(gpu), seq_length, global_batch_pairs, gpus_per_node, dtype,
+                            reference_mode, distributed_optimizer, efficiency, headroom, pairs_per_row, model_name,
+                            backend)
+    rows = []
+    for lay in enumerate_layouts(arch, gpus, gpus_per_node, global_batch_pairs, seq_length, max_vpp):
+        if recompute != "auto":
+            rows.append(evaluate(settings, lay, recompute))
+            continue
+        options = ["none", "full"] if uses_flash_attention(arch, backend) else ["none", "selective", "full"]
+        tried = [evaluate(settings, lay, rc) for rc in options]
+        fitting = [r for r in tried if r.fits]
+        rows.append(fitting[0] if fitting else tried[-1])
+    return rank_rows(rows)
+
+
+def rank_rows(rows: list[PlanRow]) -> list[PlanRow]:
+    return sorted(rows, key=lambda r: (not r.fits, r.time.total_s, r.gpus_per_replica, r.layout.tp,
+                                       r.layout.vpp, RECOMPUTE.index(r.recompute)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+
+
+def _g(x: float) -> str:
+    return f"{x / GiB:.1f}"
+
+
+def why(rows: list[PlanRow]) -> str:
+    """A short explanation of the top choice."""
+    if not rows:
+        return "no valid layout"
+    top = rows[0]
+    st, lay, mem = top.settings, top.layout, top.memory
+    if not top.fits:
+        least = min(rows, key=lambda r: r.memory.total)
+        b = least.memory.binding
+        static = b.weights + b.grads + b.optimizer + b.overhead
+        cause = ("the weights, fp32 gradients and optimizer states alone take "
+                 f"{_g(static)} GiB there: add GPUs" if static > (1 - st.headroom) * st.gpu.memory_bytes else
+                 f"activations and logits take {_g(least.memory.total - static)} GiB there: add GPUs or lower "
+                 "seq_length")
+        return (f"nothing fits with {st.headroom:.0%} headroom on {st.gpus} x {st.gpu.name}; the smallest peak is "
+                f"{least.layout.short()} recompute={least.recompute} at {_g(least.memory.total)} GiB of "
+                f"{_g(st.gpu.memory_bytes)} GiB; {cause}")
+    parts = [f"{lay.short()} recompute={top.recompute}: peak {_g(mem.total)} GiB/GPU on stage "
+             f"{mem.binding.stage}, {top.headroom:.0%} headroom; est. {top.time.total_s:.2f} s/step "
+             f"(bubble {top.time.bubble_fraction:.0%}, DP comm {top.time.dp_comm_s:.2f} s), MFU {top.time.mfu:.0%}"]
+    fewer = [r for r in rows if r.gpus_per_replica < top.gpus_per_replica]
+    fitting = [r for r in fewer if r.fits]
+    if fitting:
+        f = fitting[0]
+        parts.append(f"{f.layout.short()} recompute={f.recompute} (fewer GPUs per replica) also fits but is slower "
+                     f"({f.time.total_s:.1f} s: bubble {f.time.bubble_fraction:.0%}, DP comm {f.time.dp_comm_s:.2f} s)")
+    elif fewer:
+        f = min(fewer, key=lambda r: r.memory.total)
+        parts.append(f"no layout with tp*pp < {top.gpus_per_replica} fits (closest: {f.layout.short()} "
+                     f"recompute={f.recompute} at {_g(f.memory.total)} GiB)")
+    runner = next((r for r in rows[1:] if r.fits), None)
+    if runner and not (fitting and runner is fitting[0]):
+        slower = runner.time.total_s / top.time.total_s - 1
+        parts.append(f"next: {runner.layout.short()} recompute={runner.recompute} at {runner.time.total_s:.2f} s "
+                     f"(+{slower:.1%}, peak {_g(runner.memory.total)} GiB)")
+    if st.reference_mode in ("initial", "none"):
+        ref = ("reference.mode=initial (no extra memory)" if st.reference_mode == "initial"
+               else "no reference (objective without one)")
+        extra = mem.binding.params * DTYPE_BYTES[st.dtype]
+        ref += (f"; a separate reference model (+{_g(extra)} GiB during the precompute) "
+                + ("also fits" if top.fits_model_reference else "would not fit"))
+        parts.append(ref)
+    else:
+        parts.append(f"reference.mode={st.reference_mode} included in the peak")
+    return "; ".join(parts)
+
+
+COLUMNS = [
+    ("#", 3), ("tp", 3), ("pp", 3), ("vpp", 3), ("dp", 4), ("recomp", 9), ("weights", 7), ("grads", 6),
+    ("opt:dist", 8), ("opt:nodist", 10), ("act:none", 8), ("act:full", 8), ("logits", 6), ("ref:model", 9),
+    ("peak", 6), ("fits", 4), ("head", 5), ("step_s", 7), ("MFU", 4),
+]
+
+
+def format_plan(rows: list[PlanRow], top: int = 10) -> str:
+    """The ranked table (GiB per GPU on the binding pipeline stage), the sampling stage, the
+    assumptions and a `why` line for the top choice."""
+    if not rows:
+        return "no valid layout\n"
+    st = rows[0].settings
+    arch = st.arch
+    lines = [
+        f"plan: {st.model_name or arch.family} ({arch.num_params() / 1e9:.1f}B params) on {st.gpus} x {st.gpu.name} "
+        f"({_g(st.gpu.memory_bytes)} GiB, {st.gpu.peak_tflops:.0f} TFLOP/s bf16), seq {st.seq_length}, "
+        f"global batch {st.global_batch_pairs} pairs, {st.gpus_per_node} GPUs/node, {st.dtype}, "
+        f"reference={st.reference_mode}, {'distributed' if st.distributed_optimizer else 'plain'} optimizer",
+        f"memory in GiB per GPU on the binding pipeline stage; fits = peak <= {1 - st.headroom:.0%} of the GPU; "
+        f"time at {st.efficiency:.0%} of peak + bubble + DP comm; {len(rows)} valid layouts",
+        "",
+    ]
+    header = " ".join(name.rjust(w) for name, w in COLUMNS)
+    lines += [header, "-" * len(header)]
+    for i, r in enumerate(rows[:top], 1):
+        b = r.memory.binding
+        vals = [str(i), str(r.layout.tp), str(r.layout.pp), str(r.layout.vpp), str(r.layout.dp), r.recompute,
+                _g(b.weights), _g(b.grads), _g(b.optimizer_distributed), _g(b.optimizer_plain),
+                _g(b.activations_by_recompute["none"]), _g(b.activations_by_recompute["full"]),
+                _g(max(s.logits for s in r.memory.stages)), "+" + _g(b.params * DTYPE_BYTES[st.dtype]),
+                _g(r.memory.total), "yes" if r.fits else "no", f"{r.headroom:.0%}", f"{r.time.total_s:.2f}",
+                f"{r.time.mfu:.0%}"]
+        lines.append(" ".join(v.rjust(w) for v, (_, w) in zip(vals, COLUMNS)))
+    if len(rows) > top:
+        lines.append(f"... {len(rows) - top} more layouts (--top)")
+    lines.append("columns: opt:dist/opt:nodist = fp32 master + Adam moments with/without the distributed optimizer; "
+                 "act:none/act:full = activations without/with full recompute (micro-batches in flight included); "
+                 "ref:model = extra bf16 weights of a separate reference model (reference.mode=model: only while "
+                 "precomputing; initial: 0); peak = the chosen options + 2 GiB runtime; head = free fraction at the peak")
+    lines.append("")
+    chosen = choose_vllm_tp(arch, st.gpu, st.gpus_per_node, st.seq_length)
+    lines.append(f"sampling (vLLM, {chosen.utilization:.0%} GPU memory): tp_vllm | weights GiB/GPU | KV bytes/token/GPU"
+                 f" | KV tokens | sequences of {st.seq_length}")
+    for t in vllm_tp_options(arch, st.gpus_per_node):
+        sm = sampling_memory(arch, st.gpu, t, st.seq_length)
+        mark = ""
+        if t == chosen.tp:
+            mark = ("  <- smallest tp holding 64 sequences" if chosen.full_sequences >= 64
+                    else "  <- largest tp in a node (none holds 64 sequences)")
+        lines.append(f"  {t:>2} | {_g(sm.weights):>6} | {sm.kv_bytes_per_token:>9.0f} | {sm.kv_tokens:>10,} | "
+                     f"{sm.full_sequences:>6,}{mark}")
+    lines.append("")
+    lines.append("why: " + why(rows))
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: aipo-mp plan MODEL_CONFIG --gpus N --gpu NAME ...
+# ---------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise PlanError(message)
+
+
+def build_parser(prog: str = "aipo-mp plan") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Rank tensor/pipeline/data-parallel layouts by memory fit and estimated step time.")
+    p.add_argument("model_config", help="YAML with model.arch (configs/models/*.yaml) or model.path")
+    p.add_argument("--gpus", type=int, required=True, help="total number of GPUs")
+    p.add_argument("--gpu", default="h100-80gb", help=f"one of {', '.join(GPUS)}")
+    p.add_argument("--seq-length", type=int, default=2560, help="tokens per packed row (one pair)")
+    p.add_argument("--global-batch-pairs", type=int, default=32)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--top", type=int, default=10, help="rows to print")
+    p.add_argument("--reference-mode", default="initial", help=f"one of {', '.join(REFERENCE_MODES)}")
+    p.add_argument("--recompute", default="auto", help="auto (least that fits), none, selective or full")
+    p.add_argument("--efficiency", type=float, default=0.40, help="achievable fraction of bf16 peak (default 0.40)")
+    p.add_argument("--no-distributed-optimizer", action="store_true", help="optimizer states not sharded over DP")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from aipo_mp.config import load_config, resolve_arch
+
+    for name in ("gpus", "seq_length", "global_batch_pairs", "gpus_per_node", "top"):
+        if getattr(args, name) < 1:
+            raise PlanError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
+    if args.seq_length % 2:
+        raise PlanError(f"--seq-length={args.seq_length}: must be even (a pair is two sequences in one row)")
+    if args.reference_mode not in REFERENCE_MODES:
+        raise PlanError(f"--reference-mode={args.reference_mode}: choose one of {', '.join(REFERENCE_MODES)}")
+    get_gpu(args.gpu)
+    arch = resolve_arch(load_config(args.model_config))
+    if arch.num_layers < 1 or arch.hidden_size < 1:
+        raise PlanError(f"{args.model_config}: model.arch is incomplete (num_layers, hidden_size, ...)")
+    rows = plan(arch, args.gpus, args.gpu, args.seq_length, args.global_batch_pairs, args.gpus_per_node,
+                reference_mode=args.reference_mode, distributed_optimizer=not args.no_distributed_optimizer,
+                efficiency=args.efficiency, recompute=args.recompute, model_name=Path(args.model_config).stem)
+    if not rows:
+        raise PlanError(f"no valid layout of {args.gpus} GPUs for this model: tp must divide the heads "
+                        f"({arch.num_attention_heads}/{arch.num_key_value_heads}) and {args.gpus_per_node}, pp the "
+                        f"{arch.num_layers} layers, and dp = gpus/(tp·pp) the global batch {args.global_batch_pairs}")
+    sys.stdout.write(format_plan(rows, args.top))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`aipo-mp plan ...` (argv without the leading "plan"). Returns the exit code: 0, or 2 after
+    one `error: ...` line on stderr for a user mistake."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["plan"]:
+        argv = argv[1:]
+    try:
+        return run(build_parser().parse_args(argv))
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    except (PlanError, ConfigError) as e:
+        msg = "; ".join(getattr(e, "errors", None) or [str(e)])
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
