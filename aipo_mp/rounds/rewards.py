@@ -1,0 +1,247 @@
+"""Score sampled answers: the second stage of a round. Writes `scored.jsonl` = samples + "score".
+
+Two kinds of reward:
+
+* a rule, `score_with_rule(samples, "package.module:function")` (or "path/to/file.py:function",
+  or a callable): `function(prompt, response) -> float`, with `prompt` as given in the prompts
+  file (a string or a list of messages). A function that also takes a `meta` argument gets the
+  prompt record's extra fields (e.g. a reference answer).
+* a reward model, `score_with_model(samples, reward_dir)`: a `*ForSequenceClassification` HF
+  checkpoint with `num_labels == 1`, run by vLLM's pooling runner; the score is the raw head
+  output (no sigmoid). What the reward model reads:
+    - a chat sample (a message-list prompt, or a string prompt sampled through the policy's chat
+      template, `chat_format: true`) is rendered with the reward tokenizer's chat template as
+      messages + {"role": "assistant", "content": response}, when that tokenizer has a template;
+    - otherwise plain concatenation: a string prompt + response, tokenized with the reward
+      tokenizer's own special tokens (BOS); a message list becomes "role: content\\n" lines
+      followed by "assistant: " + response.
+
+A score that is NaN or infinite, or a rule that raises, is a ConfigError naming the prompt id and
+sample index: a silently bad reward would train the policy on noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import inspect
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from aipo_mp.config import ConfigError
+from aipo_mp.io_utils import atomic_write_text
+from aipo_mp.rounds.sampling import (as_token_list, check_model_dir, close_engine, engine_in_use, has_chat_template,
+                                     is_engine, read_jsonl, run_children, start_engine, write_jsonl)
+
+SAMPLE_FIELDS = ("prompt_id", "prompt", "sample_index", "text")
+
+
+def load_samples(samples) -> list[dict]:
+    records = read_jsonl(samples) if isinstance(samples, (str, Path)) else list(samples)
+    for k, record in enumerate(records):
+        missing = [f for f in SAMPLE_FIELDS if not isinstance(record, dict) or f not in record]
+        if missing:
+            raise ConfigError(f"sample {k} lacks field(s) {', '.join(missing)}; score the samples.jsonl that "
+                              "aipo_mp.rounds.sampling wrote")
+    return records
+
+
+def where(record: dict) -> str:
+    return f"prompt_id={json.dumps(record['prompt_id'])} sample_index={record['sample_index']}"
+
+
+def finite_score(value, record: dict, source: str, fix: str) -> float:
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source} returned {value!r} (not a number) for {where(record)}; {fix}") from None
+    if not math.isfinite(score):
+        raise ConfigError(f"{source} returned a non-finite score ({score}) for {where(record)}; {fix}")
+    return score
+
+
+# ---------------------------------------------------------------------------------------------
+# Rule rewards
+# ---------------------------------------------------------------------------------------------
+
+
+def load_rule(rule: str) -> Callable:
+    if not isinstance(rule, str) or rule.count(":") != 1 or not all(rule.split(":")):
+        raise ConfigError(f"reward rule {rule!r} must look like 'package.module:function' or 'path/file.py:function'")
+    module_name, function_name = rule.split(":")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            spec = importlib.util.spec_from_file_location(f"aipo_reward_rule_{path.stem}", path)
+            if spec is None or not path.is_file():
+                raise FileNotFoundError(f"no file {path}")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except Exception as e:
+        raise ConfigError(f"reward rule {rule!r}: cannot import {module_name} ({type(e).__name__}: {e})") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ConfigError(f"reward rule {rule!r}: {module_name} has no function {function_name}")
+    return function
+
+
+def takes_meta(function: Callable) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "meta" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def score_with_rule(samples, rule: str | Callable, out_path: Optional[str | Path] = None) -> list[dict]:
+    """Score every sample with `rule(prompt, response)`; write `out_path` atomically when given."""
+    records = load_samples(samples)
+    function = rule if callable(rule) else load_rule(rule)
+    name = getattr(function, "__qualname__", repr(function)) if callable(rule) else rule
+    pass_meta = takes_meta(function)
+    fix = "make the rule return a finite float for every response"
+    scored = []
+    for record in records:
+        try:
+            if pass_meta:
+                value = function(record["prompt"], record["text"], meta=record.get("meta", {}))
+            else:
+                value = function(record["prompt"], record["text"])
+        except Exception as e:
+            raise ConfigError(f"reward rule {name} raised {type(e).__name__}: {e} on {where(record)}; {fix}") from None
+        scored.append({**record, "score": finite_score(value, record, f"reward rule {name}", fix)})
+    if out_path is not None:
+        write_jsonl(out_path, scored)
+    return scored
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward models
+# ---------------------------------------------------------------------------------------------
+
+
+def check_reward_model(model_dir: str | Path) -> dict:
+    """config.json of a one-label sequence classifier, else ConfigError."""
+    config = check_model_dir(model_dir, "reward model")
+    architectures = config.get("architectures") or []
+    num_labels = config.get("num_labels")
+    if num_labels is None:  # transformers 5 stores only id2label; transformers' default is 2 labels
+        num_labels = len(config["id2label"]) if isinstance(config.get("id2label"), dict) else 2
+    if not (architectures and all(a.endswith("ForSequenceClassification") for a in architectures)) or num_labels != 1:
+        raise ConfigError(f"reward model {model_dir} is not a one-label sequence classifier "
+                          f"(architectures={architectures}, num_labels={num_labels}); give a "
+                          "*ForSequenceClassification checkpoint with num_labels=1 (a scalar reward head)")
+    return config
+
+
+def plain_prompt_text(prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: "
+
+
+def reward_input_ids(record: dict, tokenizer) -> list[int]:
+    """The tokens the reward model scores for one sample (see the module docstring)."""
+    prompt, response = record["prompt"], record["text"]
+    chat = isinstance(prompt, list) or bool(record.get("chat_format"))
+    if chat and has_chat_template(tokenizer):
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        messages = [*messages, {"role": "assistant", "content": response}]
+        try:
+            return as_token_list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=False))
+        except Exception as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"the reward tokenizer's chat template failed on {where(record)} ({reason})") from None
+    return list(tokenizer(plain_prompt_text(prompt) + response).input_ids)
+
+
+def score_with_model(samples, model, out_path: Optional[str | Path] = None, **engine_options) -> list[dict]:
+    """Score every sample with a reward model: an HF directory (an engine is started here, or in a
+    child process when another engine is alive in this process) or a live pooling `LLM`.
+    `engine_options` go to `sampling.start_engine` (tensor_parallel, dtype, kv_cache_gib, ...)."""
+    records = load_samples(samples)
+    if is_engine(model):
+        if model.model_config.runner_type != "pooling":
+            raise ConfigError("the reward engine must be started with runner='pooling' "
+                              "(start_engine(dir, runner='pooling'))")
+        scores = _classify(model, records, "the reward model")
+    else:
+        check_reward_model(model)
+        if engine_in_use():
+            scores = _score_in_child(model, records, engine_options)
+        else:
+            llm = start_engine(model, runner="pooling", what="reward model", **engine_options)
+            try:
+                scores = _classify(llm, records, f"reward model {model}")
+            finally:
+                close_engine(llm)
+    scored = [{**record, "score": score} for record, score in zip(records, scores)]
+    if out_path is not None:
+        write_jsonl(out_path, scored)
+    return scored
+
+
+def _classify(llm, records: list[dict], name: str) -> list[float]:
+    from vllm import PoolingParams
+    from vllm.inputs import TokensPrompt
+
+    tokenizer = llm.get_tokenizer()
+    max_len = llm.model_config.max_model_len
+    prompts = []
+    for record in records:
+        ids = reward_input_ids(record, tokenizer)
+        if len(ids) > max_len:
+            raise ConfigError(f"{where(record)}: prompt + response is {len(ids)} tokens, more than {name}'s "
+                              f"max_model_len {max_len}; lower sampling.max_tokens or use a longer-context "
+                              "reward model")
+        prompts.append(TokensPrompt(prompt_token_ids=ids))
+    if not prompts:
+        return []
+    outputs = llm.classify(prompts, pooling_params=PoolingParams(use_activation=False), use_tqdm=False)
+    fix = "check the reward model's weights and dtype (fp16 overflow?) or the sample's text"
+    scores = []
+    for record, output in zip(records, outputs):
+        probs = output.outputs.probs
+        if len(probs) != 1:
+            raise ConfigError(f"{name} returned {len(probs)} values per text; a reward model needs num_labels=1")
+        scores.append(finite_score(probs[0], record, name, fix))
+    return scores
+
+
+def _score_in_child(model_dir, records: list[dict], engine_options: dict) -> list[float]:
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix=".aipo_rewards.") as tmp:
+        tmp = Path(tmp)
+        write_jsonl(tmp / "samples.jsonl", records)
+        (tmp / "options.json").write_text(json.dumps(engine_options))
+        args = ["--model", str(model_dir), "--samples", str(tmp / "samples.jsonl"),
+                "--options", str(tmp / "options.json"), "--out", str(tmp / "scored.jsonl")]
+        run_children("aipo_mp.rounds.rewards", [(args, dict(os.environ))], tmp)
+        return [r["score"] for r in read_jsonl(tmp / "scored.jsonl")]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="Score samples with a reward model (a child of aipo_mp rewards).")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--samples", required=True)
+    parser.add_argument("--options", required=True, help="JSON file of start_engine options")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    try:
+        score_with_model(args.samples, args.model, args.out, **json.loads(Path(args.options).read_text()))
+    except ConfigError as e:
+        atomic_write_text(args.out + ".error", str(e) + "\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
