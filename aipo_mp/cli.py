@@ -63,6 +63,88 @@ def cmd_train(args) -> int:
     return 0
 
 
+def quiet_library_warnings() -> None:
+    """megatron-core warns at import about optional GPU libraries and deprecated defaults; on
+    CPU these are expected and would bury the run's own output."""
+    import warnings
+
+    for module in ("megatron", "torch.distributed", "transformers"):
+        warnings.filterwarnings("ignore", category=UserWarning, module=module)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+
+
+def stage_config(args):
+    """Stage commands take an optional --config and key=value overrides (e.g. sampling.n=8)."""
+    from aipo_mp.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_sample(args) -> int:
+    from aipo_mp.rounds.sampling import SamplingSpec, sample
+
+    cfg = stage_config(args)
+    s = cfg.sampling
+    spec = SamplingSpec(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, stop=list(s.stop),
+                        seed=s.seed, tensor_parallel=s.tensor_parallel, replicas=s.replicas,
+                        kv_cache_gib=s.kv_cache_gib, max_model_len=s.max_model_len)
+    records = sample(args.model, args.prompts or cfg.rounds.prompts, spec, args.out)
+    print(f"wrote {len(records)} samples to {args.out}")
+    return 0
+
+
+def cmd_reward(args) -> int:
+    from aipo_mp.config import ConfigError
+    from aipo_mp.rounds.rewards import score_with_model, score_with_rule
+
+    cfg = stage_config(args)
+    rule, model = args.rule or cfg.reward.rule, args.model or cfg.reward.model
+    if bool(rule) == bool(model):
+        raise ConfigError("reward: give exactly one of --rule module:function or --model DIR (or reward.rule / reward.model)")
+    scored = score_with_rule(args.samples, rule, args.out) if rule else score_with_model(args.samples, model, args.out)
+    mean = sum(r["score"] for r in scored) / max(1, len(scored))
+    print(f"scored {len(scored)} samples (mean {mean:.4f}) into {args.out}")
+    return 0
+
+
+def cmd_pairs(args) -> int:
+    from aipo_mp.rounds.pairs_builder import build_pairs
+
+    cfg = stage_config(args)
+    p = cfg.pairs
+    pairs, stats = build_pairs(args.scored, min_gap=p.min_gap, allow_truncated=p.allow_truncated, mode=p.mode,
+                               max_pairs_per_prompt=p.max_pairs_per_prompt or None, out_dir=args.out_dir)
+    print(f"kept {len(pairs)} pairs; dropped {stats.get('dropped')} -> {args.out_dir}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from aipo_mp.config import load_config
+    from aipo_mp.rounds.run import run_rounds
+
+    cfg = load_config(args.config, args.overrides)
+    launcher = args.launcher or cfg.cluster.launcher
+    world = args.nproc_per_node or cfg.cluster.nproc_per_node * cfg.cluster.nodes
+    return run_rounds(cfg, launcher, world)
+
+
+def cmd_report(args) -> int:
+    from aipo_mp.rounds.report import write_report
+
+    paths = write_report(args.run_dir)
+    from pathlib import Path
+
+    print((Path(args.run_dir) / "report" / "report.md").read_text())
+    print("plots: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def add_stage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="a recipe YAML (its sampling/reward/pairs sections are used)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. sampling.n=8")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aipo-mp", description="Iterative preference optimization (AIPO, DPO family) on megatron-core.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,10 +156,45 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.add_argument("--nproc-per-node", type=int, default=0, help="start this many local ranks")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("run", help="iterative rounds: export -> sample -> reward -> pairs -> train (resumable)")
+    add_config_args(p)
+    p.add_argument("--launcher", choices=["local", "slurm"], default=None, help="default: cluster.launcher")
+    p.add_argument("--nproc-per-node", type=int, default=0, help="training ranks (default: cluster.nproc_per_node x nodes)")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("sample", help="sample n answers per prompt with vLLM")
+    p.add_argument("--model", required=True, help="HF directory of the policy")
+    p.add_argument("--prompts", default=None, help="prompts JSONL (default: rounds.prompts)")
+    p.add_argument("--out", required=True, help="samples.jsonl to write")
+    add_stage_args(p)
+    p.set_defaults(func=cmd_sample)
+    p = sub.add_parser("reward", help="score samples with a rule or a reward model (vLLM pooling)")
+    p.add_argument("--samples", required=True)
+    p.add_argument("--out", required=True, help="scored.jsonl to write")
+    p.add_argument("--rule", default=None, help="module:function(prompt, response) -> float")
+    p.add_argument("--model", default=None, help="HF *ForSequenceClassification directory with one label")
+    add_stage_args(p)
+    p.set_defaults(func=cmd_reward)
+    p = sub.add_parser("pairs", help="best vs worst answer per prompt -> pairs.jsonl and pairs_stats.json")
+    p.add_argument("--scored", required=True)
+    p.add_argument("--out-dir", required=True)
+    add_stage_args(p)
+    p.set_defaults(func=cmd_pairs)
+    p = sub.add_parser("report", help="per-round table and plots of a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+    # `plan` parses its own arguments (aipo_mp.planner.main); listed here for --help.
+    sub.add_parser("plan", help="rank parallel layouts of a model for a GPU count: memory, step time, MFU",
+                   add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_library_warnings()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plan"]:
+        from aipo_mp import planner
+
+        sys.exit(planner.main(argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)

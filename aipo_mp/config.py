@@ -146,8 +146,40 @@ class OutputConfig:
 @dataclass
 class RoundsConfig:
     num_rounds: int = 3
-    prompts: Optional[str] = None
-    reference: str = "previous"  # previous | initial
+    prompts: Optional[str] = None  # prompts JSONL: {"id"?: ..., "prompt": str or chat messages}
+    reference: str = "previous"  # previous (AIPO: the policy the round starts from) | initial
+    evaluate_final: bool = True  # sample and score the final policy too (round R, no training)
+    kl_estimate: bool = True  # sampled KL(policy_r || initial policy) in the report
+
+
+@dataclass
+class SamplingConfig:
+    """vLLM sampling of each round (defaults: the AIPO authors' recipe)."""
+
+    n: int = 5
+    temperature: float = 0.4
+    top_p: float = 1.0
+    max_tokens: int = 2048
+    stop: list = field(default_factory=list)
+    seed: int = 0
+    tensor_parallel: int = 1
+    replicas: int = 1
+    kv_cache_gib: float = 1.0  # CPU only
+    max_model_len: Optional[int] = None
+
+
+@dataclass
+class RewardConfig:
+    rule: Optional[str] = None  # "module:function(prompt, response) -> float"
+    model: Optional[str] = None  # an HF *ForSequenceClassification directory with one label
+
+
+@dataclass
+class PairsConfig:
+    min_gap: float = 0.0
+    allow_truncated: bool = False
+    mode: str = "best_worst"  # best_worst | ranked
+    max_pairs_per_prompt: int = 0  # ranked mode; 0: all
 
 
 @dataclass
@@ -169,6 +201,9 @@ class Config:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict:
@@ -322,6 +357,7 @@ CHOICES = {
     "reference.mode": ("initial", "model"),
     "rounds.reference": ("previous", "initial"),
     "cluster.launcher": ("local", "slurm"),
+    "pairs.mode": ("best_worst", "ranked"),
 }
 
 

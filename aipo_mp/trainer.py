@@ -1,0 +1,659 @@
+"""The preference training loop: policy (and a frozen reference) in one Megatron process group,
+any TP/PP/VPP/SP/DP layout, packed pairs, resumable checkpoints. Runs on every rank.
+
+Per step: the global batch (train.global_batch_pairs pairs, a pure function of the step, so a
+resumed run sees the same data) is split over data-parallel ranks, packed into rows of
+train.seq_length (one row = one micro-batch), and run through megatron's pipeline schedule. The
+loss of each row is scaled so that the gradient is that of the mean over the global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from aipo_mp import objectives, platform
+from aipo_mp.config import Config, ConfigError, ModelArch, dump_config, validate
+from aipo_mp.data.pairs import PackedRow, pack_pairs, read_pairs_jsonl, tokenize_pairs
+from aipo_mp.engine import forward_only, model_forward
+from aipo_mp.io_utils import atomic_write_json, atomic_write_text
+from aipo_mp.logprobs import sequence_logprobs, token_logprobs
+from aipo_mp.models import get_family, read_hf_config
+from aipo_mp.models.base import BuiltModel, build_model, load_hf_weights
+
+LATEST = "latest"
+
+
+# ---------------------------------------------------------------------------------------------
+# Data order and batching: pure functions of (step, seed) so resume needs only the step
+# ---------------------------------------------------------------------------------------------
+
+
+def global_batch_indices(step: int, num_pairs: int, batch: int, seed: int, shuffle: bool) -> list[int]:
+    """Pair indices of 0-based optimizer step `step`: consecutive batches over epochs, each epoch
+    a fresh permutation (seeded), so any step's batch is known without replaying the run."""
+    out = []
+    start = step * batch
+    for pos in range(start, start + batch):
+        epoch, offset = divmod(pos, num_pairs)
+        out.append(int(epoch_order(epoch, num_pairs, seed, shuffle)[offset]))
+    return out
+
+
+_ORDER_CACHE: dict = {}
+
+
+def epoch_order(epoch: int, n: int, seed: int, shuffle: bool) -> torch.Tensor:
+    key = (epoch, n, seed, shuffle)
+    if key not in _ORDER_CACHE:
+        if shuffle:
+            g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+            _ORDER_CACHE[key] = torch.randperm(n, generator=g)
+        else:
+            _ORDER_CACHE[key] = torch.arange(n)
+    return _ORDER_CACHE[key]
+
+
+def schedule_lr(step: int, total: int, cfg) -> float:
+    """Learning rate of 1-based step `step`: linear warmup, then cosine / linear / constant."""
+    warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else int(round(cfg.warmup_ratio * total))
+    if warmup and step <= warmup:
+        return cfg.lr * step / warmup
+    if cfg.schedule == "constant" or total <= warmup:
+        return cfg.lr
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if cfg.schedule == "linear":
+        return cfg.lr - (cfg.lr - cfg.min_lr) * progress
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------------------------
+# Parallel helpers
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Layout:
+    tp_rank: int
+    dp_rank: int
+    dp_size: int
+    last_stage: bool
+
+    @staticmethod
+    def current() -> "Layout":
+        from megatron.core import parallel_state as ps
+
+        return Layout(ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank(),
+                      ps.get_data_parallel_world_size(), ps.is_pipeline_last_stage(ignore_virtual=True))
+
+    @property
+    def reports(self) -> bool:
+        """One rank per data-parallel replica contributes reported sums (TP ranks agree)."""
+        return self.last_stage and self.tp_rank == 0
+
+
+def world_sum(t: torch.Tensor) -> torch.Tensor:
+    torch.distributed.all_reduce(t)
+    return t
+
+
+def pad_rows(rows: list[PackedRow], multiple: int, seq_length: int) -> list[PackedRow]:
+    """The interleaved schedule needs a multiple of pp micro-batches: add empty (all padding) rows."""
+    while multiple > 1 and len(rows) % multiple:
+        rows.append(empty_row(seq_length))
+    return rows
+
+
+def empty_row(seq_length: int) -> PackedRow:
+    return PackedRow(
+        tokens=torch.zeros(seq_length, dtype=torch.long),
+        labels=torch.zeros(seq_length, dtype=torch.long),
+        loss_mask=torch.zeros(seq_length, dtype=torch.bool),
+        segment_ids=torch.full((seq_length,), -1, dtype=torch.long),
+        cu_seqlens=torch.tensor([0, seq_length], dtype=torch.int32),
+        max_seqlen=seq_length,
+        pair_indices=torch.zeros(0, dtype=torch.long),
+        chosen_lengths=torch.zeros(0, dtype=torch.long),
+        rejected_lengths=torch.zeros(0, dtype=torch.long),
+        num_real_tokens=0,
+    )
+
+
+def row_batch(row: PackedRow) -> dict:
+    return {"tokens": row.tokens[None], "cu_seqlens": row.cu_seqlens, "max_seqlen": row.max_seqlen, "row": row}
+
+
+def row_sequence_logps(logits: torch.Tensor, row: PackedRow) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) summed response log-probs of the pairs in a row; logits [1, T, V/tp]."""
+    tok = token_logprobs(logits[0], row.labels)
+    seq = sequence_logprobs(tok, row.loss_mask, row.segment_ids, 2 * len(row.pair_indices))
+    return seq[0::2], seq[1::2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference log-probs
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_logps(built: BuiltModel, pairs, cfg: Config, lay: Layout) -> torch.Tensor:
+    """[num_pairs, 2] (chosen, rejected) log-probs under `built`, one forward-only pass over all
+    pairs split across data-parallel ranks; every rank receives the full table."""
+    mine = [p for p in pairs if p.index % lay.dp_size == lay.dp_rank]
+    rows = pack_pairs(mine, cfg.train.seq_length, cfg.train.micro_batch_pairs)
+    rows = pad_rows(rows, cfg.parallel.pp if cfg.parallel.vpp > 1 else 1, cfg.train.seq_length)
+    table = torch.zeros(len(pairs), 2, dtype=torch.float32)
+
+    def collect(logits, batch):
+        row = batch["row"]
+        if len(row.pair_indices):  # every TP rank joins the vocab-parallel collectives
+            c, r = row_sequence_logps(logits, row)
+            if lay.tp_rank == 0:
+                table[row.pair_indices, 0] = c
+                table[row.pair_indices, 1] = r
+
+    for chunk in built.chunks:
+        chunk.eval()
+    if rows:
+        forward_only(built.chunks, [row_batch(r) for r in rows], collect, cfg.train.seq_length, built.arch.hidden_size)
+    for chunk in built.chunks:
+        chunk.train()
+    return world_sum(table)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer: AdamW over this rank's parameters, gradient clipping by the global norm
+# ---------------------------------------------------------------------------------------------
+
+
+def wrap_ddp(built: BuiltModel) -> list:
+    """megatron DDP: gradient buffers, the data-parallel all-reduce, and (via finalize_model_grads)
+    the tied-embedding and sequence-parallel norm all-reduces."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                            use_distributed_optimizer=False)
+    built.config.finalize_model_grads_func = finalize_model_grads
+    return [DistributedDataParallel(config=built.config, ddp_config=ddp_cfg, module=c) for c in built.chunks]
+
+
+def trainable_params(chunks) -> list[torch.nn.Parameter]:
+    return [p for c in chunks for p in c.parameters() if p.requires_grad]
+
+
+def make_optimizer(params, cfg) -> torch.optim.Optimizer:
+    decay = [p for p in params if p.dim() > 1]
+    no_decay = [p for p in params if p.dim() <= 1]  # norms: no weight decay
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+
+
+def move_main_grads(params) -> None:
+    for p in params:
+        g = getattr(p, "main_grad", None)
+        p.grad = None if g is None else g.to(p.dtype)
+
+
+def global_grad_norm(params) -> float:
+    """L2 norm over the whole model: each TP-replicated parameter and the tied output copy counted once."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    sq = torch.zeros((), dtype=torch.float32)
+    for p in params:
+        if p.grad is None or getattr(p, "shared", False) and not ps.is_pipeline_first_stage(ignore_virtual=True):
+            continue
+        if param_is_not_tensor_parallel_duplicate(p):
+            sq += p.grad.float().pow(2).sum()
+    torch.distributed.all_reduce(sq, group=ps.get_model_parallel_group())
+    return float(sq.sqrt())
+
+
+def clip_grads(params, max_norm: float) -> float:
+    norm = global_grad_norm(params)
+    if max_norm > 0 and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    return norm
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def checkpoint_root(cfg: Config) -> Path:
+    return Path(cfg.output.dir) / "checkpoints"
+
+
+def latest_checkpoint(cfg: Config) -> Optional[Path]:
+    pointer = checkpoint_root(cfg) / LATEST
+    if not pointer.exists():
+        return None
+    path = checkpoint_root(cfg) / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def rank_state_name() -> str:
+    from megatron.core import parallel_state as ps
+
+    return (f"rank_tp{ps.get_tensor_model_parallel_rank()}_pp{ps.get_pipeline_model_parallel_rank()}"
+            f"_dp{ps.get_data_parallel_rank()}.pt")
+
+
+def save_checkpoint(state: "RunState", step: int) -> Path:
+    """Model (megatron dist checkpoint, any layout can load it), optimizer and RNG per rank,
+    progress; `latest` is written last, atomically, so a partial checkpoint is never used."""
+    from aipo_mp.checkpoint import save_model
+
+    cfg = state.cfg
+    path = checkpoint_root(cfg) / f"step_{step:07d}"
+    save_model(state.built, path, hf_config=state.hf_config, extra_files_from=state.tokenizer_dir,
+               dtype=cfg.precision.dtype)
+    opt_dir = path / "optimizer"
+    opt_dir.mkdir(exist_ok=True)
+    blob = {"optimizer": state.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
+    tmp = opt_dir / (rank_state_name() + ".tmp")
+    torch.save(blob, tmp)
+    tmp.replace(opt_dir / rank_state_name())
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
+        atomic_write_json(path / "train_state.json", {"step": step, "layout": layout_dict(cfg),
+                                                     "world_size": torch.distributed.get_world_size()})
+        dump_config(cfg, path / "config.yaml")
+        atomic_write_text(checkpoint_root(cfg) / LATEST, path.name + "\n")
+    torch.distributed.barrier()
+    return path
+
+
+def layout_dict(cfg: Config) -> dict:
+    p = cfg.parallel
+    return {"tp": p.tp, "pp": p.pp, "vpp": p.vpp, "sequence_parallel": p.sequence_parallel}
+
+
+def load_checkpoint(state: "RunState", path: Path) -> int:
+    from aipo_mp.checkpoint import load_model
+
+    load_model(state.built, path)
+    info = json.loads((path / "train_state.json").read_text())
+    same_layout = info["layout"] == layout_dict(state.cfg) and info["world_size"] == torch.distributed.get_world_size()
+    if not same_layout:
+        raise ConfigError(
+            f"{path}: optimizer state was saved at layout {info['layout']} on {info['world_size']} ranks; resume "
+            f"with that layout, or start a new run from the weights with model.path={path}"
+        )
+    blob = torch.load(path / "optimizer" / rank_state_name(), map_location="cpu", weights_only=True)
+    state.optimizer.load_state_dict(blob["optimizer"])
+    torch.set_rng_state(blob["torch_rng"])
+    return int(info["step"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunState:
+    cfg: Config
+    arch: ModelArch
+    built: BuiltModel
+    chunks: list
+    optimizer: torch.optim.Optimizer
+    params: list
+    pairs: list
+    ref_table: Optional[torch.Tensor]
+    hf_config: dict
+    tokenizer_dir: Optional[str]
+    objective_params: dict
+    layout: Layout
+    total_steps: int
+    needs_reference: bool = True
+    stop_requested: bool = False
+    stats: dict = field(default_factory=dict)
+
+
+def tokenizer_dir_of(model_path: str) -> str:
+    """HF dirs hold their tokenizer; aipo_mp checkpoints keep it under hf_extra/."""
+    extra = Path(model_path) / "hf_extra"
+    return str(extra if extra.is_dir() else model_path)
+
+
+def load_policy_weights(built: BuiltModel, path: str) -> None:
+    from aipo_mp.checkpoint import is_megatron_checkpoint, load_model
+    from aipo_mp.hf_io import HFWeights
+
+    if is_megatron_checkpoint(path):
+        load_model(built, path)
+    else:
+        load_hf_weights(built, HFWeights(path).get)
+
+
+def prepare_data(cfg: Config, tokenizer_dir: str):
+    from transformers import AutoTokenizer
+
+    from aipo_mp.data.pairs import DataStats
+
+    if not cfg.data.train:
+        raise ConfigError("data.train is not set; point it at a pairs JSONL file")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=cfg.model.trust_remote_code)
+    records, stats = read_pairs_jsonl(cfg.data.train, on_error=cfg.data.on_error)
+    max_len = cfg.data.max_length or cfg.train.seq_length // 2
+    pairs = tokenize_pairs(records, tok, max_len, cfg.data.max_prompt_length, stats)
+    if not pairs and stats.dropped_too_long:
+        raise ConfigError(
+            f"data.train={cfg.data.train}: all {stats.dropped_too_long} pairs are longer than data.max_length={max_len} "
+            f"tokens per sequence (train.seq_length={cfg.train.seq_length}), and cutting them erases the difference "
+            "between chosen and rejected; raise train.seq_length (and data.max_length)")
+    if not pairs:
+        raise ConfigError(f"data.train={cfg.data.train}: no usable pairs after filtering ({stats.to_dict()})")
+    return pairs, stats
+
+
+def setup(cfg: Config) -> RunState:
+    env = platform.init_distributed(cfg.cluster.master_port or None)
+    arch = validate(cfg, world_size=env.world_size)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    par = cfg.parallel
+    platform.initialize_model_parallel(par.tp, par.pp, par.vpp, par.cp)
+    platform.seed_model_parallel_rng(cfg.train.seed)
+    lay = Layout.current()
+    tokenizer_dir = tokenizer_dir_of(cfg.model.path)
+    pairs, data_stats = prepare_data(cfg, tokenizer_dir)
+    built = build_model(get_family(arch.family), arch, par, cfg.precision, cfg.train.recompute)
+    load_policy_weights(built, cfg.model.path)
+    objective = objectives.get_objective(cfg.objective.name)
+    obj_params = objectives.resolve_params(cfg.objective.name, known_params(cfg))
+    total = cfg.train.steps or max(1, len(pairs) // cfg.train.global_batch_pairs)
+    chunks = wrap_ddp(built)
+    params = trainable_params(chunks)
+    state = RunState(cfg, arch, built, chunks, make_optimizer(params, cfg.train), params, pairs, None,
+                     read_hf_config(cfg.model.path), tokenizer_dir, obj_params, lay, total)
+    state.stats["data"] = data_stats.to_dict()
+    state.needs_reference = objective.needs_reference
+    return state
+
+
+def known_params(cfg: Config) -> dict:
+    """Hyperparameters of the chosen objective; keys that belong only to other objectives are
+    ignored (config validation has warned about them)."""
+    valid = objectives.get_objective(cfg.objective.name).defaults
+    return {k: v for k, v in cfg.objective.params.items() if k in valid}
+
+
+def compute_reference(state: RunState) -> torch.Tensor:
+    """Reference log-probs of every pair, saved beside the run so a resumed run reuses the
+    initial policy's numbers (mode initial) instead of recomputing them with trained weights."""
+    cfg = state.cfg
+    path = Path(cfg.output.dir) / "reference_logps.pt"
+    if path.exists():
+        table = torch.load(path, map_location="cpu", weights_only=True)
+        if table.shape == (len(state.pairs), 2):
+            return table
+    if cfg.reference.mode == "model":
+        from aipo_mp.models import arch_from_dir
+
+        ref_arch = arch_from_dir(cfg.reference.path)
+        if ref_arch != state.arch:
+            raise ConfigError(f"reference.path={cfg.reference.path} has a different architecture from the policy; "
+                              "the reference must be the same model family and size")
+        ref = build_model(get_family(ref_arch.family), ref_arch, cfg.parallel, cfg.precision)
+        for p in (p for c in ref.chunks for p in c.parameters()):
+            p.requires_grad_(False)
+        load_policy_weights(ref, cfg.reference.path)
+        table = reference_logps(ref, state.pairs, cfg, state.layout)
+        del ref  # frees the reference before training
+    else:
+        table = reference_logps(state.built, state.pairs, cfg, state.layout)
+    if torch.distributed.get_rank() == 0:
+        tmp = path.with_suffix(".tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(table, tmp)
+        tmp.replace(path)
+    torch.distributed.barrier()
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# One optimizer step
+# ---------------------------------------------------------------------------------------------
+
+
+METRIC_SUM_KEYS = ("loss",)
+
+
+def step_rows(state: RunState, step: int) -> list[PackedRow]:
+    cfg, lay = state.cfg, state.layout
+    batch = global_batch_indices(step, len(state.pairs), cfg.train.global_batch_pairs, cfg.train.seed, cfg.data.shuffle)
+    per_rank = len(batch) // lay.dp_size
+    mine = [state.pairs[i] for i in batch[lay.dp_rank * per_rank:(lay.dp_rank + 1) * per_rank]]
+    rows = pack_pairs(mine, cfg.train.seq_length, cfg.train.micro_batch_pairs)
+    return pad_rows(rows, cfg.parallel.pp if cfg.parallel.vpp > 1 else 1, cfg.train.seq_length)
+
+
+def train_step(state: RunState, step: int) -> dict:
+    """Forward/backward over this rank's rows of global batch `step` (0-based), then the update."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    cfg, lay = state.cfg, state.layout
+    rows = step_rows(state, step)
+    global_pairs = cfg.train.global_batch_pairs
+    # Schedule divides each row's loss by len(rows); DDP averages over dp: undo both, divide by G.
+    scale = len(rows) * lay.dp_size / global_pairs
+    sums: dict[str, torch.Tensor] = {}
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        row = batch["row"]
+        output = model_forward(model, batch["tokens"], batch["cu_seqlens"], batch["max_seqlen"])
+
+        def loss_func(logits):
+            if not len(row.pair_indices):
+                return logits.sum() * 0.0, {}
+            losses, metrics = pair_losses(state, logits, row)
+            accumulate(sums, losses, metrics)
+            return losses.sum() * scale, {}
+
+        return output, loss_func
+
+    for c in state.chunks:
+        c.zero_grad_buffer()
+    state.optimizer.zero_grad(set_to_none=True)
+    iters = [iter([row_batch(r) for r in rows]) for _ in state.chunks]
+    t0 = time.perf_counter()
+    get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iters if len(iters) > 1 else iters[0],
+        model=state.chunks if len(state.chunks) > 1 else state.chunks[0],
+        num_microbatches=len(rows),
+        seq_length=cfg.train.seq_length,
+        micro_batch_size=1,
+        forward_only=False,
+    )
+    move_main_grads(state.params)
+    grad_norm = clip_grads(state.params, cfg.train.clip_grad)
+    lr = schedule_lr(step + 1, state.total_steps, cfg.train)
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    state.optimizer.step()
+    elapsed = time.perf_counter() - t0
+    return summarize_step(state, step, sums, rows, grad_norm, lr, elapsed)
+
+
+def pair_losses(state: RunState, logits: torch.Tensor, row: PackedRow):
+    chosen, rejected = row_sequence_logps(logits, row)
+    ref = state.ref_table[row.pair_indices] if state.ref_table is not None else None
+    batch = objectives.PairLogps(
+        policy_chosen=chosen,
+        policy_rejected=rejected,
+        reference_chosen=None if ref is None else ref[:, 0],
+        reference_rejected=None if ref is None else ref[:, 1],
+        chosen_lengths=row.chosen_lengths,
+        rejected_lengths=row.rejected_lengths,
+    )
+    return objectives.compute(state.cfg.objective.name, batch, state.objective_params)
+
+
+def accumulate(sums: dict, losses: torch.Tensor, metrics: dict) -> None:
+    sums["loss"] = sums.get("loss", 0.0) + losses.detach().float().sum()
+    for k, v in metrics.items():
+        sums[k] = sums.get(k, 0.0) + v.detach().float().sum()
+
+
+def metric_names(state: RunState) -> list[str]:
+    """The objective's metric names, known on every rank (the all-reduce needs the same vector
+    everywhere, also on pipeline stages that compute no loss)."""
+    if "metric_names" not in state.stats:
+        one = torch.zeros(1)
+        probe = objectives.PairLogps(one, one, one, one, one + 1, one + 1)
+        state.stats["metric_names"] = sorted(objectives.compute(state.cfg.objective.name, probe, state.objective_params)[1])
+    return state.stats["metric_names"]
+
+
+def summarize_step(state: RunState, step: int, sums: dict, rows, grad_norm: float, lr: float, elapsed: float) -> dict:
+    """Global means over the batch: sums from one rank per data-parallel replica, all-reduced."""
+    lay, cfg = state.layout, state.cfg
+    keys = ["loss", *metric_names(state)]
+    vec = torch.tensor([float(sums.get(k, 0.0)) if lay.reports else 0.0 for k in keys], dtype=torch.float64)
+    tokens = torch.tensor([sum(r.num_real_tokens for r in rows), len(rows) * cfg.train.seq_length],
+                          dtype=torch.float64)
+    if not (lay.last_stage and lay.tp_rank == 0):
+        tokens.zero_()
+    world_sum(vec)
+    world_sum(tokens)
+    pairs = cfg.train.global_batch_pairs
+    record = {"step": step + 1, "loss": float(vec[keys.index("loss")]) / pairs, "lr": lr, "grad_norm": grad_norm}
+    record.update({k: float(vec[i]) / pairs for i, k in enumerate(keys) if k != "loss"})
+    record["tokens_per_s"] = float(tokens[0]) / max(elapsed, 1e-9)
+    record["token_utilization"] = float(tokens[0] / max(tokens[1], 1))
+    record["step_time_s"] = elapsed
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Main loop
+# ---------------------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """metrics.jsonl (rank 0), trimmed on resume to the steps the checkpoint covers, and
+    TensorBoard event files."""
+
+    def __init__(self, cfg: Config, resume_step: int, enabled: bool):
+        self.enabled = enabled
+        self.path = Path(cfg.output.dir) / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        kept = []
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= resume_step:
+                        kept.append(line)
+                except (ValueError, KeyError):
+                    break  # a torn last line from a kill
+        atomic_write_text(self.path, "".join(l + "\n" for l in kept))
+        if cfg.output.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(cfg.output.dir) / "tensorboard"), purge_step=resume_step + 1)
+            except ImportError:
+                self.tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+        if self.tb:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+
+
+def install_stop_handlers(state: RunState) -> None:
+    """SIGTERM / SIGUSR1 (Slurm preemption, time limit): finish the step, save, exit 0."""
+
+    def request_stop(signum, _frame):
+        state.stop_requested = True
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, request_stop)
+
+
+def stop_agreed(state: RunState) -> bool:
+    flag = torch.tensor([1.0 if state.stop_requested else 0.0])
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def train(cfg: Config) -> RunState:
+    """Train on this rank; returns the run state (model, last metrics in state.stats["last"])."""
+    state = setup(cfg)
+    rank0 = torch.distributed.get_rank() == 0
+    out = Path(cfg.output.dir)
+    if rank0:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+    start = 0
+    resume = latest_checkpoint(cfg)
+    if resume is not None:
+        start = load_checkpoint(state, resume)
+        if rank0:
+            print(f"resuming from {resume} (step {start})", flush=True)
+    install_stop_handlers(state)
+    if state.needs_reference:
+        state.ref_table = compute_reference(state)
+    log = MetricsLog(cfg, start, rank0)
+    bar = progress_bar(rank0, state.total_steps, start)
+    record, saved_at = {}, start
+    for step in range(start, state.total_steps):
+        record = train_step(state, step)
+        log.write(record)
+        if bar:
+            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('rewards/accuracy', 0):.2f}")
+            bar.update(1)
+        done = step + 1
+        if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == state.total_steps:
+            save_checkpoint(state, done)
+            saved_at = done
+        if stop_agreed(state):
+            if saved_at != done:
+                save_checkpoint(state, done)
+            if rank0:
+                print(f"stopped by signal after step {done}; checkpoint saved. Rerun the same command to resume.",
+                      flush=True)
+            break
+    if bar:
+        bar.close()
+    log.close()
+    if rank0 and record:
+        print(f"done: {record['step']} steps, loss {record['loss']:.4f}, "
+              f"accuracy {record.get('rewards/accuracy', float('nan')):.3f}, checkpoint {checkpoint_root(cfg)}",
+              flush=True)
+    state.stats["last"] = record
+    return state
+
+
+def progress_bar(enabled: bool, total: int, start: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
