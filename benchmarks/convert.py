@@ -1,0 +1,266 @@
+"""Conversion throughput and memory on a Mistral-Large-2407-shaped checkpoint.
+
+Builds a random bf16 HF checkpoint with Mistral-Large's shapes (hidden 12288, FFN 28672, 96
+heads, 8 kv heads, head_dim 128, vocab 32768; 2 layers by default: ~8 GB), then for each layout
+converts HF -> Megatron and back with `python -m checkpoint_tools` (which starts one process per
+rank), checks the round trip is bit-exact (streaming, one tensor at a time) and prints GB/s and
+the peak RSS of every rank process.
+
+    python benchmarks/convert.py                          # full size, TP=8 and TP=4 x PP=2 (~8 GB)
+    python benchmarks/convert.py --scale 0.125 --layers 2 # quick check (~130 MB)
+
+--scale multiplies hidden, FFN, head_dim and vocab (heads and kv heads stay 96 and 8 so TP=8
+divides them). Needs about 3x the model size free on disk (source, Megatron, HF copy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MISTRAL_LARGE = dict(hidden_size=12288, intermediate_size=28672, num_attention_heads=96, num_key_value_heads=8,
+                     head_dim=128, vocab_size=32768)
+
+
+def shapes_for(args) -> dict:
+    def scaled(v: int, mult: int) -> int:
+        return max(mult, int(round(v * args.scale / mult)) * mult)
+
+    cfg = dict(MISTRAL_LARGE)
+    if args.scale != 1.0:
+        cfg["head_dim"] = scaled(cfg["head_dim"], 8)
+        cfg["hidden_size"] = cfg["num_attention_heads"] * cfg["head_dim"]  # as in Mistral-Large: 96 x 128
+        cfg["intermediate_size"] = scaled(cfg["intermediate_size"], 64)
+        cfg["vocab_size"] = scaled(cfg["vocab_size"], 64)
+    cfg["num_hidden_layers"] = args.layers
+    return cfg
+
+
+def hf_config(shape: dict) -> dict:
+    return {
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral", **shape,
+        "rope_theta": 1000000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+        "max_position_embeddings": 131072, "hidden_act": "silu", "sliding_window": None,
+        "bos_token_id": 1, "eos_token_id": 2, "dtype": "bfloat16", "torch_dtype": "bfloat16",
+    }
+
+
+def tensor_shapes(shape: dict) -> list[tuple[str, tuple[int, int] | tuple[int]]]:
+    h, f, hd = shape["hidden_size"], shape["intermediate_size"], shape["head_dim"]
+    q, kv, v = shape["num_attention_heads"] * hd, shape["num_key_value_heads"] * hd, shape["vocab_size"]
+    out = [("model.embed_tokens.weight", (v, h))]
+    for i in range(shape["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        out += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
+                (p + "self_attn.q_proj.weight", (q, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+                (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, q)),
+                (p + "mlp.gate_proj.weight", (f, h)), (p + "mlp.up_proj.weight", (f, h)),
+                (p + "mlp.down_proj.weight", (h, f))]
+    out += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+    return out
+
+
+def numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def build_hf(out: Path, shape: dict, shard_bytes: int, seed: int = 0) -> dict:
+    """Random bf16 weights, written shard by shard (never the whole model in memory). Values come
+    from a 64M-element random pool read at random offsets: distinct tensors, fast to make."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    pool = (torch.randn(1 << 26, generator=g) * 0.02).to(torch.bfloat16)
+
+    def make(shp) -> torch.Tensor:
+        n = numel(shp)
+        parts, left = [], n
+        while left:
+            start = int(torch.randint(0, pool.numel(), (1,), generator=g))
+            take = min(left, pool.numel() - start)
+            parts.append(pool[start:start + take])
+            left -= take
+        return torch.cat(parts).reshape(shp) if len(parts) > 1 else parts[0].clone().reshape(shp)
+
+    out.mkdir(parents=True)
+    specs = tensor_shapes(shape)
+    groups, cur, size = [], [], 0
+    for name, shp in specs:
+        b = numel(shp) * 2
+        if cur and size + b > shard_bytes:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append((name, shp))
+        size += b
+    groups.append(cur)
+    weight_map, total = {}, 0
+    for i, group in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {name: make(shp) for name, shp in group}
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        for name, t in tensors.items():
+            weight_map[name] = fname
+            total += t.numel() * 2
+        del tensors
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}, indent=1))
+    (out / "config.json").write_text(json.dumps(hf_config(shape), indent=1))
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    return {"bytes": total, "tensors": len(specs), "files": len(groups)}
+
+
+def compare_streaming(a: Path, b: Path) -> tuple[int, list[str]]:
+    """torch.equal on every tensor, one tensor pair in memory at a time."""
+    import torch
+
+    from aipo_mp.hf_io import HFWeights
+
+    wa, wb = HFWeights(a), HFWeights(b)
+    names = wa.names()
+    bad = sorted(set(names) ^ set(wb.names()))
+    for n in names:
+        if n in bad:
+            continue
+        x, y = wa.get(n), wb.get(n)
+        if not (x.dtype == y.dtype and torch.equal(x, y)):
+            bad.append(n)
+        del x, y
+    return len(names), bad
+
+
+def run_tool(argv: list[str], report: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "checkpoint_tools", *argv, "--report", str(report)], cwd=ROOT, env=env,
+                       capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode:
+        raise SystemExit(f"checkpoint_tools {' '.join(argv)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    print(p.stdout.rstrip())
+    rep = json.loads(report.read_text())
+    rep["outer_wall_s"] = wall
+    return rep
+
+
+def memory_estimate(model_bytes: int, tp: int, pp: int, largest_tensor: int, shard_bytes: int) -> int:
+    """Rough peak memory of a layout: ~0.6 GB of torch + megatron per process, the model once
+    (each rank holds its shard), and on each pipeline stage's TP-rank-0 during the export one
+    merged tensor, one received shard and a buffered output shard."""
+    ranks = tp * pp
+    return int(ranks * 0.6e9 + model_bytes * 1.1 + pp * (largest_tensor * (1 + 1 / tp) + shard_bytes))
+
+
+def available_memory():
+    try:
+        import psutil
+
+        return psutil.virtual_memory().available
+    except ImportError:
+        return None
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--scale", type=float, default=1.0, help="shrink hidden/FFN/head_dim/vocab by this factor")
+    ap.add_argument("--layouts", default="8x1,4x2", help="comma-separated TPxPP layouts")
+    ap.add_argument("--work", default=None, help="work directory (default: a temporary one, removed after)")
+    ap.add_argument("--max-shard-size", default="2GB", help="HF shard size for the source and the export")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--json", default=None, help="write all numbers to this JSON file")
+    ap.add_argument("--force", action="store_true", help="run a layout even if memory looks too small")
+    args = ap.parse_args()
+
+    from checkpoint_tools import parse_size
+
+    shape = shapes_for(args)
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="aipo_convert_bench."))
+    work.mkdir(parents=True, exist_ok=True)
+    results = {"shape": shape, "layouts": []}
+    try:
+        h, f, hd = shape["hidden_size"], shape["intermediate_size"], shape["head_dim"]
+        layer = h * (shape["num_attention_heads"] + 2 * shape["num_key_value_heads"]) * hd
+        layer += shape["num_attention_heads"] * hd * h + 3 * h * f + 2 * h
+        largest_tensor = max(numel(s) for _, s in tensor_shapes(shape)) * 2
+        print(f"model: {json.dumps(shape)}")
+        print(f"largest single layer: {gb(layer * 2)} ({layer / 1e9:.3f}B params); largest HF tensor "
+              f"{gb(largest_tensor)}; largest Megatron tensor (fused fc1) {gb(2 * f * h * 2)}")
+        src = work / "hf_src"
+        t0 = time.perf_counter()
+        built = build_hf(src, shape, parse_size(args.max_shard_size))
+        print(f"built {src}: {gb(built['bytes'])} in {built['files']} files, {time.perf_counter() - t0:.1f} s")
+        results.update(model_bytes=built["bytes"], layer_bytes=layer * 2, largest_hf_tensor_bytes=largest_tensor)
+        for lay in args.layouts.split(","):
+            tp, pp = (int(x) for x in lay.lower().split("x"))
+            mc, back = work / f"mc_tp{tp}_pp{pp}", work / f"hf_tp{tp}_pp{pp}"
+            print(f"\n== TP={tp} x PP={pp}: {tp * pp} rank processes ==")
+            need = memory_estimate(built["bytes"], tp, pp, 2 * f * h * 2, parse_size(args.max_shard_size))
+            avail = available_memory()
+            if avail is not None and avail < need and not args.force:
+                print(f"skipped: needs about {gb(need)} of memory, {gb(avail)} available (--force to run anyway)")
+                continue
+            to_mc = run_tool(["hf-to-mcore", "--hf", str(src), "--out", str(mc), "--tp", str(tp), "--pp", str(pp)],
+                             work / "r1.json")
+            to_hf = run_tool(["mcore-to-hf", "--ckpt", str(mc), "--out", str(back), "--max-shard-size",
+                              args.max_shard_size], work / "r2.json")
+            t0 = time.perf_counter()
+            count, bad = compare_streaming(src, back)
+            cmp_s = time.perf_counter() - t0
+            print(f"round trip: {count} tensors compared in {cmp_s:.1f} s: "
+                  f"{'bit-exact' if not bad else 'DIFFERENT: ' + ', '.join(bad[:5])}")
+            entry = {"tp": tp, "pp": pp, "exact": not bad}
+            for key, rep in (("hf_to_mcore", to_mc), ("mcore_to_hf", to_hf)):
+                ranks = rep["ranks"]
+                conv = max(r["total_s"] for r in ranks)
+                data_phases = ("load_s", "save_s") if key == "hf_to_mcore" else ("load_s", "export_s")
+                data = max(sum(r[p] for p in data_phases) for r in ranks)
+                entry[key] = {
+                    "rank_time_s": conv, "wall_s": rep["wall_s"], "gb_per_s_rank_time": built["bytes"] / conv / 1e9,
+                    "data_s": data, "gb_per_s_data": built["bytes"] / data / 1e9,
+                    "gb_per_s_wall": built["bytes"] / rep["wall_s"] / 1e9,
+                    "peak_rss_gb": [round(r["peak_rss_bytes"] / 1e9, 3) for r in ranks],
+                    "peak_anon_gb": [round((r.get("peak_anon_bytes") or 0) / 1e9, 3) for r in ranks],
+                    "phases_s": {k: round(max(r[k] for r in ranks), 2) for k in ranks[0] if k.endswith("_s")},
+                }
+            results["layouts"].append(entry)
+            shutil.rmtree(mc, ignore_errors=True)
+            shutil.rmtree(back, ignore_errors=True)
+        print("\n== summary ==")
+        print(f"model {gb(results['model_bytes'])}, largest layer {gb(results['layer_bytes'])}")
+        for e in results["layouts"]:
+            for key in ("hf_to_mcore", "mcore_to_hf"):
+                r = e[key]
+                print(f"TP={e['tp']} PP={e['pp']} {key:12s} data phases {r['data_s']:6.1f} s ({r['gb_per_s_data']:.3f} GB/s), "
+                      f"{r['rank_time_s']:6.1f} s in ranks ({r['gb_per_s_rank_time']:.3f} GB/s), "
+                      f"{r['wall_s']:7.1f} s wall ({r['gb_per_s_wall']:.3f} GB/s); per process: peak private "
+                      f"{min(r['peak_anon_gb']):.2f}-{max(r['peak_anon_gb']):.2f} GB, peak RSS incl. mmap "
+                      f"{min(r['peak_rss_gb']):.2f}-{max(r['peak_rss_gb']):.2f} GB; phases {r['phases_s']}")
+            print(f"TP={e['tp']} PP={e['pp']} round trip bit-exact: {e['exact']}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        return 0 if all(e["exact"] for e in results["layouts"]) else 1
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

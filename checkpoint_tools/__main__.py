@@ -1,0 +1,484 @@
+"""python -m checkpoint_tools {hf-to-mcore,mcore-to-hf,verify,inspect} ...
+
+Multi-rank commands start their own local worker processes (one per rank, torchrun-style
+environment) unless they already run inside a distributed launch (torchrun / srun with
+WORLD_SIZE or SLURM_NTASKS > 1), in which case each process is one rank. A single-rank job runs
+in this process.
+
+Every user mistake prints one line `error: ...` and exits with status 2; an interrupted run
+(Ctrl-C, SIGTERM) removes its partial output and exits with status 130. Output is written into a
+temporary sibling (`.NAME.partial`) and renamed at the end, so a failed run leaves nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Optional
+
+
+def _load_package_body() -> None:
+    """An editable install made before checkpoint_tools/__init__.py existed maps the package as a
+    namespace (no __init__ executed); load the body so `import checkpoint_tools` has its API.
+    A fresh `pip install -e .` makes this a no-op."""
+    pkg = sys.modules.get("checkpoint_tools")
+    init = Path(__file__).with_name("__init__.py")
+    if pkg is not None and getattr(pkg, "__file__", None) is None and init.exists():
+        pkg.__file__ = str(init)
+        exec(compile(init.read_text(), str(init), "exec"), pkg.__dict__)
+
+
+_load_package_body()
+
+RUN_DIR_ENV = "CHECKPOINT_TOOLS_RUN_DIR"  # set by the parent for the workers it starts
+ROOT = Path(__file__).resolve().parents[1]
+EXIT_USER, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 1, 130
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM turned into an exception, so cleanup code runs as for Ctrl-C."""
+
+
+class WorkerCrash(Exception):
+    def __init__(self, line: str, log_tail: str = ""):
+        super().__init__(line)
+        self.log_tail = log_tail
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one `error:` line (exit 2) like every other mistake."""
+
+    def error(self, message):
+        self.exit(EXIT_USER, f"error: {message}; see `{self.prog} --help`\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="python -m checkpoint_tools",
+                      description="Convert, verify and inspect HF and aipo_mp Megatron checkpoints.")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=OneLineParser)
+
+    a = sub.add_parser("hf-to-mcore", help="HF safetensors directory -> aipo_mp Megatron checkpoint")
+    a.add_argument("--hf", required=True, help="Hugging Face model directory (config.json + safetensors)")
+    a.add_argument("--out", required=True, help="checkpoint directory to create")
+    a.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    a.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    a.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per pipeline rank")
+    a.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="stored dtype (default: the source's)")
+    a.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    a.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin weights (trusted sources only)")
+    a.add_argument("--skip-space-check", action="store_true", help="do not check free disk space first")
+    a.add_argument("--report", help="also write timings and per-rank peak RSS as JSON to this file")
+
+    b = sub.add_parser("mcore-to-hf", help="aipo_mp Megatron checkpoint -> HF safetensors directory")
+    b.add_argument("--ckpt", required=True, help="aipo_mp Megatron checkpoint directory")
+    b.add_argument("--out", required=True, help="HF directory to create")
+    b.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="output dtype (default: the checkpoint's)")
+    b.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    b.add_argument("--skip-space-check", action="store_true", help="do not check free disk space first")
+    b.add_argument("--report", help="also write timings and per-rank peak RSS as JSON to this file")
+
+    v = sub.add_parser("verify", help="compare the logits of a Megatron checkpoint with transformers on an HF dir")
+    v.add_argument("--hf", required=True, help="Hugging Face model directory (the reference)")
+    v.add_argument("--ckpt", required=True, help="aipo_mp Megatron checkpoint directory")
+    v.add_argument("--tp", type=int, default=None,
+                   help="layout to load at (default: the stored one; once any of --tp/--pp/--vpp is given, unset ones are 1)")
+    v.add_argument("--pp", type=int, default=None)
+    v.add_argument("--vpp", type=int, default=None)
+    v.add_argument("--tol", type=float, default=1e-4, help="largest allowed max abs logit difference")
+    v.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin weights in --hf")
+
+    i = sub.add_parser("inspect", help="family, layout, dtype, parameters and bytes of a checkpoint")
+    i.add_argument("dir", help="HF directory or aipo_mp Megatron checkpoint")
+    i.add_argument("--json", action="store_true", help="print a JSON object")
+    i.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin weights")
+
+    # Internal: where `verify` workers find the reference logits.
+    v.add_argument("--reference", help=argparse.SUPPRESS)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Process handling
+# ---------------------------------------------------------------------------------------------
+
+
+def inside_distributed_launch() -> bool:
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return True
+    return "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1
+
+
+def launched_world_size() -> int:
+    env = os.environ
+    if "WORLD_SIZE" in env:
+        return int(env["WORLD_SIZE"])
+    return int(env.get("SLURM_NTASKS", "1"))
+
+
+def run_rank_program(args) -> list[dict]:
+    """This process is one rank: init the process group, run the program, gather every rank's
+    stats on rank 0 (returned there; [] elsewhere)."""
+    import torch
+
+    from aipo_mp import platform
+    from checkpoint_tools import RANK_PROGRAMS, AnonMemorySampler
+
+    env = platform.init_distributed()
+    try:
+        with AnonMemorySampler() as mem:
+            stats = RANK_PROGRAMS[args.cmd](args)
+        stats["peak_anon_bytes"] = mem.peak
+        everyone = [None] * env.world_size
+        torch.distributed.all_gather_object(everyone, stats)
+    finally:
+        platform.shutdown()
+    return everyone if env.rank == 0 else []
+
+
+def spawn_ranks(world: int, argv: list[str], run_dir: Path) -> list[dict]:
+    """Start `world` local ranks of `python -m checkpoint_tools argv`. If one fails, stop the
+    others and raise its one-line error (ConfigError) or a WorkerCrash with its log."""
+    from aipo_mp.config import ConfigError
+    from aipo_mp.platform import free_port
+
+    port = free_port()
+    threads = str(max(1, (os.cpu_count() or 1) // world))
+    procs, logs = [], []
+    for rank in range(world):
+        env = dict(os.environ)
+        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **{RUN_DIR_ENV: str(run_dir)},
+                   PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}")
+        env.setdefault("OMP_NUM_THREADS", threads)
+        log = open(run_dir / f"rank{rank}.log", "w")
+        logs.append(log)
+        procs.append(subprocess.Popen([sys.executable, "-m", "checkpoint_tools", *argv], env=env, stdout=log,
+                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True))
+    failed: Optional[int] = None
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            bad = [r for r, c in enumerate(codes) if c not in (None, 0)]
+            if bad:
+                failed = bad[0]
+                # Give the other ranks a moment to report their own error (rank 0 often holds
+                # the real cause while another rank only learns that rank 0 failed).
+                grace = time.time() + 3
+                while time.time() < grace and any(p.poll() is None for p in procs):
+                    time.sleep(0.1)
+                break
+            if all(c == 0 for c in codes):
+                break
+            time.sleep(0.1)
+    finally:
+        if failed is not None or any(p.poll() is None for p in procs):
+            stop_all(procs)
+        for log in logs:
+            log.close()
+    if failed is None:
+        return json.loads((run_dir / "result.json").read_text())
+    # A worker's own one-line error wins (lowest rank first); others died because we stopped them.
+    for rank in range(world):
+        err = run_dir / f"error.rank{rank}"
+        if err.exists():
+            raise ConfigError(err.read_text().strip())
+    tail = (run_dir / f"rank{failed}.log").read_text()[-6000:]
+    raise WorkerCrash(f"worker rank {failed} failed with exit code {procs[failed].returncode}; its output is above",
+                      tail)
+
+
+def stop_all(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.time() + 3  # ranks blocked in a C++ collective only die by SIGKILL
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def run_distributed(args, argv: list[str], world: int) -> list[dict]:
+    """Rank stats of a multi-rank program, however this process was started."""
+    from aipo_mp.config import ConfigError
+
+    if inside_distributed_launch():
+        have = launched_world_size()
+        if have != world:
+            raise ConfigError(f"this launch has {have} processes but the job needs {world} (tp x pp); launch "
+                              f"{world} processes, or run the command without a launcher: it starts its own")
+        return run_rank_program(args)
+    if world == 1:
+        return run_rank_program(args)
+    run_dir = Path(tempfile.mkdtemp(prefix="checkpoint_tools."))
+    try:
+        return spawn_ranks(world, argv, run_dir)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands (the launching process)
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_hf_to_mcore(args, argv) -> int:
+    import checkpoint_tools as ct
+
+    src = ct.hf_source(args.hf, args.allow_pickle)
+    dtype = ct.choose_dtype(args.dtype, src.dtype, str(src.dir))
+    ct.check_layout(src.arch, args.tp, args.pp, args.vpp or 1)
+    out = ct.check_destination(args.out, args.overwrite)
+    if Path(args.hf).absolute() == out:
+        raise ct.ConfigError("--out must differ from --hf")
+    if not args.skip_space_check:
+        ct.check_free_space(out, src.num_params * ct.BYTES_PER[dtype], "the Megatron checkpoint")
+    t0 = time.perf_counter()
+    with cleanup_on_failure(out):
+        stats = run_distributed(args, argv, args.tp * args.pp)
+    wall = time.perf_counter() - t0
+    if stats:
+        s0 = stats[0]
+        lay = s0["layout"]
+        conv = max(s["total_s"] for s in stats)
+        print(f"converted {src.dir} -> {out}")
+        print(f"  {s0['family']}, layout tp={lay['tp']} pp={lay['pp']} vpp={lay['vpp']}, {s0['dtype']}, "
+              f"{ct.human_count(s0['num_params'])} parameters ({ct.human_bytes(s0['model_bytes'])})")
+        print_timing(stats, s0["model_bytes"], conv, wall, ("build_s", "load_s", "save_s"))
+        write_report(args, stats, wall)
+    return 0
+
+
+def cmd_mcore_to_hf(args, argv) -> int:
+    import checkpoint_tools as ct
+    from aipo_mp.checkpoint import read_meta
+    from aipo_mp.models import arch_from_hf_config, family_for_hf_config
+
+    meta = read_meta(args.ckpt)
+    family_for_hf_config(meta["hf_config"])
+    arch = arch_from_hf_config(meta["hf_config"])
+    ct.parse_size(args.max_shard_size)
+    out = ct.check_destination(args.out, args.overwrite)
+    if Path(args.ckpt).absolute() == out:
+        raise ct.ConfigError("--out must differ from --ckpt")
+    out_dtype = args.dtype or meta["dtype"]
+    if not args.skip_space_check:
+        ct.check_free_space(out, arch.num_params() * ct.BYTES_PER[out_dtype], "the HF safetensors")
+    lay = meta["layout"]
+    t0 = time.perf_counter()
+    with cleanup_on_failure(out):
+        stats = run_distributed(args, argv, int(lay["tp"]) * int(lay["pp"]))
+    wall = time.perf_counter() - t0
+    if stats:
+        s0 = stats[0]
+        conv = max(s["total_s"] for s in stats)
+        print(f"converted {Path(args.ckpt).absolute()} -> {out}")
+        print(f"  {s0['family']}, from layout tp={lay['tp']} pp={lay['pp']} vpp={lay.get('vpp', 1)}, {out_dtype}, "
+              f"{ct.human_count(s0['num_params'])} parameters ({ct.human_bytes(s0['model_bytes'])}) in "
+              f"{sum(s['files'] for s in stats)} safetensors files; largest single tensor "
+              f"{ct.human_bytes(max(s['largest_tensor_bytes'] for s in stats))}")
+        print_timing(stats, s0["model_bytes"], conv, wall, ("build_s", "load_s", "export_s"))
+        write_report(args, stats, wall)
+    return 0
+
+
+def write_report(args, stats: list[dict], wall: float) -> None:
+    if getattr(args, "report", None):
+        from aipo_mp.io_utils import atomic_write_json
+
+        atomic_write_json(args.report, {"command": args.cmd, "wall_s": wall, "ranks": stats})
+
+
+def print_timing(stats, model_bytes, conv, wall, phases) -> None:
+    """Time in the ranks (imports and model construction included), the data phases alone
+    (reading + writing weights: the part that scales with model size) and the wall clock."""
+    import checkpoint_tools as ct
+
+    parts = ", ".join(f"{p[:-2]} {max(s[p] for s in stats):.2f} s" for p in phases)
+    data = max(sum(s[p] for p in phases[1:]) for s in stats)
+    print(f"  time {conv:.2f} s in the ranks ({parts}), {wall:.2f} s wall; "
+          f"{model_bytes / max(data, 1e-9) / 1e9:.3f} GB/s over the data phases, "
+          f"{model_bytes / max(wall, 1e-9) / 1e9:.3f} GB/s wall")
+    anon = [s.get("peak_anon_bytes") for s in stats]
+    if all(a is not None for a in anon):
+        print("  peak private memory per rank (anonymous RSS): " + ", ".join(ct.human_bytes(a) for a in anon))
+    print("  peak RSS per rank (incl. mmap'd safetensors pages): "
+          + ", ".join(ct.human_bytes(s["peak_rss_bytes"]) for s in stats))
+
+
+def cmd_verify(args, argv) -> int:
+    import checkpoint_tools as ct
+    from aipo_mp.checkpoint import arch_differences, read_meta
+    from aipo_mp.models import arch_from_hf_config
+
+    meta = read_meta(args.ckpt)
+    _, _, hf_arch = ct.hf_config_and_arch(args.hf)
+    ct.check_weight_files(Path(args.hf), args.allow_pickle)
+    ck_arch = arch_from_hf_config(meta["hf_config"])
+    diffs = arch_differences(hf_arch, ck_arch)
+    if diffs:
+        raise ct.ConfigError(f"--hf and --ckpt are different models ({'; '.join(diffs)}); compare a checkpoint "
+                             "with the HF model it was converted from")
+    tp, pp, vpp = ct.verify_layout(args, meta)
+    ct.check_layout(ck_arch, tp, pp, vpp)
+    work = Path(tempfile.mkdtemp(prefix="checkpoint_tools.verify."))
+    try:
+        ref = work / "reference.pt"
+        if args.reference is None:
+            ct.make_reference(args.hf, ref, hf_arch)
+            args.reference = str(ref)
+            argv = [*argv, "--reference", str(ref)]
+        stats = run_distributed(args, argv, tp * pp)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if not stats:
+        return 0
+    diff = stats[0]["max_abs_diff"]
+    ok = diff <= args.tol
+    print(f"max abs diff {diff:.3e} over {stats[0]['num_sequences']} sequences at tp={tp} pp={pp} vpp={vpp} "
+          f"(tol {args.tol:g}): {'OK' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+def cmd_inspect(args, argv) -> int:
+    import checkpoint_tools as ct
+
+    info = ct.inspect_dir(args.dir, args.allow_pickle)
+    print(json.dumps(info, indent=2) if args.json else ct.format_inspect(info))
+    return 0
+
+
+COMMANDS = {"hf-to-mcore": cmd_hf_to_mcore, "mcore-to-hf": cmd_mcore_to_hf, "verify": cmd_verify,
+            "inspect": cmd_inspect}
+
+
+class cleanup_on_failure:
+    """Remove the `.NAME.partial` sibling of `out` if the conversion fails or is interrupted
+    (workers remove it themselves when they can; this covers killed workers)."""
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            from aipo_mp.checkpoint import remove_partial
+
+            remove_partial(self.out)
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point and error reporting
+# ---------------------------------------------------------------------------------------------
+
+
+def error_line(exc: BaseException) -> Optional[str]:
+    """The one line for a user-facing failure, or None for an internal error."""
+    import checkpoint_tools as ct
+    from aipo_mp.config import ConfigError
+
+    if isinstance(exc, ConfigError):
+        return "; ".join(e.strip() for e in exc.errors if e.strip())
+    if ct.is_enospc(exc):
+        where = getattr(exc, "filename", None)
+        return (f"no space left on device{' while writing ' + str(where) if where else ''}; "
+                "partial output removed: free disk space or choose another --out")
+    if isinstance(exc, FileExistsError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR):
+        return f"{exc.strerror}: {exc.filename}; check the path and its permissions"
+    return None
+
+
+def report(line: str) -> None:
+    """Print the error line; a spawned worker also leaves it for the parent."""
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    run_dir = os.environ.get(RUN_DIR_ENV)
+    if run_dir:
+        rank = os.environ.get("RANK", "0")
+        with open(Path(run_dir) / f"error.rank{rank}", "w") as f:
+            f.write(line + "\n")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+
+    def on_sigterm(signum, frame):
+        raise Interrupted()
+
+    old = signal.signal(signal.SIGTERM, on_sigterm)
+    quiet = not os.environ.get("CHECKPOINT_TOOLS_DEBUG")
+    megatron_log = logging.getLogger("megatron")
+    old_level = megatron_log.level
+    with warnings.catch_warnings():
+        if quiet:  # library warnings and logs would bury the one-line error and the summary
+            warnings.simplefilter("ignore")
+            megatron_log.setLevel(logging.CRITICAL)
+        try:
+            return _main(args, argv)
+        finally:
+            signal.signal(signal.SIGTERM, old)
+            megatron_log.setLevel(old_level)
+
+
+def _main(args, argv: list[str]) -> int:
+    try:
+        if os.environ.get(RUN_DIR_ENV):  # a worker started by spawn_ranks
+            stats = run_rank_program(args)
+            if stats:
+                (Path(os.environ[RUN_DIR_ENV]) / "result.json").write_text(json.dumps(stats))
+            return 0
+        return COMMANDS[args.cmd](args, argv)
+    except BrokenPipeError:  # stdout closed early (e.g. piped into `head`)
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_INTERNAL
+    except (KeyboardInterrupt, Interrupted):
+        print("error: interrupted; partial output removed", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except WorkerCrash as e:
+        if e.log_tail:
+            print(e.log_tail, file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_INTERNAL
+    except BaseException as e:  # noqa: BLE001 - user mistakes get one line; the rest a traceback
+        if isinstance(e, SystemExit):
+            raise
+        line = error_line(e)
+        if line is None:
+            traceback.print_exc()
+            return EXIT_INTERNAL
+        report(line)
+        return EXIT_USER
+
+
+if __name__ == "__main__":
+    sys.exit(main())
