@@ -344,6 +344,9 @@ def start_engine(model_dir: str | Path, *, runner: str = "generate", tensor_para
     )
     if on_cpu:
         kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * GIB)
+        # A chunked prefill discards the partial request's sampled token and rewinds its seeded
+        # generator, which the CPU generator cannot do ("CPU Generator does not use offset").
+        kwargs["enable_chunked_prefill"] = False
     else:
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
     return LLM(**kwargs)
