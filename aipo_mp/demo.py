@@ -1,8 +1,9 @@
 """`make demo`: the main job on the tiny built-in default, on CPU.
 
-Builds once (cached under .cache/demo) a sentencepiece tokenizer, a tiny Llama and a synthetic
-preference set, trains with AIPO on two gloo ranks (TP=2, sequence parallel) with megatron-core,
-and prints the per-step metrics."""
+Builds once (cached under .cache/demo) a sentencepiece tokenizer, a tiny Llama briefly
+fine-tuned on the synthetic task of aipo_mp/demo_task.py, and its prompts; then runs 3 AIPO
+rounds (vLLM sampling, the rule reward, pairs, megatron-core training on two gloo ranks) with
+`aipo-mp run configs/recipes/aipo_tiny.yaml`, and prints the per-round table and plot paths."""
 
 from __future__ import annotations
 
@@ -13,47 +14,48 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "demo"
+RECIPE = ROOT / "configs" / "recipes" / "aipo_tiny.yaml"
 
 
-def build_assets() -> dict:
+def build_assets(cache: Path = CACHE) -> dict:
+    """Tokenizer, pre-trained tiny policy and prompts; each rebuilt only when missing."""
+    from aipo_mp import demo_task
     from aipo_mp.config import load_config
+    from aipo_mp.io_utils import atomic_directory
     from aipo_mp.models.hf_build import save_hf_model
-    from aipo_mp.synthetic import marker_pairs, write_jsonl
     from aipo_mp.tiny import build_tiny_tokenizer
 
-    tok = build_tiny_tokenizer(CACHE / "tokenizer", vocab_size=512)
-    arch = load_config(ROOT / "configs" / "models" / "tiny_llama.yaml").model.arch
-    model = save_hf_model(arch, CACHE / "tiny_llama", seed=0, tokenizer_dir=tok)
-    pairs = CACHE / "pairs.jsonl"
-    if not pairs.exists():
-        write_jsonl(marker_pairs(512, seed=0), pairs)
-    return {"model": model, "pairs": pairs}
+    tok = build_tiny_tokenizer(cache / "tokenizer", vocab_size=512)
+    policy = cache / "policy"
+    if not (policy / "aipo_pretrained.json").exists():
+        print("building the tiny starting policy (one-time, about a minute)...", flush=True)
+        arch = load_config(ROOT / "configs" / "models" / "tiny_llama.yaml").model.arch
+        raw = save_hf_model(arch, cache / "random_init", seed=0, tokenizer_dir=tok)
+        with atomic_directory(policy, overwrite=True) as tmp:
+            shutil.copytree(raw, tmp, dirs_exist_ok=True)
+            demo_task.pretrain(tmp)
+            (tmp / "aipo_pretrained.json").write_text(json.dumps({"task": "colors", "steps": 150}))
+    prompts = cache / "prompts.jsonl"
+    if not prompts.exists():
+        demo_task.write_prompts(prompts, n=128, seed=0)
+    return {"policy": policy, "prompts": prompts}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     from aipo_mp.cli import main as cli_main
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     assets = build_assets()
     run_dir = ROOT / "runs" / "demo"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    argv = ["train", str(ROOT / "configs" / "recipes" / "demo_train.yaml"), "--nproc-per-node", "2",
-            f"model.path={assets['model']}", f"data.train={assets['pairs']}", f"output.dir={run_dir}"]
+    if "--resume" not in argv:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    overrides = [a for a in argv if "=" in a]
     try:
-        cli_main(argv)
+        cli_main(["run", str(RECIPE), f"model.path={assets['policy']}", f"rounds.prompts={assets['prompts']}",
+                  f"output.dir={run_dir}", *overrides])
     except SystemExit as e:
-        if e.code:
-            return int(e.code)
-    print_table(run_dir / "metrics.jsonl")
+        return int(e.code or 0)
     return 0
-
-
-def print_table(path: Path) -> None:
-    rows = [json.loads(l) for l in path.read_text().splitlines()]
-    cols = ["step", "loss", "rewards/accuracy", "rewards/margin", "agreement", "grad_norm", "tokens_per_s"]
-    print("\n" + "  ".join(f"{c:>16}" for c in cols))
-    for r in rows:
-        print("  ".join(f"{r[c]:>16.4f}" if isinstance(r[c], float) else f"{r[c]:>16}" for c in cols))
-    print(f"\nmetrics: {path}\ncheckpoint: {path.parent / 'checkpoints'}")
 
 
 if __name__ == "__main__":

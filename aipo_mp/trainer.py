@@ -369,7 +369,7 @@ def setup(cfg: Config) -> RunState:
     lay = Layout.current()
     tokenizer_dir = tokenizer_dir_of(cfg.model.path)
     pairs, data_stats = prepare_data(cfg, tokenizer_dir)
-    built = build_model(get_family(arch.family), arch, par, cfg.precision, cfg.train.recompute)
+    built = build_model(get_family(arch.family), arch, par, cfg.precision, cfg.train.recompute, initialize=False)
     load_policy_weights(built, cfg.model.path)
     objective = objectives.get_objective(cfg.objective.name)
     obj_params = objectives.resolve_params(cfg.objective.name, known_params(cfg))
@@ -406,7 +406,7 @@ def compute_reference(state: RunState) -> torch.Tensor:
         if ref_arch != state.arch:
             raise ConfigError(f"reference.path={cfg.reference.path} has a different architecture from the policy; "
                               "the reference must be the same model family and size")
-        ref = build_model(get_family(ref_arch.family), ref_arch, cfg.parallel, cfg.precision)
+        ref = build_model(get_family(ref_arch.family), ref_arch, cfg.parallel, cfg.precision, initialize=False)
         for p in (p for c in ref.chunks for p in c.parameters()):
             p.requires_grad_(False)
         load_policy_weights(ref, cfg.reference.path)

@@ -562,36 +562,13 @@ def _setup(tp: int, pp: int, vpp: int) -> None:
     platform.seed_model_parallel_rng(0)
 
 
-@contextlib.contextmanager
-def without_weight_init():
-    """Build models with `perform_initialization=False`: every weight is overwritten by the
-    conversion anyway, and megatron's CPU initialization (`use_cpu_initialization`) makes the
-    *full* fp32 master weight of each tensor on every rank before slicing it (Mistral-Large's
-    fc1: 2.8 GB per rank at any TP), which is slow and, with 8 ranks on one machine, runs out
-    of memory. build_model() has no way to pass TransformerConfig fields, so its module-level
-    `transformer_config` is wrapped while the model is built."""
-    from aipo_mp.models import base
-
-    original = base.transformer_config
-
-    def no_init(*args, **kwargs):
-        extra = dict(kwargs.pop("extra", None) or {}, perform_initialization=False)
-        return original(*args, extra=extra, **kwargs)
-
-    base.transformer_config = no_init
-    try:
-        yield
-    finally:
-        base.transformer_config = original
-
-
 def _build(family, arch: ModelArch, tp: int, pp: int, vpp: int, dtype: str):
     from aipo_mp.config import PrecisionConfig
     from aipo_mp.models.base import build_model
 
-    with without_weight_init():
-        built = build_model(family, arch, ParallelConfig(tp=tp, pp=pp, vpp=vpp),
-                            PrecisionConfig(dtype=dtype, backend="local"))
+    # Every weight is overwritten by the conversion: skip megatron's (full-size, per-rank) init.
+    built = build_model(family, arch, ParallelConfig(tp=tp, pp=pp, vpp=vpp),
+                        PrecisionConfig(dtype=dtype, backend="local"), initialize=False)
     assert built.config.perform_initialization is False
     for chunk in built.chunks:
         chunk.eval()

@@ -146,7 +146,8 @@ def test_easy_preference_is_learned(policy_dirs, tmp_path):
 
 
 def train_command(policy_dirs, out: Path, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "aipo_mp.cli", "train", "--nproc-per-node", "2", "parallel.tp=2",
+    return [sys.executable, "-m", "aipo_mp.cli", "train", str(ROOT / "configs" / "models" / "tiny_llama.yaml"),
+            "--nproc-per-node", "2", "parallel.tp=2",
             *run_overrides(policy_dirs, "llama", ["train.steps=8", "train.save_every=2", *extra]),
             f"output.dir={out}"]
 

@@ -356,8 +356,11 @@ class BuiltModel:
 
 
 def build_model(family: Family, arch: ModelArch, par: ParallelConfig, prec: PrecisionConfig,
-                recompute: str = "none") -> BuiltModel:
-    """GPTModel chunks for this rank. Needs initialize_model_parallel() first."""
+                recompute: str = "none", initialize: bool = True) -> BuiltModel:
+    """GPTModel chunks for this rank. Needs initialize_model_parallel() first.
+
+    initialize=False skips random initialization when every weight is loaded afterwards (with
+    CPU initialization megatron builds each tensor's full fp32 master on every rank first)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
@@ -366,7 +369,7 @@ def build_model(family: Family, arch: ModelArch, par: ParallelConfig, prec: Prec
 
     opts = family.spec_options(arch)
     backend = choose_backend(prec.backend)
-    config = transformer_config(arch, par, prec, opts, recompute)
+    config = transformer_config(arch, par, prec, opts, recompute, extra={"perform_initialization": initialize})
     layer = te_layer_spec(opts) if backend == "te" else local_layer_spec(opts)
     vpp = par.vpp if par.vpp > 1 else None
     chunks = []

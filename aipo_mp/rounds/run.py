@@ -1,0 +1,245 @@
+"""`aipo-mp run`: rounds 0..R-1 of export -> sample -> reward -> pairs -> train, then (optionally)
+the final policy's samples and scores, and the report after every round.
+
+Every stage is a separate command run through a launcher (local subprocesses, or srun inside a
+Slurm allocation), writes its outputs atomically, and is recorded in RUN_DIR/run_state.json only
+after it succeeded. Rerunning the same command skips recorded stages and resumes at the first
+unfinished one; training resumes from its own last complete checkpoint.
+
+Layout of RUN_DIR:
+  config.yaml                 the resolved recipe
+  run_state.json              completed stages and the policy of each round
+  round_R/policy_hf/          round R's policy exported for vLLM (absent for an HF starting point)
+  round_R/samples.jsonl, scored.jsonl, pairs.jsonl, pairs_stats.json
+  round_R/train/              the trainer's output dir (metrics.jsonl, checkpoints/)
+  report/                     report.md, report.json, *.png
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from aipo_mp.config import Config, ConfigError, dump_config, validate
+from aipo_mp.io_utils import atomic_write_json
+
+STAGES = ("export", "sample", "reward", "pairs", "train")
+
+
+class RunState:
+    """run_state.json: {"rounds": {"0": {"export": {...}, ...}}, "policies": {"0": path}}."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "run_state.json"
+        self.data = json.loads(self.path.read_text()) if self.path.exists() else {"rounds": {}, "policies": {}}
+
+    def done(self, round_idx: int, stage: str) -> bool:
+        return stage in self.data["rounds"].get(str(round_idx), {})
+
+    def record(self, round_idx: int, stage: str, info: Optional[dict] = None) -> None:
+        self.data["rounds"].setdefault(str(round_idx), {})[stage] = info or {}
+        atomic_write_json(self.path, self.data)
+
+    def policy(self, round_idx: int) -> Optional[str]:
+        return self.data["policies"].get(str(round_idx))
+
+    def set_policy(self, round_idx: int, path: str) -> None:
+        self.data["policies"][str(round_idx)] = path
+        atomic_write_json(self.path, self.data)
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+class Stopped(Exception):
+    """A stage was stopped by a signal (preemption); the run can be requeued and resumed."""
+
+
+class RoundRunner:
+    def __init__(self, cfg: Config, config_path: Path, launcher, world_size: int):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.output.dir).absolute()
+        self.config_path = config_path
+        self.launcher = launcher
+        self.world_size = world_size
+        self.state = RunState(self.run_dir)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def round_dir(self, r: int) -> Path:
+        d = self.run_dir / f"round_{r}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def launch(self, name: str, argv: list[str], ntasks: int = 1) -> None:
+        log = self.run_dir / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        print(f"[aipo-mp run] {name}: {' '.join(argv[:3])} ...", flush=True)
+        result = self.launcher.run(name, argv, ntasks=ntasks, log_path=log)
+        if result.stopped_by_signal:
+            raise Stopped(name)
+        if result.returncode != 0:
+            cause = last_error_line(log)
+            raise StageFailed(f"stage {name} failed" + (f": {cause}" if cause else f" (exit {result.returncode})")
+                              + f" [log: {log}]; fix it and rerun the same command to resume")
+
+    def stage(self, r: int, name: str, fn) -> None:
+        if self.state.done(r, name):
+            return
+        info = fn(r)
+        self.state.record(r, name, info)
+
+    # -- stages ------------------------------------------------------------------------------
+
+    def policy_hf_dir(self, r: int) -> str:
+        """The HF directory vLLM samples round r from."""
+        from aipo_mp.checkpoint import is_megatron_checkpoint
+
+        policy = self.state.policy(r)
+        return str(self.round_dir(r) / "policy_hf") if is_megatron_checkpoint(policy) else policy
+
+    def export(self, r: int) -> dict:
+        from aipo_mp.checkpoint import is_megatron_checkpoint, read_meta
+
+        policy = self.state.policy(r)
+        if not is_megatron_checkpoint(policy):
+            return {"skipped": "policy is already an HF directory"}
+        out = self.round_dir(r) / "policy_hf"
+        layout = read_meta(policy)["layout"]
+        # One converter rank per stored TP x PP shard (srun spreads them over the allocation).
+        self.launch(f"round{r}-export", ["checkpoint_tools", "mcore-to-hf", "--ckpt", policy, "--out", str(out),
+                                         "--dtype", self.cfg.precision.dtype, "--overwrite"],
+                    ntasks=layout["tp"] * layout["pp"])
+        return {"hf_dir": str(out)}
+
+    def sample(self, r: int) -> dict:
+        out = self.round_dir(r) / "samples.jsonl"
+        self.launch(f"round{r}-sample", ["aipo_mp.cli", "sample", "--config", str(self.config_path),
+                                         "--model", self.policy_hf_dir(r), "--out", str(out),
+                                         f"sampling.seed={self.cfg.sampling.seed + 1000 * r}"])
+        return {"samples": str(out)}
+
+    def reward(self, r: int) -> dict:
+        rd = self.round_dir(r)
+        self.launch(f"round{r}-reward", ["aipo_mp.cli", "reward", "--config", str(self.config_path),
+                                         "--samples", str(rd / "samples.jsonl"), "--out", str(rd / "scored.jsonl")])
+        return {"scored": str(rd / "scored.jsonl")}
+
+    def pairs(self, r: int) -> dict:
+        rd = self.round_dir(r)
+        self.launch(f"round{r}-pairs", ["aipo_mp.cli", "pairs", "--config", str(self.config_path),
+                                        "--scored", str(rd / "scored.jsonl"), "--out-dir", str(rd)])
+        stats = json.loads((rd / "pairs_stats.json").read_text())
+        if not stats.get("kept"):
+            raise StageFailed(f"round {r}: no preference pairs survived the filters ({stats.get('dropped')}); "
+                              "lower pairs.min_gap, raise sampling.temperature or sampling.n")
+        return {"pairs": str(rd / "pairs.jsonl"), "kept": stats.get("kept")}
+
+    def train(self, r: int) -> dict:
+        from aipo_mp.trainer import LATEST
+
+        rd = self.round_dir(r)
+        out = rd / "train"
+        overrides = [f"model.path={self.state.policy(r)}", f"data.train={rd / 'pairs.jsonl'}", f"output.dir={out}",
+                     f"train.seed={self.cfg.train.seed + r}"]
+        if self.cfg.rounds.reference == "initial" and r > 0:
+            overrides += ["reference.mode=model", f"reference.path={self.state.policy(0)}"]
+        else:  # AIPO: the reference is the policy this round starts from
+            overrides += ["reference.mode=initial"]
+        self.launch(f"round{r}-train", ["aipo_mp.cli", "train", str(self.config_path), *overrides],
+                    ntasks=self.world_size)
+        latest = (out / "checkpoints" / LATEST).read_text().strip()
+        return {"checkpoint": str(out / "checkpoints" / latest)}
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        if self.state.policy(0) is None:
+            self.state.set_policy(0, str(Path(self.cfg.model.path).absolute()))
+        rounds = self.cfg.rounds.num_rounds
+        for r in range(rounds):
+            for name in STAGES:
+                self.stage(r, name, getattr(self, name))
+            if self.state.policy(r + 1) is None:
+                self.state.set_policy(r + 1, self.state.data["rounds"][str(r)]["train"]["checkpoint"])
+            self.write_report()
+        if self.cfg.rounds.evaluate_final:
+            for name in ("export", "sample", "reward"):
+                self.stage(rounds, name, getattr(self, name))
+        if self.cfg.rounds.kl_estimate:
+            self.stage(rounds, "kl", self.kl)
+        self.write_report(final=True)
+
+    def kl(self, last: int) -> dict:
+        """Sampled KL(π_r || π_0) for every round with samples: one child command (vLLM engines)."""
+        out = self.run_dir / "kl.json"
+        rounds = [r for r in range(last + 1) if self.state.done(r, "sample")]
+        args = ["aipo_mp.rounds.report", "kl", "--run-dir", str(self.run_dir), "--out", str(out),
+                "--initial", self.policy_hf_dir(0), *[f"{r}={self.policy_hf_dir(r)}" for r in rounds]]
+        self.launch("kl", args)
+        return {"kl": str(out)}
+
+    def write_report(self, final: bool = False) -> None:
+        from aipo_mp.rounds.report import write_report
+
+        paths = write_report(self.run_dir)
+        if final:
+            print((self.run_dir / "report" / "report.md").read_text())
+            print("plots: " + ", ".join(str(p) for p in paths), flush=True)
+
+
+def last_error_line(log: Path) -> str:
+    """The child's own one-line `error: ...` message, if it printed one."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return ""
+    errors = [l for l in lines if l.startswith("error: ")]
+    return errors[-1][len("error: "):] if errors else ""
+
+
+def check_recipe(cfg: Config) -> None:
+    errors = []
+    if not cfg.model.path:
+        errors.append("model.path: set the starting policy (an HF directory or an aipo_mp checkpoint)")
+    if not cfg.rounds.prompts:
+        errors.append("rounds.prompts: set the prompts JSONL the policy samples from each round")
+    else:
+        from aipo_mp.rounds.sampling import read_prompts
+
+        try:
+            read_prompts(cfg.rounds.prompts)  # empty or malformed files fail here, before any stage
+        except ConfigError as e:
+            errors += [f"rounds.prompts: {line}" for line in e.errors]
+    if bool(cfg.reward.rule) == bool(cfg.reward.model):
+        errors.append("reward: set exactly one of reward.rule (module:function) or reward.model (a classifier dir)")
+    if cfg.rounds.num_rounds < 1:
+        errors.append(f"rounds.num_rounds={cfg.rounds.num_rounds}: must be >= 1")
+    if errors:
+        raise ConfigError(errors)
+
+
+def run_rounds(cfg: Config, launcher_kind: str, world_size: int) -> int:
+    """Entry of `aipo-mp run`. Returns 0 when done, 75 when stopped by a signal (requeue me)."""
+    from aipo_mp.rounds.launchers import make_launcher
+
+    check_recipe(cfg)
+    validate(cfg, world_size=world_size)
+    run_dir = Path(cfg.output.dir).absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.yaml"
+    dump_config(cfg, config_path)
+    runner = RoundRunner(cfg, config_path, make_launcher(launcher_kind), world_size)
+    try:
+        runner.run()
+    except Stopped as s:
+        print(f"[aipo-mp run] stopped by a signal during {s}; rerun the same command to resume", flush=True)
+        return STOPPED_EXIT
+    except StageFailed as e:
+        raise ConfigError(str(e))
+    return 0
+
+
+STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped by a signal, state saved, safe to requeue

@@ -1,0 +1,120 @@
+"""`aipo-mp run` end to end on a tiny random policy: rounds complete, the report and plots exist,
+and killing the run during sampling, training and export, then rerunning, ends with the same
+outputs as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, tiny_arch
+
+RECIPE = ROOT / "configs" / "recipes" / "aipo_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict:
+    from aipo_mp import demo_task
+    from aipo_mp.models.hf_build import save_hf_model
+    from aipo_mp.tiny import build_tiny_tokenizer
+
+    base = tmp_path_factory.mktemp("run_assets")
+    tok = build_tiny_tokenizer(base / "tokenizer", vocab_size=512)
+    policy = save_hf_model(tiny_arch("llama"), base / "policy", seed=0, tokenizer_dir=tok)
+    prompts = demo_task.write_prompts(base / "prompts.jsonl", n=12, seed=0)
+    return {"policy": policy, "prompts": prompts}
+
+
+def command(assets, run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "aipo_mp.cli", "run", str(RECIPE), f"model.path={assets['policy']}",
+            f"rounds.prompts={assets['prompts']}", f"output.dir={run_dir}", "rounds.num_rounds=2",
+            "reward.rule=tests.rules:length_reward", "pairs.min_gap=0.0", "train.steps=4", "train.save_every=2",
+            "train.global_batch_pairs=4", "sampling.n=3", "sampling.max_tokens=12", "rounds.kl_estimate=false"]
+
+
+def env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+
+def final_outputs(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    weights = {}
+    for f in sorted((run_dir / "round_2" / "policy_hf").glob("*.safetensors")):
+        weights.update(load_file(f))
+    return {"scored": (run_dir / "round_2" / "scored.jsonl").read_text(), "weights": weights,
+            "pairs": [(run_dir / f"round_{r}" / "pairs.jsonl").read_text() for r in range(2)]}
+
+
+def kill_when(proc: subprocess.Popen, ready, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if ready():
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"never reached {what} (exit {proc.poll()})")
+
+
+@pytest.mark.slow
+def test_run_kill_and_resume_matches_uninterrupted(assets, tmp_path):
+    straight = tmp_path / "straight"
+    done = subprocess.run(command(assets, straight), cwd=ROOT, env=env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads((straight / "report" / "report.json").read_text())
+    assert [r["round"] for r in report] == [0, 1, 2]
+    assert all(r["mean_reward"] is not None for r in report)
+    for png in ("reward.png", "length.png", "agreement.png", "kl.png", "win_rate.png"):
+        assert (straight / "report" / png).stat().st_size > 0
+
+    killed = tmp_path / "killed"
+    logs = killed / "logs"
+    checkpoints = killed / "round_0" / "train" / "checkpoints"
+    stops = [
+        (lambda: (logs / "round0-sample.log").exists(), "sampling"),
+        (lambda: (checkpoints / "latest").exists() and not (checkpoints / "step_0000004").exists(), "training"),
+        (lambda: (logs / "round1-export.log").exists(), "export"),
+    ]
+    for ready, what in stops:
+        proc = subprocess.Popen(command(assets, killed), cwd=ROOT, env=env(), start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        kill_when(proc, ready, what)
+    rerun = subprocess.run(command(assets, killed), cwd=ROOT, env=env(), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    a, b = final_outputs(straight), final_outputs(killed)
+    assert a["scored"] == b["scored"] and a["pairs"] == b["pairs"]
+    assert a["weights"].keys() == b["weights"].keys()
+    import torch
+
+    for k in a["weights"]:
+        assert torch.equal(a["weights"][k], b["weights"][k]), k
+
+
+BAD = [
+    ("empty prompts", lambda t: ["rounds.prompts=" + str(t / "empty.jsonl")], "contains no prompts"),
+    ("malformed prompts", lambda t: ["rounds.prompts=" + str(t / "bad.jsonl")], "bad.jsonl:2"),
+    ("raising rule", lambda t: ["reward.rule=tests.rules:raising_rule"], "broken rule"),
+    ("nan rule", lambda t: ["reward.rule=tests.rules:nan_rule"], "nan"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,overrides,message", BAD, ids=[b[0] for b in BAD])
+def test_run_bad_inputs(assets, tmp_path, name, overrides, message):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "hi"}\n{"prompt": \n')
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(command(assets, run_dir) + overrides(tmp_path), cwd=ROOT, env=env(), capture_output=True,
+                          text=True)
+    err = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert err and message.lower() in err[-1].lower(), proc.stderr[-2000:]
+    assert not (run_dir / "round_0" / "train").exists()
