@@ -484,6 +484,9 @@ def training_errors(cfg: Config, arch: ModelArch, world_size: Optional[int]) -> 
             f"data.max_length={max_len}: a pair (two sequences) must fit in train.seq_length={t.seq_length}; "
             f"use data.max_length <= {t.seq_length // 2}"
         )
+    if not cfg.reference.precompute:
+        errors.append("reference.precompute=false (reference log-probs per global batch) is not supported yet; "
+                      "set reference.precompute=true (one pass before training)")
     if cfg.reference.mode == "model" and not cfg.reference.path:
         errors.append("reference.mode=model needs reference.path (a checkpoint directory)")
     return errors

@@ -98,3 +98,14 @@ def test_dist_env_from_slurm_and_torchrun():
     assert (env.rank, env.world_size, env.master_addr, env.master_port, env.launcher) == (1, 2, "h", 1234, "torchrun")
     assert first_slurm_host("node1,node2") == "node1"
     assert first_slurm_host("a-b[10-12]") == "a-b10"
+
+
+@pytest.mark.parametrize("recipe", ["aipo_mistral_large_123b", "aipo_llama3_70b", "aipo_gemma2_27b",
+                                    "aipo_mistral_nemo_12b", "aipo_tiny"])
+def test_recipes_validate_at_their_world_size(recipe):
+    """Every shipped recipe is a valid layout for the cluster it names (architecture from the
+    model config it includes; the checkpoint path is a placeholder on this machine)."""
+    cfg = load_config(ROOT / "configs" / "recipes" / f"{recipe}.yaml")
+    cfg.model.path = None
+    assert cfg.model.arch is not None
+    validate(cfg, world_size=cfg.cluster.nodes * cfg.cluster.nproc_per_node)

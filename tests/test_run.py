@@ -35,7 +35,7 @@ def assets(tmp_path_factory) -> dict:
 def command(assets, run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "aipo_mp.cli", "run", str(RECIPE), f"model.path={assets['policy']}",
             f"rounds.prompts={assets['prompts']}", f"output.dir={run_dir}", "rounds.num_rounds=2",
-            "reward.rule=tests.rules:length_reward", "pairs.min_gap=0.0", "train.steps=4", "train.save_every=2",
+            "reward.rule=tests.rules:length_reward", "pairs.min_gap=0.0", "pairs.allow_truncated=true", "train.steps=4", "train.save_every=2",
             "train.global_batch_pairs=4", "sampling.n=3", "sampling.max_tokens=12", "rounds.kl_estimate=false"]
 
 

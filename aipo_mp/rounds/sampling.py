@@ -288,6 +288,7 @@ def accelerator_present() -> bool:
 def configure_engine_env(tensor_parallel: int = 1) -> None:
     """vLLM settings read from the environment (set only where the user has not)."""
     on_cpu = not accelerator_present()
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep stage logs readable
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine core
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if on_cpu and tensor_parallel > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
