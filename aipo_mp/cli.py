@@ -44,23 +44,28 @@ def cmd_check(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from aipo_mp.platform import EXIT_STOPPED, StopSignal
+
+    stop = StopSignal().install()  # before the slow imports: an early preemption signal is not fatal
     from aipo_mp.config import load_config, validate
 
     cfg = load_config(args.config, args.overrides)
     if args.nproc_per_node and "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
         validate(cfg, world_size=args.nproc_per_node)  # fail before starting any process
-        from aipo_mp.launch import launch_local
+        from aipo_mp.rounds.launchers import LocalLauncher
 
-        return launch_local(args.nproc_per_node, ["train", args.config, *args.overrides], cfg.cluster.master_port or None)
+        result = LocalLauncher().run("train", ["aipo_mp.cli", "train", args.config, *args.overrides],
+                                     ntasks=args.nproc_per_node)
+        return EXIT_STOPPED if result.stopped_by_signal else result.returncode
     from aipo_mp.platform import read_dist_env, shutdown
     from aipo_mp.trainer import train
 
     validate(cfg, world_size=read_dist_env().world_size)
     try:
-        train(cfg)
+        state = train(cfg, stop)
     finally:
         shutdown()
-    return 0
+    return EXIT_STOPPED if state.stats.get("stopped") else 0
 
 
 def quiet_library_warnings() -> None:
@@ -195,7 +200,14 @@ def main(argv: list[str] | None = None) -> int:
         from aipo_mp import planner
 
         sys.exit(planner.main(argv[1:]))
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `aipo-mp run R --launcher slurm a.b=1`: overrides may also follow an option
+    late = [x for x in extra if "=" in x and not x.startswith("-")]
+    if len(late) != len(extra) or (late and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if late:
+        args.overrides = list(args.overrides) + late
     try:
         code = args.func(args)
     except user_error_types() as e:

@@ -8,6 +8,7 @@ import contextlib
 import datetime
 import os
 import re
+import signal
 import socket
 from dataclasses import dataclass
 from typing import Optional
@@ -201,6 +202,28 @@ def cpu_threads(n: Optional[int]):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (Slurm preemption, time limits) set a flag the training loop polls, so
+    the current step finishes and a checkpoint is saved. Install it first thing, before the slow
+    imports and set-up, so an early signal is not fatal."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.requested = False
+
+    def install(self) -> "StopSignal":
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._request)
+        return self
+
+    def _request(self, signum, _frame) -> None:
+        self.requested = True
+
+
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal with progress saved; requeue / rerun to resume
 
 
 def shutdown() -> None:

@@ -100,7 +100,10 @@ class Layout:
 
 
 def world_sum(t: torch.Tensor) -> torch.Tensor:
-    torch.distributed.all_reduce(t)
+    """Sum over all ranks (on the accelerator when there is one: NCCL reduces device tensors)."""
+    on_device = t.to(platform.device())
+    torch.distributed.all_reduce(on_device)
+    t.copy_(on_device.cpu())
     return t
 
 
@@ -127,13 +130,16 @@ def empty_row(seq_length: int) -> PackedRow:
 
 
 def row_batch(row: PackedRow) -> dict:
-    return {"tokens": row.tokens[None], "cu_seqlens": row.cu_seqlens, "max_seqlen": row.max_seqlen, "row": row}
+    dev = platform.device()
+    return {"tokens": row.tokens[None].to(dev), "cu_seqlens": row.cu_seqlens.to(dev), "max_seqlen": row.max_seqlen,
+            "row": row}
 
 
 def row_sequence_logps(logits: torch.Tensor, row: PackedRow) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) summed response log-probs of the pairs in a row; logits [1, T, V/tp]."""
-    tok = token_logprobs(logits[0], row.labels)
-    seq = sequence_logprobs(tok, row.loss_mask, row.segment_ids, 2 * len(row.pair_indices))
+    dev = logits.device
+    tok = token_logprobs(logits[0], row.labels.to(dev))
+    seq = sequence_logprobs(tok, row.loss_mask.to(dev), row.segment_ids.to(dev), 2 * len(row.pair_indices))
     return seq[0::2], seq[1::2]
 
 
@@ -155,8 +161,8 @@ def reference_logps(built: BuiltModel, pairs, cfg: Config, lay: Layout) -> torch
         if len(row.pair_indices):  # every TP rank joins the vocab-parallel collectives
             c, r = row_sequence_logps(logits, row)
             if lay.tp_rank == 0:
-                table[row.pair_indices, 0] = c
-                table[row.pair_indices, 1] = r
+                table[row.pair_indices, 0] = c.cpu()
+                table[row.pair_indices, 1] = r.cpu()
 
     for chunk in built.chunks:
         chunk.eval()
@@ -205,7 +211,7 @@ def global_grad_norm(params) -> float:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-    sq = torch.zeros((), dtype=torch.float32)
+    sq = torch.zeros((), dtype=torch.float32, device=platform.device())
     for p in params:
         if p.grad is None or getattr(p, "shared", False) and not ps.is_pipeline_first_stage(ignore_virtual=True):
             continue
@@ -317,7 +323,7 @@ class RunState:
     layout: Layout
     total_steps: int
     needs_reference: bool = True
-    stop_requested: bool = False
+    stop: platform.StopSignal = field(default_factory=platform.StopSignal)
     stats: dict = field(default_factory=dict)
 
 
@@ -491,14 +497,15 @@ def train_step(state: RunState, step: int) -> dict:
 
 def pair_losses(state: RunState, logits: torch.Tensor, row: PackedRow):
     chosen, rejected = row_sequence_logps(logits, row)
-    ref = state.ref_table[row.pair_indices] if state.ref_table is not None else None
+    dev = chosen.device
+    ref = state.ref_table[row.pair_indices].to(dev) if state.ref_table is not None else None
     batch = objectives.PairLogps(
         policy_chosen=chosen,
         policy_rejected=rejected,
         reference_chosen=None if ref is None else ref[:, 0],
         reference_rejected=None if ref is None else ref[:, 1],
-        chosen_lengths=row.chosen_lengths,
-        rejected_lengths=row.rejected_lengths,
+        chosen_lengths=row.chosen_lengths.to(dev),
+        rejected_lengths=row.rejected_lengths.to(dev),
     )
     return objectives.compute(state.cfg.objective.name, batch, state.objective_params)
 
@@ -587,25 +594,18 @@ class MetricsLog:
             self.tb.close()
 
 
-def install_stop_handlers(state: RunState) -> None:
-    """SIGTERM / SIGUSR1 (Slurm preemption, time limit): finish the step, save, exit 0."""
-
-    def request_stop(signum, _frame):
-        state.stop_requested = True
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, request_stop)
-
-
 def stop_agreed(state: RunState) -> bool:
-    flag = torch.tensor([1.0 if state.stop_requested else 0.0])
+    flag = torch.tensor([1.0 if state.stop.requested else 0.0], device=platform.device())
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return bool(flag.item())
 
 
-def train(cfg: Config) -> RunState:
-    """Train on this rank; returns the run state (model, last metrics in state.stats["last"])."""
+def train(cfg: Config, stop: Optional[platform.StopSignal] = None) -> RunState:
+    """Train on this rank; returns the run state (model; last metrics in state.stats["last"];
+    state.stats["stopped"] when a signal ended the run early, progress saved)."""
+    stop = stop or platform.StopSignal().install()
     state = setup(cfg)
+    state.stop = stop
     rank0 = torch.distributed.get_rank() == 0
     out = Path(cfg.output.dir)
     if rank0:
@@ -617,13 +617,13 @@ def train(cfg: Config) -> RunState:
         start = load_checkpoint(state, resume)
         if rank0:
             print(f"resuming from {resume} (step {start})", flush=True)
-    install_stop_handlers(state)
     if state.needs_reference:
         state.ref_table = compute_reference(state)
     log = MetricsLog(cfg, start, rank0)
     bar = progress_bar(rank0, state.total_steps, start)
     record, saved_at = {}, start
-    for step in range(start, state.total_steps):
+    state.stats["stopped"] = stop_agreed(state)  # a signal during set-up: nothing new to save
+    for step in range(start, state.total_steps if not state.stats["stopped"] else start):
         record = train_step(state, step)
         log.write(record)
         if bar:
@@ -636,14 +636,15 @@ def train(cfg: Config) -> RunState:
         if stop_agreed(state):
             if saved_at != done:
                 save_checkpoint(state, done)
-            if rank0:
-                print(f"stopped by signal after step {done}; checkpoint saved. Rerun the same command to resume.",
-                      flush=True)
+            state.stats["stopped"] = True
             break
     if bar:
         bar.close()
     log.close()
-    if rank0 and record:
+    if rank0 and state.stats["stopped"]:
+        print(f"stopped by signal after step {record.get('step', start)}; progress saved. Rerun the same command "
+              "to resume.", flush=True)
+    elif rank0 and record:
         print(f"done: {record['step']} steps, loss {record['loss']:.4f}, "
               f"accuracy {record.get('rewards/accuracy', float('nan')):.3f}, checkpoint {checkpoint_root(cfg)}",
               flush=True)

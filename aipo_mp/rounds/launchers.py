@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import IO, Optional, Protocol
 
 from aipo_mp.config import ConfigError
-from aipo_mp.platform import first_slurm_host, free_port
+from aipo_mp.platform import EXIT_STOPPED  # 75: stopped, state saved; slurm/common.sh requeues on it
 
-EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal, state saved; slurm/common.sh requeues on it
 STOP_MARKER = b"stopped by signal"  # what the trainer prints when it saved and stopped on a signal
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
@@ -101,7 +100,10 @@ class _Base:
         if first or self._children:
             line = (f"[launcher] got {signal.Signals(signum).name}: "
                     + ("asking the running stage to save and stop" if self._children else "no stage will start"))
-            print(line, file=sys.stderr, flush=True)
+            try:
+                print(line, file=sys.stderr, flush=True)
+            except RuntimeError:  # the signal interrupted a write to stderr on this thread
+                pass
             if self._tee is not None:
                 self._tee.note(line)
         for p in self._children:
@@ -207,6 +209,8 @@ class LocalLauncher(_Base):
         stopped = self._stopped_before_start(name)
         if stopped:
             return stopped
+        from aipo_mp.platform import free_port  # platform imports torch: only when a stage starts
+
         cmd = _python_command(argv)
         port = free_port()
         tee = self._tee = _Tee(log_path)
@@ -281,6 +285,8 @@ def job_hosts(environ: Optional[dict] = None) -> list[str]:
         hosts = r.stdout.split()
         if r.returncode == 0 and hosts:
             return hosts
+    from aipo_mp.platform import first_slurm_host
+
     return [first_slurm_host(nodelist)]
 
 
@@ -399,6 +405,8 @@ def requeue_self(environ: Optional[dict] = None) -> None:
         raise ConfigError("requeue: not inside a Slurm job (SLURM_JOB_ID is not set)")
     r = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, env=dict(env))
     if r.returncode != 0:
-        raise RuntimeError(f"scontrol requeue {job_id} failed (exit {r.returncode}): {r.stderr.strip() or r.stdout.strip()}"
-                           " (was the job submitted with sbatch --requeue?)")
+        message = r.stderr.strip() or r.stdout.strip()
+        if "disabled" in message:  # submitted with --no-requeue (or JobRequeue=0 and no --requeue)
+            raise ConfigError(f"cannot requeue job {job_id}: {message}; submit with sbatch --requeue")
+        raise RuntimeError(f"scontrol requeue {job_id} failed (exit {r.returncode}): {message}")
     print(f"[launcher] requeued job {job_id}", file=sys.stderr, flush=True)

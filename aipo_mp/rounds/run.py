@@ -23,6 +23,7 @@ from typing import Optional
 
 from aipo_mp.config import Config, ConfigError, dump_config, validate
 from aipo_mp.io_utils import atomic_write_json
+from aipo_mp.platform import EXIT_STOPPED
 
 STAGES = ("export", "sample", "reward", "pairs", "train")
 
@@ -236,10 +237,8 @@ def run_rounds(cfg: Config, launcher_kind: str, world_size: int) -> int:
         runner.run()
     except Stopped as s:
         print(f"[aipo-mp run] stopped by a signal during {s}; rerun the same command to resume", flush=True)
-        return STOPPED_EXIT
+        return EXIT_STOPPED
     except StageFailed as e:
         raise ConfigError(str(e))
     return 0
 
-
-STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped by a signal, state saved, safe to requeue
