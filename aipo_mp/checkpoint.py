@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Callable, Optional
@@ -161,15 +160,9 @@ def prepare_partial(final: Path, overwrite: bool) -> Path:
 
 def publish_partial(final: Path) -> None:
     """(rank 0) rename the temporary sibling to `final`, replacing an existing one."""
-    tmp = partial_path(final)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    from aipo_mp.io_utils import replace_directory
+
+    replace_directory(partial_path(final), final)
 
 
 def remove_partial(final: str | Path) -> None:

@@ -3,10 +3,9 @@ forward step in Megatron's step contract, and a forward-only pass through the pi
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -56,7 +55,3 @@ def forward_only(chunks: list, batches: list[dict], collect: Callable[[torch.Ten
             micro_batch_size=1,
             forward_only=True,
         )
-
-
-def is_last_stage() -> bool:
-    return parallel_state.is_pipeline_last_stage(ignore_virtual=True)

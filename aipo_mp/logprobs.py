@@ -32,3 +32,17 @@ def sequence_logprobs(token_lp: torch.Tensor, loss_mask: torch.Tensor, segment_i
 
 def padded_segment_ids(batch: int, seq: int, device=None) -> torch.Tensor:
     return torch.arange(batch, device=device)[:, None].expand(batch, seq)
+
+
+def gather_vocab_parallel(logits: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary logits from the TP shards. For verification on small models only: the
+    training path never gathers the vocabulary."""
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_tensor_model_parallel_group()
+    size = torch.distributed.get_world_size(group)
+    if size == 1:
+        return logits
+    parts = [torch.empty_like(logits) for _ in range(size)]
+    torch.distributed.all_gather(parts, logits.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)

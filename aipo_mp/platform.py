@@ -4,7 +4,6 @@ is applied only when CUDA is absent."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import re
@@ -191,17 +190,6 @@ def p2p_settings() -> dict:
     if has_cuda():
         return {}
     return {"batch_p2p_comm": False, "batch_p2p_sync": False}
-
-
-@contextlib.contextmanager
-def cpu_threads(n: Optional[int]):
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 class StopSignal:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,8 +345,6 @@ def load_policy_weights(built: BuiltModel, path: str) -> None:
 def prepare_data(cfg: Config, tokenizer_dir: str):
     from transformers import AutoTokenizer
 
-    from aipo_mp.data.pairs import DataStats
-
     if not cfg.data.train:
         raise ConfigError("data.train is not set; point it at a pairs JSONL file")
     tok = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=cfg.model.trust_remote_code)
@@ -432,9 +429,6 @@ def compute_reference(state: RunState) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # One optimizer step
 # ---------------------------------------------------------------------------------------------
-
-
-METRIC_SUM_KEYS = ("loss",)
 
 
 def step_rows(state: RunState, step: int) -> list[PackedRow]:

@@ -18,7 +18,6 @@ no process ever holds the whole model.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import json
@@ -653,25 +652,12 @@ def mcore_to_hf_rank(args) -> dict:
                        shards=(written or {}).get("files"), **exported)
 
 
-def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    from megatron.core import parallel_state as ps
-
-    group = ps.get_tensor_model_parallel_group()
-    size = torch.distributed.get_world_size(group)
-    if size == 1:
-        return logits
-    parts = [torch.empty_like(logits) for _ in range(size)]
-    torch.distributed.all_gather(parts, logits.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
-
-
 def verify_rank(args) -> dict:
     import torch
 
     from aipo_mp.checkpoint import load_model, read_meta
     from aipo_mp.engine import forward_only
+    from aipo_mp.logprobs import gather_vocab_parallel
     from aipo_mp.models import arch_from_hf_config, family_for_hf_config
 
     meta = read_meta(args.ckpt)
@@ -687,7 +673,7 @@ def verify_rank(args) -> dict:
 
     def collect(logits, b):
         nonlocal worst
-        full = gather_vocab(logits)[0].double()
+        full = gather_vocab_parallel(logits)[0].double()
         for start, want in zip(b["starts"], b["want"]):
             got = full[start:start + want.shape[0]]
             worst = torch.maximum(worst, (got - want.double()).abs().max())

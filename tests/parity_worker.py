@@ -16,20 +16,9 @@ from aipo_mp import platform
 from aipo_mp.config import ParallelConfig, PrecisionConfig
 from aipo_mp.engine import forward_only
 from aipo_mp.hf_io import HFWeights
+from aipo_mp.logprobs import gather_vocab_parallel
 from aipo_mp.models import arch_from_dir, get_family
 from aipo_mp.models.base import build_model, load_hf_weights
-
-
-def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
-    from megatron.core import parallel_state
-
-    group = parallel_state.get_tensor_model_parallel_group()
-    size = torch.distributed.get_world_size(group)
-    if size == 1:
-        return logits
-    parts = [torch.empty_like(logits) for _ in range(size)]
-    torch.distributed.all_gather(parts, logits.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
 
 
 def run_case(case: dict, ref: dict) -> float:
@@ -46,7 +35,7 @@ def run_case(case: dict, ref: dict) -> float:
 
     def collect(logits, b):
         nonlocal worst
-        full = gather_vocab(logits)[0]  # [T, V]
+        full = gather_vocab_parallel(logits)[0]  # [T, V]
         for start, want in zip(b["starts"], b["want"]):
             got = full[start:start + want.shape[0]]
             worst = torch.maximum(worst, (got - want).abs().max())
