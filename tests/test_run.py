@@ -74,6 +74,7 @@ def test_run_kill_and_resume_matches_uninterrupted(assets, tmp_path):
     assert all(r["mean_reward"] is not None for r in report)
     for png in ("reward.png", "length.png", "agreement.png", "kl.png", "win_rate.png"):
         assert (straight / "report" / png).stat().st_size > 0
+    check_vllm_logprobs_on_export(straight / "round_2" / "policy_hf")
 
     killed = tmp_path / "killed"
     logs = killed / "logs"
@@ -96,6 +97,32 @@ def test_run_kill_and_resume_matches_uninterrupted(assets, tmp_path):
 
     for k in a["weights"]:
         assert torch.equal(a["weights"][k], b["weights"][k]), k
+
+
+VLLM_LOGPROBS = """
+import json, sys
+from aipo_mp.rounds.sampling import logprobs_of
+print("RESULT" + json.dumps(logprobs_of(sys.argv[1], json.loads(sys.argv[2]))))
+"""
+
+
+def check_vllm_logprobs_on_export(hf_dir: Path) -> None:
+    """vLLM's CPU build loads a directory exported by checkpoint_tools (from the trainer's
+    Megatron checkpoint) and its teacher-forced log-probs equal transformers' to 1e-4 (fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokens = [[1, 5, 77, 300, 12, 9, 401, 2], [1, 42, 43, 44, 45]]
+    out = subprocess.run([sys.executable, "-c", VLLM_LOGPROBS, str(hf_dir), json.dumps(tokens)], cwd=ROOT, env=env(),
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.split("RESULT", 1)[1])
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    for ids, lp in zip(tokens, got):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, :-1].float()
+        want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+        assert (torch.tensor(lp) - want).abs().max() <= 1e-4, (lp, want)
 
 
 BAD = [

@@ -89,6 +89,7 @@ def test_layout_parity_and_reference(policy_dirs, tmp_path):
             run = tmp_path / f"{f}-{name}"
             got = metrics(run)
             assert abs(got[0]["loss"] - base[0]["loss"]) <= 1e-5, (f, name, got[0]["loss"], base[0]["loss"])
+            assert abs(got[0]["grad_norm"] - base[0]["grad_norm"]) <= 1e-5 * base[0]["grad_norm"], (f, name)
             diff = relative_param_diff(torch.load(run / "params.pt", weights_only=True), base_params)
             assert diff <= 1e-4, (f, name, diff)
         check_loss_against_transformers(policy_dirs[f], base[0])

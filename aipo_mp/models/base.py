@@ -393,7 +393,27 @@ def build_model(family: Family, arch: ModelArch, par: ParallelConfig, prec: Prec
         )
         attach_family_hooks(model, opts)
         chunks.append(model)
-    return BuiltModel(chunks, family, arch, config, opts)
+    built = BuiltModel(chunks, family, arch, config, opts)
+    if not initialize:
+        mark_tensor_parallel_params(built)
+    return built
+
+
+def mark_tensor_parallel_params(built: BuiltModel) -> None:
+    """megatron tags a sharded weight (tensor_model_parallel, partition_dim) only while it
+    initializes it; without initialization, tag them from the mapping table, which knows how
+    every parameter is split. Gradient-norm and checkpoint code rely on these tags."""
+    split_dim = {COLUMN: 0, GLU_COLUMN: 0, ROW: 1}
+    for chunk in built.chunks:
+        params = dict(chunk.named_parameters())
+        for local, gname in global_param_names(chunk).items():
+            param = params[local]
+            if hasattr(param, "tensor_model_parallel"):
+                continue
+            dim = split_dim.get(built.family.rule_for(built.arch, gname)[0].split)
+            param.tensor_model_parallel = dim is not None
+            param.partition_dim = -1 if dim is None else dim
+            param.partition_stride = 1
 
 
 def attach_family_hooks(model, opts: SpecOptions) -> None:

@@ -1,0 +1,76 @@
+"""One rank of the planner-vs-trainer check. argv: spec.json out.json.
+
+For each run (overrides of a tiny training config) it builds the trainer's state, takes one
+optimizer step, and reports what this rank really holds: parameter, gradient (megatron DDP
+main_grad, fp32) and optimizer-state bytes, and, for single-stage layouts, the bytes of tensors
+autograd saves for the backward of one packed row (the activation memory of a micro-batch)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from aipo_mp import platform
+from aipo_mp.config import load_config
+from aipo_mp.trainer import compute_reference, row_batch, setup, step_rows, train_step
+from aipo_mp.engine import model_forward
+
+
+def saved_activation_bytes(state) -> int:
+    """Unique storage bytes autograd keeps for the backward of one row's forward."""
+    seen: dict[int, int] = {}
+    params = {p.data_ptr() for p in state.params}
+
+    def pack(t: torch.Tensor):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    batch = row_batch(step_rows(state, 0)[0])
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model_forward(state.chunks[0], batch["tokens"], batch["cu_seqlens"], batch["max_seqlen"])
+    del out
+    return sum(seen.values())
+
+
+def measure(state) -> dict:
+    from megatron.core import parallel_state as ps
+
+    opt = sum(t.numel() * t.element_size() for s in state.optimizer.state.values() for t in s.values()
+              if torch.is_tensor(t) and t.dim() > 0)
+    return {
+        "tp_rank": ps.get_tensor_model_parallel_rank(),
+        "pp_rank": ps.get_pipeline_model_parallel_rank(),
+        "params": sum(p.numel() for p in state.params),
+        "weight_bytes": sum(p.numel() * p.element_size() for p in state.params),
+        "grad_bytes": sum(p.main_grad.numel() * p.main_grad.element_size() for p in state.params),
+        "optimizer_bytes": opt,
+    }
+
+
+def main():
+    spec = json.load(open(sys.argv[1]))
+    env = platform.init_distributed()
+    results = []
+    for run in spec["runs"]:
+        cfg = load_config(None, run["overrides"])
+        state = setup(cfg)
+        state.ref_table = compute_reference(state)
+        train_step(state, 0)
+        row = measure(state)
+        row["name"] = run["name"]
+        if cfg.parallel.pp == 1:
+            row["activation_bytes"] = saved_activation_bytes(state)
+        gathered = [None] * env.world_size
+        torch.distributed.all_gather_object(gathered, row)
+        results.append(gathered)
+    if env.rank == 0:
+        json.dump(results, open(sys.argv[2], "w"))
+    platform.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""The planner's per-rank parameter, gradient and optimizer-state bytes equal what the trainer
+allocates (exact), and its activation estimate is within 25% of the bytes autograd really saves
+for one micro-batch, for tiny llama and gemma2 at several layouts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from aipo_mp import planner
+from tests.conftest import tiny_arch
+from tests.launch import run_ranks
+from tests.test_trainer import run_overrides, policy_dirs  # noqa: F401  (fixture)
+
+SEQ = 128
+LAYOUTS = {"tp1": (1, 1, False), "tp2sp": (2, 1, True), "pp2": (1, 2, False)}
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_planner_matches_trainer_allocation(policy_dirs, tmp_path):  # noqa: F811
+    runs = []
+    for fam in ("llama", "gemma2"):
+        for name, (tp, pp, sp) in LAYOUTS.items():
+            extra = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.sequence_parallel={str(sp).lower()}",
+                     "output.dir=" + str(tmp_path / f"{fam}-{name}"), "train.steps=1"]
+            runs.append({"name": f"{fam}-{name}", "family": fam, "layout": (tp, pp, sp),
+                         "overrides": run_overrides(policy_dirs, fam, extra)})
+    spec, out = tmp_path / "spec.json", tmp_path / "out.json"
+    spec.write_text(json.dumps({"runs": runs}))
+    run_ranks(2, "tests.planner_worker", [str(spec), str(out)])
+    for run, ranks in zip(runs, json.loads(out.read_text())):
+        tp, pp, sp = run["layout"]
+        arch = tiny_arch(run["family"])
+        est = planner.memory_per_gpu(arch, planner.Layout(tp=tp, pp=pp, dp=2 // (tp * pp), sequence_parallel=sp),
+                                     dtype="fp32", seq_length=SEQ, distributed_optimizer=False,
+                                     num_microbatches_in_flight=1, backend="local")
+        for r in ranks:
+            stage = est.stages[r["pp_rank"]]
+            assert r["params"] == stage.params, (run["name"], r, stage.params)
+            assert r["weight_bytes"] == stage.weights and r["grad_bytes"] == stage.grads, (run["name"], r)
+            assert r["optimizer_bytes"] == stage.optimizer_plain, (run["name"], r, stage.optimizer_plain)
+            if "activation_bytes" in r:
+                planned = stage.activations_by_recompute["none"] + stage.logits
+                ratio = planned / r["activation_bytes"]
+                assert 0.75 <= ratio <= 1.25, (run["name"], planned, r["activation_bytes"], ratio)
