@@ -10,30 +10,14 @@ import json
 import pytest
 import torch
 
+from aipo_mp.models import arch_from_dir
+from checkpoint_tools import make_reference
 from tests.conftest import FAMILIES
 from tests.launch import run_ranks
 
 TOL = 1e-4
-LENGTHS, ROW = (20, 13, 7), 48  # gemma2-tiny's window is 8: shorter than the 20- and 13-token sequences
-
-
-def make_reference(hf_dir, out_path) -> None:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
-    g = torch.Generator().manual_seed(0)
-    seqs = [torch.randint(0, model.config.vocab_size, (n,), generator=g) for n in LENGTHS]
-    tokens = torch.zeros(1, ROW, dtype=torch.long)
-    starts, pos = [], 0
-    for s in seqs:
-        tokens[0, pos:pos + len(s)] = s
-        starts.append(pos)
-        pos += len(s)
-    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist(), ROW], dtype=torch.int32)
-    with torch.no_grad():
-        want = [model(s[None]).logits[0] for s in seqs]
-    batch = dict(tokens=tokens, cu_seqlens=cu, max_seqlen=int((cu[1:] - cu[:-1]).max()), starts=starts, want=want)
-    torch.save({"batch": batch}, out_path)
+# The reference row (checkpoint_tools.make_reference) packs sequences of 24, 13 and 7 tokens:
+# gemma2-tiny's window is 8, shorter than the first two.
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +26,7 @@ def references(tiny_hf_dirs, tmp_path_factory):
     refs = {}
     for fam, d in tiny_hf_dirs.items():
         refs[fam] = str(base / f"{fam}.pt")
-        make_reference(d, refs[fam])
+        make_reference(d, refs[fam], arch_from_dir(d))
     return refs
 
 

@@ -37,7 +37,7 @@ from typing import Optional
 
 from aipo_mp.config import ConfigError
 from aipo_mp.io_utils import atomic_write_json
-from aipo_mp.rounds.sampling import read_jsonl, training_prompt, write_jsonl
+from aipo_mp.rounds.sampling import load_records, training_prompt, write_jsonl
 
 MODES = ("best_worst", "ranked")
 PAIR_DROP_REASONS = ("too_few_samples", "truncated", "identical_texts", "small_gap")
@@ -105,12 +105,9 @@ def passes(gap: float, min_gap: float) -> bool:
 
 
 def load_scored(scored) -> list[dict]:
-    records = read_jsonl(scored) if isinstance(scored, (str, Path)) else list(scored)
+    records = load_records(scored, SCORED_FIELDS, "scored sample",
+                           "build pairs from the scored.jsonl that aipo_mp.rounds.rewards wrote")
     for k, record in enumerate(records):
-        missing = [f for f in SCORED_FIELDS if not isinstance(record, dict) or f not in record]
-        if missing:
-            raise ConfigError(f"scored sample {k} lacks field(s) {', '.join(missing)}; build pairs from the "
-                              "scored.jsonl that aipo_mp.rounds.rewards wrote")
         score = record["score"]
         if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
             raise ConfigError(f"scored sample {k} (prompt_id={json.dumps(record['prompt_id'])}) has score "

@@ -35,19 +35,13 @@ from typing import Callable, Optional
 from aipo_mp.config import ConfigError
 from aipo_mp.io_utils import atomic_write_text
 from aipo_mp.rounds.sampling import (as_token_list, check_model_dir, close_engine, engine_in_use, has_chat_template,
-                                     is_engine, read_jsonl, run_children, start_engine, write_jsonl)
+                                     is_engine, load_records, read_jsonl, run_children, start_engine, write_jsonl)
 
 SAMPLE_FIELDS = ("prompt_id", "prompt", "sample_index", "text")
 
 
 def load_samples(samples) -> list[dict]:
-    records = read_jsonl(samples) if isinstance(samples, (str, Path)) else list(samples)
-    for k, record in enumerate(records):
-        missing = [f for f in SAMPLE_FIELDS if not isinstance(record, dict) or f not in record]
-        if missing:
-            raise ConfigError(f"sample {k} lacks field(s) {', '.join(missing)}; score the samples.jsonl that "
-                              "aipo_mp.rounds.sampling wrote")
-    return records
+    return load_records(samples, SAMPLE_FIELDS, "sample", "score the samples.jsonl that aipo_mp.rounds.sampling wrote")
 
 
 def where(record: dict) -> str:

@@ -214,6 +214,16 @@ def normalize_prompts(prompts) -> list[dict]:
     return out
 
 
+def load_records(source, fields: Sequence[str], what: str, fix: str) -> list[dict]:
+    """Records from a JSONL path (or an already loaded list), each a dict holding `fields`."""
+    records = read_jsonl(source) if isinstance(source, (str, Path)) else list(source)
+    for k, record in enumerate(records):
+        missing = [f for f in fields if not isinstance(record, dict) or f not in record]
+        if missing:
+            raise ConfigError(f"{what} {k} lacks field(s) {', '.join(missing)}; {fix}")
+    return records
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
     records = []
