@@ -24,11 +24,16 @@ from typing import Callable, Optional
 
 import torch
 
+from aipo_mp import platform
 from aipo_mp.config import ConfigError, ModelArch
 from aipo_mp.models import MEGATRON_META
 
 FORMAT = "aipo_mp.megatron.v1"
 MODEL_SUBDIR = "model"
+OPTIMIZER_SUBDIR = "optimizer"
+# Optimizer state in model space (one tensor per parameter and state, under the parameter's global
+# key): reloads at any TP/PP/VPP/DP layout, like the weights.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 EXTRA_SUBDIR = "hf_extra"
 
 # Files of an HF directory that travel with a checkpoint (never weights, never code).
@@ -134,7 +139,8 @@ def on_rank0_then_agree(fn: Callable[[], object]):
         except BaseException as e:  # noqa: BLE001 - re-raised below on rank 0
             err = e
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        flag = torch.tensor([1 if err is not None else 0], dtype=torch.int64)
+        # On the default group's device: NCCL serves no CPU tensors.
+        flag = torch.tensor([1 if err is not None else 0], dtype=torch.int64, device=platform.device())
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         failed = bool(flag.item())
     else:
@@ -186,10 +192,24 @@ def model_sharded_state_dict(built) -> dict:
     return merged
 
 
+def save_strategy():
+    """torch_dist writes with every data-parallel rank writing its share of the replicated
+    tensors (megatron's fully-parallel save), instead of DP rank 0 writing them all."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    base = get_default_save_sharded_strategy()
+    if not ps.model_parallel_is_initialized() or ps.get_data_parallel_world_size() == 1:
+        return base
+    return FullyParallelSaveStrategyWrapper(base, ps.get_data_parallel_group(with_context_parallel=True))
+
+
 def save_model(built, directory: str | Path, hf_config: dict, extra_files_from: Optional[str | Path] = None,
-               dtype: Optional[str] = None, overwrite: bool = True) -> Path:
+               dtype: Optional[str] = None, overwrite: bool = True, optimizer=None) -> Path:
     """Collective over all ranks. Writes `directory` atomically (temporary sibling, renamed by
-    rank 0 once every rank is done). Returns the final path."""
+    rank 0 once every rank is done), with the optimizer's state under optimizer/ when given.
+    Returns the final path."""
     from megatron.core import dist_checkpointing
 
     final = Path(directory).absolute()
@@ -197,7 +217,14 @@ def save_model(built, directory: str | Path, hf_config: dict, extra_files_from: 
     use_in_process_results_queue()
     on_rank0_then_agree(lambda: (prepare_partial(final, overwrite) / MODEL_SUBDIR).mkdir())
     try:
-        dist_checkpointing.save(model_sharded_state_dict(built), str(tmp / MODEL_SUBDIR))
+        model_state = model_sharded_state_dict(built)
+        dist_checkpointing.save(model_state, str(tmp / MODEL_SUBDIR), sharded_strategy=save_strategy())
+        if optimizer is not None:
+            on_rank0_then_agree(lambda: (tmp / OPTIMIZER_SUBDIR).mkdir())
+            # A fresh model state dict: dist_checkpointing.save consumes the one it was given.
+            state = optimizer.sharded_state_dict(model_sharded_state_dict(built), is_loading=False,
+                                                 metadata=OPTIMIZER_METADATA)
+            dist_checkpointing.save(state, str(tmp / OPTIMIZER_SUBDIR), sharded_strategy=save_strategy())
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
 
@@ -293,3 +320,25 @@ def load_model(built, directory: str | Path) -> dict:
         state = {k[len(prefix):]: v for k, v in loaded.items() if k.startswith(prefix)}
         chunk.load_state_dict(state, strict=True)
     return meta
+
+
+def load_optimizer(optimizer, built, directory: str | Path) -> None:
+    """Load the optimizer state of an aipo_mp training checkpoint into `optimizer` (built over
+    `built`'s chunks) at this run's layout, resharded from the saved one (collective)."""
+    from megatron.core import dist_checkpointing
+
+    d = Path(directory) / OPTIMIZER_SUBDIR
+    if not d.is_dir():
+        raise ConfigError(f"{directory} holds no optimizer state ({OPTIMIZER_SUBDIR}/ missing): it is a weights-only "
+                          f"checkpoint; start a new run from it with model.path={directory}")
+    sharded = optimizer.sharded_state_dict(model_sharded_state_dict(built), is_loading=True,
+                                           metadata=OPTIMIZER_METADATA)
+    try:
+        loaded = dist_checkpointing.load(sharded, str(d))
+    except BaseException as e:  # noqa: BLE001 - torch's CheckpointException is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{d}: cannot load the optimizer state ({type(e).__name__}: {first[:300]}); "
+                          "the checkpoint is incomplete or damaged, or was saved with other optimizer settings") from e
+    optimizer.load_state_dict(loaded)

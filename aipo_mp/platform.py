@@ -128,7 +128,18 @@ class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
             kwargs = dict(kwargs, device="cpu")
         if func is torch.Tensor.to:
             args = tuple("cpu" if _is_cuda(a) else a for a in args)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron's optimizers and grad clipping check `param.type()` against
+            # 'torch.cuda.*Tensor' names (optimizer.py, distrib_optimizer.py, clip_grads.py; the
+            # only zero-argument .type() calls in megatron/core): answer with the CUDA name of
+            # the same dtype. Only the name changes; the tensor and the numerics do not.
+            name = func(*args)
+            return _CUDA_TYPE_NAMES.get(name, name)
         return func(*args, **kwargs)
+
+
+_CUDA_TYPE_NAMES = {"torch.FloatTensor": "torch.cuda.FloatTensor", "torch.HalfTensor": "torch.cuda.HalfTensor",
+                    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor"}
 
 
 def _is_cuda(dev) -> bool:
@@ -156,6 +167,70 @@ def apply_cpu_shims() -> None:
     _CPU_MODE = _CudaToCpuMode()
     _CPU_MODE.__enter__()
     _SHIMS_APPLIED = True
+
+
+# ---------------------------------------------------------------------------------------------
+# megatron's distributed optimizer over torch's AdamW (no apex / Transformer Engine installed: the
+# CPU machines, and GPU machines without those wheels). AdamW keeps a `step` tensor per parameter;
+# megatron 0.16.1 assumes fused Adam's per-group step in three places, fixed here:
+#  1. a fresh optimizer cannot build its loading state dict (`state_dict()` asserts exactly one
+#     `step` value over an empty state): the state is initialised first, by an AdamW step with
+#     lr = 0 and weight decay 0 on zero gradients (moments stay 0, parameters unchanged; the
+#     loaded checkpoint then overwrites parameters, moments and step);
+#  2. on load one shared `step` tensor goes into every parameter's state, so AdamW would advance
+#     it once per parameter per step (wrong bias correction): each parameter gets its own copy;
+#  3. `fully_reshardable` load copies every state key from the checkpoint, and `step` is not
+#     among them (KeyError): the step comes from the loaded param groups (set by fix 2's copy).
+# None of these changes a number of an uninterrupted run.
+# ---------------------------------------------------------------------------------------------
+
+_ADAMW_FIXES_APPLIED = False
+
+
+def apply_torch_adamw_fixes() -> None:
+    """Applied once per process, only when megatron steps torch's AdamW (apex/TE absent)."""
+    global _ADAMW_FIXES_APPLIED
+    from megatron.core.optimizer import distrib_optimizer
+
+    if _ADAMW_FIXES_APPLIED or distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    cls = distrib_optimizer.DistributedOptimizer
+    original_set = cls._set_main_param_and_optimizer_states
+    original_sharded = cls.sharded_state_dict
+
+    def set_with_own_step(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state[main_param]
+        if "step" in state and "step" not in tensors:
+            state["step"] = state["step"].detach().clone()  # fixes 2 and 3
+            tensors = {**tensors, "step": state["step"]}
+        return original_set(self, model_param, tensors)
+
+    def sharded_state_dict_initialised(self, model_sharded_state_dict=None, is_loading=False, **kwargs):
+        if is_loading and not self.is_stub_optimizer and len(self.optimizer.state) == 0:
+            init_adamw_state(self.optimizer)  # fix 1
+        return original_sharded(self, model_sharded_state_dict or {}, is_loading, **kwargs)
+
+    cls._set_main_param_and_optimizer_states = set_with_own_step
+    cls.sharded_state_dict = sharded_state_dict_initialised
+    _ADAMW_FIXES_APPLIED = True
+
+
+@torch.no_grad()
+def init_adamw_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create AdamW's state (zero moments, step 1) without changing any parameter."""
+    saved = [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"], g["weight_decay"] = 0.0, 0.0
+        for p in g["params"]:
+            if p.numel():
+                p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for g, (lr, wd) in zip(optimizer.param_groups, saved):
+        g["lr"], g["weight_decay"] = lr, wd
+        for p in g["params"]:
+            p.grad = None
 
 
 def seed_model_parallel_rng(seed: int) -> None:

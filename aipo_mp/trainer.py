@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from aipo_mp import objectives, platform
+from aipo_mp import objectives, optim, platform
 from aipo_mp.config import Config, ConfigError, ModelArch, dump_config, validate
 from aipo_mp.data.pairs import PackedRow, pack_pairs, read_pairs_jsonl, tokenize_pairs
 from aipo_mp.engine import forward_only, model_forward
@@ -172,62 +172,8 @@ def reference_logps(built: BuiltModel, pairs, cfg: Config, lay: Layout) -> torch
     return world_sum(table)
 
 
-# ---------------------------------------------------------------------------------------------
-# Optimizer: AdamW over this rank's parameters, gradient clipping by the global norm
-# ---------------------------------------------------------------------------------------------
-
-
-def wrap_ddp(built: BuiltModel) -> list:
-    """megatron DDP: gradient buffers, the data-parallel all-reduce, and (via finalize_model_grads)
-    the tied-embedding and sequence-parallel norm all-reduces."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-
-    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                            use_distributed_optimizer=False)
-    built.config.finalize_model_grads_func = finalize_model_grads
-    return [DistributedDataParallel(config=built.config, ddp_config=ddp_cfg, module=c) for c in built.chunks]
-
-
 def trainable_params(chunks) -> list[torch.nn.Parameter]:
     return [p for c in chunks for p in c.parameters() if p.requires_grad]
-
-
-def make_optimizer(params, cfg) -> torch.optim.Optimizer:
-    decay = [p for p in params if p.dim() > 1]
-    no_decay = [p for p in params if p.dim() <= 1]  # norms: no weight decay
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-
-
-def move_main_grads(params) -> None:
-    for p in params:
-        g = getattr(p, "main_grad", None)
-        p.grad = None if g is None else g.to(p.dtype)
-
-
-def global_grad_norm(params) -> float:
-    """L2 norm over the whole model: each TP-replicated parameter and the tied output copy counted once."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-
-    sq = torch.zeros((), dtype=torch.float32, device=platform.device())
-    for p in params:
-        if p.grad is None or getattr(p, "shared", False) and not ps.is_pipeline_first_stage(ignore_virtual=True):
-            continue
-        if param_is_not_tensor_parallel_duplicate(p):
-            sq += p.grad.float().pow(2).sum()
-    torch.distributed.all_reduce(sq, group=ps.get_model_parallel_group())
-    return float(sq.sqrt())
-
-
-def clip_grads(params, max_norm: float) -> float:
-    norm = global_grad_norm(params)
-    if max_norm > 0 and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(scale)
-    return norm
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,28 +193,26 @@ def latest_checkpoint(cfg: Config) -> Optional[Path]:
     return path if path.is_dir() else None
 
 
-def rank_state_name() -> str:
-    from megatron.core import parallel_state as ps
-
-    return (f"rank_tp{ps.get_tensor_model_parallel_rank()}_pp{ps.get_pipeline_model_parallel_rank()}"
-            f"_dp{ps.get_data_parallel_rank()}.pt")
+def rng_state_name() -> str:
+    return f"rank_{torch.distributed.get_rank():05d}_of_{torch.distributed.get_world_size():05d}.pt"
 
 
 def save_checkpoint(state: "RunState", step: int) -> Path:
-    """Model (megatron dist checkpoint, any layout can load it), optimizer and RNG per rank,
-    progress; `latest` is written last, atomically, so a partial checkpoint is never used."""
+    """Model and optimizer (megatron dist checkpoints; any TP/PP/VPP/DP layout loads them), the
+    RNG state per rank, progress; `latest` is written last, atomically, so a partial checkpoint
+    is never used."""
     from aipo_mp.checkpoint import save_model
 
     cfg = state.cfg
+    optim.sync_weights(state.chunks)
     path = checkpoint_root(cfg) / f"step_{step:07d}"
     save_model(state.built, path, hf_config=state.hf_config, extra_files_from=state.tokenizer_dir,
-               dtype=cfg.precision.dtype)
-    opt_dir = path / "optimizer"
-    opt_dir.mkdir(exist_ok=True)
-    blob = {"optimizer": state.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
-    tmp = opt_dir / (rank_state_name() + ".tmp")
-    torch.save(blob, tmp)
-    tmp.replace(opt_dir / rank_state_name())
+               dtype=cfg.precision.dtype, optimizer=state.optimizer)
+    rng_dir = path / "rng"
+    rng_dir.mkdir(exist_ok=True)
+    tmp = rng_dir / (rng_state_name() + ".tmp")
+    torch.save({"torch_rng": torch.get_rng_state()}, tmp)
+    tmp.replace(rng_dir / rng_state_name())
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
         atomic_write_json(path / "train_state.json", {"step": step, "layout": layout_dict(cfg),
@@ -285,19 +229,17 @@ def layout_dict(cfg: Config) -> dict:
 
 
 def load_checkpoint(state: "RunState", path: Path) -> int:
-    from aipo_mp.checkpoint import load_model
+    """Weights and optimizer state at this run's layout, whatever layout saved them (resharded by
+    dist_checkpointing); the RNG state only where the same rank existed (dropout is 0 in every
+    shipped config: the data order is a pure function of the step)."""
+    from aipo_mp.checkpoint import load_model, load_optimizer
 
     load_model(state.built, path)
+    load_optimizer(state.optimizer, state.built, path)
+    rng = path / "rng" / rng_state_name()
+    if rng.is_file():
+        torch.set_rng_state(torch.load(rng, map_location="cpu", weights_only=True)["torch_rng"])
     info = json.loads((path / "train_state.json").read_text())
-    same_layout = info["layout"] == layout_dict(state.cfg) and info["world_size"] == torch.distributed.get_world_size()
-    if not same_layout:
-        raise ConfigError(
-            f"{path}: optimizer state was saved at layout {info['layout']} on {info['world_size']} ranks; resume "
-            f"with that layout, or start a new run from the weights with model.path={path}"
-        )
-    blob = torch.load(path / "optimizer" / rank_state_name(), map_location="cpu", weights_only=True)
-    state.optimizer.load_state_dict(blob["optimizer"])
-    torch.set_rng_state(blob["torch_rng"])
     return int(info["step"])
 
 
@@ -312,7 +254,7 @@ class RunState:
     arch: ModelArch
     built: BuiltModel
     chunks: list
-    optimizer: torch.optim.Optimizer
+    optimizer: object  # megatron MegatronOptimizer (see aipo_mp/optim.py)
     params: list
     pairs: list
     ref_table: Optional[torch.Tensor]
@@ -377,9 +319,9 @@ def setup(cfg: Config) -> RunState:
     objective = objectives.get_objective(cfg.objective.name)
     obj_params = objectives.resolve_params(cfg.objective.name, known_params(cfg))
     total = cfg.train.steps or max(1, len(pairs) // cfg.train.global_batch_pairs)
-    chunks = wrap_ddp(built)
+    chunks = optim.wrap_ddp(built, cfg)
     params = trainable_params(chunks)
-    state = RunState(cfg, arch, built, chunks, make_optimizer(params, cfg.train), params, pairs, None,
+    state = RunState(cfg, arch, built, chunks, optim.build_optimizer(chunks, cfg), params, pairs, None,
                      read_hf_config(cfg.model.path), tokenizer_dir, obj_params, lay, total)
     state.stats["data"] = data_stats.to_dict()
     state.needs_reference = objective.needs_reference
@@ -465,9 +407,7 @@ def train_step(state: RunState, step: int) -> dict:
 
         return output, loss_func
 
-    for c in state.chunks:
-        c.zero_grad_buffer()
-    state.optimizer.zero_grad(set_to_none=True)
+    optim.zero_grads(state.chunks, state.optimizer)
     iters = [iter([row_batch(r) for r in rows]) for _ in state.chunks]
     t0 = time.perf_counter()
     get_forward_backward_func()(
@@ -479,12 +419,9 @@ def train_step(state: RunState, step: int) -> dict:
         micro_batch_size=1,
         forward_only=False,
     )
-    move_main_grads(state.params)
-    grad_norm = clip_grads(state.params, cfg.train.clip_grad)
     lr = schedule_lr(step + 1, state.total_steps, cfg.train)
-    for group in state.optimizer.param_groups:
-        group["lr"] = lr
-    state.optimizer.step()
+    optim.set_lr(state.optimizer, lr, cfg.train.weight_decay)
+    _, grad_norm = optim.step(state.optimizer)
     elapsed = time.perf_counter() - t0
     return summarize_step(state, step, sums, rows, grad_norm, lr, elapsed)
 
@@ -612,6 +549,7 @@ def train(cfg: Config, stop: Optional[platform.StopSignal] = None) -> RunState:
         if rank0:
             print(f"resuming from {resume} (step {start})", flush=True)
     if state.needs_reference:
+        optim.sync_weights(state.chunks)
         state.ref_table = compute_reference(state)
     log = MetricsLog(cfg, start, rank0)
     bar = progress_bar(rank0, state.total_steps, start)
@@ -632,6 +570,7 @@ def train(cfg: Config, stop: Optional[platform.StopSignal] = None) -> RunState:
                 save_checkpoint(state, done)
             state.stats["stopped"] = True
             break
+    optim.sync_weights(state.chunks)  # state.built holds the trained weights for the caller
     if bar:
         bar.close()
     log.close()

@@ -655,6 +655,7 @@ def mcore_to_hf_rank(args) -> dict:
 def verify_rank(args) -> dict:
     import torch
 
+    from aipo_mp import platform
     from aipo_mp.checkpoint import load_model, read_meta
     from aipo_mp.engine import forward_only
     from aipo_mp.logprobs import gather_vocab_parallel
@@ -676,10 +677,11 @@ def verify_rank(args) -> dict:
         full = gather_vocab_parallel(logits)[0].double()
         for start, want in zip(b["starts"], b["want"]):
             got = full[start:start + want.shape[0]]
-            worst = torch.maximum(worst, (got - want.double()).abs().max())
+            worst = torch.maximum(worst, (got - want.to(got.device).double()).abs().max().cpu())
 
     batches = [batch] * (pp if vpp > 1 else 1)  # the interleaved schedule needs >= pp micro-batches
     forward_only(built.chunks, batches, collect, seq_length=batch["tokens"].shape[1], hidden_size=arch.hidden_size)
+    worst = worst.to(platform.device())  # NCCL reduces device tensors only
     torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
     return _rank_stats(max_abs_diff=float(worst), layout=dict(tp=tp, pp=pp, vpp=vpp), family=family.name,
                        num_sequences=len(batch["starts"]))
