@@ -118,7 +118,7 @@ class TrainConfig:
     log_every: int = 1
     recompute: str = "none"  # none | selective | full
     use_distributed_optimizer: bool = True  # megatron's: fp32 main weights + Adam moments sharded over DP
-    overlap_comm: str = "auto"  # overlap DP grad reduce-scatter / param all-gather: auto (with CUDA) | on | off
+    overlap_comm: Optional[bool] = None  # overlap DP grad reduce-scatter / param all-gather; None: with CUDA
     threads: int = 0  # CPU threads per rank (0: torch default)
 
 
@@ -354,7 +354,6 @@ CHOICES = {
     "precision.fp8": (None, "e4m3", "hybrid"),
     "train.schedule": ("cosine", "linear", "constant"),
     "train.recompute": ("none", "selective", "full"),
-    "train.overlap_comm": ("auto", "on", "off"),
     "data.on_error": ("error", "skip"),
     "reference.mode": ("initial", "model"),
     "rounds.reference": ("previous", "initial"),

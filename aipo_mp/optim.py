@@ -7,7 +7,7 @@
   step of a 5e-7 update would round to nothing); with the distributed optimizer the main weights
   and moments are sharded over data-parallel ranks (ZeRO-1). Gradient clipping and the global
   gradient norm are megatron's (each TP-replicated and each tied copy counted once).
-- `train.overlap_comm` (auto: on with CUDA) overlaps the grad reduce-scatter with the backward
+- `train.overlap_comm` (unset: on with CUDA) overlaps the grad reduce-scatter with the backward
   and the param all-gather with the next forward. The weights are then stale after a step until
   `sync_weights` (called before every save, reference pass and the end of training).
 """
@@ -22,7 +22,7 @@ from aipo_mp.config import Config
 
 def overlap_enabled(cfg: Config) -> bool:
     mode = cfg.train.overlap_comm
-    return platform.has_cuda() if mode == "auto" else mode == "on"
+    return platform.has_cuda() if mode is None else bool(mode)
 
 
 def wrap_ddp(built, cfg: Config) -> list:
