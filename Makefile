@@ -5,7 +5,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup test test-fast demo clean gpu-wheels
 
 setup: $(STAMP)
 
@@ -29,6 +29,12 @@ test-fast: setup
 
 demo: setup
 	$(BIN)/python -m aipo_mp.demo
+
+# Wheels for benchmarks/gpu_check.sh on a GPU machine without network (Python 3.12 by default:
+# make gpu-wheels GPU_PY=3.11); into gpu_wheels/ (git-ignored; carried with the working tree).
+GPU_PY ?= 3.12
+gpu-wheels:
+	$(BIN)/python benchmarks/gpu_wheels.py --python-version $(GPU_PY) --dest gpu_wheels
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

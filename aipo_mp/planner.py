@@ -291,6 +291,76 @@ def param_counts(arch: ModelArch, tp: int = 1, pp: int = 1, vpp: int = 1) -> Par
     return ParamCounts(tp, pp, vpp, sharded + repl, stages)
 
 
+def chunk_param_numels(arch: ModelArch, tp: int, pp: int, vpp: int, stage: int, chunk: int) -> list[tuple[int, bool]]:
+    """(numel, shared_embedding) of each trainable parameter of one model chunk on one TP rank, in
+    megatron's registration order (GPTModel with this project's local layer spec): embedding,
+    then per layer input norm, QKV, proj (+ Gemma-2's post-attention norm), pre-MLP norm, fc1,
+    fc2 (+ post-MLP norm), then the final norm and the output layer. `shared_embedding` marks the
+    tied embedding / output copies with pp > 1 (megatron gives them their own gradient bucket)."""
+    h, f, d = arch.hidden_size, arch.intermediate_size, arch.head_dim
+    a, g = arch.num_attention_heads, arch.num_key_value_heads
+    post = arch.family == "gemma2"
+    layer = [h, (a + 2 * g) * d // tp * h, h * (a * d // tp), *([h] if post else []), h, 2 * f // tp * h,
+             h * (f // tp), *([h] if post else [])]
+    shared = arch.tie_embeddings and pp > 1
+    vocab_shard = arch.vocab_size // tp * h
+    first, last = stage == 0 and chunk == 0, stage == pp - 1 and chunk == vpp - 1
+    out = [(vocab_shard, shared)] if first else []
+    out += [(n, False) for _ in range(arch.num_layers // (pp * vpp)) for n in layer]
+    if last:
+        out.append((h, False))
+        if not arch.tie_embeddings or pp > 1:
+            out.append((vocab_shard, shared))
+    return out
+
+
+def _pad(n: int, divisor: int) -> int:
+    return -(-n // divisor) * divisor
+
+
+def dp_shard_numels(params: list[tuple[int, bool]], dp: int, bucket_size: Optional[int] = None) -> list[int]:
+    """Parameter elements in each data-parallel rank's shard of one chunk's gradient buffer, as
+    megatron lays it out for the distributed optimizer: parameters in reverse order, each start
+    padded to 64 elements, buckets of `bucket_size` elements (None: one bucket; the shared
+    embedding alone in its own), each bucket padded to a multiple of lcm(dp, 128) and split
+    evenly over the dp ranks. The optimizer holds fp32 main weights and moments for exactly
+    these elements."""
+    divisor = math.lcm(dp, 128)
+    ranges, buckets = [], []
+    start = bucket_start = end = 0
+    open_params = 0
+
+    def close(at: int) -> int:
+        nonlocal bucket_start, open_params
+        stop = _pad(at, divisor)
+        buckets.append((bucket_start, stop))
+        bucket_start, open_params = stop, 0
+        return stop
+
+    for numel, shared in reversed(params):
+        start = _pad(start, 64)
+        if shared and open_params:
+            start = close(start)
+        end = start + numel
+        ranges.append((start, end))
+        open_params += 1
+        start = close(end) if shared or (bucket_size is not None and end - bucket_start >= bucket_size) else end
+    if open_params:
+        close(end)
+    per_rank = [0] * dp
+    for b0, b1 in buckets:
+        shard = (b1 - b0) // dp
+        for r in range(dp):
+            lo, hi = b0 + r * shard, b0 + (r + 1) * shard
+            per_rank[r] += sum(max(0, min(hi, pe) - max(lo, ps)) for ps, pe in ranges)
+    return per_rank
+
+
+def ddp_bucket_size(dp: int, overlap_grad_reduce: bool) -> Optional[int]:
+    """megatron DDP's default bucket size (elements); one bucket when grad reduce is not overlapped."""
+    return max(40_000_000, 1_000_000 * dp) if overlap_grad_reduce else None
+
+
 def compute_params(arch: ModelArch) -> int:
     """N for the FLOPs count: all parameters but the input embedding (the output GEMM counted once)."""
     emb = arch.vocab_size * arch.hidden_size
@@ -358,7 +428,7 @@ class StageMemory:
     weights: float
     grads: float
     optimizer: float
-    optimizer_distributed: float
+    optimizer_distributed: float  # the largest over data-parallel ranks
     optimizer_plain: float
     activations: float  # with the chosen recomputation
     activations_by_recompute: dict
@@ -369,6 +439,7 @@ class StageMemory:
     overhead: float
     training_total: float
     total: float  # peak over the reference precompute and training phases
+    optimizer_by_dp_rank: list = field(default_factory=list)  # distributed optimizer, per DP rank
 
 
 @dataclass
@@ -433,12 +504,15 @@ def microbatches(global_batch_pairs: int, dp: int, pairs_per_row: int = 1, pp: i
 def memory_per_gpu(arch: ModelArch, layout: Layout, dtype: str = "bf16", seq_length: int = 2560,
                    micro_batch_rows: int = 1, recompute: str = "none", distributed_optimizer: bool = True,
                    reference_mode: str = "initial", num_microbatches_in_flight: Optional[float] = None,
-                   num_microbatches: Optional[int] = None, backend: str = "te") -> MemoryEstimate:
+                   num_microbatches: Optional[int] = None, backend: str = "te",
+                   overlap_grad_reduce: bool = True) -> MemoryEstimate:
     """Bytes per GPU on every pipeline stage; `.binding` is the stage with the highest peak.
 
     num_microbatches: rows per DP rank per step (bounds the 1F1B warm-up); default pp (so the
     first stage holds pp micro-batches). num_microbatches_in_flight: override the schedule's
-    count (every stage then holds that many micro-batches of its layers)."""
+    count (every stage then holds that many micro-batches of its layers). overlap_grad_reduce:
+    megatron's gradient buckets (on with CUDA, as the trainer runs; they move the DP shard
+    boundaries of the distributed optimizer by a few elements)."""
     if dtype not in DTYPE_BYTES:
         raise PlanError(f"dtype {dtype!r}: choose one of {', '.join(DTYPE_BYTES)}")
     if recompute not in RECOMPUTE:
@@ -458,7 +532,13 @@ def memory_per_gpu(arch: ModelArch, layout: Layout, dtype: str = "bf16", seq_len
         p = st.total
         weights, grads = e * p, 4.0 * p
         opt_plain = float(opt_bytes * p)
-        opt_dist = opt_plain / dp
+        shards = [0] * dp
+        for chunk in range(vpp):
+            numels = chunk_param_numels(arch, t, pp, vpp, st.stage, chunk)
+            for r, n in enumerate(dp_shard_numels(numels, dp, ddp_bucket_size(dp, overlap_grad_reduce))):
+                shards[r] += n
+        opt_by_rank = [float(opt_bytes * n) for n in shards]
+        opt_dist = max(opt_by_rank)
         flight = num_microbatches_in_flight if num_microbatches_in_flight is not None else \
             in_flight_passes(pp, vpp, st.stage, m)
         layer_sets = flight * st.layers
@@ -483,7 +563,7 @@ def memory_per_gpu(arch: ModelArch, layout: Layout, dtype: str = "bf16", seq_len
         total = max(training, ref_phase) if reference_mode == "model" else training
         stages.append(StageMemory(
             st.stage, p, weights, grads, optimizer, opt_dist, opt_plain, acts[recompute], acts, flight, logits,
-            ref_by_mode, ref_phase, float(RUNTIME_OVERHEAD), training, total))
+            ref_by_mode, ref_phase, float(RUNTIME_OVERHEAD), training, total, opt_by_rank))
     return MemoryEstimate(layout, dtype, seq_length, recompute, distributed_optimizer, reference_mode, m, stages)
 
 

@@ -89,6 +89,9 @@ def init_distributed(port: Optional[int] = None, timeout_minutes: int = 30) -> D
     if torch.distributed.is_initialized():
         return env
     if has_cuda():
+        # megatron orders TP/SP communication and compute on one hardware queue (and asserts
+        # it for TP overlap); must be set before the CUDA context exists.
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
         backend = "nccl"
     else:
@@ -258,6 +261,35 @@ def initialize_model_parallel(tp: int, pp: int, vpp: Optional[int] = None, cp: i
         virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
         context_parallel_size=cp,
     )
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def gpu_fast_paths(activation) -> dict:
+    """TransformerConfig switches for the GPU hot path, each only where its kernel exists (none
+    on CPU): pipeline outputs freed once sent; the fused SwiGLU (megatron's jit fuser, SiLU
+    models); Transformer Engine's fused RoPE (also for packed THD rows); gradient accumulation
+    fused into the weight-gradient GEMM (needs apex's fused_weight_gradient_mlp_cuda, which the
+    output layer's ColumnParallelLinear uses even with TE layers)."""
+    import torch.nn.functional as F
+
+    if not has_cuda():
+        return {}
+    out = {"deallocate_pipeline_outputs": True}
+    if activation is F.silu:
+        out["bias_activation_fusion"] = True
+    if _importable("transformer_engine"):
+        out["apply_rope_fusion"] = True
+    if _importable("fused_weight_gradient_mlp_cuda"):
+        out["gradient_accumulation_fusion"] = True
+    return out
 
 
 def p2p_settings() -> dict:

@@ -102,7 +102,8 @@ def world_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over all ranks (on the accelerator when there is one: NCCL reduces device tensors)."""
     on_device = t.to(platform.device())
     torch.distributed.all_reduce(on_device)
-    t.copy_(on_device.cpu())
+    if on_device is not t:
+        t.copy_(on_device)
     return t
 
 
@@ -128,17 +129,30 @@ def empty_row(seq_length: int) -> PackedRow:
     )
 
 
+ROW_TENSORS = ("labels", "loss_mask", "segment_ids", "pair_indices", "chosen_lengths", "rejected_lengths")
+
+
+def to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """Host -> device without a pageable copy or a sync: pinned staging, non-blocking copy."""
+    if dev.type == "cuda":
+        return t.pin_memory().to(dev, non_blocking=True)
+    return t.to(dev)
+
+
 def row_batch(row: PackedRow) -> dict:
+    """One micro-batch: every tensor the forward and the loss need, moved to the device once
+    (the loss function then never copies or syncs); `row` keeps the host-side counts."""
     dev = platform.device()
-    return {"tokens": row.tokens[None].to(dev), "cu_seqlens": row.cu_seqlens.to(dev), "max_seqlen": row.max_seqlen,
-            "row": row}
+    batch = {"tokens": to_device(row.tokens[None], dev), "cu_seqlens": to_device(row.cu_seqlens, dev),
+             "max_seqlen": row.max_seqlen, "row": row}
+    batch.update({name: to_device(getattr(row, name), dev) for name in ROW_TENSORS})
+    return batch
 
 
-def row_sequence_logps(logits: torch.Tensor, row: PackedRow) -> tuple[torch.Tensor, torch.Tensor]:
+def row_sequence_logps(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) summed response log-probs of the pairs in a row; logits [1, T, V/tp]."""
-    dev = logits.device
-    tok = token_logprobs(logits[0], row.labels.to(dev))
-    seq = sequence_logprobs(tok, row.loss_mask.to(dev), row.segment_ids.to(dev), 2 * len(row.pair_indices))
+    tok = token_logprobs(logits[0], batch["labels"])
+    seq = sequence_logprobs(tok, batch["loss_mask"], batch["segment_ids"], 2 * len(batch["row"].pair_indices))
     return seq[0::2], seq[1::2]
 
 
@@ -153,15 +167,14 @@ def reference_logps(built: BuiltModel, pairs, cfg: Config, lay: Layout) -> torch
     mine = [p for p in pairs if p.index % lay.dp_size == lay.dp_rank]
     rows = pack_pairs(mine, cfg.train.seq_length, cfg.train.micro_batch_pairs)
     rows = pad_rows(rows, cfg.parallel.pp if cfg.parallel.vpp > 1 else 1, cfg.train.seq_length)
-    table = torch.zeros(len(pairs), 2, dtype=torch.float32)
+    table = torch.zeros(len(pairs), 2, dtype=torch.float32, device=platform.device())
 
     def collect(logits, batch):
-        row = batch["row"]
-        if len(row.pair_indices):  # every TP rank joins the vocab-parallel collectives
-            c, r = row_sequence_logps(logits, row)
+        if len(batch["row"].pair_indices):  # every TP rank joins the vocab-parallel collectives
+            c, r = row_sequence_logps(logits, batch)
             if lay.tp_rank == 0:
-                table[row.pair_indices, 0] = c.cpu()
-                table[row.pair_indices, 1] = r.cpu()
+                table[batch["pair_indices"], 0] = c.float()
+                table[batch["pair_indices"], 1] = r.float()
 
     for chunk in built.chunks:
         chunk.eval()
@@ -169,7 +182,7 @@ def reference_logps(built: BuiltModel, pairs, cfg: Config, lay: Layout) -> torch
         forward_only(built.chunks, [row_batch(r) for r in rows], collect, cfg.train.seq_length, built.arch.hidden_size)
     for chunk in built.chunks:
         chunk.train()
-    return world_sum(table)
+    return world_sum(table).cpu()
 
 
 def trainable_params(chunks) -> list[torch.nn.Parameter]:
@@ -401,7 +414,7 @@ def train_step(state: RunState, step: int) -> dict:
         def loss_func(logits):
             if not len(row.pair_indices):
                 return logits.sum() * 0.0, {}
-            losses, metrics = pair_losses(state, logits, row)
+            losses, metrics = pair_losses(state, logits, batch)
             accumulate(sums, losses, metrics)
             return losses.sum() * scale, {}
 
@@ -426,17 +439,17 @@ def train_step(state: RunState, step: int) -> dict:
     return summarize_step(state, step, sums, rows, grad_norm, lr, elapsed)
 
 
-def pair_losses(state: RunState, logits: torch.Tensor, row: PackedRow):
-    chosen, rejected = row_sequence_logps(logits, row)
+def pair_losses(state: RunState, logits: torch.Tensor, batch: dict):
+    chosen, rejected = row_sequence_logps(logits, batch)
     dev = chosen.device
-    ref = state.ref_table[row.pair_indices].to(dev) if state.ref_table is not None else None
+    ref = state.ref_table.to(dev)[batch["pair_indices"]] if state.ref_table is not None else None
     batch = objectives.PairLogps(
         policy_chosen=chosen,
         policy_rejected=rejected,
         reference_chosen=None if ref is None else ref[:, 0],
         reference_rejected=None if ref is None else ref[:, 1],
-        chosen_lengths=row.chosen_lengths.to(dev),
-        rejected_lengths=row.rejected_lengths.to(dev),
+        chosen_lengths=batch["chosen_lengths"],
+        rejected_lengths=batch["rejected_lengths"],
     )
     return objectives.compute(state.cfg.objective.name, batch, state.objective_params)
 
@@ -461,13 +474,17 @@ def summarize_step(state: RunState, step: int, sums: dict, rows, grad_norm: floa
     """Global means over the batch: sums from one rank per data-parallel replica, all-reduced."""
     lay, cfg = state.layout, state.cfg
     keys = ["loss", *metric_names(state)]
-    vec = torch.tensor([float(sums.get(k, 0.0)) if lay.reports else 0.0 for k in keys], dtype=torch.float64)
-    tokens = torch.tensor([sum(r.num_real_tokens for r in rows), len(rows) * cfg.train.seq_length],
-                          dtype=torch.float64)
-    if not (lay.last_stage and lay.tp_rank == 0):
-        tokens.zero_()
-    world_sum(vec)
-    world_sum(tokens)
+    dev = platform.device()
+    # One vector, one all-reduce, one device -> host read per step (the sums stay on the device
+    # until here): metric sums, then real and computed tokens.
+    parts = [torch.as_tensor(sums.get(k, 0.0), dtype=torch.float64, device=dev) for k in keys]
+    parts += [torch.tensor(float(sum(r.num_real_tokens for r in rows)), dtype=torch.float64, device=dev),
+              torch.tensor(float(len(rows) * cfg.train.seq_length), dtype=torch.float64, device=dev)]
+    vec = torch.stack(parts)
+    if not lay.reports:
+        vec.zero_()
+    values = world_sum(vec).tolist()
+    vec, tokens = values[:len(keys)], values[len(keys):]
     pairs = cfg.train.global_batch_pairs
     record = {"step": step + 1, "loss": float(vec[keys.index("loss")]) / pairs, "lr": lr, "grad_norm": grad_norm}
     record.update({k: float(vec[i]) / pairs for i, k in enumerate(keys) if k != "loss"})
@@ -550,7 +567,7 @@ def train(cfg: Config, stop: Optional[platform.StopSignal] = None) -> RunState:
             print(f"resuming from {resume} (step {start})", flush=True)
     if state.needs_reference:
         optim.sync_weights(state.chunks)
-        state.ref_table = compute_reference(state)
+        state.ref_table = compute_reference(state).to(platform.device())  # indexed on the device per row
     log = MetricsLog(cfg, start, rank0)
     bar = progress_bar(rank0, state.total_steps, start)
     record, saved_at = {}, start

@@ -2,7 +2,8 @@
 
 For each run (overrides of a tiny training config) it builds the trainer's state, takes one
 optimizer step, and reports what this rank really holds: parameter, gradient (megatron DDP
-main_grad, fp32) and optimizer-state bytes, and, for single-stage layouts, the bytes of tensors
+main_grad, fp32) and optimizer-state bytes (megatron's optimizer: fp32 main weights that are not
+the model's own tensors, and the Adam moments), and, for single-stage layouts, the bytes of tensors
 autograd saves for the backward of one packed row (the activation memory of a micro-batch)."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from aipo_mp import platform
 from aipo_mp.config import load_config
 from aipo_mp.trainer import compute_reference, row_batch, setup, step_rows, train_step
 from aipo_mp.engine import model_forward
+from aipo_mp.optim import optimizer_state_bytes
 
 
 def saved_activation_bytes(state) -> int:
@@ -39,15 +41,14 @@ def saved_activation_bytes(state) -> int:
 def measure(state) -> dict:
     from megatron.core import parallel_state as ps
 
-    opt = sum(t.numel() * t.element_size() for s in state.optimizer.state.values() for t in s.values()
-              if torch.is_tensor(t) and t.dim() > 0)
     return {
         "tp_rank": ps.get_tensor_model_parallel_rank(),
         "pp_rank": ps.get_pipeline_model_parallel_rank(),
+        "dp_rank": ps.get_data_parallel_rank(),
         "params": sum(p.numel() for p in state.params),
         "weight_bytes": sum(p.numel() * p.element_size() for p in state.params),
         "grad_bytes": sum(p.main_grad.numel() * p.main_grad.element_size() for p in state.params),
-        "optimizer_bytes": opt,
+        "optimizer_bytes": optimizer_state_bytes(state.optimizer, state.chunks),
     }
 
 

@@ -333,6 +333,7 @@ def transformer_config(arch: ModelArch, par: ParallelConfig, prec: PrecisionConf
         deallocate_pipeline_outputs=False,
         **platform.p2p_settings(),
     )
+    kwargs.update(platform.gpu_fast_paths(opts.activation))
     if recompute != "none":
         kwargs["recompute_granularity"] = recompute
         if recompute == "full":
