@@ -220,3 +220,36 @@ def test_new_families_parameter_count_and_names_equal_transformers(name):
 def test_every_family_is_registered():
     assert set(FAMILIES) == {"llama", "mistral", "gemma2", "qwen2", "qwen3"}
     assert {get_family(tiny_arch(n).family).name for n in NEW_MODELS} == {"llama", "qwen2", "qwen3"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes of the new families follow the planner
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recipe", ["aipo_llama3_3_70b", "aipo_llama3_1_405b"])
+def test_recipe_layout_is_the_planners_recommendation(recipe):
+    from aipo_mp import planner
+    from aipo_mp.config import load_config
+    from tests.conftest import ROOT
+
+    cfg = load_config(ROOT / "configs" / "recipes" / f"{recipe}.yaml")
+    gpus = cfg.cluster.nodes * cfg.cluster.nproc_per_node
+    top = planner.plan(cfg.model.arch, gpus, "h100-80gb")[0]
+    par = cfg.parallel
+    assert top.fits
+    assert (top.layout.tp, top.layout.pp, top.layout.vpp, top.layout.dp) == (par.tp, par.pp, par.vpp, gpus // (par.tp * par.pp))
+    assert top.recompute == cfg.train.recompute
+
+
+def test_405b_needs_a_pipeline_depth_that_divides_126_layers():
+    """README: on 16 or 32 full nodes (power-of-two GPUs) only pp <= 2 divides 126 layers and nothing
+    fits; the planner's choice for 16 nodes uses 14 of them (tp 8 x pp 14)."""
+    from aipo_mp import planner
+
+    arch = _model_arch("llama3_1_405b")
+    for gpus in (128, 256):
+        rows = planner.plan(arch, gpus, "h100-80gb")
+        assert rows and not any(r.fits for r in rows) and {r.layout.pp for r in rows} <= {1, 2}
+    top = planner.plan(arch, 112, "h100-80gb")[0]
+    assert top.fits and (top.layout.tp, top.layout.pp, top.layout.dp, top.recompute) == (8, 14, 1, "full")
