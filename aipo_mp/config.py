@@ -55,12 +55,19 @@ class ModelArch:
     final_logit_softcapping: Optional[float] = None
     sliding_window: Optional[int] = None
     layer_types: Optional[list] = None  # per layer: "sliding_attention" | "full_attention"
+    # Llama-3.1+ RoPE scaling: {rope_type: llama3, factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings}; None is plain RoPE (see aipo_mp/models/rope.py).
+    rope_scaling: Optional[dict] = None
+    qkv_bias: bool = False  # Qwen2: bias on the q, k and v projections
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on every query and key head, before RoPE
 
     def num_params(self) -> int:
         """Parameter count of the whole model (embeddings, layers, final norm, output layer)."""
         h, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
-        attn = h * (self.num_attention_heads + 2 * self.num_key_value_heads) * hd
-        attn += self.num_attention_heads * hd * h
+        qkv_features = (self.num_attention_heads + 2 * self.num_key_value_heads) * hd
+        attn = h * qkv_features + self.num_attention_heads * hd * h
+        attn += qkv_features if self.qkv_bias else 0
+        attn += 2 * hd if self.qk_norm else 0
         norms = (4 if self.family == "gemma2" else 2) * h
         layer = attn + 3 * h * f + norms
         emb = self.vocab_size * h
@@ -413,6 +420,13 @@ def layout_errors(arch: ModelArch, par: ParallelConfig, world_size: Optional[int
     return errors
 
 
+def arch_errors(arch: ModelArch) -> list[str]:
+    """Architecture values a family cannot build (RoPE scaling it does not implement, ...)."""
+    from aipo_mp.models import arch_problems
+
+    return arch_problems(arch)
+
+
 def divisors(*ns: int) -> list[int]:
     g = 0
     for n in ns:
@@ -439,6 +453,7 @@ def validate(cfg: Config, world_size: Optional[int] = None, arch: Optional[Model
         except ConfigError as e:
             raise ConfigError(errors + e.errors)
     errors += layout_errors(arch, cfg.parallel, world_size)
+    errors += arch_errors(arch)
     errors += training_errors(cfg, arch, world_size)
     errors += objective_errors(cfg)
     if errors:

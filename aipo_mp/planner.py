@@ -257,11 +257,13 @@ def layer_params(arch: ModelArch, tp: int = 1) -> tuple[int, int]:
     """(TP-sharded, replicated) parameters of one transformer layer on one TP rank."""
     h, f, d = arch.hidden_size, arch.intermediate_size, arch.head_dim
     a, g = arch.num_attention_heads, arch.num_key_value_heads
-    qkv = _div((a + 2 * g) * d, tp, "QKV output features / tp") * h
+    qkv_features = _div((a + 2 * g) * d, tp, "QKV output features / tp")
+    qkv = qkv_features * h + (qkv_features if arch.qkv_bias else 0)  # Qwen2: the bias is split like the rows
     proj = h * _div(a * d, tp, "attention output features / tp")
     fc1 = _div(2 * f, tp, "fc1 output features / tp") * h
     fc2 = h * _div(f, tp, "ffn size / tp")
-    return qkv + proj + fc1 + fc2, norms_per_layer(arch) * h
+    qk_norms = 2 * d if arch.qk_norm else 0  # Qwen3: one head_dim weight each for q and k, on every TP rank
+    return qkv + proj + fc1 + fc2, norms_per_layer(arch) * h + qk_norms
 
 
 def norms_per_layer(arch: ModelArch) -> int:
@@ -403,6 +405,8 @@ def layer_activation_bytes(arch: ModelArch, seq_length: int, rows: int = 1, tp: 
     n_norm = norms_per_layer(arch)
     replicated = n_norm * _norm_bytes(arch, e, fused_norms) * h + 2 * e * h
     sharded = e * (2 * hq + 2 * hkv) + e * 5 * f
+    if arch.qk_norm:  # Qwen3: the per-head q/k norms keep what the hidden-size norms keep, per q/k feature
+        sharded += (hq + hkv) * _norm_bytes(arch, e, fused_norms)
     if flash:
         sharded += 4 * a  # fp32 log-sum-exp per head and token
     elif recompute != "selective":

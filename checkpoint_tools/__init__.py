@@ -228,6 +228,9 @@ def expected_hf_shapes(arch: ModelArch, names: list[str]) -> dict[str, tuple[int
     h, f, hd = arch.hidden_size, arch.intermediate_size, arch.head_dim
     q, kv, v = arch.num_attention_heads * hd, arch.num_key_value_heads * hd, arch.vocab_size
     table = (
+        # Qwen3's per-head q/k norms and Qwen2's q/k/v biases (before the generic "norm.weight").
+        ("q_norm.weight", (hd,)), ("k_norm.weight", (hd,)),
+        ("q_proj.bias", (q,)), ("k_proj.bias", (kv,)), ("v_proj.bias", (kv,)),
         ("embed_tokens.weight", (v, h)), ("lm_head.weight", (v, h)), ("norm.weight", (h,)), ("layernorm.weight", (h,)),
         ("q_proj.weight", (q, h)), ("k_proj.weight", (kv, h)), ("v_proj.weight", (kv, h)), ("o_proj.weight", (h, q)),
         ("gate_proj.weight", (f, h)), ("up_proj.weight", (f, h)), ("down_proj.weight", (h, f)),

@@ -230,7 +230,7 @@ def broken(tiny_hf_dirs, work) -> dict:
     d["unsupported"] = work / "bad_arch"
     shutil.copytree(llama, d["unsupported"])
     cfg = json.loads((llama / "config.json").read_text())
-    cfg.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+    cfg.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe")
     (d["unsupported"] / "config.json").write_text(json.dumps(cfg))
     d["missing"] = rewrite_weights(llama, work / "bad_missing",
                                    lambda t: {k: v for k, v in t.items() if k != "model.layers.2.mlp.up_proj.weight"})
@@ -246,7 +246,8 @@ def test_user_mistakes_are_one_line_and_leave_nothing(tiny_hf_dirs, tp1, broken,
     out = work / "never"
     cases = [
         (("hf-to-mcore", "--hf", broken["unsupported"], "--out", out),
-         "unsupported architecture Qwen2ForCausalLM; supported: Gemma2ForCausalLM, LlamaForCausalLM, MistralForCausalLM"),
+         "unsupported architecture Qwen3MoeForCausalLM; supported: Gemma2ForCausalLM, LlamaForCausalLM, "
+         "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"),
         (("hf-to-mcore", "--hf", broken["missing"], "--out", out), "missing tensors model.layers.2.mlp.up_proj.weight"),
         (("hf-to-mcore", "--hf", broken["unexpected"], "--out", out), "unexpected tensors model.layers.9.mlp.up_proj.weight"),
         (("hf-to-mcore", "--hf", broken["shape"], "--out", out),
@@ -380,3 +381,66 @@ def test_sigterm_stops_workers_and_removes_partial_output(tiny_hf_dirs, work):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and err.strip().splitlines()[-1] == "error: interrupted; partial output removed", err
     assert not out.exists() and not (work / ".mc_sigterm.partial").exists()
+
+
+VLLM_LOGPROBS = """
+import json, sys
+from aipo_mp.rounds.sampling import logprobs_of
+dirs, tokens = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+print("RESULT" + json.dumps([logprobs_of(d, tokens) for d in dirs]))
+"""
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_new_families_round_trip_bit_exact_at_tp2_pp2(tiny_hf_dirs, work):
+    """Llama-3.1 (llama3 RoPE), Qwen2.5 (q/k/v biases, tied embeddings) and Qwen3 (q/k norms):
+    HF -> Megatron at TP=2 x PP=2 -> HF is bit-exact, verify (loaded at TP=1) gives HF's logits,
+    and vLLM's teacher-forced log-probs on each exported directory equal transformers' (fp32).
+    All six conversions run in one 4-rank launch, the three vLLM engines in one process."""
+    from tests.conftest import NEW_MODELS
+    from tests.launch import run_ranks
+
+    commands = []
+    for name in NEW_MODELS:
+        mc, back = work / f"mc_{name}_tp2pp2", work / f"hf_{name}_tp2pp2"
+        commands += [["hf-to-mcore", "--hf", str(tiny_hf_dirs[name]), "--out", str(mc), "--tp", "2", "--pp", "2"],
+                     ["mcore-to-hf", "--ckpt", str(mc), "--out", str(back), "--max-shard-size", "500KB"]]
+    run_ranks(4, "tests.convert_worker", [json.dumps(commands)])
+    for name in NEW_MODELS:
+        src, mc, back = tiny_hf_dirs[name], work / f"mc_{name}_tp2pp2", work / f"hf_{name}_tp2pp2"
+        meta = json.loads((mc / "aipo_checkpoint.json").read_text())
+        assert meta["layout"] == {"tp": 2, "pp": 2, "vpp": 1}
+        assert_same_weights(src, back)
+        if name == "llama3_1":  # the export carries the scaling (transformers would apply default RoPE without it)
+            assert json.loads((back / "config.json").read_text())["rope_parameters"]["rope_type"] == "llama3"
+        assert max_diff(ok(run_main("verify", "--hf", src, "--ckpt", mc, "--tp", "1", "--pp", "1"))) <= TOL
+    check_vllm_logprobs([work / f"hf_{name}_tp2pp2" for name in NEW_MODELS], work)
+
+
+def check_vllm_logprobs(dirs: list[Path], work: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from aipo_mp.tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(work / "tok", vocab_size=512, seed=0)
+    for d in dirs:  # vLLM loads the tokenizer from the model directory
+        for f in tok.iterdir():
+            shutil.copy(f, d / f.name)
+    # Up to 60 tokens: past the tiny Llama-3.1's original length (32), where llama3 scaling acts.
+    g = torch.Generator().manual_seed(5)
+    tokens = [[1] + torch.randint(4, 512, (n,), generator=g).tolist() for n in (7, 23, 60)]
+    out = subprocess.run([sys.executable, "-c", VLLM_LOGPROBS, json.dumps([str(d) for d in dirs]), json.dumps(tokens)],
+                         cwd=ROOT, env=dict(cli_env(), OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout.split("RESULT", 1)[1])
+    for d, got in zip(dirs, results):
+        model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        worst = 0.0
+        for ids, lp in zip(tokens, got):
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0, :-1].float()
+            want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+            worst = max(worst, float((torch.tensor(lp) - want).abs().max()))
+        print(f"vLLM vs transformers teacher-forced log-probs, {d.name}: max |diff| = {worst:.2e}")
+        assert worst <= TOL, (d.name, worst)

@@ -101,7 +101,7 @@ def test_dist_env_from_slurm_and_torchrun():
 
 
 @pytest.mark.parametrize("recipe", ["aipo_mistral_large_123b", "aipo_llama3_70b", "aipo_gemma2_27b",
-                                    "aipo_mistral_nemo_12b", "aipo_tiny"])
+                                    "aipo_mistral_nemo_12b", "aipo_tiny", "aipo_llama3_3_70b", "aipo_llama3_1_405b"])
 def test_recipes_validate_at_their_world_size(recipe):
     """Every shipped recipe is a valid layout for the cluster it names (architecture from the
     model config it includes; the checkpoint path is a placeholder on this machine)."""

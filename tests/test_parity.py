@@ -1,7 +1,8 @@
 """Megatron logits equal transformers logits (fp32, max abs diff <= 1e-4) for llama, mistral and
 gemma2 at TP=1, TP=2 (sequence parallel), PP=2, PP=2 x VPP=2 and TP=2 x PP=2 (4 gloo processes),
-on a packed row of several sequences of different lengths: each sequence's logits are compared
-with HF's logits of that sequence alone."""
+and for the tiny Llama-3.1 (llama3 RoPE scaling), Qwen2.5 (q/k/v biases, tied) and Qwen3 (q/k
+norms) at TP=1, TP=2 + SP, PP=2 and TP=2 x PP=2 + SP, on a packed row of several sequences of
+different lengths: each sequence's logits are compared with HF's logits of that sequence alone."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from aipo_mp.models import arch_from_dir
 from checkpoint_tools import make_reference
-from tests.conftest import FAMILIES
+from tests.conftest import FAMILIES, NEW_MODELS
 from tests.launch import run_ranks
 
 TOL = 1e-4
@@ -45,8 +46,8 @@ def assert_close(results: list[dict], expected_cases: int) -> None:
 
 @pytest.mark.dist
 def test_parity_single_process(tiny_hf_dirs, references, tmp_path):
-    cases = [dict(family=f, hf_dir=str(tiny_hf_dirs[f]), tp=1, pp=1) for f in FAMILIES]
-    assert_close(run_cases(1, cases, references, tmp_path), 3)
+    cases = [dict(family=f, hf_dir=str(tiny_hf_dirs[f]), tp=1, pp=1) for f in FAMILIES + NEW_MODELS]
+    assert_close(run_cases(1, cases, references, tmp_path), 6)
 
 
 @pytest.mark.dist
@@ -56,13 +57,16 @@ def test_parity_two_ranks(tiny_hf_dirs, references, tmp_path):
         d = str(tiny_hf_dirs[f])
         cases += [dict(family=f, hf_dir=d, tp=2, pp=1, sp=True), dict(family=f, hf_dir=d, tp=2, pp=1, sp=False),
                   dict(family=f, hf_dir=d, tp=1, pp=2), dict(family=f, hf_dir=d, tp=1, pp=2, vpp=2)]
-    assert_close(run_cases(2, cases, references, tmp_path), 12)
+    for f in NEW_MODELS:
+        d = str(tiny_hf_dirs[f])
+        cases += [dict(family=f, hf_dir=d, tp=2, pp=1, sp=True), dict(family=f, hf_dir=d, tp=1, pp=2)]
+    assert_close(run_cases(2, cases, references, tmp_path), 18)
 
 
 @pytest.mark.dist
 def test_parity_four_ranks(tiny_hf_dirs, references, tmp_path):
-    cases = [dict(family=f, hf_dir=str(tiny_hf_dirs[f]), tp=2, pp=2, sp=True) for f in FAMILIES]
-    assert_close(run_cases(4, cases, references, tmp_path), 3)
+    cases = [dict(family=f, hf_dir=str(tiny_hf_dirs[f]), tp=2, pp=2, sp=True) for f in FAMILIES + NEW_MODELS]
+    assert_close(run_cases(4, cases, references, tmp_path), 6)
 
 
 def test_packed_rows_really_exercise_windows_and_softcaps(tiny_hf_dirs):
@@ -89,3 +93,21 @@ def set_everywhere(model, attr: str, value) -> None:
         attn = layer.self_attn
         if hasattr(attn, attr) and not (attr == "sliding_window" and getattr(attn, attr) is None):
             setattr(attn, attr, value)
+
+
+def test_tiny_llama3_1_scaling_really_changes_the_logits(tiny_hf_dirs):
+    """Guard against a vacuous llama3 parity case: at the reference row's longest length (24
+    tokens) the tiny Llama-3.1's RoPE scaling changes HF's logits, so a Megatron model that
+    ignored it would fail the parity bar."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = tiny_hf_dirs["llama3_1"]
+    plain_cfg = AutoConfig.from_pretrained(d)
+    assert plain_cfg.rope_parameters["rope_type"] == "llama3"
+    plain_cfg.rope_parameters = {"rope_type": "default", "rope_theta": plain_cfg.rope_parameters["rope_theta"]}
+    ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        scaled = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()(ids)
+        plain = AutoModelForCausalLM.from_pretrained(d, config=plain_cfg, dtype=torch.float32,
+                                                     attn_implementation="eager").eval()(ids)
+    assert (scaled.logits - plain.logits).abs().max() > 1e-2

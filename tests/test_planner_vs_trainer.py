@@ -1,6 +1,8 @@
 """The planner's per-rank parameter, gradient and optimizer-state bytes equal what the trainer
-allocates (exact; bf16 with megatron's distributed optimizer, at DP=2 (tp1) and DP=1), and its activation estimate is within 25% of the bytes autograd really saves
-for one micro-batch, for tiny llama and gemma2 at several layouts."""
+allocates (exact; bf16 with megatron's distributed optimizer, at DP=2 (tp1) and DP=1), and its
+activation estimate is within 25% of the bytes autograd really saves for one micro-batch, for tiny
+llama and gemma2 at several layouts, and Qwen2.5 (q/k/v biases, tied embeddings) and Qwen3 (q/k
+norms) at TP=2 + SP and PP=2."""
 
 from __future__ import annotations
 
@@ -21,8 +23,10 @@ LAYOUTS = {"tp1": (1, 1, False), "tp2sp": (2, 1, True), "pp2": (1, 2, False)}
 @pytest.mark.slow
 def test_planner_matches_trainer_allocation(policy_dirs, tmp_path):  # noqa: F811
     runs = []
-    for fam in ("llama", "gemma2"):
-        for name, (tp, pp, sp) in LAYOUTS.items():
+    layouts_of = {"llama": tuple(LAYOUTS), "gemma2": tuple(LAYOUTS), "qwen2": ("tp2sp", "pp2"), "qwen3": ("tp2sp", "pp2")}
+    for fam, names in layouts_of.items():
+        for name in names:
+            tp, pp, sp = LAYOUTS[name]
             extra = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.sequence_parallel={str(sp).lower()}",
                      "output.dir=" + str(tmp_path / f"{fam}-{name}"), "train.steps=1", "precision.dtype=bf16"]
             runs.append({"name": f"{fam}-{name}", "family": fam, "layout": (tp, pp, sp),

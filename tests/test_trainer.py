@@ -33,6 +33,9 @@ LAYOUTS = {  # name: overrides (4 ranks)
     "dp4": [],
 }
 FAMILIES = ("llama", "gemma2")
+# A newer family on the layouts its shapes make interesting: Qwen3's q/k norm weights are shared
+# by the heads of all TP ranks (megatron sums their grads over TP), with and without SP.
+NEW_FAMILY_LAYOUTS = {"qwen3": ("tp2", "tp2pp2")}
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +46,8 @@ def policy_dirs(tmp_path_factory) -> dict:
 
     base = tmp_path_factory.mktemp("policy")
     tok = build_tiny_tokenizer(base / "tokenizer", vocab_size=512)
-    dirs = {f: save_hf_model(tiny_arch(f), base / f, seed=3, tokenizer_dir=tok) for f in FAMILIES}
+    names = FAMILIES + tuple(NEW_FAMILY_LAYOUTS) + ("qwen2",)  # qwen2: the planner-vs-trainer test
+    dirs = {f: save_hf_model(tiny_arch(f), base / f, seed=3, tokenizer_dir=tok) for f in names}
     dirs["pairs"] = write_jsonl(marker_pairs(96, seed=1), base / "pairs.jsonl")
     return dirs
 
@@ -84,15 +88,16 @@ def test_layout_parity_and_reference(policy_dirs, tmp_path):
     equal one process within 1e-5 relative at every step (loss, grad norm) and in the parameters
     after 3 steps (norm-wise per tensor; measured <= 2.4e-6). The single-process run also checks
     the reference pass and the loss against log-probs computed with transformers."""
-    single = [(f"{f}-single", run_overrides(policy_dirs, f, [])) for f in FAMILIES]
+    layouts_of = {**{f: tuple(LAYOUTS) for f in FAMILIES}, **NEW_FAMILY_LAYOUTS}
+    single = [(f"{f}-single", run_overrides(policy_dirs, f, [])) for f in layouts_of]
     run_ranks(1, "tests.train_worker", [str(spec_for(tmp_path, policy_dirs, single, "one")), str(tmp_path)])
-    layouts = [(f"{f}-{n}", run_overrides(policy_dirs, f, o)) for f in FAMILIES for n, o in LAYOUTS.items()]
+    layouts = [(f"{f}-{n}", run_overrides(policy_dirs, f, LAYOUTS[n])) for f, names in layouts_of.items() for n in names]
     run_ranks(4, "tests.train_worker", [str(spec_for(tmp_path, policy_dirs, layouts, "four")), str(tmp_path)])
-    for f in FAMILIES:
+    for f, names in layouts_of.items():
         base = metrics(tmp_path / f"{f}-single")
         base_params = torch.load(tmp_path / f"{f}-single" / "params.pt", weights_only=True)
         assert [m["step"] for m in base] == [1, 2, 3]
-        for name in LAYOUTS:
+        for name in names:
             run = tmp_path / f"{f}-{name}"
             got = metrics(run)
             assert abs(got[0]["loss"] - base[0]["loss"]) <= 1e-5, (f, name, got[0]["loss"], base[0]["loss"])

@@ -9,10 +9,13 @@ import json
 from pathlib import Path
 
 from aipo_mp.config import ConfigError, ModelArch
-from aipo_mp.models import gemma2, llama, mistral
+from aipo_mp.models import gemma2, llama, mistral, qwen2, qwen3
 from aipo_mp.models.base import Family
+from aipo_mp.models.rope import rope_scaling_errors
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (llama.FAMILY, mistral.FAMILY, gemma2.FAMILY)}
+FAMILIES: dict[str, Family] = {
+    f.name: f for f in (llama.FAMILY, mistral.FAMILY, gemma2.FAMILY, qwen2.FAMILY, qwen3.FAMILY)
+}
 
 # Written beside a Megatron checkpoint by aipo_mp; holds the HF config it came from.
 MEGATRON_META = "aipo_checkpoint.json"
@@ -64,6 +67,20 @@ def arch_from_hf_config(hf: dict) -> ModelArch:
 
 def arch_from_dir(directory: str | Path) -> ModelArch:
     return arch_from_hf_config(read_hf_config(directory))
+
+
+# Shape flags a family always has (ModelArch from YAML must say so, as config.json implies it).
+FAMILY_FLAGS = {"qwen2": {"qkv_bias": True, "qk_norm": False}, "qwen3": {"qkv_bias": False, "qk_norm": True}}
+
+
+def arch_problems(arch: ModelArch) -> list[str]:
+    """What a ModelArch (e.g. from configs/models/*.yaml) holds that its family cannot build."""
+    if arch.family not in FAMILIES:
+        return [f"model.arch.family={arch.family!r}: unknown; supported: {', '.join(FAMILIES)}"]
+    want = FAMILY_FLAGS.get(arch.family, {"qkv_bias": False, "qk_norm": False})
+    errors = [f"model.arch.{k}={getattr(arch, k)} does not fit family {arch.family}; set {k}: {str(v).lower()}"
+              for k, v in want.items() if getattr(arch, k) != v]
+    return errors + rope_scaling_errors(arch.rope_scaling)
 
 
 def hf_config_for(arch: ModelArch) -> dict:

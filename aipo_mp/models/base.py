@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from aipo_mp.config import ConfigError, ModelArch, ParallelConfig, PrecisionConfig
+from aipo_mp.models.rope import apply_rope_scaling, rope_scaling_of, rope_theta_of
 
 
 # ---------------------------------------------------------------------------------------------
@@ -29,15 +30,18 @@ NONE, COLUMN, ROW, GLU_COLUMN = "none", "column", "row", "glu_column"
 class Rule:
     """One Megatron parameter and the HF tensor(s) it is made of. `{i}` is the global layer index.
 
-    transform: copy | qkv (q, k, v fused per query group) | glu (gate and up stacked)
+    transform: copy | qkv (q, k, v fused per query group; weights and biases) | glu (gate and up stacked)
     split: how tensor parallelism slices the Megatron tensor: none | column (dim 0) | row (dim 1)
            | glu_column (each rank holds [gate shard; up shard])
+    te_alias: the same HF tensor under the Transformer Engine spec's name (that spec fuses the
+           input norms into the linears); the local spec's rule for it is the one listed for HF.
     """
 
     megatron: str
     hf: tuple[str, ...]
     transform: str = COPY
     split: str = NONE
+    te_alias: bool = False
 
     def pattern(self) -> re.Pattern:
         return re.compile("^" + re.escape(self.megatron).replace(r"\{i\}", r"(\d+)") + "$")
@@ -48,11 +52,12 @@ def to_megatron(rule: Rule, tensors: list[torch.Tensor], arch: ModelArch) -> tor
         return tensors[0]
     if rule.transform == GLU:
         return torch.cat(tensors, dim=0)
-    q, k, v = tensors
+    q, k, v = (t if t.dim() == 2 else t[:, None] for t in tensors)  # a bias is one column
     ng, hd = arch.num_key_value_heads, arch.head_dim
     h = q.shape[-1]
     per_group = [q.reshape(ng, -1, h), k.reshape(ng, hd, h), v.reshape(ng, hd, h)]
-    return torch.cat(per_group, dim=1).reshape(-1, h)
+    fused = torch.cat(per_group, dim=1).reshape(-1, h)
+    return fused if tensors[0].dim() == 2 else fused[:, 0]
 
 
 def to_hf(rule: Rule, tensor: torch.Tensor, arch: ModelArch) -> list[torch.Tensor]:
@@ -61,11 +66,13 @@ def to_hf(rule: Rule, tensor: torch.Tensor, arch: ModelArch) -> list[torch.Tenso
     if rule.transform == GLU:
         return list(torch.chunk(tensor, 2, dim=0))
     ng, hd = arch.num_key_value_heads, arch.head_dim
-    h = tensor.shape[-1]
+    matrix = tensor if tensor.dim() == 2 else tensor[:, None]
+    h = matrix.shape[-1]
     qpg = arch.num_attention_heads // ng * hd
-    grouped = tensor.reshape(ng, qpg + 2 * hd, h)
+    grouped = matrix.reshape(ng, qpg + 2 * hd, h)
     q, k, v = torch.split(grouped, [qpg, hd, hd], dim=1)
-    return [q.reshape(-1, h), k.reshape(-1, h), v.reshape(-1, h)]
+    parts = [q.reshape(-1, h), k.reshape(-1, h), v.reshape(-1, h)]
+    return parts if tensor.dim() == 2 else [p[:, 0] for p in parts]
 
 
 def tp_slice(tensor: torch.Tensor, split: str, rank: int, size: int) -> torch.Tensor:
@@ -98,6 +105,10 @@ def decoder_rules(pre_mlp_norm: str = "post_attention_layernorm", extra: tuple[R
         Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), split=COLUMN),
         Rule(L + "input_layernorm.weight", (H + "input_layernorm.weight",)),
         Rule(L + "pre_mlp_layernorm.weight", (f"{H}{pre_mlp_norm}.weight",)),
+        # Transformer Engine spec: the same norms, fused into the following linears (replicated
+        # over TP, tagged sequence_parallel by TE).
+        Rule(L + "self_attention.linear_qkv.layer_norm_weight", (H + "input_layernorm.weight",), te_alias=True),
+        Rule(L + "mlp.linear_fc1.layer_norm_weight", (f"{H}{pre_mlp_norm}.weight",), te_alias=True),
         Rule(
             L + "self_attention.linear_qkv.weight",
             tuple(f"{H}self_attn.{p}_proj.weight" for p in "qkv"),
@@ -110,6 +121,17 @@ def decoder_rules(pre_mlp_norm: str = "post_attention_layernorm", extra: tuple[R
         Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
         *extra,
     ]
+
+
+# Qwen2: biases of q, k, v, fused like the weights (per query group), column-split with them.
+QKV_BIAS_RULE = Rule("decoder.layers.{i}.self_attention.linear_qkv.bias",
+                     tuple(f"model.layers.{{i}}.self_attn.{p}_proj.bias" for p in "qkv"), QKV, COLUMN)
+# Qwen3: per-head RMSNorm weights over head_dim, shared by all heads (replicated over TP; megatron
+# sums their grads over TP when config.qk_layernorm). Same names in the local and TE specs.
+QK_NORM_RULES = (
+    Rule("decoder.layers.{i}.self_attention.q_layernorm.weight", ("model.layers.{i}.self_attn.q_norm.weight",)),
+    Rule("decoder.layers.{i}.self_attention.k_layernorm.weight", ("model.layers.{i}.self_attn.k_norm.weight",)),
+)
 
 
 def output_rule(tied: bool) -> Rule:
@@ -133,6 +155,7 @@ class SpecOptions:
     softmax_scale: Optional[float] = None
     embedding_scale: Optional[float] = None  # Gemma: sqrt(hidden)
     final_logit_softcapping: Optional[float] = None
+    qk_norm: bool = False  # Qwen3: megatron's q_layernorm / k_layernorm (RMSNorm over head_dim)
 
 
 @dataclass(frozen=True)
@@ -157,21 +180,11 @@ class Family:
         """Every HF tensor name a checkpoint of this architecture holds."""
         names = []
         for rule in self.rules(arch):
-            if rule.megatron == "output_layer.weight" and arch.tie_embeddings:
+            if rule.te_alias or (rule.megatron == "output_layer.weight" and arch.tie_embeddings):
                 continue
             layers = range(arch.num_layers) if "{i}" in rule.megatron else [None]
             names += [n.format(i=i) for i in layers for n in rule.hf]
         return names
-
-
-def rope_theta_of(hf: dict) -> float:
-    params = hf.get("rope_parameters") or {}
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-
-
-def rope_type_of(hf: dict) -> str:
-    scaling = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    return scaling.get("rope_type", scaling.get("type", "default")) or "default"
 
 
 def common_arch_fields(hf: dict, family: str) -> dict:
@@ -187,18 +200,11 @@ def common_arch_fields(hf: dict, family: str) -> dict:
         head_dim=head_dim,
         vocab_size=hf["vocab_size"],
         rope_theta=rope_theta_of(hf),
+        rope_scaling=rope_scaling_of(hf),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
     )
-
-
-def require_default_rope(hf: dict, family: str) -> None:
-    kind = rope_type_of(hf)
-    if kind != "default":
-        raise ConfigError(
-            f"{family}: RoPE scaling type {kind!r} is not supported yet; supported: default (no scaling)"
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,8 +270,8 @@ def local_layer_spec(opts: SpecOptions):
                     linear_qkv=ColumnParallelLinear,
                     core_attention=core_attention,
                     linear_proj=out_proj,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
+                    q_layernorm=norm if opts.qk_norm else IdentityOp,
+                    k_layernorm=norm if opts.qk_norm else IdentityOp,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
@@ -289,7 +295,7 @@ def te_layer_spec(opts: SpecOptions):
 
     if opts.post_norms or opts.attn_logit_softcapping or opts.window_size:
         return local_layer_spec(opts)
-    return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=opts.qk_norm)
 
 
 def transformer_config(arch: ModelArch, par: ParallelConfig, prec: PrecisionConfig, opts: SpecOptions,
@@ -309,6 +315,8 @@ def transformer_config(arch: ModelArch, par: ParallelConfig, prec: PrecisionConf
         layernorm_epsilon=arch.rms_norm_eps,
         normalization="RMSNorm",
         add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_norm,
         gated_linear_unit=True,
         activation_func=opts.activation,
         softmax_scale=opts.softmax_scale,
@@ -393,6 +401,7 @@ def build_model(family: Family, arch: ModelArch, par: ParallelConfig, prec: Prec
             vp_stage=stage,
         )
         attach_family_hooks(model, opts)
+        apply_rope_scaling(model, arch.rope_scaling)
         chunks.append(model)
     built = BuiltModel(chunks, family, arch, config, opts)
     if not initialize:

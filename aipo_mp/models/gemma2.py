@@ -13,8 +13,9 @@ from functools import partial
 import torch.nn.functional as F
 
 from aipo_mp.config import ModelArch
+from aipo_mp.models.rope import hf_rope_fields
 from aipo_mp.models.base import (
-    Family, Rule, SpecOptions, common_arch_fields, decoder_rules, output_rule, require_default_rope,
+    Family, Rule, SpecOptions, common_arch_fields, decoder_rules, output_rule,
 )
 
 
@@ -23,7 +24,6 @@ def default_layer_types(num_layers: int) -> list[str]:
 
 
 def arch_from_hf(hf: dict) -> ModelArch:
-    require_default_rope(hf, "gemma2")
     fields = common_arch_fields(hf, "gemma2")
     fields["tie_embeddings"] = bool(hf.get("tie_word_embeddings", True))
     return ModelArch(
@@ -47,7 +47,7 @@ def hf_config(arch: ModelArch) -> dict:
         "num_key_value_heads": arch.num_key_value_heads,
         "head_dim": arch.head_dim,
         "vocab_size": arch.vocab_size,
-        "rope_theta": arch.rope_theta,
+        **hf_rope_fields(arch.rope_theta, arch.rope_scaling),
         "rms_norm_eps": arch.rms_norm_eps,
         "tie_word_embeddings": arch.tie_embeddings,
         "max_position_embeddings": arch.max_position_embeddings,

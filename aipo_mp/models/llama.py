@@ -1,11 +1,12 @@
-"""Llama-3 / 3.1 (LlamaForCausalLM): RMSNorm, SiLU-gated MLP, grouped-query attention, RoPE."""
+"""Llama-3 / 3.1 / 3.2 / 3.3 (LlamaForCausalLM): RMSNorm, SiLU-gated MLP, grouped-query attention,
+RoPE; from 3.1 on with the `llama3` RoPE scaling (aipo_mp/models/rope.py)."""
 
 from aipo_mp.config import ModelArch
-from aipo_mp.models.base import Family, SpecOptions, common_arch_fields, decoder_rules, output_rule, require_default_rope
+from aipo_mp.models.rope import hf_rope_fields
+from aipo_mp.models.base import Family, SpecOptions, common_arch_fields, decoder_rules, output_rule
 
 
 def arch_from_hf(hf: dict) -> ModelArch:
-    require_default_rope(hf, "llama")
     return ModelArch(**common_arch_fields(hf, "llama"))
 
 
@@ -20,7 +21,7 @@ def hf_config(arch: ModelArch) -> dict:
         "num_key_value_heads": arch.num_key_value_heads,
         "head_dim": arch.head_dim,
         "vocab_size": arch.vocab_size,
-        "rope_theta": arch.rope_theta,
+        **hf_rope_fields(arch.rope_theta, arch.rope_scaling),
         "rms_norm_eps": arch.rms_norm_eps,
         "tie_word_embeddings": arch.tie_embeddings,
         "max_position_embeddings": arch.max_position_embeddings,

@@ -3,11 +3,10 @@ Mistral-Large-2407. Same layers as Llama; an optional sliding window applies to 
 
 from aipo_mp.config import ModelArch
 from aipo_mp.models import llama
-from aipo_mp.models.base import Family, SpecOptions, common_arch_fields, decoder_rules, output_rule, require_default_rope
+from aipo_mp.models.base import Family, SpecOptions, common_arch_fields, decoder_rules, output_rule
 
 
 def arch_from_hf(hf: dict) -> ModelArch:
-    require_default_rope(hf, "mistral")
     return ModelArch(**common_arch_fields(hf, "mistral"), sliding_window=hf.get("sliding_window"))
 
 

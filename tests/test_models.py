@@ -1,0 +1,255 @@
+"""Model-family tables without a process group: RoPE settings read from config.json (llama3
+scaling, rope_parameters vs rope_scaling agreement, refusals), the HF mapping of every family
+covers every parameter of megatron-core's Transformer Engine layer spec, and architecture
+parameter counts equal the transformers models'."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from aipo_mp.config import ConfigError, ModelArch, config_from_dict, validate
+from aipo_mp.models import FAMILIES, arch_from_hf_config, get_family, hf_config_for
+from aipo_mp.models.base import NONE, SpecOptions, te_layer_spec
+from tests.conftest import FAMILIES as OLD_FAMILIES, NEW_MODELS, tiny_arch
+
+LLAMA31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+           "original_max_position_embeddings": 8192}
+
+
+def llama_hf(**extra) -> dict:
+    base = hf_config_for(tiny_arch("llama"))
+    base.pop("rope_theta")
+    return {**base, "rope_theta": 500000.0, **extra}
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE settings
+# ---------------------------------------------------------------------------------------------
+
+
+def test_llama3_scaling_is_read_from_either_field_and_both_when_they_agree():
+    legacy = arch_from_hf_config(llama_hf(rope_scaling=dict(LLAMA31)))
+    v5 = arch_from_hf_config(llama_hf(rope_parameters={**LLAMA31, "rope_theta": 500000.0}))
+    both = arch_from_hf_config(llama_hf(rope_parameters={**LLAMA31, "rope_theta": 500000.0}, rope_scaling=dict(LLAMA31)))
+    old_key = arch_from_hf_config(llama_hf(rope_scaling={**{k: v for k, v in LLAMA31.items() if k != "rope_type"},
+                                                         "type": "llama3"}))
+    assert legacy.rope_scaling == v5.rope_scaling == both.rope_scaling == old_key.rope_scaling == LLAMA31
+    assert v5.rope_theta == 500000.0
+    # Export writes what it read (transformers-5 rope_parameters, theta included).
+    exported = hf_config_for(v5)
+    assert exported["rope_parameters"] == {**LLAMA31, "rope_theta": 500000.0}
+    assert arch_from_hf_config(exported) == v5
+
+
+@pytest.mark.parametrize("extra, message", [
+    # The case that used to convert silently as plain RoPE while transformers applied llama3.
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, rope_scaling=dict(LLAMA31)),
+     "rope_parameters (default RoPE) and rope_scaling (rope_type=llama3"),
+    (dict(rope_parameters={**LLAMA31, "factor": 4.0}, rope_scaling=dict(LLAMA31)), "disagree"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "RoPE scaling type 'yarn' is not supported"),
+    (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0}), "RoPE scaling type 'dynamic' is not supported"),
+    (dict(rope_scaling={k: v for k, v in LLAMA31.items() if k != "high_freq_factor"}), "lacks high_freq_factor"),
+    (dict(rope_scaling={**LLAMA31, "low_freq_factor": 4.0}), "must be below high_freq_factor"),
+])
+def test_rope_settings_refused_with_one_line(extra, message):
+    with pytest.raises(ConfigError) as e:
+        arch_from_hf_config(llama_hf(**extra))
+    assert len(e.value.errors) == 1 and message in e.value.errors[0], e.value.errors
+
+
+def test_yaml_arch_is_validated_before_any_process_group():
+    def errors_of(**arch_fields) -> list[str]:
+        cfg = config_from_dict({"model": {"arch": {**tiny_arch("llama").__dict__, **arch_fields}}})
+        with pytest.raises(ConfigError) as e:
+            validate(cfg)
+        return e.value.errors
+
+    assert any("RoPE scaling type 'yarn'" in e for e in errors_of(rope_scaling={"rope_type": "yarn", "factor": 2}))
+    assert any("qkv_bias" in e for e in errors_of(family="qwen2"))
+    assert any("qk_norm" in e for e in errors_of(family="qwen3"))
+    for name in NEW_MODELS + ("llama3_1_405b", "llama3_3_70b", "qwen2_5_72b", "qwen3_32b"):
+        arch = tiny_arch(name) if name in NEW_MODELS else _model_arch(name)
+        validate(config_from_dict({"model": {"arch": arch.__dict__}}))
+
+
+def _model_arch(name: str) -> ModelArch:
+    from aipo_mp.config import load_config
+    from tests.conftest import ROOT
+
+    return load_config(ROOT / "configs" / "models" / f"{name}.yaml").model.arch
+
+
+def test_llama3_inverse_frequencies_equal_transformers():
+    """Megatron's formula with the config's parameters gives transformers' inv_freq exactly, and
+    the tiny Llama-3.1's scaling really changes them (original length 32)."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from aipo_mp.models.rope import apply_rope_scaling
+
+    for arch in (tiny_arch("llama3_1"), _model_arch("llama3_1_405b")):
+        cfg = hf_config_for(arch)
+        hf_cfg = AutoConfig.for_model(cfg.pop("model_type"), **{k: v for k, v in cfg.items() if k != "architectures"})
+        want, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
+        holder = types.SimpleNamespace(rotary_pos_emb=RotaryEmbedding(arch.head_dim, 1.0, rotary_base=arch.rope_theta,
+                                                                       use_cpu_initialization=True))
+        plain = holder.rotary_pos_emb.inv_freq.clone()
+        apply_rope_scaling(holder, arch.rope_scaling)
+        assert torch.equal(holder.rotary_pos_emb.inv_freq, want)
+        assert (plain != want).sum() >= arch.head_dim // 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformer Engine parameter names
+# ---------------------------------------------------------------------------------------------
+
+# Parameters each module class creates (TE cannot be imported here, so its classes' parameters
+# are listed by hand: TE's LayerNormLinear holds `weight` and the fused norm's `layer_norm_weight`
+# (RMSNorm: no layer_norm_bias), its Linear `weight`, its RMSNorm `weight`; a `bias` only when the
+# layer is built with bias=True). The local classes are the ones aipo_mp's specs use.
+PARAMS_OF_CLASS = {
+    "TELayerNormColumnParallelLinear": ("weight", "layer_norm_weight"),
+    "TEColumnParallelLinear": ("weight",), "TERowParallelLinear": ("weight",), "TELinear": ("weight",),
+    "ColumnParallelLinear": ("weight",), "RowParallelLinear": ("weight",),
+    "RowParallelLinearWithPostNorm": ("weight", "post_norm.weight"),
+    "TENorm": ("weight",), "RMSNorm": ("weight",), "ZeroCenteredRMSNorm": ("weight",),
+    "TEDotProductAttention": (), "TorchCoreAttention": (), "IdentityOp": (),
+}
+LINEARS = {k for k in PARAMS_OF_CLASS if "Linear" in k}
+TE_CLASSES = ("TEActivationOp", "TEColumnParallelGroupedLinear", "TEColumnParallelLinear", "TEDotProductAttention",
+              "TELayerNormColumnParallelLinear", "TELinear", "TENorm", "TERowParallelGroupedLinear",
+              "TERowParallelLinear", "TEFusedMLP")
+
+
+@pytest.fixture
+def te_spec_source(monkeypatch):
+    """megatron-core's real gpt_layer_specs / TESpecProvider code, run with marker classes in
+    place of Transformer Engine's modules (which need CUDA and TE to import)."""
+    import importlib
+
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    fake_te = types.ModuleType("megatron.core.extensions.transformer_engine")
+    for name in TE_CLASSES:
+        setattr(fake_te, name, type(name, (), {}))
+    monkeypatch.setitem(sys.modules, "megatron.core.extensions.transformer_engine", fake_te)
+    monkeypatch.delitem(sys.modules, "megatron.core.extensions.transformer_engine_spec_provider", raising=False)
+    provider = importlib.import_module("megatron.core.extensions.transformer_engine_spec_provider")
+    monkeypatch.setattr(provider, "is_te_min_version", lambda version: True)  # a current TE
+    monkeypatch.setattr(gpt_layer_specs, "TESpecProvider", provider.TESpecProvider, raising=False)
+    yield
+    sys.modules.pop("megatron.core.extensions.transformer_engine_spec_provider", None)
+
+
+def spec_param_names(spec, arch: ModelArch, prefix: str = "") -> list[str]:
+    """Parameter names (relative to a layer) of a TransformerLayer ModuleSpec tree."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    names = []
+    for field, sub in vars(spec.submodules).items():
+        if field.endswith("_bda") or field == "sharded_state_dict_keys_map" or sub is None:
+            continue
+        if isinstance(sub, ModuleSpec) and sub.submodules is not None:
+            names += spec_param_names(sub, arch, prefix + field + ".")
+            continue
+        cls = sub.module if isinstance(sub, ModuleSpec) else sub
+        if cls.__name__ not in PARAMS_OF_CLASS:
+            raise AssertionError(f"{prefix}{field}: module {cls.__name__} has no parameter list in this test")
+        params = list(PARAMS_OF_CLASS[cls.__name__])
+        if cls.__name__ in LINEARS and field == "linear_qkv" and arch.qkv_bias:
+            params.append("bias")  # megatron: bias=add_bias_linear or add_qkv_bias
+        names += [f"{prefix}{field}.{p}" for p in params]
+    return names
+
+
+@pytest.mark.parametrize("name", OLD_FAMILIES + NEW_MODELS)
+def test_mapping_covers_every_parameter_of_the_te_layer_spec(te_spec_source, name):
+    arch = tiny_arch(name)
+    family = get_family(arch.family)
+    opts: SpecOptions = family.spec_options(arch)
+    layer = spec_param_names(te_layer_spec(opts), arch)
+    fused = {"self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight"}
+    if arch.family == "gemma2":  # soft-capping/post-norms: the TE backend keeps the local layer
+        assert not fused & set(layer)
+    else:
+        assert fused <= set(layer), layer
+        assert ("self_attention.q_layernorm.weight" in layer) == arch.qk_norm
+        assert ("self_attention.linear_qkv.bias" in layer) == arch.qkv_bias
+    names = ["embedding.word_embeddings.weight", "decoder.final_layernorm.weight", "output_layer.weight"]
+    names += [f"decoder.layers.{i}.{p}" for i in range(arch.num_layers) for p in layer]
+    hf_names = set(family.hf_names(arch))
+    for gname in names:
+        rule, layer = family.rule_for(arch, gname)  # KeyError before this mapping had TE names
+        assert {n.format(i=layer) for n in rule.hf} <= hf_names, gname  # reads tensors a checkpoint holds
+        if "layer_norm_weight" in gname:
+            assert rule.te_alias and rule.split == NONE  # replicated over TP, like the local norms
+            local = gname.replace("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight")
+            local = local.replace("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight")
+            assert family.rule_for(arch, local)[0].hf == rule.hf
+
+
+def test_te_aliases_add_no_hf_tensors():
+    for name in OLD_FAMILIES + NEW_MODELS:
+        arch = tiny_arch(name)
+        names = get_family(arch.family).hf_names(arch)
+        assert len(names) == len(set(names)), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NEW_MODELS)
+def test_new_families_parameter_count_and_names_equal_transformers(name):
+    from aipo_mp.models.hf_build import hf_model_from_arch
+
+    arch = tiny_arch(name)
+    model = hf_model_from_arch(arch)
+    assert arch.num_params() == sum(p.numel() for p in model.parameters())
+    held = set(model.state_dict()) - ({"lm_head.weight"} if arch.tie_embeddings else set())
+    assert set(get_family(arch.family).hf_names(arch)) == held
+    assert arch_from_hf_config(hf_config_for(arch)) == arch
+
+
+def test_every_family_is_registered():
+    assert set(FAMILIES) == {"llama", "mistral", "gemma2", "qwen2", "qwen3"}
+    assert {get_family(tiny_arch(n).family).name for n in NEW_MODELS} == {"llama", "qwen2", "qwen3"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes of the new families follow the planner
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recipe", ["aipo_llama3_3_70b", "aipo_llama3_1_405b"])
+def test_recipe_layout_is_the_planners_recommendation(recipe):
+    from aipo_mp import planner
+    from aipo_mp.config import load_config
+    from tests.conftest import ROOT
+
+    cfg = load_config(ROOT / "configs" / "recipes" / f"{recipe}.yaml")
+    gpus = cfg.cluster.nodes * cfg.cluster.nproc_per_node
+    top = planner.plan(cfg.model.arch, gpus, "h100-80gb")[0]
+    par = cfg.parallel
+    assert top.fits
+    assert (top.layout.tp, top.layout.pp, top.layout.vpp, top.layout.dp) == (par.tp, par.pp, par.vpp, gpus // (par.tp * par.pp))
+    assert top.recompute == cfg.train.recompute
+
+
+def test_405b_needs_a_pipeline_depth_that_divides_126_layers():
+    """README: on 16 or 32 full nodes (power-of-two GPUs) only pp <= 2 divides 126 layers and nothing
+    fits; the planner's choice for 16 nodes uses 14 of them (tp 8 x pp 14)."""
+    from aipo_mp import planner
+
+    arch = _model_arch("llama3_1_405b")
+    for gpus in (128, 256):
+        rows = planner.plan(arch, gpus, "h100-80gb")
+        assert rows and not any(r.fits for r in rows) and {r.layout.pp for r in rows} <= {1, 2}
+    top = planner.plan(arch, 112, "h100-80gb")[0]
+    assert top.fits and (top.layout.tp, top.layout.pp, top.layout.dp, top.recompute) == (8, 14, 1, "full")
