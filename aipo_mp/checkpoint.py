@@ -293,3 +293,18 @@ def load_model(built, directory: str | Path) -> dict:
         state = {k[len(prefix):]: v for k, v in loaded.items() if k.startswith(prefix)}
         chunk.load_state_dict(state, strict=True)
     return meta
+
+
+def prune_checkpoints(root: str | Path, keep: int, latest_name: str = "latest") -> list[Path]:
+    """Delete all but the newest `keep` step_* checkpoints under `root` (keep <= 0: keep all).
+    The one `latest` names is never deleted. Returns the deleted directories."""
+    root = Path(root)
+    if keep <= 0 or not root.is_dir():
+        return []
+    latest_file = root / latest_name
+    latest = latest_file.read_text().strip() if latest_file.is_file() else None
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    doomed = [p for p in steps[:-keep] if p.name != latest]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed

@@ -627,9 +627,11 @@ def train(cfg: Config, stop: Optional[platform.StopSignal] = None) -> RunState:
         if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == state.total_steps:
             save_checkpoint(state, done)
             saved_at = done
+            keep_newest_checkpoints(cfg, rank0)
         if stop_agreed(state):
             if saved_at != done:
                 save_checkpoint(state, done)
+                keep_newest_checkpoints(cfg, rank0)
             state.stats["stopped"] = True
             break
     if bar:
@@ -644,6 +646,14 @@ def train(cfg: Config, stop: Optional[platform.StopSignal] = None) -> RunState:
               flush=True)
     state.stats["last"] = record
     return state
+
+
+def keep_newest_checkpoints(cfg: Config, rank0: bool) -> None:
+    """train.keep_checkpoints: rank 0 deletes older step checkpoints after a complete save."""
+    if rank0:
+        from aipo_mp.checkpoint import prune_checkpoints
+
+        prune_checkpoints(checkpoint_root(cfg), cfg.train.keep_checkpoints, LATEST)
 
 
 def progress_bar(enabled: bool, total: int, start: int):
