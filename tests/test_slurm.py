@@ -434,7 +434,8 @@ def test_sbatch_two_nodes_places_stages_resumes_unfinished_shards_and_locks(slur
             "sampling.n=4", "pairs.allow_truncated=true", "pairs.min_gap=0.0", "train.steps=6", "train.save_every=2",
             "train.keep_checkpoints=2", "train.global_batch_pairs=8", f"model.path={tiny_policy['model']}",
             f"rounds.prompts={prompts}", "sampling.replicas=2", "reward.replicas=2", "sampling.shard_prompts=2"]
-    env = dict(slurm_env, RUN_DIR=str(run_dir), AIPO_VENV="none", AIPO_ARGS=" ".join(args))
+    env = dict(slurm_env, RUN_DIR=str(run_dir), AIPO_VENV=str(Path(sys.executable).parents[1]),
+               AIPO_ARGS=" ".join(args))
     out = tmp_path / "job.out"
     submit = ["bash", "-c", 'umask 022 && exec "$@"', "sbatch", "sbatch", "--parsable"]
     r = slurm_cluster.run([*submit, "--nodes=2", f"--output={out}", str(ROOT / "slurm" / "aipo_tiny.sh")], env=env,
@@ -496,3 +497,52 @@ def test_sbatch_two_nodes_places_stages_resumes_unfinished_shards_and_locks(slur
     progress = [l for l in log.splitlines() if l.startswith("[aipo-mp run]")]
     assert "vllm" not in log.lower() and "WARNING" not in log, log[-4000:]
     assert len([l for l in progress if "round0-train" in l]) == 2, progress
+
+
+# ---------------------------------------------------------------------------------------------
+# Operating a long run without Slurm: lock, umask, retention, time left
+# ---------------------------------------------------------------------------------------------
+
+
+def test_directory_lock_umask_retention_and_time_left(tmp_path):
+    """A second lock on a directory fails at once naming the holder (the kernel frees it when the
+    holder exits); atomic writes get the umask's mode, not mkstemp's 0600; keep_checkpoints keeps
+    the newest and the one `latest` names; TimeGuard trips when a step and a save no longer fit."""
+    from aipo_mp.checkpoint import prune_checkpoints
+    from aipo_mp.io_utils import atomic_directory, atomic_write_text
+    from aipo_mp.locks import DirectoryLock, DirectoryLocked
+    from aipo_mp.timeleft import TimeGuard
+
+    run_dir = tmp_path / "run"
+    with DirectoryLock(run_dir, "aipo-mp run"):
+        with pytest.raises(DirectoryLocked) as e:
+            DirectoryLock(run_dir, "aipo-mp run").acquire()
+        assert len(e.value.errors) == 1 and f"is in use by aipo-mp run (pid {os.getpid()}" in e.value.errors[0]
+        holder = subprocess.run([sys.executable, "-c", "from aipo_mp.locks import DirectoryLock; import sys; "
+                                 f"DirectoryLock({str(run_dir)!r}, 'x').acquire()"], capture_output=True, text=True,
+                                env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert holder.returncode != 0 and "DirectoryLocked" in holder.stderr
+    DirectoryLock(run_dir, "again").acquire().release()  # released: free again
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        with atomic_directory(tmp_path / "weights") as d:
+            (d / "w.bin").write_bytes(b"0")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "weights").stat().st_mode & 0o777 == 0o750
+
+    ckpts = tmp_path / "checkpoints"
+    for step in (2, 4, 6, 8):
+        (ckpts / f"step_{step:07d}").mkdir(parents=True)
+    (ckpts / "latest").write_text("step_0000004\n")  # e.g. a save after it failed before `latest`
+    prune_checkpoints(ckpts, 2)
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000004", "step_0000006", "step_0000008"]
+    assert prune_checkpoints(ckpts, 0) == []
+
+    guard = TimeGuard({"AIPO_JOB_END": "1000"}, margin_s=60)
+    assert not guard.out_of_time(step_s=100, save_s=200, now=0)  # 0 + 200 + 400 + 60 < 1000
+    assert guard.out_of_time(step_s=100, save_s=200, now=400)
+    assert not TimeGuard({}).out_of_time(1e9, 1e9)

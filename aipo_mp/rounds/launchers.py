@@ -456,6 +456,7 @@ class SlurmLauncher(_Base):
         self.task_wait_s = task_wait_s
         self.counter = 0
         self._addresses: dict[str, str] = {}
+        self.job_end: Optional[float] = None  # looked up at the first stage (aipo_mp/timeleft.py)
 
     @classmethod
     def for_plan(cls, nodes: int, environ: Optional[dict] = None, task_wait_s: int = 0) -> "SlurmLauncher":
@@ -521,6 +522,12 @@ class SlurmLauncher(_Base):
         if stopped:
             return stopped
         cmd, step_env = self.command(name, argv, placement, log_path, time_limit_min)
+        if self.job_end is None:
+            from aipo_mp.timeleft import slurm_job_end
+
+            self.job_end = slurm_job_end(self.job_id, self.environ) or 0.0
+        if self.job_end:  # the trainer saves and stops before the job's time runs out
+            step_env["AIPO_JOB_END"] = str(self.job_end)
         step_env.update(env or {})
         rank_dir = rank_log_dir(log_path) if log_path is not None else None
         if rank_dir is not None:

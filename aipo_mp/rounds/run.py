@@ -184,6 +184,11 @@ class RoundRunner:
                            "--dtype", self.cfg.precision.dtype, "--overwrite"], self.placement(name, shards))
         return {"hf_dir": str(out)}
 
+    def plan_shards(self, root: Path, total: int, world: int, per_shard: int = 0) -> None:
+        """Tell the tasks which shards are unfinished (they split this list)."""
+        if not self.plan_only:
+            ShardDir(root, shard_count(total, world, per_shard)).write_plan()
+
     def merge_shards(self, root: Path, total: int, world: int, out: Path, per_shard: int = 0) -> list[dict]:
         """Write the finished shards of a placed stage to `out` in order; returns their markers."""
         from aipo_mp.rounds.sampling import write_jsonl
@@ -202,11 +207,12 @@ class RoundRunner:
         name = f"round{r}-sample"
         placement = self.placement(name)
         per_shard = self.cfg.sampling.shard_prompts
+        total = 0 if self.plan_only else len(read_prompts(self.cfg.rounds.prompts))
+        self.plan_shards(shard_root, total, placement.ntasks, per_shard)
         self.launch(name, ["aipo_mp.cli", "sample", "--config", str(self.config_path),
                            "--model", self.policy_hf_dir(r), "--shard-dir", str(shard_root),
                            "--shard-prompts", str(per_shard), f"sampling.seed={self.cfg.sampling.seed + 1000 * r}"],
                     placement)
-        total = 0 if self.plan_only else len(read_prompts(self.cfg.rounds.prompts))
         markers = self.merge_shards(shard_root, total, placement.ntasks, out, per_shard)
         return {"samples": str(out), "nodes": sorted({m["node"] for m in markers})}
 
@@ -217,9 +223,10 @@ class RoundRunner:
         out, shard_root = rd / "scored.jsonl", rd / "shards" / "reward"
         name = f"round{r}-reward"
         placement = self.placement(name)
+        total = 0 if self.plan_only else len(read_jsonl(rd / "samples.jsonl"))
+        self.plan_shards(shard_root, total, placement.ntasks)
         self.launch(name, ["aipo_mp.cli", "reward", "--config", str(self.config_path),
                            "--samples", str(rd / "samples.jsonl"), "--shard-dir", str(shard_root)], placement)
-        total = 0 if self.plan_only else len(read_jsonl(rd / "samples.jsonl"))
         markers = self.merge_shards(shard_root, total, placement.ntasks, out)
         return {"scored": str(out), "nodes": sorted({m["node"] for m in markers})}
 
@@ -278,6 +285,7 @@ class RoundRunner:
         out, shard_root = self.run_dir / "kl.json", self.run_dir / "shards" / "kl"
         rounds = [r for r in range(last + 1) if self.state.done(r, "sample") or self.plan_only]
         placement = self.placement("kl")
+        self.plan_shards(shard_root, placement.ntasks, placement.ntasks)
         args = ["aipo_mp.rounds.report", "kl", "--run-dir", str(self.run_dir), "--shard-dir", str(shard_root),
                 "--tensor-parallel", str(self.cfg.sampling.tensor_parallel), "--initial", self.policy_hf_dir(0),
                 *[f"{r}={self.policy_hf_dir(r)}" for r in rounds]]

@@ -9,7 +9,9 @@ files in the shard directory, written atomically in this order:
     shard_00003.jsonl   its records
     shard_00003.json    {"node", "rank", "restart", "start", "end", "records", "seconds"}: the marker
 
-The driver merges the shards in order once every marker exists.
+Before the step starts, the driver writes the list of unfinished shards (todo.json) so that every
+task splits the same list, however late it starts; the driver merges the shards in order once
+every marker exists.
 """
 
 from __future__ import annotations
@@ -116,6 +118,19 @@ class ShardDir:
     def todo(self) -> list[int]:
         return [k for k in range(self.count) if not self.done(k)]
 
+    def write_plan(self) -> list[int]:
+        """The driver, before the step: the unfinished shards the tasks split among them."""
+        todo = self.todo()
+        atomic_write_json(self.path / "todo.json", todo)
+        return todo
+
+    def planned(self) -> list[int]:
+        """The driver's list (a task may start after another finished a shard), else todo()."""
+        try:
+            return [k for k in json.loads((self.path / "todo.json").read_text()) if 0 <= k < self.count]
+        except (OSError, ValueError):
+            return self.todo()
+
     def write(self, k: int, records: Sequence[dict], info: dict) -> None:
         from aipo_mp.rounds.sampling import write_jsonl
 
@@ -142,7 +157,7 @@ def run_shard_task(shard_dir: ShardDir, bounds: list[tuple[int, int]], work: Cal
                    stop: StopFlag, rank: int, world: int) -> int:
     """Do this task's unfinished shards with `work(start, end) -> records`; 75 when a stop signal
     left some of them undone (the stage is rerun after a requeue), else 0."""
-    mine = shard_dir.todo()[rank::world]  # listed at start: every task of the step sees the same set
+    mine = [k for k in shard_dir.planned()[rank::world] if not shard_dir.done(k)]
     print(f"[shards] task {rank}/{world} on {node_name()}: shards {mine} of {shard_dir.count}", flush=True)
     for n, k in enumerate(mine):
         if stop.requested:
