@@ -232,8 +232,13 @@ class SlurmCluster:
                 return field.split("=", 1)[1]
         return "UNKNOWN"
 
-    def show_job(self, job_id: str) -> dict:
-        r = self.run(["scontrol", "-o", "show", "job", job_id])
+    def show_job(self, job_id: str, tries: int = 5) -> dict:
+        """`scontrol show job` fields; retried, since a busy slurmctld sometimes answers nothing."""
+        for _ in range(tries):
+            r = self.run(["scontrol", "-o", "show", "job", job_id])
+            if r.returncode == 0 and "JobState=" in r.stdout:
+                break
+            time.sleep(0.5)
         fields = {}
         for item in r.stdout.split():
             if "=" in item:
