@@ -342,3 +342,18 @@ def load_optimizer(optimizer, built, directory: str | Path) -> None:
         raise ConfigError(f"{d}: cannot load the optimizer state ({type(e).__name__}: {first[:300]}); "
                           "the checkpoint is incomplete or damaged, or was saved with other optimizer settings") from e
     optimizer.load_state_dict(loaded)
+
+
+def prune_checkpoints(root: str | Path, keep: int, latest_name: str = "latest") -> list[Path]:
+    """Delete all but the newest `keep` step_* checkpoints under `root` (keep <= 0: keep all).
+    The one `latest` names is never deleted. Returns the deleted directories."""
+    root = Path(root)
+    if keep <= 0 or not root.is_dir():
+        return []
+    latest_file = root / latest_name
+    latest = latest_file.read_text().strip() if latest_file.is_file() else None
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    doomed = [p for p in steps[:-keep] if p.name != latest]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed

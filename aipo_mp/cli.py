@@ -87,26 +87,43 @@ def stage_config(args):
 
 
 def cmd_sample(args) -> int:
-    from aipo_mp.rounds.sampling import SamplingSpec, sample
+    from aipo_mp.rounds.shards import StopFlag
+
+    stop = StopFlag() if args.shard_dir else None  # a placed task: before the slow imports
+    from aipo_mp.config import ConfigError
+    from aipo_mp.rounds.sampling import SamplingSpec, sample, sample_task
 
     cfg = stage_config(args)
     s = cfg.sampling
     spec = SamplingSpec(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, stop=list(s.stop),
                         seed=s.seed, tensor_parallel=s.tensor_parallel, replicas=s.replicas,
                         kv_cache_gib=s.kv_cache_gib, max_model_len=s.max_model_len)
+    if args.shard_dir:  # one task of `aipo-mp run`'s sample stage: this task's shards only
+        return sample_task(args.model, args.prompts or cfg.rounds.prompts, spec, args.shard_dir, stop,
+                           shard_prompts=args.shard_prompts)
+    if not args.out:
+        raise ConfigError("sample: give --out FILE (or --shard-dir DIR for one task of a placed stage)")
     records = sample(args.model, args.prompts or cfg.rounds.prompts, spec, args.out)
     print(f"wrote {len(records)} samples to {args.out}")
     return 0
 
 
 def cmd_reward(args) -> int:
+    from aipo_mp.rounds.shards import StopFlag
+
+    stop = StopFlag() if args.shard_dir else None  # a placed task: before the slow imports
     from aipo_mp.config import ConfigError
-    from aipo_mp.rounds.rewards import score_with_model, score_with_rule
+    from aipo_mp.rounds.rewards import reward_task, score_with_model, score_with_rule
 
     cfg = stage_config(args)
     rule, model = args.rule or cfg.reward.rule, args.model or cfg.reward.model
     if bool(rule) == bool(model):
         raise ConfigError("reward: give exactly one of --rule module:function or --model DIR (or reward.rule / reward.model)")
+    if args.shard_dir:  # one task of `aipo-mp run`'s reward stage: this task's shard only
+        return reward_task(args.samples, args.shard_dir, stop, rule=rule, model=model,
+                           tensor_parallel=cfg.reward.tensor_parallel)
+    if not args.out:
+        raise ConfigError("reward: give --out FILE (or --shard-dir DIR for one task of a placed stage)")
     scored = score_with_rule(args.samples, rule, args.out) if rule else score_with_model(args.samples, model, args.out)
     mean = sum(r["score"] for r in scored) / max(1, len(scored))
     print(f"scored {len(scored)} samples (mean {mean:.4f}) into {args.out}")
@@ -130,6 +147,14 @@ def cmd_run(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     launcher = args.launcher or cfg.cluster.launcher
+    if args.nodes:
+        cfg.cluster.nodes = args.nodes
+    if args.gpus_per_node:
+        cfg.cluster.nproc_per_node = args.gpus_per_node
+    if args.dry_run:
+        from aipo_mp.rounds.run import dry_run
+
+        return dry_run(cfg, launcher, as_json=args.json)
     world = args.nproc_per_node or cfg.cluster.nproc_per_node * cfg.cluster.nodes
     return run_rounds(cfg, launcher, world)
 
@@ -165,16 +190,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.add_argument("--launcher", choices=["local", "slurm"], default=None, help="default: cluster.launcher")
     p.add_argument("--nproc-per-node", type=int, default=0, help="training ranks (default: cluster.nproc_per_node x nodes)")
+    p.add_argument("--dry-run", action="store_true", help="print every stage's placement and command; start nothing")
+    p.add_argument("--json", action="store_true", help="with --dry-run: one JSON object {\"stages\": [...]}")
+    p.add_argument("--nodes", type=int, default=0, help="nodes of the allocation (default: cluster.nodes)")
+    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs (ranks) per node (default: cluster.nproc_per_node)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("sample", help="sample n answers per prompt with vLLM")
     p.add_argument("--model", required=True, help="HF directory of the policy")
     p.add_argument("--prompts", default=None, help="prompts JSONL (default: rounds.prompts)")
-    p.add_argument("--out", required=True, help="samples.jsonl to write")
+    p.add_argument("--out", default=None, help="samples.jsonl to write")
+    p.add_argument("--shard-dir", default=None, help="one task of a placed stage: write this task's shards here")
+    p.add_argument("--shard-prompts", type=int, default=0, help="prompts per shard with --shard-dir (0: one per task)")
     add_stage_args(p)
     p.set_defaults(func=cmd_sample)
     p = sub.add_parser("reward", help="score samples with a rule or a reward model (vLLM pooling)")
     p.add_argument("--samples", required=True)
-    p.add_argument("--out", required=True, help="scored.jsonl to write")
+    p.add_argument("--out", default=None, help="scored.jsonl to write")
+    p.add_argument("--shard-dir", default=None, help="one task of a placed stage: write this task's shard here")
     p.add_argument("--rule", default=None, help="module:function(prompt, response) -> float")
     p.add_argument("--model", default=None, help="HF *ForSequenceClassification directory with one label")
     add_stage_args(p)

@@ -122,6 +122,7 @@ class TrainConfig:
     clip_grad: float = 1.0
     seed: int = 1234
     save_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2  # step checkpoints kept per train dir (the newest; 0: all); each round's final stays
     log_every: int = 1
     recompute: str = "none"  # none | selective | full
     use_distributed_optimizer: bool = True  # megatron's: fp32 main weights + Adam moments sharded over DP
@@ -174,12 +175,15 @@ class SamplingConfig:
     replicas: int = 1
     kv_cache_gib: float = 1.0  # CPU only
     max_model_len: Optional[int] = None
+    shard_prompts: int = 0  # prompts per resumable shard of the sample stage (0: one shard per replica)
 
 
 @dataclass
 class RewardConfig:
     rule: Optional[str] = None  # "module:function(prompt, response) -> float"
     model: Optional[str] = None  # an HF *ForSequenceClassification directory with one label
+    tensor_parallel: int = 1  # GPUs per reward engine (reward.model)
+    replicas: int = 1  # reward tasks, each scoring its shard of the samples
 
 
 @dataclass
@@ -196,6 +200,8 @@ class ClusterConfig:
     nproc_per_node: int = 1
     nodes: int = 1
     master_port: int = 0  # 0: torchrun's or a Slurm-job-derived default
+    stage_minutes: dict = field(default_factory=dict)  # wall-clock limit per stage kind, e.g. {sample: 120}
+    task_wait_s: int = 900  # srun --wait: end a step this long after its first task exited
 
 
 @dataclass

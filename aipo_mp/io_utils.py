@@ -11,11 +11,32 @@ import tempfile
 from pathlib import Path
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (os.umask would, racing other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def honour_umask(path: str | Path, directory: bool = False) -> None:
+    """mkstemp/mkdtemp create 0600/0700 whatever the umask: give a file the mode a plain open()
+    would (0666 & ~umask), so teammates can read run files and exported weights."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        honour_umask(tmp)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -41,6 +62,7 @@ def atomic_directory(final: str | Path, overwrite: bool = False):
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
     try:
+        honour_umask(tmp, directory=True)
         yield tmp
         replace_directory(tmp, final)
     except BaseException:

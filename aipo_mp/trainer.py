@@ -9,6 +9,7 @@ loss of each row is scaled so that the gradient is that of the mean over the glo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -572,19 +573,26 @@ def train(cfg: Config, stop: Optional[platform.StopSignal] = None) -> RunState:
     bar = progress_bar(rank0, state.total_steps, start)
     record, saved_at = {}, start
     state.stats["stopped"] = stop_agreed(state)  # a signal during set-up: nothing new to save
+    clock = StepClock()
     for step in range(start, state.total_steps if not state.stats["stopped"] else start):
-        record = train_step(state, step)
+        with clock.timing("step"):
+            record = train_step(state, step)
         log.write(record)
         if bar:
             bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('rewards/accuracy', 0):.2f}")
             bar.update(1)
         done = step + 1
         if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == state.total_steps:
-            save_checkpoint(state, done)
+            with clock.timing("save"):
+                save_checkpoint(state, done)
             saved_at = done
+            keep_newest_checkpoints(cfg, rank0)
+        if clock.out_of_time():  # the job ends before another step and a save would: save now
+            state.stop.requested = True
         if stop_agreed(state):
             if saved_at != done:
                 save_checkpoint(state, done)
+                keep_newest_checkpoints(cfg, rank0)
             state.stats["stopped"] = True
             break
     optim.sync_weights(state.chunks)  # state.built holds the trained weights for the caller
@@ -600,6 +608,33 @@ def train(cfg: Config, stop: Optional[platform.StopSignal] = None) -> RunState:
               flush=True)
     state.stats["last"] = record
     return state
+
+
+class StepClock:
+    """Durations of the last step and save, checked against the Slurm job's end (aipo_mp/timeleft.py)."""
+
+    def __init__(self):
+        from aipo_mp.timeleft import TimeGuard
+
+        self.guard = TimeGuard()
+        self.seconds = {"step": 0.0, "save": 0.0}
+
+    @contextlib.contextmanager
+    def timing(self, what: str):
+        t0 = time.time()
+        yield
+        self.seconds[what] = time.time() - t0
+
+    def out_of_time(self) -> bool:
+        return self.guard.out_of_time(self.seconds["step"], self.seconds["save"])
+
+
+def keep_newest_checkpoints(cfg: Config, rank0: bool) -> None:
+    """train.keep_checkpoints: rank 0 deletes older step checkpoints after a complete save."""
+    if rank0:
+        from aipo_mp.checkpoint import prune_checkpoints
+
+        prune_checkpoints(checkpoint_root(cfg), cfg.train.keep_checkpoints, LATEST)
 
 
 def progress_bar(enabled: bool, total: int, start: int):

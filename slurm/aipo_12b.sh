@@ -7,7 +7,7 @@
 #   sbatch --nodes=2 --time=12:00:00 slurm/aipo_12b.sh        # sizes: sbatch flags override the #SBATCH lines
 #   RUN_DIR=/scratch/$USER/aipo-12b AIPO_ARGS="rounds.num_rounds=5" sbatch slurm/aipo_12b.sh
 # Environment (all optional; slurm/common.sh documents each): RECIPE (default configs/recipes/aipo_mistral_nemo_12b.yaml),
-# RUN_DIR (default runs/aipo_12b), AIPO_VENV, NODES, GPUS_PER_NODE, AIPO_ARGS, AIPO_SRUN_ARGS, AIPO_REQUEUE.
+# RUN_DIR (default runs/aipo_12b), AIPO_SETUP, AIPO_VENV, AIPO_PYTHON, NODES, GPUS_PER_NODE, AIPO_ARGS, AIPO_SRUN_ARGS, AIPO_REQUEUE.
 # 300 s before the time limit (or on `scancel --batch --signal=USR1 JOBID`) the run saves, stops
 # and requeues itself; the requeued job resumes where it stopped.
 #SBATCH --job-name=aipo-12b
@@ -16,6 +16,7 @@
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=8
 #SBATCH --exclusive
+#SBATCH --mem=0                # all of each node's memory (steps share it; vLLM and the trainer size themselves)
 #SBATCH --time=12:00:00
 #SBATCH --signal=B:USR1@300
 #SBATCH --requeue

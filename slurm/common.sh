@@ -4,14 +4,19 @@
 # `sbatch` (sbatch exports the caller's environment by default):
 #
 #   AIPO_ROOT       repository root (default: the sbatch submit directory, else this file's parent)
+#   AIPO_SETUP      a bash file sourced here and in every task of every stage, before anything runs
+#                   (module load, conda/venv activation); with it AIPO_VENV defaults to none
 #   AIPO_VENV       virtual environment to activate (default: $AIPO_ROOT/.venv; "none": use PATH as is)
+#   AIPO_PYTHON     the stages' interpreter or wrapper (default: the driver's python; e.g. "python3"
+#                   inside a container image given by AIPO_SRUN_ARGS="--container-image=...")
 #   RECIPE          recipe YAML for `aipo-mp run` (each script sets its own default)
 #   RUN_DIR         run directory: round outputs, run_state.json, logs (default: $AIPO_ROOT/runs/<name>)
 #   NODES           nodes the run uses (default: the allocation's, SLURM_JOB_NUM_NODES)
 #   GPUS_PER_NODE   ranks per node (default: the allocation's tasks per node)
 #   AIPO_ARGS       extra `aipo-mp run` overrides, space-separated key=value (e.g. "rounds.num_rounds=5")
-#   AIPO_SRUN_ARGS  extra srun flags for every stage (e.g. "--mpi=pmix --gpu-bind=none")
-#   AIPO_REQUEUE    1 (default): requeue the job when the run was stopped by a signal; 0: just exit
+#   AIPO_SRUN_ARGS  extra srun flags for every stage (e.g. "--mpi=pmix --gpu-bind=none", or pyxis'
+#                   "--container-image=IMG --container-mounts=/scratch:/scratch")
+#   AIPO_REQUEUE    1 (default): requeue the job when the run was stopped after the warning signal; 0: just exit
 #
 # Sizes of the allocation itself come from the #SBATCH lines; override them on the command line:
 #   sbatch --nodes=32 --time=24:00:00 slurm/aipo_123b.sh
@@ -22,8 +27,16 @@
 # forwards them through srun to the running stage; the trainer finishes its step, saves a
 # checkpoint and exits; `aipo-mp run` then exits with AIPO_EXIT_STOPPED (75) and this shell calls
 # `scontrol requeue $SLURM_JOB_ID`. The requeued job (same id, SLURM_RESTART_COUNT + 1) reruns
-# the script, and `aipo-mp run` resumes at the first unfinished stage, training from its latest
-# checkpoint. Any other exit code ends the job with that code.
+# the script, and `aipo-mp run` resumes at the first unfinished stage (a sampling or reward stage
+# at its first unfinished shard), training from its latest checkpoint. Any other exit code ends
+# the job with that code.
+#
+# Cancel vs preemption. Only the warning signal (USR1) leads to a requeue. A plain `scancel`
+# (SIGTERM to the shell and every step, SIGKILL KillWait seconds later) leaves the job CANCELLED:
+# the stage saves what it can in that time, `aipo-mp run` exits 75, and this shell does not
+# requeue. A preemption without a warning (PreemptMode=REQUEUE or CANCEL: SIGTERM, then SIGKILL
+# after GraceTime) behaves the same here; Slurm itself requeues the job for PreemptMode=REQUEUE,
+# and the run then resumes from its finished stages, shards and last checkpoint.
 
 AIPO_EXIT_STOPPED=75  # must equal aipo_mp.rounds.launchers.EXIT_STOPPED
 
@@ -48,6 +61,14 @@ aipo_setup() {
     export AIPO_ROOT
     cd "$AIPO_ROOT" || aipo_die "cannot cd to $AIPO_ROOT"
 
+    if [ -n "${AIPO_SETUP:-}" ]; then
+        [ -f "$AIPO_SETUP" ] || aipo_die "AIPO_SETUP=$AIPO_SETUP is not a file"
+        AIPO_SETUP=$(cd "$(dirname "$AIPO_SETUP")" && pwd)/$(basename "$AIPO_SETUP")
+        export AIPO_SETUP # the launcher sources it in every task too
+        # shellcheck disable=SC1090
+        source "$AIPO_SETUP" || aipo_die "sourcing AIPO_SETUP=$AIPO_SETUP failed"
+        AIPO_VENV=${AIPO_VENV:-none}
+    fi
     AIPO_VENV=${AIPO_VENV:-$AIPO_ROOT/.venv}
     if [ "$AIPO_VENV" != none ]; then
         [ -f "$AIPO_VENV/bin/activate" ] || aipo_die "no virtual environment at AIPO_VENV=$AIPO_VENV (run 'make setup' in $AIPO_ROOT, or set AIPO_VENV; AIPO_VENV=none uses PATH as is)"
@@ -97,10 +118,12 @@ aipo_run_rounds() {
 }
 
 _AIPO_TRAPS=0
+_AIPO_WARNED=0 # a USR1 (the time-limit or preemption warning) arrived: a stop then means requeue
 _AIPO_CHILD=
 
 _aipo_forward() {
     _AIPO_TRAPS=$((_AIPO_TRAPS + 1))
+    [ "$1" = USR1 ] && _AIPO_WARNED=1
     if [ -n "$_AIPO_CHILD" ] && kill -0 "$_AIPO_CHILD" 2>/dev/null; then
         aipo_log "batch shell got SIG$1: forwarding to pid $_AIPO_CHILD"
         kill -s "$1" "$_AIPO_CHILD" 2>/dev/null || true
@@ -132,6 +155,10 @@ aipo_run_requeue() {
     done
     _AIPO_CHILD=
     if [ "$status" = "$AIPO_EXIT_STOPPED" ]; then
+        if [ "$_AIPO_WARNED" != 1 ]; then
+            aipo_log "run stopped by SIGTERM without a warning signal (scancel?): not requeued; resubmit to resume"
+            exit "$AIPO_EXIT_STOPPED"
+        fi
         if [ "${AIPO_REQUEUE:-1}" = 1 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
             aipo_log "run stopped by a signal and saved; requeueing job $SLURM_JOB_ID"
             trap - TERM # Slurm ends this shell once the job is requeued

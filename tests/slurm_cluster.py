@@ -1,11 +1,16 @@
-"""A one-node Slurm cluster on localhost for the tests (Debian's Slurm 22.05).
+"""A Slurm cluster of one or more nodes on localhost for the tests (Debian's Slurm 22.05).
+
+Several nodes run on one machine as several `slurmd -N NAME` daemons (Debian builds Slurm with
+MULTIPLE_SLURMD), each with its own port, spool, pid and log file; every node has NodeAddr=127.0.0.1
+and NodeHostname=localhost. Node names (n1, n2, ...) do not resolve, as on clusters whose node
+names are not in DNS: jobs must use the address Slurm knows for a node.
 
 Everything lives in one private directory: the munge key, socket and seed, slurm.conf, the state
 and spool directories, pid and log files. The daemons listen on free ports, so two clusters (two
 test sessions) on one machine do not collide. Every Slurm command must see `SLURM_CONF`: use the
 `env` dict of a started cluster. Daemons are stopped by their pids, never by name.
 
-    cluster = SlurmCluster(tmp_dir); cluster.start(); ...; cluster.stop()
+    cluster = SlurmCluster(tmp_dir, nodes=2); cluster.start(); ...; cluster.stop()
 """
 
 from __future__ import annotations
@@ -72,11 +77,10 @@ def sbin(name: str) -> str:
 
 
 SLURM_CONF = """\
-# Written by tests/slurm_cluster.py: a one-node cluster on localhost.
+# Written by tests/slurm_cluster.py: {num_nodes} node(s) on localhost.
 ClusterName=aipotest
 SlurmctldHost=localhost
 SlurmctldPort={ctld_port}
-SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -84,11 +88,11 @@ CredType=cred/munge
 # cred_expire also sets how long a requeued job waits before it may start again (default 120 s).
 AuthInfo=socket={munge_socket},cred_expire={cred_expire}
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
+SlurmdLogFile={root}/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -104,14 +108,19 @@ ReturnToService=2
 MinJobAge=300
 KillWait=10
 SchedulerParameters=sched_interval=1
-NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+{node_lines}
+PartitionName=debug Nodes={node_names} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """
+NODE_LINE = ("NodeName={name} NodeAddr=127.0.0.1 NodeHostname=localhost Port={port} CPUs={cpus} "
+             "RealMemory={memory_mb} State=UNKNOWN")
 
 
 class SlurmCluster:
-    def __init__(self, root: Path, cpus: int = 2, memory_mb: int = 4000, cred_expire: int = 10):
+    def __init__(self, root: Path, cpus: int = 2, memory_mb: int = 4000, cred_expire: int = 10, nodes: int = 1):
         self.root = Path(root)
+        # One node: "localhost" (resolves); several: n1, n2, ... ("localhost" cannot be one of
+        # several names: slurmctld rejects a duplicated NodeHostname for it).
+        self.node_names = ["localhost"] if nodes == 1 else [f"n{i + 1}" for i in range(nodes)]
         self.cpus = cpus
         self.memory_mb = memory_mb
         self.cred_expire = cred_expire
@@ -128,11 +137,17 @@ class SlurmCluster:
         if not key.exists():
             key.write_bytes(os.urandom(1024))
             os.chmod(key, 0o600)
-        ctld_port, slurmd_port = free_ports(2)
+        ctld_port, *node_ports = free_ports(1 + len(self.node_names))
+        node_lines = "\n".join(NODE_LINE.format(name=name, port=port, cpus=self.cpus, memory_mb=self.memory_mb)
+                               for name, port in zip(self.node_names, node_ports))
+        if self.node_names == ["localhost"]:
+            node_lines = node_lines.replace(" NodeHostname=localhost", "")
+        for name in self.node_names:
+            (r / "spool" / name).mkdir(parents=True, exist_ok=True)
         conf = r / "slurm.conf"
-        conf.write_text(SLURM_CONF.format(root=r, ctld_port=ctld_port, slurmd_port=slurmd_port,
-                                          munge_socket=r / "munge" / "munge.socket", cpus=self.cpus,
-                                          memory_mb=self.memory_mb, cred_expire=self.cred_expire))
+        conf.write_text(SLURM_CONF.format(root=r, ctld_port=ctld_port, munge_socket=r / "munge" / "munge.socket",
+                                          cred_expire=self.cred_expire, num_nodes=len(self.node_names),
+                                          node_lines=node_lines, node_names=",".join(self.node_names)))
         self.env = {
             "SLURM_CONF": str(conf),
             # What munge clients (and slurm's auth plugin via AuthInfo) use.
@@ -160,10 +175,11 @@ class SlurmCluster:
         # -i: ignore saved state of an earlier run in this directory; daemonize, then find the pid.
         subprocess.run([sbin("slurmctld"), "-i"], check=True, env=env, capture_output=True, text=True, timeout=30)
         self.pids["slurmctld"] = self._wait_pid(r / "slurmctld.pid")
-        # The machine's host name is not "localhost": name the node explicitly.
-        subprocess.run([sbin("slurmd"), "-N", "localhost"], check=True, env=env, capture_output=True, text=True,
-                       timeout=30)
-        self.pids["slurmd"] = self._wait_pid(r / "slurmd.pid")
+        # The machine's host name is not a node name: name each node explicitly.
+        for name in self.node_names:
+            subprocess.run([sbin("slurmd"), "-N", name], check=True, env=env, capture_output=True, text=True,
+                           timeout=30)
+            self.pids[f"slurmd-{name}"] = self._wait_pid(r / f"slurmd-{name}.pid")
         self.wait_idle(timeout)
         return dict(self.env)
 
@@ -185,14 +201,14 @@ class SlurmCluster:
             r = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=self.command_env(), capture_output=True,
                                text=True)
             state = r.stdout.strip()
-            if state == "idle":
+            if state.split() == ["idle"] * len(self.node_names):
                 return
             time.sleep(0.3)
-        raise RuntimeError(f"node not idle after {timeout}s (sinfo: {state!r}); logs:\n{self.logs()}")
+        raise RuntimeError(f"nodes not idle after {timeout}s (sinfo: {state!r}); logs:\n{self.logs()}")
 
     def logs(self, tail: int = 3000) -> str:
         out = []
-        for name in ("slurmctld.log", "slurmd.log", "munge/munged.log"):
+        for name in ("slurmctld.log", *[f"slurmd-{n}.log" for n in self.node_names], "munge/munged.log"):
             p = self.root / name
             if p.exists():
                 out.append(f"--- {name} ---\n{p.read_text(errors='replace')[-tail:]}")
@@ -216,8 +232,13 @@ class SlurmCluster:
                 return field.split("=", 1)[1]
         return "UNKNOWN"
 
-    def show_job(self, job_id: str) -> dict:
-        r = self.run(["scontrol", "-o", "show", "job", job_id])
+    def show_job(self, job_id: str, tries: int = 5) -> dict:
+        """`scontrol show job` fields; retried, since a busy slurmctld sometimes answers nothing."""
+        for _ in range(tries):
+            r = self.run(["scontrol", "-o", "show", "job", job_id])
+            if r.returncode == 0 and "JobState=" in r.stdout:
+                break
+            time.sleep(0.5)
         fields = {}
         for item in r.stdout.split():
             if "=" in item:
@@ -231,7 +252,7 @@ class SlurmCluster:
         if "slurmctld" in self.pids:
             self.run(["scancel", "--full", "--signal=KILL", "--state=RUNNING", "--user=root"], timeout=10)
             self.run(["scancel", "--user=root"], timeout=10)
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in (*[f"slurmd-{n}" for n in self.node_names], "slurmctld", "munged"):
             pid = self.pids.pop(name, None)
             if pid is not None:
                 _terminate(pid, timeout)
@@ -255,8 +276,8 @@ def _terminate(pid: int, timeout: float) -> None:
         pass
 
 
-def start_cluster(root: Path, cpus: Optional[int] = None) -> SlurmCluster:
-    cluster = SlurmCluster(root, cpus=cpus or 2)
+def start_cluster(root: Path, cpus: Optional[int] = None, nodes: int = 1) -> SlurmCluster:
+    cluster = SlurmCluster(root, cpus=cpus or 2, nodes=nodes)
     try:
         cluster.start()
     except BaseException:
@@ -288,6 +309,7 @@ def _allreduce_main(out_dir: str, seconds: float = 0.0) -> int:
     torch.distributed.all_reduce(t)
     record = {"rank": env.rank, "world_size": env.world_size, "sum": float(t.item()), "launcher": env.launcher,
               "master": f"{env.master_addr}:{env.master_port}", "signals": got,
+              "node": os.environ.get("SLURMD_NODENAME"),
               "dist_env": read_dist_env().__dict__}
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / f"rank_{env.rank}.json").write_text(json.dumps(record))

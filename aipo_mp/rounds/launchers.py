@@ -1,17 +1,27 @@
 """How `aipo-mp run` starts each stage: local subprocesses, or `srun` job steps inside a Slurm
 allocation. A stage is an aipo_mp command without the interpreter, e.g.
-["aipo_mp.cli", "train", cfg, "parallel.tp=2"] meaning `python -m aipo_mp.cli train ...`;
-`ntasks` > 1 starts that many ranks of it.
+["aipo_mp.cli", "train", cfg, "parallel.tp=2"] meaning `python -m aipo_mp.cli train ...`, and a
+`Placement` (aipo_mp/rounds/placement.py: tasks, nodes, tasks per node, GPUs per task).
+
+Logs. With a `log_path` (RUN_DIR/logs/STAGE.log) the launcher's own lines and srun's messages go
+there, and every task writes its stdout and stderr to RUN_DIR/logs/STAGE/rank<K>.log (srun
+`--output` with `%t`); nothing of the stage reaches our console (the caller prints one line).
+
+Interpreter and containers. A stage runs `$AIPO_PYTHON -m argv...` (default: this interpreter;
+e.g. AIPO_PYTHON=python3 inside a container image, or a wrapper such as "apptainer exec --nv
+img.sif python"), after sourcing `$AIPO_SETUP` (module load / venv activation) in every task
+when that is set; AIPO_SRUN_ARGS adds srun flags to every step (pyxis: --container-image=...).
 
 Stopping (preemption, time limit). A launcher handles SIGTERM and SIGUSR1 from its creation on:
 it forwards the signal to the running stage (which saves and exits) and remembers it, and once a
 stop was requested no further stage starts. `StageResult.stopped_by_signal` is true when the stage
-was stopped (a signal reached the launcher during or before it, the stage printed the trainer's
-"stopped by signal" marker, or it exited with EXIT_STOPPED). The caller must then not record the
-stage as done and should exit with EXIT_STOPPED (75), which tells slurm/common.sh to requeue the job.
+was stopped: it printed the trainer's "stopped by signal" marker, exited with EXIT_STOPPED, or
+failed after a stop was requested. A stage that exited 0 is done, even when a signal arrived as it
+finished. The caller must not record a stopped stage as done and should exit with EXIT_STOPPED
+(75), which tells slurm/common.sh to requeue the job.
 
     launcher = make_launcher("slurm")            # or "local"
-    result = launcher.run("round0-train", ["aipo_mp.cli", "train", cfg], ntasks=8, log_path=log)
+    result = launcher.run("round0-train", ["aipo_mp.cli", "train", cfg], Placement(8, 1, 8, 1), log_path=log)
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -30,19 +41,23 @@ from pathlib import Path
 from typing import IO, Optional, Protocol
 
 from aipo_mp.config import ConfigError
-from aipo_mp.platform import EXIT_STOPPED  # 75: stopped, state saved; slurm/common.sh requeues on it
+from aipo_mp.rounds.placement import Placement
 
+EXIT_STOPPED = 75  # EX_TEMPFAIL, = aipo_mp.platform.EXIT_STOPPED (that module imports torch; the driver must not)
+EXIT_TIMED_OUT = 124  # a local stage ran past its wall-clock limit
 STOP_MARKER = b"stopped by signal"  # what the trainer prints when it saved and stopped on a signal
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                  "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID")
 KILL_GRACE_S = 10.0  # after one rank failed: SIGTERM to the others, SIGKILL this much later
+TIME_LIMIT_TEXT = (b"DUE TO TIME LIMIT", b"ran past its wall-clock limit")
 
 
 @dataclass
 class StageResult:
     returncode: int  # the stage's exit code (several ranks: the first failure, else 0)
     stopped_by_signal: bool  # stopped (saved, or not started): rerun the stage after a requeue
+    timed_out: bool = False  # ended by its wall-clock limit (cluster.stage_minutes)
 
     @property
     def ok(self) -> bool:
@@ -52,8 +67,57 @@ class StageResult:
 class Launcher(Protocol):
     stop_requested: bool
 
-    def run(self, name: str, argv: list[str], ntasks: int = 1, env: Optional[dict] = None,
-            log_path: Optional[Path] = None) -> StageResult: ...
+    def run(self, name: str, argv: list[str], placement: Optional[Placement] = None, env: Optional[dict] = None,
+            log_path: Optional[Path] = None, time_limit_min: Optional[float] = None) -> StageResult: ...
+
+
+def one_task(ntasks: int = 1) -> Placement:
+    """`ntasks` CPU ranks on as few nodes as the launcher likes (the layout of plain commands)."""
+    return Placement(ntasks=ntasks, nodes=0, ntasks_per_node=0, gpus_per_task=0)
+
+
+def rank_log_dir(log_path: Path) -> Path:
+    """RUN_DIR/logs/round0-sample.log -> RUN_DIR/logs/round0-sample/ (rank<K>.log inside)."""
+    log_path = Path(log_path)
+    return log_path.with_name(log_path.name[:-len(".log")] if log_path.name.endswith(".log") else log_path.name + ".d")
+
+
+def stage_python(environ: Optional[dict] = None) -> list[str]:
+    """The stage interpreter: $AIPO_PYTHON (a path, a name on the task's PATH, or a wrapper command)."""
+    env = os.environ if environ is None else environ
+    return shlex.split(env.get("AIPO_PYTHON", "")) or [sys.executable]
+
+
+def stage_command(argv: list[str], environ: Optional[dict] = None) -> list[str]:
+    """[python, -m, argv...], inside `bash -c 'source $AIPO_SETUP; exec ...'` when AIPO_SETUP is set."""
+    if not argv:
+        raise ValueError("empty stage command")
+    env = os.environ if environ is None else environ
+    cmd = [*stage_python(env), "-m", *argv]
+    setup = env.get("AIPO_SETUP")
+    if setup:
+        cmd = ["bash", "-c", 'source "$0" || { echo "error: sourcing AIPO_SETUP=$0 failed" >&2; exit 2; }; exec "$@"',
+               setup, *cmd]
+    return cmd
+
+
+class _LogWatch:
+    """What the rank logs of a stage gained since the watch started (marker and time-limit scan)."""
+
+    def __init__(self, directory: Optional[Path]):
+        self.directory = directory
+        self.sizes = {p: p.stat().st_size for p in self._files()}
+
+    def _files(self) -> list[Path]:
+        return sorted(self.directory.glob("*.log")) if self.directory and self.directory.is_dir() else []
+
+    def new_bytes(self) -> bytes:
+        out = b""
+        for p in self._files():
+            with open(p, "rb") as f:
+                f.seek(self.sizes.get(p, 0))
+                out += f.read()
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,11 +186,17 @@ class _Base:
             return StageResult(0, True)
         return None
 
+    def _result(self, code: int, marker_seen: bool, timed_out: bool = False) -> StageResult:
+        # exit 0 without the trainer's marker: the stage finished its work, whatever signal came late
+        stopped = marker_seen or code == EXIT_STOPPED or (code != 0 and self.stop_requested and not timed_out)
+        return StageResult(code, stopped, timed_out)
+
 
 class _Tee:
     """Copy a child's stdout and stderr to ours and to a log file; watch for the stop marker."""
 
-    def __init__(self, log_path: Optional[Path]):
+    def __init__(self, log_path: Optional[Path], console: bool = True):
+        self.console = console
         self.log: Optional[IO[bytes]] = None
         if log_path is not None:
             log_path = Path(log_path)
@@ -134,6 +204,7 @@ class _Tee:
             self.log = open(log_path, "ab")
         self.lock = threading.RLock()  # note() may run in a signal handler on the main thread
         self.marker_seen = False
+        self.tail = b""  # the last bytes of the child's own output (srun's messages)
         self.threads: list[threading.Thread] = []
 
     def attach(self, proc: subprocess.Popen, prefix: bytes = b"") -> None:
@@ -150,13 +221,16 @@ class _Tee:
             if STOP_MARKER in tail + chunk:
                 self.marker_seen = True
             tail = chunk[-len(STOP_MARKER):]
+            self.tail = (self.tail + chunk)[-65536:]
             if prefix:
                 lines = chunk.split(b"\n")
                 chunk = b"\n".join((prefix + l if (i > 0 or at_line_start) and l else l) for i, l in enumerate(lines))
                 at_line_start = chunk.endswith(b"\n")
             with self.lock:
                 try:
-                    if out is not None:
+                    if not self.console:
+                        pass
+                    elif out is not None:
                         out.write(chunk)
                         out.flush()
                     else:
@@ -183,14 +257,14 @@ class _Tee:
             self.log.close()
 
 
-def _python_command(argv: list[str]) -> list[str]:
-    if not argv:
-        raise ValueError("empty stage command")
-    return [sys.executable, "-m", *argv]
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
-def _header(name: str, cmd: list[str], ntasks: int, tee: _Tee) -> None:
-    tee.note(f"[launcher] {name}: {ntasks} task(s): {shlex.join(cmd)}")
+def _header(name: str, cmd: list[str], placement: Placement, tee: _Tee) -> None:
+    tee.note(f"[launcher] {name}: {placement.ntasks} task(s): {shlex.join(cmd)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,22 +274,28 @@ def _header(name: str, cmd: list[str], ntasks: int, tee: _Tee) -> None:
 
 class LocalLauncher(_Base):
     """Stages as local subprocesses. ntasks > 1: that many ranks with RANK/WORLD_SIZE/LOCAL_RANK/
-    MASTER_ADDR/MASTER_PORT (a free port per stage); if one rank fails the others are stopped."""
+    MASTER_ADDR/MASTER_PORT (a free port per stage); if one rank fails the others are stopped.
+    With a log_path each rank writes RUN_DIR/logs/STAGE/rank<K>.log, else it inherits our output."""
 
-    def run(self, name: str, argv: list[str], ntasks: int = 1, env: Optional[dict] = None,
-            log_path: Optional[Path] = None) -> StageResult:
-        if ntasks < 1:
-            raise ValueError(f"ntasks={ntasks}: must be >= 1")
+    def run(self, name: str, argv: list[str], placement: Optional[Placement] = None, env: Optional[dict] = None,
+            log_path: Optional[Path] = None, time_limit_min: Optional[float] = None,
+            ntasks: Optional[int] = None) -> StageResult:
+        placement = placement or one_task(ntasks or 1)
+        if placement.ntasks < 1:
+            raise ValueError(f"ntasks={placement.ntasks}: must be >= 1")
         stopped = self._stopped_before_start(name)
         if stopped:
             return stopped
-        from aipo_mp.platform import free_port  # platform imports torch: only when a stage starts
-
-        cmd = _python_command(argv)
+        cmd = stage_command(argv)
         port = free_port()
-        tee = self._tee = _Tee(log_path)
-        _header(name, cmd, ntasks, tee)
+        tee = self._tee = _Tee(log_path, console=False)
+        _header(name, cmd, placement, tee)
+        rank_dir = rank_log_dir(log_path) if log_path is not None else None
+        if rank_dir is not None:
+            rank_dir.mkdir(parents=True, exist_ok=True)
+        watch = _LogWatch(rank_dir)
         procs: list[subprocess.Popen] = []
+        ntasks = placement.ntasks
         try:
             for rank in range(ntasks):
                 child_env = dict(os.environ)
@@ -225,15 +305,22 @@ class LocalLauncher(_Base):
                                  LOCAL_WORLD_SIZE=str(ntasks), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
                 child_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ntasks)))
                 child_env.update(env or {})
-                p = subprocess.Popen(cmd, env=child_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
+                out = open(rank_dir / f"rank{rank}.log", "ab") if rank_dir is not None else None
+                try:
+                    p = subprocess.Popen(cmd, env=child_env, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT if out else None)
+                finally:
+                    if out:
+                        out.close()
                 procs.append(p)
                 self._children.append(p)
-                tee.attach(p, prefix=f"[rank{rank}] ".encode() if ntasks > 1 and rank > 0 else b"")
             if self.stop_requested:  # a signal arrived while the ranks were starting
                 for p in procs:
                     self._forward(p, signal.SIGUSR1)
-            code = self._wait_all(procs)
+            deadline = time.monotonic() + time_limit_min * 60 if time_limit_min else None
+            code, timed_out = self._wait_all(procs, deadline)
+            if timed_out:
+                tee.note(f"[launcher] {name} ran past its wall-clock limit of {time_limit_min} min; stopped")
         finally:
             for p in procs:  # never leave a rank behind (an exception in here, a KeyboardInterrupt)
                 if p.poll() is None:
@@ -242,16 +329,19 @@ class LocalLauncher(_Base):
             self._children = [c for c in self._children if c not in procs]
             self._tee = None
             tee.close()
-        stopped = self.stop_requested or tee.marker_seen or code == EXIT_STOPPED
-        return StageResult(code, stopped)
+        marker = STOP_MARKER in watch.new_bytes() if rank_dir is not None else False
+        return self._result(code, marker, timed_out)
 
-    def _wait_all(self, procs: list[subprocess.Popen]) -> int:
+    def _wait_all(self, procs: list[subprocess.Popen], deadline: Optional[float]) -> tuple[int, bool]:
         first_failure = 0
         kill_at = None
+        timed_out = False
         while True:
             running = [p for p in procs if p.poll() is None]
             if first_failure == 0:
                 failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+                if deadline is not None and running and time.monotonic() > deadline:
+                    failed, timed_out = [EXIT_TIMED_OUT], True
                 if failed:
                     first_failure = failed[0]
                     if running:  # do not leave the others blocked in a collective
@@ -261,7 +351,7 @@ class LocalLauncher(_Base):
                             self._forward(p, signal.SIGTERM)
                         kill_at = time.monotonic() + KILL_GRACE_S
             if not running:
-                return first_failure
+                return first_failure, timed_out
             if kill_at is not None and time.monotonic() > kill_at:
                 for p in running:
                     p.kill()
@@ -285,9 +375,43 @@ def job_hosts(environ: Optional[dict] = None) -> list[str]:
         hosts = r.stdout.split()
         if r.returncode == 0 and hosts:
             return hosts
-    from aipo_mp.platform import first_slurm_host
+    return [first_host(nodelist)]
 
-    return [first_slurm_host(nodelist)]
+
+def first_host(nodelist: str) -> str:
+    """'gpu[003-005,9],cpu1' -> 'gpu003' (without scontrol)."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if not m:
+        return nodelist
+    prefix, ranges = m.group(1), m.group(2)
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+
+def node_address(host: str, environ: Optional[dict] = None) -> str:
+    """`host` when it resolves, else the address Slurm knows for it (`scontrol show node`: NodeAddr).
+    Clusters whose node names are not in DNS still get a MASTER_ADDR the tasks can reach."""
+    try:
+        socket.getaddrinfo(host, None)
+        return host
+    except OSError:
+        pass
+    env = dict(os.environ if environ is None else environ)
+    try:
+        r = subprocess.run(["scontrol", "-o", "show", "node", host], capture_output=True, text=True, env=env,
+                           timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return host
+    for field in r.stdout.split():
+        if field.startswith("NodeAddr="):
+            return field.split("=", 1)[1] or host
+    return host
+
+
+def cpus_per_node(environ: dict) -> Optional[int]:
+    """The allocation's CPUs on its smallest node: SLURM_JOB_CPUS_PER_NODE '64(x8)' or '32,16(x2)'."""
+    text = environ.get("SLURM_JOB_CPUS_PER_NODE") or environ.get("SLURM_CPUS_ON_NODE") or ""
+    counts = [int(x.split("(")[0]) for x in text.split(",") if x.split("(")[0].isdigit()]
+    return min(counts) if counts else None
 
 
 def stage_port(job_id: str, restart_count: int, counter: int) -> int:
@@ -300,15 +424,17 @@ def stage_port(job_id: str, restart_count: int, counter: int) -> int:
 class SlurmLauncher(_Base):
     """Stages as `srun` job steps of the current allocation (sbatch or salloc).
 
-    Each stage runs `srun --ntasks=N --nodes=K --ntasks-per-node=N/K --kill-on-bad-exit=1
-    --export=ALL python -m argv...` on the first K = min(N, nodes) nodes of the job; MASTER_ADDR is
-    the first of them and MASTER_PORT is fresh per stage. Extra srun flags for every stage come from
-    AIPO_SRUN_ARGS (e.g. "--gpu-bind=none --mpi=pmix --container-image=..."). SIGTERM and SIGUSR1
-    reach the stage's tasks as SIGUSR1 through srun (srun answers SIGTERM by killing the step, so
-    it is not forwarded as is); the trainer treats both alike: finish the step, save, exit 0.
+    A stage placed as (ntasks N, nodes K, ntasks_per_node P) runs `srun --ntasks=N --nodes=K
+    --ntasks-per-node=P --cpus-per-task=C --kill-on-bad-exit=1 --wait=W [--time=M] --export=ALL
+    python -m argv...` on the first K nodes of the job, with C = the node's CPUs // P. MASTER_ADDR is
+    the first of them (its Slurm NodeAddr when the name does not resolve) and MASTER_PORT is fresh
+    per stage. Tasks find their GPU slice from SLURM_LOCALID and their shard from SLURM_PROCID.
+    SIGTERM and SIGUSR1 reach the stage's tasks as SIGUSR1 through srun (srun answers SIGTERM by
+    killing the step, so it is not forwarded as is); the trainer treats both alike: finish the
+    step, save, exit.
     """
 
-    def __init__(self, environ: Optional[dict] = None, handle_signals: bool = True):
+    def __init__(self, environ: Optional[dict] = None, handle_signals: bool = True, task_wait_s: int = 0):
         env = dict(os.environ if environ is None else environ)
         if not env.get("SLURM_JOB_ID"):
             raise ConfigError("--launcher slurm needs a Slurm allocation (SLURM_JOB_ID is not set): submit "
@@ -316,51 +442,99 @@ class SlurmLauncher(_Base):
         self.srun = shutil.which("srun", path=env.get("PATH"))
         if not self.srun:
             raise ConfigError("--launcher slurm: srun is not on PATH inside this allocation")
-        self.environ = env
-        self.job_id = env["SLURM_JOB_ID"]
-        self.restart_count = int(env.get("SLURM_RESTART_COUNT", "0") or 0)
-        self.hosts = job_hosts(env) or ["localhost"]
-        self.num_nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or len(self.hosts))
-        self.extra_args = shlex.split(env.get("AIPO_SRUN_ARGS", ""))
-        self.counter = 0
+        self._setup(env, job_hosts(env) or ["localhost"], task_wait_s)
         super().__init__(handle_signals=handle_signals)
 
-    def command(self, name: str, argv: list[str], ntasks: int) -> tuple[list[str], dict]:
+    def _setup(self, env: dict, hosts: list[str], task_wait_s: int) -> None:
+        self.environ = env
+        self.job_id = env.get("SLURM_JOB_ID", "0")
+        self.restart_count = int(env.get("SLURM_RESTART_COUNT", "0") or 0)
+        self.hosts = hosts
+        self.num_nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or len(self.hosts))
+        self.extra_args = shlex.split(env.get("AIPO_SRUN_ARGS", ""))
+        self.node_cpus = cpus_per_node(env)
+        self.task_wait_s = task_wait_s
+        self.counter = 0
+        self._addresses: dict[str, str] = {}
+        self.job_end: Optional[float] = None  # looked up at the first stage (aipo_mp/timeleft.py)
+
+    @classmethod
+    def for_plan(cls, nodes: int, environ: Optional[dict] = None, task_wait_s: int = 0) -> "SlurmLauncher":
+        """A launcher that only builds commands (--dry-run): the current allocation's hosts when
+        inside one, else `nodes` placeholder names; starts nothing, handles no signals."""
+        self = cls.__new__(cls)
+        env = dict(os.environ if environ is None else environ)
+        self.srun = shutil.which("srun", path=env.get("PATH")) or "srun"
+        inside = bool(env.get("SLURM_JOB_ID"))
+        hosts = (job_hosts(env) if inside else []) or [f"node{i + 1:03d}" for i in range(nodes)]
+        if not inside:
+            env["SLURM_JOB_NUM_NODES"] = str(nodes)
+        self._setup(env, hosts, task_wait_s)
+        self._addresses = {h: h for h in hosts} if not inside else {}
+        _Base.__init__(self, handle_signals=False)
+        return self
+
+    def master_address(self, host: str) -> str:
+        if host not in self._addresses:
+            self._addresses[host] = node_address(host, self.environ)
+        return self._addresses[host]
+
+    def command(self, name: str, argv: list[str], placement: Placement, log_path: Optional[Path] = None,
+                time_limit_min: Optional[float] = None) -> tuple[list[str], dict]:
         """The srun command line and environment of one stage (advances the stage counter)."""
-        nodes = max(1, min(ntasks, self.num_nodes))
-        cmd = [self.srun, f"--job-name={name}", f"--ntasks={ntasks}", f"--nodes={nodes}", "--kill-on-bad-exit=1",
-               "--export=ALL"]
-        if ntasks % nodes == 0:  # even spread (else srun would fill the first nodes' CPUs first)
-            cmd.append(f"--ntasks-per-node={ntasks // nodes}")
+        ntasks = placement.ntasks
+        nodes = max(1, min(placement.nodes or ntasks, ntasks, self.num_nodes))
+        per_node = placement.ntasks_per_node or -(-ntasks // nodes)
+        cmd = [self.srun, f"--job-name={name}", f"--ntasks={ntasks}", f"--nodes={nodes}",
+               f"--ntasks-per-node={per_node}", "--kill-on-bad-exit=1", "--export=ALL"]
         if nodes < self.num_nodes and len(self.hosts) >= nodes:  # pin the step to the nodes MASTER_ADDR is on
             cmd.append(f"--nodelist={','.join(self.hosts[:nodes])}")
-        cpus = self.environ.get("SLURM_CPUS_PER_TASK")
-        if cpus:  # srun 22.05 no longer inherits it from the allocation
+        cpus = max(1, self.node_cpus // per_node) if self.node_cpus else None
+        if cpus:  # srun 22.05 no longer inherits --cpus-per-task from the allocation: size it from the node
             cmd.append(f"--cpus-per-task={cpus}")
-        cmd += [*self.extra_args, *_python_command(argv)]
+        if self.task_wait_s:  # a hung task ends its step this long after the first task exited
+            cmd.append(f"--wait={self.task_wait_s}")
+        if time_limit_min:
+            cmd.append(f"--time={max(1, int(round(time_limit_min)))}")
+        if log_path is not None:
+            cmd += [f"--output={rank_log_dir(log_path)}/rank%t.log", "--open-mode=append"]
+        cmd += [*self.extra_args, *stage_command(argv, self.environ)]
         env = {k: v for k, v in self.environ.items() if k not in TORCHRUN_VARS}
         # Job-level task layout of the batch step must not leak into the step's own layout.
-        for k in ("SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        for k in ("SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_CPUS_PER_TASK"):
             env.pop(k, None)
         base_port = self.environ.get("AIPO_MASTER_PORT_BASE")
         port = (int(base_port) + self.counter) if base_port else stage_port(self.job_id, self.restart_count,
                                                                             self.counter)
         self.counter += 1
-        env.update(MASTER_ADDR=self.hosts[0], MASTER_PORT=str(port))
-        env.setdefault("OMP_NUM_THREADS", cpus or "1")
+        env.update(MASTER_ADDR=self.master_address(self.hosts[0]), MASTER_PORT=str(port))
+        if cpus:
+            env["OMP_NUM_THREADS"] = str(cpus)
         return cmd, env
 
-    def run(self, name: str, argv: list[str], ntasks: int = 1, env: Optional[dict] = None,
-            log_path: Optional[Path] = None) -> StageResult:
-        if ntasks < 1:
-            raise ValueError(f"ntasks={ntasks}: must be >= 1")
+    def run(self, name: str, argv: list[str], placement: Optional[Placement] = None, env: Optional[dict] = None,
+            log_path: Optional[Path] = None, time_limit_min: Optional[float] = None,
+            ntasks: Optional[int] = None) -> StageResult:
+        placement = placement or one_task(ntasks or 1)
+        if placement.ntasks < 1:
+            raise ValueError(f"ntasks={placement.ntasks}: must be >= 1")
         stopped = self._stopped_before_start(name)
         if stopped:
             return stopped
-        cmd, step_env = self.command(name, argv, ntasks)
+        cmd, step_env = self.command(name, argv, placement, log_path, time_limit_min)
+        if self.job_end is None:
+            from aipo_mp.timeleft import slurm_job_end
+
+            self.job_end = slurm_job_end(self.job_id, self.environ) or 0.0
+        if self.job_end:  # the trainer saves and stops before the job's time runs out
+            step_env["AIPO_JOB_END"] = str(self.job_end)
         step_env.update(env or {})
-        tee = self._tee = _Tee(log_path)
-        _header(name, cmd, ntasks, tee)
+        rank_dir = rank_log_dir(log_path) if log_path is not None else None
+        if rank_dir is not None:
+            rank_dir.mkdir(parents=True, exist_ok=True)
+        watch = _LogWatch(rank_dir)
+        tee = self._tee = _Tee(log_path, console=log_path is None)
+        _header(name, cmd, placement, tee)
         proc = subprocess.Popen(cmd, env=step_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
         self._children.append(proc)
@@ -377,20 +551,20 @@ class SlurmLauncher(_Base):
             self._children.remove(proc)
             self._tee = None
             tee.close()
-        code = proc.returncode
-        stopped = self.stop_requested or tee.marker_seen or code == EXIT_STOPPED
-        return StageResult(code, stopped)
+        new = watch.new_bytes() + (tee.tail if log_path is not None else b"")
+        timed_out = proc.returncode != 0 and any(t in new for t in TIME_LIMIT_TEXT)
+        return self._result(proc.returncode, tee.marker_seen or STOP_MARKER in new, timed_out)
 
     def _forward(self, proc: subprocess.Popen, signum: int) -> None:
         # srun forwards SIGUSR1 to every task; on SIGTERM it would cancel the step instead.
         super()._forward(proc, signal.SIGUSR1)
 
 
-def make_launcher(kind: str) -> Launcher:
+def make_launcher(kind: str, task_wait_s: int = 0) -> Launcher:
     if kind == "local":
         return LocalLauncher()
     if kind == "slurm":
-        return SlurmLauncher()
+        return SlurmLauncher(task_wait_s=task_wait_s)
     raise ConfigError(f"--launcher {kind!r}: choose local or slurm")
 
 

@@ -150,34 +150,59 @@ def sample_token_lists(samples: list[dict], tokenizer) -> list[tuple[list[int], 
     return out
 
 
-def response_logprob_sums(model_dir: str, token_lists: list[tuple[list[int], int]]) -> list[float]:
+def response_logprob_sums(model_dir: str, token_lists: list[tuple[list[int], int]],
+                          tensor_parallel: int = 1) -> list[float]:
     from aipo_mp.rounds.sampling import logprobs_of
 
-    per_token = logprobs_of(model_dir, [ids for ids, _ in token_lists])
+    per_token = logprobs_of(model_dir, [ids for ids, _ in token_lists], tensor_parallel=tensor_parallel)
     # logprobs_of gives L-1 values: position t is log p(ids[t+1] | ids[:t+1]).
     return [sum(lp[n_prompt - 1:]) for lp, (_, n_prompt) in zip(per_token, token_lists)]
 
 
-def kl_main(args) -> int:
+def kl_sums(run_dir: Path, rounds: list[str], initial: str, shard: tuple[int, int] = (0, 1),
+            tensor_parallel: int = 1) -> list[dict]:
+    """{"round", "sum", "count"} of log pi_r - log pi_0 over this task's slice (task k of W takes
+    every W-th sample) of each round's first KL_SAMPLES samples."""
     from transformers import AutoTokenizer
 
-    run_dir = Path(args.run_dir)
-    result = {}
-    for item in args.rounds:
+    k, world = shard
+    out = []
+    for item in rounds:
         r, model_dir = item.split("=", 1)
         if r == "0":
             continue
         samples = [s for s in read_jsonl(run_dir / f"round_{r}" / "samples.jsonl") if s.get("text")][:KL_SAMPLES]
+        samples = samples[k::world]
         if not samples:
             continue
         tok = AutoTokenizer.from_pretrained(model_dir)
         lists = sample_token_lists(samples, tok)
-        lp_policy = response_logprob_sums(model_dir, lists)
-        lp_initial = response_logprob_sums(args.initial, lists)
-        result[r] = sum(a - b for a, b in zip(lp_policy, lp_initial)) / len(lists)
-        if not math.isfinite(result[r]):
-            result[r] = None
-    atomic_write_json(args.out, result)
+        lp_policy = response_logprob_sums(model_dir, lists, tensor_parallel)
+        lp_initial = response_logprob_sums(initial, lists, tensor_parallel)
+        out.append({"round": r, "sum": sum(a - b for a, b in zip(lp_policy, lp_initial)), "count": len(lists)})
+    return out
+
+
+def kl_from_sums(rows: list[dict]) -> dict:
+    totals: dict = {}
+    for row in rows:
+        s, n = totals.get(row["round"], (0.0, 0))
+        totals[row["round"]] = (s + row["sum"], n + row["count"])
+    return {r: (s / n if n and math.isfinite(s / n) else None) for r, (s, n) in totals.items()}
+
+
+def kl_main(args) -> int:
+    run_dir = Path(args.run_dir)
+    if args.shard_dir:  # one task of the placed kl stage: its slice of every round, merged by the driver
+        from aipo_mp.rounds.shards import ShardDir, StopFlag, run_shard_task, task_identity
+
+        stop = StopFlag()
+        rank, world, _, _ = task_identity()
+        shards = ShardDir(args.shard_dir, world)
+        work = lambda k, _end: kl_sums(run_dir, args.rounds, args.initial, (k, world), args.tensor_parallel)
+        return run_shard_task(shards, [(k, k + 1) for k in range(world)], work, stop, rank, world)
+    rows = kl_sums(run_dir, args.rounds, args.initial, tensor_parallel=args.tensor_parallel)
+    atomic_write_json(args.out, kl_from_sums(rows))
     return 0
 
 
@@ -186,7 +211,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     k = sub.add_parser("kl")
     k.add_argument("--run-dir", required=True)
-    k.add_argument("--out", required=True)
+    k.add_argument("--out", default=None)
+    k.add_argument("--shard-dir", default=None, help="one task of the placed kl stage: write its shard here")
+    k.add_argument("--tensor-parallel", type=int, default=1, help="GPUs per engine (the sampling layout)")
     k.add_argument("--initial", required=True)
     k.add_argument("rounds", nargs="*", help="ROUND=HF_DIR")
     args = parser.parse_args(argv)

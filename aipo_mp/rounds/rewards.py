@@ -222,6 +222,27 @@ def _score_in_child(model_dir, records: list[dict], engine_options: dict) -> lis
         return [r["score"] for r in read_jsonl(tmp / "scored.jsonl")]
 
 
+def reward_task(samples, shard_root: str | Path, stop, rule: Optional[str] = None, model: Optional[str] = None,
+                **engine_options) -> int:
+    """One task of a placed reward stage (`aipo-mp reward --shard-dir`): score this task's shard
+    of the samples (by SLURM_PROCID / RANK) with the rule or its own reward engine; the driver
+    merges the shards. Returns 0, or 75 when a stop signal came before its shard was scored."""
+    from aipo_mp.rounds.shards import (ShardDir, claim_engine_devices, run_shard_task, shard_bounds, shard_count,
+                                       task_identity)
+
+    rank, world, local_rank, local_world = task_identity()
+    records = load_samples(samples)
+    shards = ShardDir(shard_root, shard_count(len(records), world))
+
+    def work(start: int, end: int) -> list[dict]:
+        if rule:
+            return score_with_rule(records[start:end], rule)
+        claim_engine_devices(local_rank, local_world, engine_options.get("tensor_parallel", 1))
+        return score_with_model(records[start:end], model, **engine_options)
+
+    return run_shard_task(shards, shard_bounds(len(records), shards.count), work, stop, rank, world)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Score samples with a reward model (a child of aipo_mp rewards).")
     parser.add_argument("--model", required=True)

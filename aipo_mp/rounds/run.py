@@ -12,18 +12,33 @@ Layout of RUN_DIR:
   round_R/policy_hf/          round R's policy exported for vLLM (absent for an HF starting point)
   round_R/samples.jsonl, scored.jsonl, pairs.jsonl, pairs_stats.json
   round_R/train/              the trainer's output dir (metrics.jsonl, checkpoints/)
+  round_R/shards/sample/, shards/reward/   finished shards of the placed engine stages (kept across a requeue)
+  logs/STAGE.log              the launcher's lines and srun's messages of one stage
+  logs/STAGE/rank<K>.log      every task's stdout and stderr
   report/                     report.md, report.json, *.png
+  .aipo.lock                  held while `aipo-mp run` runs (a second one on RUN_DIR fails at once)
+
+Placement (aipo_mp/rounds/placement.py): each stage declares its tasks, nodes, tasks per node and
+GPUs per task; the engine stages (sample, reward, kl) run one task per engine, each on its shard.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
+import sys
+import time
 from pathlib import Path
 from typing import Optional
 
 from aipo_mp.config import Config, ConfigError, dump_config, validate
 from aipo_mp.io_utils import atomic_write_json
-from aipo_mp.platform import EXIT_STOPPED
+from aipo_mp.rounds.launchers import EXIT_STOPPED, rank_log_dir
+from aipo_mp.rounds.placement import Placement, check_placement, stage_kind, stage_placement
+from aipo_mp.rounds.shards import ShardDir, shard_count
+
+CHECKPOINT_META = "aipo_checkpoint.json"  # = aipo_mp.models.MEGATRON_META (that package imports torch)
+LATEST = "latest"  # = aipo_mp.trainer.LATEST
 
 STAGES = ("export", "sample", "reward", "pairs", "train")
 
@@ -58,80 +73,170 @@ class Stopped(Exception):
     """A stage was stopped by a signal (preemption); the run can be requeued and resumed."""
 
 
+def checkpoint_layout(path: Optional[str]) -> Optional[dict]:
+    """The stored {tp, pp, ...} of an aipo_mp Megatron checkpoint; None for an HF directory."""
+    meta = Path(path or "") / CHECKPOINT_META
+    if not path or not meta.is_file():
+        return None
+    try:
+        return json.loads(meta.read_text())["layout"]
+    except (ValueError, KeyError):
+        raise ConfigError(f"{meta}: not a valid aipo_mp checkpoint description; re-convert the checkpoint") from None
+
+
 class RoundRunner:
-    def __init__(self, cfg: Config, config_path: Path, launcher, world_size: int):
+    """Runs the stages of every round through `launcher`, or (`plan_only`) records the commands
+    it would run without starting anything (`aipo-mp run --dry-run`)."""
+
+    def __init__(self, cfg: Config, config_path: Path, launcher, world_size: int, plan_only: bool = False):
         self.cfg = cfg
         self.run_dir = Path(cfg.output.dir).absolute()
         self.config_path = config_path
         self.launcher = launcher
         self.world_size = world_size
-        self.state = RunState(self.run_dir)
+        self.nodes = max(1, cfg.cluster.nodes)
+        self.gpus_per_node = max(1, world_size // self.nodes)
+        self.plan_only = plan_only
+        self.planned: list[dict] = []
+        self.state = RunState(self.run_dir) if not plan_only else RunState(Path("/nonexistent-aipo-plan"))
 
     # -- helpers -----------------------------------------------------------------------------
 
     def round_dir(self, r: int) -> Path:
         d = self.run_dir / f"round_{r}"
-        d.mkdir(parents=True, exist_ok=True)
+        if not self.plan_only:
+            d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def launch(self, name: str, argv: list[str], ntasks: int = 1) -> None:
+    def placement(self, name: str, export_shards: Optional[int] = None) -> Placement:
+        return stage_placement(stage_kind(name), self.cfg, self.nodes, self.gpus_per_node, export_shards)
+
+    def launch(self, name: str, argv: list[str], placement: Placement) -> None:
+        """Run one stage; one console line when it starts and one when it ends (its output goes
+        to RUN_DIR/logs/NAME.log and logs/NAME/rank<K>.log)."""
         log = self.run_dir / "logs" / f"{name}.log"
+        limit = (self.cfg.cluster.stage_minutes or {}).get(stage_kind(name))
+        if self.plan_only:
+            self.planned.append(self.plan_entry(name, argv, placement, log, limit))
+            return
         log.parent.mkdir(parents=True, exist_ok=True)
-        print(f"[aipo-mp run] {name}: {' '.join(argv[:3])} ...", flush=True)
-        result = self.launcher.run(name, argv, ntasks=ntasks, log_path=log)
+        where = f"{placement.ntasks} task(s) on {placement.nodes or 1} node(s)" + (
+            f", {placement.gpus_per_task} GPU(s) each" if placement.gpus_per_task else "")
+        print(f"[aipo-mp run] {name}: {where}; logs {rank_log_dir(log)}/", flush=True)
+        t0 = time.time()
+        result = self.launcher.run(name, argv, placement, log_path=log, time_limit_min=limit)
+        seconds = time.time() - t0
         if result.stopped_by_signal:
+            print(f"[aipo-mp run] {name}: stopped by a signal after {seconds:.0f} s", flush=True)
             raise Stopped(name)
+        if result.timed_out:
+            raise StageFailed(f"stage {name} ran past its wall-clock limit of {limit} min "
+                              f"(cluster.stage_minutes.{stage_kind(name)}) [logs: {rank_log_dir(log)}/]; raise the "
+                              "limit or look for a hung task, then rerun the same command to resume")
         if result.returncode != 0:
             cause = last_error_line(log)
             raise StageFailed(f"stage {name} failed" + (f": {cause}" if cause else f" (exit {result.returncode})")
-                              + f" [log: {log}]; fix it and rerun the same command to resume")
+                              + f" [logs: {log}, {rank_log_dir(log)}/]; fix it and rerun the same command to resume")
+        print(f"[aipo-mp run] {name}: done in {seconds:.0f} s", flush=True)
+
+    def plan_entry(self, name: str, argv: list[str], placement: Placement, log: Path, limit) -> dict:
+        entry = {"name": name, "ntasks": placement.ntasks, "nodes": placement.nodes,
+                 "ntasks_per_node": placement.ntasks_per_node, "gpus_per_task": placement.gpus_per_task}
+        if hasattr(self.launcher, "command"):
+            entry["argv"] = self.launcher.command(name, argv, placement, log, limit)[0]
+        else:
+            from aipo_mp.rounds.launchers import stage_command
+
+            entry["argv"] = stage_command(argv)
+        return entry
 
     def stage(self, r: int, name: str, fn) -> None:
         if self.state.done(r, name):
             return
         info = fn(r)
-        self.state.record(r, name, info)
+        if not self.plan_only:
+            self.state.record(r, name, info)
 
     # -- stages ------------------------------------------------------------------------------
 
+    def policy_path(self, r: int) -> str:
+        policy = self.state.policy(r)
+        if policy is None and self.plan_only:  # the plan of round r > 0: the trainer's checkpoint
+            policy = str(self.round_dir(r - 1) / "train" / "checkpoints" / LATEST)
+        return policy
+
     def policy_hf_dir(self, r: int) -> str:
         """The HF directory vLLM samples round r from."""
-        from aipo_mp.checkpoint import is_megatron_checkpoint
-
-        policy = self.state.policy(r)
-        return str(self.round_dir(r) / "policy_hf") if is_megatron_checkpoint(policy) else policy
+        policy = self.policy_path(r)
+        is_mcore = checkpoint_layout(policy) is not None or (self.plan_only and r > 0)
+        return str(self.round_dir(r) / "policy_hf") if is_mcore else policy
 
     def export(self, r: int) -> dict:
-        from aipo_mp.checkpoint import is_megatron_checkpoint, read_meta
-
-        policy = self.state.policy(r)
-        if not is_megatron_checkpoint(policy):
+        policy = self.policy_path(r)
+        layout = checkpoint_layout(policy)
+        if layout is None and not self.plan_only:
             return {"skipped": "policy is already an HF directory"}
         out = self.round_dir(r) / "policy_hf"
-        layout = read_meta(policy)["layout"]
-        # One converter rank per stored TP x PP shard (srun spreads them over the allocation).
-        self.launch(f"round{r}-export", ["checkpoint_tools", "mcore-to-hf", "--ckpt", policy, "--out", str(out),
-                                         "--dtype", self.cfg.precision.dtype, "--overwrite"],
-                    ntasks=layout["tp"] * layout["pp"])
+        # One converter rank per stored TP x PP shard, packed per node (a plan: the trainer's layout).
+        shards = layout["tp"] * layout["pp"] if layout else self.cfg.parallel.tp * self.cfg.parallel.pp
+        name = f"round{r}-export"
+        self.launch(name, ["checkpoint_tools", "mcore-to-hf", "--ckpt", policy, "--out", str(out),
+                           "--dtype", self.cfg.precision.dtype, "--overwrite"], self.placement(name, shards))
         return {"hf_dir": str(out)}
 
+    def plan_shards(self, root: Path, total: int, world: int, per_shard: int = 0) -> None:
+        """Tell the tasks which shards are unfinished (they split this list)."""
+        if not self.plan_only:
+            ShardDir(root, shard_count(total, world, per_shard)).write_plan()
+
+    def merge_shards(self, root: Path, total: int, world: int, out: Path, per_shard: int = 0) -> list[dict]:
+        """Write the finished shards of a placed stage to `out` in order; returns their markers."""
+        from aipo_mp.rounds.sampling import write_jsonl
+
+        if self.plan_only:
+            return []
+        shards = ShardDir(root, shard_count(total, world, per_shard))
+        write_jsonl(out, shards.merge())
+        return shards.markers()
+
     def sample(self, r: int) -> dict:
-        out = self.round_dir(r) / "samples.jsonl"
-        self.launch(f"round{r}-sample", ["aipo_mp.cli", "sample", "--config", str(self.config_path),
-                                         "--model", self.policy_hf_dir(r), "--out", str(out),
-                                         f"sampling.seed={self.cfg.sampling.seed + 1000 * r}"])
-        return {"samples": str(out)}
+        from aipo_mp.rounds.sampling import read_prompts
+
+        rd = self.round_dir(r)
+        out, shard_root = rd / "samples.jsonl", rd / "shards" / "sample"
+        name = f"round{r}-sample"
+        placement = self.placement(name)
+        per_shard = self.cfg.sampling.shard_prompts
+        total = 0 if self.plan_only else len(read_prompts(self.cfg.rounds.prompts))
+        self.plan_shards(shard_root, total, placement.ntasks, per_shard)
+        self.launch(name, ["aipo_mp.cli", "sample", "--config", str(self.config_path),
+                           "--model", self.policy_hf_dir(r), "--shard-dir", str(shard_root),
+                           "--shard-prompts", str(per_shard), f"sampling.seed={self.cfg.sampling.seed + 1000 * r}"],
+                    placement)
+        markers = self.merge_shards(shard_root, total, placement.ntasks, out, per_shard)
+        return {"samples": str(out), "nodes": sorted({m["node"] for m in markers})}
 
     def reward(self, r: int) -> dict:
+        from aipo_mp.rounds.sampling import read_jsonl
+
         rd = self.round_dir(r)
-        self.launch(f"round{r}-reward", ["aipo_mp.cli", "reward", "--config", str(self.config_path),
-                                         "--samples", str(rd / "samples.jsonl"), "--out", str(rd / "scored.jsonl")])
-        return {"scored": str(rd / "scored.jsonl")}
+        out, shard_root = rd / "scored.jsonl", rd / "shards" / "reward"
+        name = f"round{r}-reward"
+        placement = self.placement(name)
+        total = 0 if self.plan_only else len(read_jsonl(rd / "samples.jsonl"))
+        self.plan_shards(shard_root, total, placement.ntasks)
+        self.launch(name, ["aipo_mp.cli", "reward", "--config", str(self.config_path),
+                           "--samples", str(rd / "samples.jsonl"), "--shard-dir", str(shard_root)], placement)
+        markers = self.merge_shards(shard_root, total, placement.ntasks, out)
+        return {"scored": str(out), "nodes": sorted({m["node"] for m in markers})}
 
     def pairs(self, r: int) -> dict:
         rd = self.round_dir(r)
-        self.launch(f"round{r}-pairs", ["aipo_mp.cli", "pairs", "--config", str(self.config_path),
-                                        "--scored", str(rd / "scored.jsonl"), "--out-dir", str(rd)])
+        name = f"round{r}-pairs"
+        self.launch(name, ["aipo_mp.cli", "pairs", "--config", str(self.config_path),
+                           "--scored", str(rd / "scored.jsonl"), "--out-dir", str(rd)], self.placement(name))
+        if self.plan_only:
+            return {}
         stats = json.loads((rd / "pairs_stats.json").read_text())
         if not stats.get("kept"):
             raise StageFailed(f"round {r}: no preference pairs survived the filters ({stats.get('dropped')}); "
@@ -139,18 +244,18 @@ class RoundRunner:
         return {"pairs": str(rd / "pairs.jsonl"), "kept": stats.get("kept")}
 
     def train(self, r: int) -> dict:
-        from aipo_mp.trainer import LATEST
-
         rd = self.round_dir(r)
         out = rd / "train"
-        overrides = [f"model.path={self.state.policy(r)}", f"data.train={rd / 'pairs.jsonl'}", f"output.dir={out}",
+        overrides = [f"model.path={self.policy_path(r)}", f"data.train={rd / 'pairs.jsonl'}", f"output.dir={out}",
                      f"train.seed={self.cfg.train.seed + r}"]
         if self.cfg.rounds.reference == "initial" and r > 0:
             overrides += ["reference.mode=model", f"reference.path={self.state.policy(0)}"]
         else:  # AIPO: the reference is the policy this round starts from
             overrides += ["reference.mode=initial"]
-        self.launch(f"round{r}-train", ["aipo_mp.cli", "train", str(self.config_path), *overrides],
-                    ntasks=self.world_size)
+        name = f"round{r}-train"
+        self.launch(name, ["aipo_mp.cli", "train", str(self.config_path), *overrides], self.placement(name))
+        if self.plan_only:
+            return {}
         latest = (out / "checkpoints" / LATEST).read_text().strip()
         return {"checkpoint": str(out / "checkpoints" / latest)}
 
@@ -175,11 +280,19 @@ class RoundRunner:
 
     def kl(self, last: int) -> dict:
         """Sampled KL(π_r || π_0) for every round with samples: one child command (vLLM engines)."""
-        out = self.run_dir / "kl.json"
-        rounds = [r for r in range(last + 1) if self.state.done(r, "sample")]
-        args = ["aipo_mp.rounds.report", "kl", "--run-dir", str(self.run_dir), "--out", str(out),
-                "--initial", self.policy_hf_dir(0), *[f"{r}={self.policy_hf_dir(r)}" for r in rounds]]
-        self.launch("kl", args)
+        from aipo_mp.rounds.report import kl_from_sums
+
+        out, shard_root = self.run_dir / "kl.json", self.run_dir / "shards" / "kl"
+        rounds = [r for r in range(last + 1) if self.state.done(r, "sample") or self.plan_only]
+        placement = self.placement("kl")
+        self.plan_shards(shard_root, placement.ntasks, placement.ntasks)
+        args = ["aipo_mp.rounds.report", "kl", "--run-dir", str(self.run_dir), "--shard-dir", str(shard_root),
+                "--tensor-parallel", str(self.cfg.sampling.tensor_parallel), "--initial", self.policy_hf_dir(0),
+                *[f"{r}={self.policy_hf_dir(r)}" for r in rounds]]
+        self.launch("kl", args, placement)
+        if not self.plan_only:
+            rows = ShardDir(shard_root, placement.ntasks).merge()
+            atomic_write_json(out, kl_from_sums(rows))
         return {"kl": str(out)}
 
     def write_report(self, final: bool = False) -> None:
@@ -222,23 +335,71 @@ def check_recipe(cfg: Config) -> None:
         raise ConfigError(errors)
 
 
+def check_layout(cfg: Config, world_size: int, plan: bool = False) -> None:
+    """The training layout and every stage's placement fit the allocation (before any stage).
+    A plan may name a model.path that exists only on the cluster: then the recipe's model.arch."""
+    nodes = max(1, cfg.cluster.nodes)
+    if world_size % nodes:
+        raise ConfigError(f"{world_size} training ranks do not split evenly over cluster.nodes={nodes}; "
+                          "use a multiple of the node count")
+    arch = cfg.model.arch if plan and cfg.model.arch and not Path(cfg.model.path or "").exists() else None
+    validate(cfg, world_size=world_size, arch=arch)
+    check_placement(cfg, nodes, world_size // nodes)
+
+
 def run_rounds(cfg: Config, launcher_kind: str, world_size: int) -> int:
-    """Entry of `aipo-mp run`. Returns 0 when done, 75 when stopped by a signal (requeue me)."""
+    """Entry of `aipo-mp run`. Returns 0 when done, 75 when stopped by a signal (requeue me).
+    Needs no torch or GPU itself: every stage is a child command."""
+    from aipo_mp.locks import DirectoryLock
     from aipo_mp.rounds.launchers import make_launcher
 
-    check_recipe(cfg)
-    validate(cfg, world_size=world_size)
     run_dir = Path(cfg.output.dir).absolute()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "config.yaml"
-    dump_config(cfg, config_path)
-    runner = RoundRunner(cfg, config_path, make_launcher(launcher_kind), world_size)
-    try:
-        runner.run()
-    except Stopped as s:
-        print(f"[aipo-mp run] stopped by a signal during {s}; rerun the same command to resume", flush=True)
-        return EXIT_STOPPED
-    except StageFailed as e:
-        raise ConfigError(str(e))
+    with DirectoryLock(run_dir, "aipo-mp run"):  # first: a second run on RUN_DIR is the problem to report
+        check_recipe(cfg)
+        check_layout(cfg, world_size)
+        config_path = run_dir / "config.yaml"
+        dump_config(cfg, config_path)
+        launcher = make_launcher(launcher_kind, task_wait_s=cfg.cluster.task_wait_s)
+        runner = RoundRunner(cfg, config_path, launcher, world_size)
+        try:
+            runner.run()
+        except Stopped as s:
+            print(f"[aipo-mp run] stopped by a signal during {s}; rerun the same command to resume", flush=True)
+            return EXIT_STOPPED
+        except StageFailed as e:
+            raise ConfigError(str(e))
+    return 0
+
+
+def dry_run(cfg: Config, launcher_kind: str, as_json: bool = False) -> int:
+    """`aipo-mp run --dry-run`: the placement and command of every stage of round 0 (export as
+    round 1 runs it when round 0 starts from an HF directory) and of the kl stage; starts nothing.
+    Sizes come from the allocation (via cluster.nodes / nproc_per_node) or --nodes/--gpus-per-node."""
+    from aipo_mp.rounds.launchers import LocalLauncher, SlurmLauncher
+
+    nodes, gpus_per_node = max(1, cfg.cluster.nodes), max(1, cfg.cluster.nproc_per_node)
+    world = nodes * gpus_per_node
+    check_layout(cfg, world, plan=True)
+    if launcher_kind == "slurm":
+        launcher = SlurmLauncher.for_plan(nodes, task_wait_s=cfg.cluster.task_wait_s)
+    else:
+        launcher = LocalLauncher(handle_signals=False)
+    run_dir = Path(cfg.output.dir).absolute()
+    runner = RoundRunner(cfg, run_dir / "config.yaml", launcher, world, plan_only=True)
+    runner.state.data["policies"]["0"] = str(Path(cfg.model.path or "MODEL").absolute())
+    for name in STAGES:
+        r = 1 if name == "export" and checkpoint_layout(runner.policy_path(0)) is None else 0
+        getattr(runner, name)(r)
+    runner.kl(cfg.rounds.num_rounds)
+    stages = [{"name": stage_kind(e["name"]), "stage": e["name"], **{k: v for k, v in e.items() if k != "name"}}
+              for e in runner.planned]
+    if as_json:
+        print(json.dumps({"launcher": launcher_kind, "nodes": nodes, "gpus_per_node": gpus_per_node,
+                          "stages": stages}, indent=1))
+        return 0
+    print(f"plan ({launcher_kind}, {nodes} node(s) x {gpus_per_node} GPUs); nothing is started")
+    for e in stages:
+        print(f"{e['stage']:>14}: {e['ntasks']} task(s) on {e['nodes']} node(s), {e['ntasks_per_node']} per node, "
+              f"{e['gpus_per_task']} GPU(s) per task\n{'':>16}{shlex.join(e['argv'])}")
     return 0
 

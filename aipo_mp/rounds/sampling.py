@@ -53,6 +53,7 @@ from typing import Any, Optional, Sequence
 
 from aipo_mp.config import ConfigError
 from aipo_mp.io_utils import atomic_write_text
+from aipo_mp.rounds.shards import ShardDir, StopFlag, run_shard_task, shard_bounds, shard_count, task_identity
 
 GIB = 1 << 30
 FINISH_REASONS = ("stop", "length")
@@ -450,17 +451,6 @@ def generate_records(llm, prompts: list[dict], spec: SamplingSpec, index_offset:
     return records
 
 
-def shard_bounds(total: int, shards: int) -> list[tuple[int, int]]:
-    """Contiguous [start, end) ranges, the first `total % shards` one longer."""
-    base, extra = divmod(total, shards)
-    bounds, start = [], 0
-    for k in range(shards):
-        end = start + base + (1 if k < extra else 0)
-        bounds.append((start, end))
-        start = end
-    return bounds
-
-
 def replica_env(k: int, replicas: int, tensor_parallel: int) -> dict[str, str]:
     """Environment of replica k: its own GPUs, or its own CPU cores."""
     env = dict(os.environ)
@@ -530,6 +520,33 @@ def sample_in_children(model_dir, prompts: list[dict], spec: SamplingSpec, repli
         for k in range(replicas):
             records.extend(read_jsonl(tmp / f"samples{k}.jsonl"))
     return records
+
+
+def sample_task(model_dir, prompts, spec: SamplingSpec, shard_root: str | Path, stop: StopFlag,
+                shard_prompts: int = 0) -> int:
+    """One task of a placed sample stage (`aipo-mp sample --shard-dir`): its own engine on its own
+    devices, its unfinished shards of the prompts (by SLURM_PROCID / RANK); the driver merges them.
+    Returns 0, or 75 when a stop signal left shards undone."""
+    rank, world, local_rank, local_world = task_identity()
+    prompts = normalize_prompts(prompts)
+    shards = ShardDir(shard_root, shard_count(len(prompts), world, shard_prompts))
+    bounds = shard_bounds(len(prompts), shards.count)
+    llm = None
+
+    def work(start: int, end: int) -> list[dict]:
+        nonlocal llm
+        if llm is None:
+            from aipo_mp.rounds.shards import claim_engine_devices
+
+            claim_engine_devices(local_rank, local_world, spec.tensor_parallel)
+            llm = start_engine(model_dir, **engine_kwargs(spec), what="policy model")
+        return generate_records(llm, prompts[start:end], spec, index_offset=start)
+
+    try:
+        return run_shard_task(shards, bounds, work, stop, rank, world)
+    finally:
+        if llm is not None:
+            close_engine(llm)
 
 
 # ---------------------------------------------------------------------------------------------

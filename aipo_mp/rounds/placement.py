@@ -1,0 +1,131 @@
+"""Where each stage of a round runs: tasks, GPUs per task, tasks per node, nodes.
+
+Every stage declares what it needs and the launcher turns that into one step (one `srun` over the
+right nodes, or local subprocesses):
+
+    sample  `sampling.replicas` vLLM engines, one task each, `gpus_per_node // sampling.tensor_parallel`
+            engines per node (a TP group never spans nodes; replicas spread over the nodes)
+    reward  the same with `reward.replicas` x `reward.tensor_parallel` (a rule reward: CPU tasks)
+    kl      the sampling layout (a large policy never goes into one TP=1 engine)
+    export  one converter rank per stored TP x PP shard, packed `gpus_per_node` per node so a TP
+            group stays inside a node
+    pairs   one CPU task
+    train   every node, one task per GPU
+
+"GPUs" are the allocation's ranks per node (`cluster.nproc_per_node`); on CPU they are CPU slots.
+`placement_errors` checks that the engines fit before any stage starts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+from aipo_mp.config import Config, ConfigError
+
+
+@dataclass(frozen=True)
+class Placement:
+    ntasks: int
+    nodes: int
+    ntasks_per_node: int  # at most this many tasks on one node
+    gpus_per_task: int  # 0: a CPU-only stage
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def engine_placement(replicas: int, tensor_parallel: int, gpus_per_node: int) -> Placement:
+    """`replicas` engines of `tensor_parallel` GPUs, as many per node as fit, over the fewest nodes."""
+    per_node = max(1, min(replicas, gpus_per_node // max(1, tensor_parallel)))
+    return Placement(ntasks=replicas, nodes=math.ceil(replicas / per_node), ntasks_per_node=per_node,
+                     gpus_per_task=tensor_parallel)
+
+
+def packed_placement(ntasks: int, gpus_per_node: int) -> Placement:
+    """`ntasks` one-GPU ranks, `gpus_per_node` per node (consecutive ranks share a node)."""
+    per_node = max(1, min(ntasks, gpus_per_node))
+    return Placement(ntasks=ntasks, nodes=math.ceil(ntasks / per_node), ntasks_per_node=per_node, gpus_per_task=1)
+
+
+def cpu_placement() -> Placement:
+    return Placement(ntasks=1, nodes=1, ntasks_per_node=1, gpus_per_task=0)
+
+
+def reward_placement(cfg: Config, gpus_per_node: int) -> Placement:
+    r = cfg.reward
+    if r.model:
+        return engine_placement(r.replicas, r.tensor_parallel, gpus_per_node)
+    per_node = max(1, min(r.replicas, gpus_per_node))  # a rule: CPU tasks, one per slot
+    return Placement(ntasks=r.replicas, nodes=math.ceil(r.replicas / per_node), ntasks_per_node=per_node,
+                     gpus_per_task=0)
+
+
+def stage_placement(kind: str, cfg: Config, nodes: int, gpus_per_node: int,
+                    export_shards: Optional[int] = None) -> Placement:
+    """The placement of one stage kind (sample, reward, pairs, train, export, kl)."""
+    s = cfg.sampling
+    if kind in ("sample", "kl"):
+        return engine_placement(s.replicas, s.tensor_parallel, gpus_per_node)
+    if kind == "reward":
+        return reward_placement(cfg, gpus_per_node)
+    if kind == "export":
+        return packed_placement(export_shards or cfg.parallel.tp * cfg.parallel.pp, gpus_per_node)
+    if kind == "train":
+        return Placement(ntasks=nodes * gpus_per_node, nodes=nodes, ntasks_per_node=gpus_per_node, gpus_per_task=1)
+    if kind == "pairs":
+        return cpu_placement()
+    raise ValueError(f"unknown stage kind {kind!r}")
+
+
+def _engine_errors(section: str, replicas: int, tp: int, nodes: int, gpus_per_node: int) -> list[str]:
+    total = nodes * gpus_per_node
+    if tp > gpus_per_node:
+        return [f"{section}.tensor_parallel={tp} is more than the {gpus_per_node} GPUs of one node (a TP group must "
+                f"stay inside a node): use {section}.tensor_parallel <= {gpus_per_node}"]
+    if replicas * tp > total:
+        return [f"{section}.replicas={replicas} x {section}.tensor_parallel={tp} needs {replicas * tp} GPUs; the "
+                f"allocation has {nodes} node(s) x {gpus_per_node} GPUs = {total}: use {section}.replicas <= "
+                f"{total // tp} or more nodes"]
+    return []
+
+
+def placement_errors(cfg: Config, nodes: int, gpus_per_node: int) -> list[str]:
+    """Every stage must fit the allocation: checked before any stage starts."""
+    errors = []
+    for key in ("sampling.replicas", "sampling.tensor_parallel", "reward.replicas", "reward.tensor_parallel"):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            errors.append(f"{key}={value!r}: must be an integer >= 1")
+    if nodes < 1 or gpus_per_node < 1:
+        errors.append(f"allocation of {nodes} node(s) x {gpus_per_node} GPUs: need at least 1 x 1 "
+                      "(cluster.nodes, cluster.nproc_per_node)")
+    if errors:
+        return errors
+    errors += _engine_errors("sampling", cfg.sampling.replicas, cfg.sampling.tensor_parallel, nodes, gpus_per_node)
+    reward_tp = cfg.reward.tensor_parallel if cfg.reward.model else 1
+    errors += _engine_errors("reward", cfg.reward.replicas, reward_tp, nodes, gpus_per_node)
+    for kind, minutes in (cfg.cluster.stage_minutes or {}).items():
+        if kind not in STAGE_KINDS:
+            errors.append(f"cluster.stage_minutes.{kind}: unknown stage; use {', '.join(STAGE_KINDS)}")
+        elif not isinstance(minutes, (int, float)) or isinstance(minutes, bool) or minutes <= 0:
+            errors.append(f"cluster.stage_minutes.{kind}={minutes!r}: must be a number of minutes > 0")
+    if not isinstance(cfg.cluster.task_wait_s, int) or cfg.cluster.task_wait_s < 0:
+        errors.append(f"cluster.task_wait_s={cfg.cluster.task_wait_s!r}: must be an integer >= 0 (0: no limit)")
+    return errors
+
+
+def check_placement(cfg: Config, nodes: int, gpus_per_node: int) -> None:
+    errors = placement_errors(cfg, nodes, gpus_per_node)
+    if errors:
+        raise ConfigError(errors)
+
+
+STAGE_KINDS = ("export", "sample", "reward", "pairs", "train", "kl")
+
+
+def stage_kind(name: str) -> str:
+    """'round3-sample' -> 'sample'; 'kl' -> 'kl'."""
+    return name.rsplit("-", 1)[-1]

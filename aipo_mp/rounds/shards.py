@@ -1,0 +1,171 @@
+"""One task of a multi-task engine stage (sample, reward, kl): who am I, which devices and which
+shards are mine, and the shard files that survive a requeue.
+
+A stage of W tasks (srun tasks, or local subprocesses) splits its work into N contiguous shards
+(N = W unless the stage asks for smaller shards). Task `rank` takes every W-th shard that is not
+finished yet, so a preempted stage redoes only its unfinished shards. Each finished shard is two
+files in the shard directory, written atomically in this order:
+
+    shard_00003.jsonl   its records
+    shard_00003.json    {"node", "rank", "restart", "start", "end", "records", "seconds"}: the marker
+
+Before the step starts, the driver writes the list of unfinished shards (todo.json) so that every
+task splits the same list, however late it starts; the driver merges the shards in order once
+every marker exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from aipo_mp.io_utils import atomic_write_json
+
+
+def task_identity(environ: Optional[dict] = None) -> tuple[int, int, int, int]:
+    """(rank, world, local_rank, local_world) from Slurm (SLURM_PROCID ...) or torchrun-style
+    variables (RANK ...), else a single task. Slurm's win: an srun task inherits no RANK."""
+    env = os.environ if environ is None else environ
+    if env.get("SLURM_STEP_ID") is not None and env.get("SLURM_PROCID") is not None and "RANK" not in env:
+        rank, world = int(env["SLURM_PROCID"]), int(env.get("SLURM_NTASKS") or env.get("SLURM_STEP_NUM_TASKS") or 1)
+        local = int(env.get("SLURM_LOCALID", 0))
+        local_world = int((env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1")
+                          .split("(")[0].split(",")[0])
+        return rank, world, local, max(1, local_world)
+    rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+    return rank, world, int(env.get("LOCAL_RANK", rank)), int(env.get("LOCAL_WORLD_SIZE", world))
+
+
+def node_name(environ: Optional[dict] = None) -> str:
+    env = os.environ if environ is None else environ
+    return env.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def claim_engine_devices(local_rank: int, local_world: int, tensor_parallel: int) -> None:
+    """Give this task its own GPUs (a `tensor_parallel` slice of CUDA_VISIBLE_DEVICES by local
+    rank), or its own CPU cores, and its own vLLM port. Call before torch or vLLM start: CUDA
+    reads CUDA_VISIBLE_DEVICES once."""
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+    if len(visible) > tensor_parallel:  # srun bound the node's GPUs to every task: take ours
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible[local_rank * tensor_parallel:
+                                                              (local_rank + 1) * tensor_parallel])
+    elif not visible and hasattr(os, "sched_getaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        if local_world > 1 and len(cores) >= local_world:  # locally several tasks share the cores
+            per = len(cores) // local_world
+            cores = cores[local_rank * per:(local_rank + 1) * per]
+            os.sched_setaffinity(0, set(cores))
+        os.environ["OMP_NUM_THREADS"] = str(max(1, len(cores) // tensor_parallel))
+        if tensor_parallel > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            from aipo_mp.rounds.sampling import cpu_bind_string
+
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_string(cores, tensor_parallel)
+    if "VLLM_PORT" not in os.environ:  # engines on one node must not share vLLM's ports
+        base = int(os.environ.get("MASTER_PORT", "29500"))
+        os.environ["VLLM_PORT"] = str(base + 100 + 20 * local_rank)
+
+
+class StopFlag:
+    """SIGUSR1/SIGTERM: finish the current shard, then stop (install before the slow imports)."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._request)
+
+    def _request(self, _signum, _frame) -> None:
+        self.requested = True
+
+
+def shard_bounds(total: int, shards: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) ranges, the first `total % shards` one longer."""
+    base, extra = divmod(total, shards)
+    bounds, start = [], 0
+    for k in range(shards):
+        end = start + base + (1 if k < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def shard_count(total: int, world: int, per_shard: int = 0) -> int:
+    """`per_shard` items per shard (0: one shard per task), never more shards than items."""
+    count = -(-total // per_shard) if per_shard > 0 else world
+    return max(1, min(count, total))
+
+
+class ShardDir:
+    """The shard files of one stage for one shard count (a different count starts afresh)."""
+
+    def __init__(self, root: str | Path, count: int):
+        self.count = count
+        self.path = Path(root) / f"of{count}"
+
+    def data(self, k: int) -> Path:
+        return self.path / f"shard_{k:05d}.jsonl"
+
+    def marker(self, k: int) -> Path:
+        return self.path / f"shard_{k:05d}.json"
+
+    def done(self, k: int) -> bool:
+        return self.marker(k).is_file()
+
+    def todo(self) -> list[int]:
+        return [k for k in range(self.count) if not self.done(k)]
+
+    def write_plan(self) -> list[int]:
+        """The driver, before the step: the unfinished shards the tasks split among them."""
+        todo = self.todo()
+        atomic_write_json(self.path / "todo.json", todo)
+        return todo
+
+    def planned(self) -> list[int]:
+        """The driver's list (a task may start after another finished a shard), else todo()."""
+        try:
+            return [k for k in json.loads((self.path / "todo.json").read_text()) if 0 <= k < self.count]
+        except (OSError, ValueError):
+            return self.todo()
+
+    def write(self, k: int, records: Sequence[dict], info: dict) -> None:
+        from aipo_mp.rounds.sampling import write_jsonl
+
+        write_jsonl(self.data(k), records)
+        atomic_write_json(self.marker(k), {**info, "records": len(records)})
+
+    def markers(self) -> list[dict]:
+        return [json.loads(self.marker(k).read_text()) for k in range(self.count)]
+
+    def merge(self) -> list[dict]:
+        """Every shard's records in shard order; raises when a shard is missing."""
+        from aipo_mp.rounds.sampling import read_jsonl
+
+        missing = self.todo()
+        if missing:
+            raise RuntimeError(f"{self.path}: shard(s) {missing[:10]} of {self.count} are not finished")
+        records = []
+        for k in range(self.count):
+            records.extend(read_jsonl(self.data(k)))
+        return records
+
+
+def run_shard_task(shard_dir: ShardDir, bounds: list[tuple[int, int]], work: Callable[[int, int], list[dict]],
+                   stop: StopFlag, rank: int, world: int) -> int:
+    """Do this task's unfinished shards with `work(start, end) -> records`; 75 when a stop signal
+    left some of them undone (the stage is rerun after a requeue), else 0."""
+    mine = [k for k in shard_dir.planned()[rank::world] if not shard_dir.done(k)]
+    print(f"[shards] task {rank}/{world} on {node_name()}: shards {mine} of {shard_dir.count}", flush=True)
+    for n, k in enumerate(mine):
+        if stop.requested:
+            print(f"[shards] stopped by a signal with {len(mine) - n} shard(s) left", flush=True)
+            return 75
+        t0 = time.time()
+        start, end = bounds[k]
+        records = work(start, end)
+        shard_dir.write(k, records, {"node": node_name(), "rank": rank, "restart": int(os.environ.get(
+            "SLURM_RESTART_COUNT", 0) or 0), "start": start, "end": end, "seconds": round(time.time() - t0, 3)})
+    return 0
