@@ -141,12 +141,12 @@ def run_rank_program(args) -> list[dict]:
     import torch
 
     from aipo_mp import platform
-    from checkpoint_tools import RANK_PROGRAMS, AnonMemorySampler
+    from checkpoint_tools import AnonMemorySampler, rank_program
 
     env = platform.init_distributed()
     try:
         with AnonMemorySampler() as mem:
-            stats = RANK_PROGRAMS[args.cmd](args)
+            stats = rank_program(args.cmd)(args)
         stats["peak_anon_bytes"] = mem.peak
         everyone = [None] * env.world_size
         torch.distributed.all_gather_object(everyone, stats)

@@ -282,7 +282,7 @@ def test_cli_process_prints_one_line_and_exits_2(tiny_hf_dirs, work):
 
 
 def test_interruption_and_full_disk_leave_nothing(tiny_hf_dirs, tp1, work, monkeypatch):
-    import checkpoint_tools
+    import checkpoint_tools.tensor_io
     from megatron.core import dist_checkpointing
 
     llama, mc = tiny_hf_dirs["llama"], tp1["llama"][0]
@@ -305,7 +305,7 @@ def test_interruption_and_full_disk_leave_nothing(tiny_hf_dirs, tp1, work, monke
         Path(path).write_bytes(b"x" * 100)
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(checkpoint_tools, "write_shard", full)
+    monkeypatch.setattr(checkpoint_tools.tensor_io, "write_shard", full)
     out = work / "full_disk"
     assert_user_error(run_main("mcore-to-hf", "--ckpt", mc, "--out", out), "no space left on device", out)
     monkeypatch.undo()
