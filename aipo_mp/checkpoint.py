@@ -187,9 +187,11 @@ def model_sharded_state_dict(built) -> dict:
 
 
 def save_model(built, directory: str | Path, hf_config: dict, extra_files_from: Optional[str | Path] = None,
-               dtype: Optional[str] = None, overwrite: bool = True) -> Path:
+               dtype: Optional[str] = None, overwrite: bool = True,
+               sharded_save: Optional[Callable[[dict, str], None]] = None) -> Path:
     """Collective over all ranks. Writes `directory` atomically (temporary sibling, renamed by
-    rank 0 once every rank is done). Returns the final path."""
+    rank 0 once every rank is done). Returns the final path. `sharded_save(state, path)`
+    replaces `dist_checkpointing.save` (the converters' streaming save)."""
     from megatron.core import dist_checkpointing
 
     final = Path(directory).absolute()
@@ -197,7 +199,7 @@ def save_model(built, directory: str | Path, hf_config: dict, extra_files_from: 
     use_in_process_results_queue()
     on_rank0_then_agree(lambda: (prepare_partial(final, overwrite) / MODEL_SUBDIR).mkdir())
     try:
-        dist_checkpointing.save(model_sharded_state_dict(built), str(tmp / MODEL_SUBDIR))
+        (sharded_save or dist_checkpointing.save)(model_sharded_state_dict(built), str(tmp / MODEL_SUBDIR))
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
 

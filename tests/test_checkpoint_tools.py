@@ -301,11 +301,11 @@ def test_interruption_and_full_disk_leave_nothing(tiny_hf_dirs, tp1, work, monke
     monkeypatch.undo()
 
     # A write that fails with ENOSPC (simulated at the safetensors writer).
-    def full(path, tensors):
-        Path(path).write_bytes(b"x" * 100)
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    def full(f, tensor):
+        f.write(b"x" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device", f.name)
 
-    monkeypatch.setattr(checkpoint_tools.tensor_io, "write_shard", full)
+    monkeypatch.setattr(checkpoint_tools.tensor_io, "write_bytes", full)
     out = work / "full_disk"
     assert_user_error(run_main("mcore-to-hf", "--ckpt", mc, "--out", out), "no space left on device", out)
     monkeypatch.undo()
