@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     b.add_argument("--skip-space-check", action="store_true", help="do not check free disk space first")
     b.add_argument("--threads", type=int, default=2, help="files each rank writes at once (default 2)")
+    b.add_argument("--ranks", type=int, default=None,
+                   help="converter processes, any number (default: the checkpoint's tp x pp)")
     b.add_argument("--report", help="also write timings and per-rank peak RSS as JSON to this file")
 
     v = sub.add_parser("verify", help="compare the logits of a Megatron checkpoint with transformers on an HF dir")
@@ -284,6 +286,10 @@ def cmd_mcore_to_hf(args, argv) -> int:
     family_for_hf_config(meta["hf_config"])
     arch = arch_from_hf_config(meta["hf_config"])
     ct.parse_size(args.max_shard_size)
+    if args.ranks is not None and args.ranks < 1:
+        raise ct.ConfigError(f"--ranks={args.ranks}: must be >= 1")
+    if args.threads < 1:
+        raise ct.ConfigError(f"--threads={args.threads}: must be >= 1")
     out = ct.check_destination(args.out, args.overwrite)
     if Path(args.ckpt).absolute() == out:
         raise ct.ConfigError("--out must differ from --ckpt")
@@ -293,7 +299,7 @@ def cmd_mcore_to_hf(args, argv) -> int:
     lay = meta["layout"]
     t0 = time.perf_counter()
     with cleanup_on_failure(out):
-        stats = run_distributed(args, argv, int(lay["tp"]) * int(lay["pp"]))
+        stats = run_distributed(args, argv, args.ranks or int(lay["tp"]) * int(lay["pp"]))
     wall = time.perf_counter() - t0
     if stats:
         s0 = stats[0]

@@ -63,7 +63,11 @@ class ShardMaker:
                 src = src.narrow(1, blk.cols[0], blk.cols[1] - blk.cols[0])
             if tuple(src.shape[1:]) != tuple(p.shape[1:]):
                 self._mismatch(gname, rule, layer, tuple(src.shape), tuple(p.shape))
-            rows[lo - a:hi - a].copy_(src)  # the one copy: page cache -> shard (casts the dtype too)
+            dst = rows[lo - a:hi - a]
+            # The one copy, page cache -> shard: a positioned read for whole rows of the same
+            # dtype, else from the mapped file (column slices; the cast happens in the copy).
+            if blk.cols is not None or not self.source.read_rows_into(dst, blk.hf_name, blk.src + lo - blk.dst):
+                dst.copy_(src)
         return out
 
     @staticmethod

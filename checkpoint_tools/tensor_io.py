@@ -97,15 +97,36 @@ class SafetensorsSource:
                     # A private mapping: writable for torch.frombuffer, yet only read (file pages).
                     mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
                 with_madvise(mm)
-                self._maps[fname] = (torch.frombuffer(mm, dtype=torch.uint8), header, 8 + n)
+                fd = os.open(path, os.O_RDONLY)
+                self._maps[fname] = (torch.frombuffer(mm, dtype=torch.uint8), header, 8 + n, fd)
             return self._maps[fname]
+
+    def read_rows_into(self, dst: torch.Tensor, name: str, start: int) -> bool:
+        """Fill the contiguous `dst` with rows [start, start + len(dst)) of tensor `name` by one
+        positioned read (no page faults on the source, no intermediate buffer). False when that
+        cannot serve (pickled source, another dtype): the caller copies from `view` instead."""
+        if self.weights._pickled is not None or name not in self.weights.files or not dst.is_contiguous():
+            return False
+        _, header, base, fd = self._file(self.weights.files[name])
+        info = header[name]
+        if ST_DTYPES[info["dtype"]] != dst.dtype:
+            return False
+        row_bytes = dst[0].numel() * dst.element_size() if dst.dim() > 1 else dst.element_size()
+        buf = memoryview(dst.reshape(-1).view(torch.uint8).numpy())
+        pos, done = base + info["data_offsets"][0] + start * row_bytes, 0
+        while done < len(buf):
+            got = os.preadv(fd, [buf[done:]], pos + done)
+            if got <= 0:
+                raise EOFError(f"{self.weights.dir / self.weights.files[name]}: truncated at tensor {name}")
+            done += got
+        return True
 
     def view(self, name: str) -> torch.Tensor:
         if self.weights._pickled is not None:
             return self.weights.get(name)
         if name not in self.weights.files:
             self.weights.get(name)  # raises the missing-tensor error
-        raw, header, base = self._file(self.weights.files[name])
+        raw, header, base, _ = self._file(self.weights.files[name])
         info = header[name]
         begin, end = info["data_offsets"]
         return raw[base + begin:base + end].view(ST_DTYPES[info["dtype"]]).reshape(info["shape"])
