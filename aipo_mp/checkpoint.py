@@ -206,10 +206,12 @@ def save_strategy():
 
 
 def save_model(built, directory: str | Path, hf_config: dict, extra_files_from: Optional[str | Path] = None,
-               dtype: Optional[str] = None, overwrite: bool = True, optimizer=None) -> Path:
+               dtype: Optional[str] = None, overwrite: bool = True, optimizer=None,
+               sharded_save: Optional[Callable[[dict, str], None]] = None) -> Path:
     """Collective over all ranks. Writes `directory` atomically (temporary sibling, renamed by
     rank 0 once every rank is done), with the optimizer's state under optimizer/ when given.
-    Returns the final path."""
+    Returns the final path. `sharded_save(state, path)` replaces `dist_checkpointing.save` for
+    the model (the converters' streaming save)."""
     from megatron.core import dist_checkpointing
 
     final = Path(directory).absolute()
@@ -217,8 +219,11 @@ def save_model(built, directory: str | Path, hf_config: dict, extra_files_from: 
     use_in_process_results_queue()
     on_rank0_then_agree(lambda: (prepare_partial(final, overwrite) / MODEL_SUBDIR).mkdir())
     try:
-        model_state = model_sharded_state_dict(built)
-        dist_checkpointing.save(model_state, str(tmp / MODEL_SUBDIR), sharded_strategy=save_strategy())
+        if sharded_save is not None:
+            sharded_save(model_sharded_state_dict(built), str(tmp / MODEL_SUBDIR))
+        else:
+            dist_checkpointing.save(model_sharded_state_dict(built), str(tmp / MODEL_SUBDIR),
+                                    sharded_strategy=save_strategy())
         if optimizer is not None:
             on_rank0_then_agree(lambda: (tmp / OPTIMIZER_SUBDIR).mkdir())
             # A fresh model state dict: dist_checkpointing.save consumes the one it was given.

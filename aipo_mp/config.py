@@ -150,6 +150,8 @@ class ReferenceConfig:
 class OutputConfig:
     dir: str = "runs/default"
     tensorboard: bool = True
+    # Write the final policy here as an HF directory for vLLM (the round handoff; aipo-mp run sets it).
+    hf_dir: Optional[str] = None
 
 
 @dataclass

@@ -606,6 +606,8 @@ def train(cfg: Config, stop: Optional[platform.StopSignal] = None) -> RunState:
         print(f"done: {record['step']} steps, loss {record['loss']:.4f}, "
               f"accuracy {record.get('rewards/accuracy', float('nan')):.3f}, checkpoint {checkpoint_root(cfg)}",
               flush=True)
+    if cfg.output.hf_dir and not state.stats["stopped"]:
+        write_handoff(state)
     state.stats["last"] = record
     return state
 
@@ -635,6 +637,16 @@ def keep_newest_checkpoints(cfg: Config, rank0: bool) -> None:
         from aipo_mp.checkpoint import prune_checkpoints
 
         prune_checkpoints(checkpoint_root(cfg), cfg.train.keep_checkpoints, LATEST)
+
+
+def write_handoff(state: RunState) -> None:
+    """The final policy as an HF directory for the next round's vLLM engines (aipo_mp.handoff)."""
+    from aipo_mp.handoff import write_policy_hf
+
+    path = write_policy_hf(state.built, state.cfg.output.hf_dir, state.hf_config, state.tokenizer_dir,
+                           state.cfg.precision.dtype)
+    if torch.distributed.get_rank() == 0:
+        print(f"policy for vLLM written to {path}", flush=True)
 
 
 def progress_bar(enabled: bool, total: int, start: int):

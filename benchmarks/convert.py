@@ -1,4 +1,5 @@
-"""Conversion throughput and memory on a Mistral-Large-2407-shaped checkpoint.
+"""Conversion throughput and memory: a Mistral-Large-2407-shaped checkpoint, or (--depth) a
+narrow Llama at several depths to show that per-process memory does not grow with the layers.
 
 Builds a random bf16 HF checkpoint with Mistral-Large's shapes (hidden 12288, FFN 28672, 96
 heads, 8 kv heads, head_dim 128, vocab 32768; 2 layers by default: ~8 GB), then for each layout
@@ -8,6 +9,8 @@ the peak RSS of every rank process.
 
     python benchmarks/convert.py                          # full size, TP=8 and TP=4 x PP=2 (~8 GB)
     python benchmarks/convert.py --scale 0.125 --layers 2 # quick check (~130 MB)
+    python benchmarks/convert.py --depth                  # narrow Llama at 2, 16, 64 layers, TP=1 and TP=2
+    python benchmarks/convert.py --depth --tool-root DIR  # the same with the checkpoint_tools of another tree
 
 --scale multiplies hidden, FFN, head_dim and vocab (heads and kv heads stay 96 and 8 so TP=8
 divides them). Needs about 3x the model size free on disk (source, Megatron, HF copy).
@@ -46,9 +49,15 @@ def shapes_for(args) -> dict:
     return cfg
 
 
-def hf_config(shape: dict) -> dict:
+# The narrow Llama of --depth: a 32 MB (bf16) layer, so 64 layers are ~2.1 GB.
+NARROW_LLAMA = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=8, num_key_value_heads=4,
+                    head_dim=128, vocab_size=32000)
+
+
+def hf_config(shape: dict, family: str = "mistral") -> dict:
+    arch = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM"}[family]
     return {
-        "architectures": ["MistralForCausalLM"], "model_type": "mistral", **shape,
+        "architectures": [arch], "model_type": family, **shape,
         "rope_theta": 1000000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
         "max_position_embeddings": 131072, "hidden_act": "silu", "sliding_window": None,
         "bos_token_id": 1, "eos_token_id": 2, "dtype": "bfloat16", "torch_dtype": "bfloat16",
@@ -77,7 +86,7 @@ def numel(shape) -> int:
     return n
 
 
-def build_hf(out: Path, shape: dict, shard_bytes: int, seed: int = 0) -> dict:
+def build_hf(out: Path, shape: dict, shard_bytes: int, seed: int = 0, family: str = "mistral") -> dict:
     """Random bf16 weights, written shard by shard (never the whole model in memory). Values come
     from a 64M-element random pool read at random offsets: distinct tensors, fast to make."""
     import torch
@@ -118,7 +127,7 @@ def build_hf(out: Path, shape: dict, shard_bytes: int, seed: int = 0) -> dict:
         del tensors
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                   "weight_map": weight_map}, indent=1))
-    (out / "config.json").write_text(json.dumps(hf_config(shape), indent=1))
+    (out / "config.json").write_text(json.dumps(hf_config(shape, family), indent=1))
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     return {"bytes": total, "tensors": len(specs), "files": len(groups)}
 
@@ -142,15 +151,16 @@ def compare_streaming(a: Path, b: Path) -> tuple[int, list[str]]:
     return len(names), bad
 
 
-def run_tool(argv: list[str], report: Path) -> dict:
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+def run_tool(argv: list[str], report: Path, root: Path = ROOT, quiet: bool = False) -> dict:
+    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "checkpoint_tools", *argv, "--report", str(report)], cwd=ROOT, env=env,
+    p = subprocess.run([sys.executable, "-m", "checkpoint_tools", *argv, "--report", str(report)], cwd=root, env=env,
                        capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if p.returncode:
         raise SystemExit(f"checkpoint_tools {' '.join(argv)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-    print(p.stdout.rstrip())
+    if not quiet:
+        print(p.stdout.rstrip())
     rep = json.loads(report.read_text())
     rep["outer_wall_s"] = wall
     return rep
@@ -177,8 +187,76 @@ def gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
+def rank_numbers(rep: dict) -> dict:
+    """Per-process peak private memory and the data rate of one tool run (either version of the
+    tool: the rate is bytes read + written over the conversion phase when the run reports it,
+    else the model bytes twice over the slowest rank's time)."""
+    ranks = rep["ranks"]
+    peak = max(r.get("peak_anon_bytes") or 0 for r in ranks)
+    if all("convert_s" in r for r in ranks):
+        secs = max(r["convert_s"] for r in ranks)
+        moved = sum(r["bytes_read"] + r["bytes_written"] for r in ranks)
+    else:  # the tool before streaming: its data phases
+        secs = max(sum(v for k, v in r.items() if k in ("load_s", "save_s", "export_s")) for r in ranks)
+        moved = 2 * ranks[0]["model_bytes"]
+    return {"peak_private_bytes": peak, "data_s": secs, "gb_per_s": moved / max(secs, 1e-9) / 1e9,
+            "wall_s": rep["wall_s"]}
+
+
+def depth_benchmark(args) -> int:
+    """Narrow Llama at each depth and layout: peak private memory per process and GB/s, both
+    directions, round trip checked bit-exact."""
+    root = Path(args.tool_root).absolute() if args.tool_root else ROOT
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="aipo_depth_bench."))
+    work.mkdir(parents=True, exist_ok=True)
+    depths = [int(x) for x in args.depths.split(",")]
+    layouts = [tuple(int(x) for x in lay.lower().split("x")) for lay in args.depth_layouts.split(",")]
+    rows = []
+    try:
+        for depth in depths:
+            shape = dict(NARROW_LLAMA, num_hidden_layers=depth)
+            src = work / f"hf_{depth}"
+            built = build_hf(src, shape, 2 * 10**9, family="llama")
+            for tp, pp in layouts:
+                mc, back = work / f"mc_{depth}_{tp}x{pp}", work / f"back_{depth}_{tp}x{pp}"
+                to_mc = run_tool(["hf-to-mcore", "--hf", str(src), "--out", str(mc), "--tp", str(tp), "--pp", str(pp)],
+                                 work / "r1.json", root, quiet=True)
+                to_hf = run_tool(["mcore-to-hf", "--ckpt", str(mc), "--out", str(back)], work / "r2.json", root,
+                                 quiet=True)
+                _, bad = compare_streaming(src, back)
+                for direction, rep in (("hf-to-mcore", to_mc), ("mcore-to-hf", to_hf)):
+                    row = dict(depth=depth, tp=tp, pp=pp, direction=direction, model_bytes=built["bytes"],
+                               exact=not bad, **rank_numbers(rep))
+                    rows.append(row)
+                    print(f"layers {depth:3d}  TP={tp} PP={pp}  {direction:11s}  peak private/process "
+                          f"{gb(row['peak_private_bytes'])}  {row['gb_per_s']:.3f} GB/s over {row['data_s']:.2f} s  "
+                          f"wall {row['wall_s']:.1f} s  model {gb(built['bytes'])}  "
+                          f"round trip {'bit-exact' if not bad else 'DIFFERENT'}", flush=True)
+                shutil.rmtree(mc, ignore_errors=True)
+                shutil.rmtree(back, ignore_errors=True)
+            shutil.rmtree(src, ignore_errors=True)
+        print("\n== peak private memory per process: deepest / shallowest ==")
+        for (tp, pp) in layouts:
+            for direction in ("hf-to-mcore", "mcore-to-hf"):
+                sel = [r for r in rows if (r["tp"], r["pp"], r["direction"]) == (tp, pp, direction)]
+                lo, hi = min(sel, key=lambda r: r["depth"]), max(sel, key=lambda r: r["depth"])
+                print(f"TP={tp} PP={pp} {direction:11s}: {gb(hi['peak_private_bytes'])} at {hi['depth']} layers / "
+                      f"{gb(lo['peak_private_bytes'])} at {lo['depth']} layers = "
+                      f"{hi['peak_private_bytes'] / max(lo['peak_private_bytes'], 1):.2f}x")
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return 0 if all(r["exact"] for r in rows) else 1
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--depth", action="store_true", help="the narrow-Llama depth benchmark instead")
+    ap.add_argument("--depths", default="2,16,64", help="layer counts of --depth")
+    ap.add_argument("--depth-layouts", default="1x1,2x1", help="TPxPP layouts of --depth")
+    ap.add_argument("--tool-root", default=None, help="run the checkpoint_tools of this source tree (A/B)")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--scale", type=float, default=1.0, help="shrink hidden/FFN/head_dim/vocab by this factor")
     ap.add_argument("--layouts", default="8x1,4x2", help="comma-separated TPxPP layouts")
@@ -188,6 +266,8 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="write all numbers to this JSON file")
     ap.add_argument("--force", action="store_true", help="run a layout even if memory looks too small")
     args = ap.parse_args()
+    if args.depth:
+        return depth_benchmark(args)
 
     from checkpoint_tools import parse_size
 

@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     a.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin weights (trusted sources only)")
     a.add_argument("--skip-space-check", action="store_true", help="do not check free disk space first")
+    a.add_argument("--threads", type=int, default=2, help="files each rank writes at once (default 2)")
     a.add_argument("--report", help="also write timings and per-rank peak RSS as JSON to this file")
 
     b = sub.add_parser("mcore-to-hf", help="aipo_mp Megatron checkpoint -> HF safetensors directory")
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     b.add_argument("--skip-space-check", action="store_true", help="do not check free disk space first")
+    b.add_argument("--threads", type=int, default=2, help="files each rank writes at once (default 2)")
+    b.add_argument("--ranks", type=int, default=None,
+                   help="converter processes, any number (default: the checkpoint's tp x pp)")
     b.add_argument("--report", help="also write timings and per-rank peak RSS as JSON to this file")
 
     v = sub.add_parser("verify", help="compare the logits of a Megatron checkpoint with transformers on an HF dir")
@@ -141,12 +145,12 @@ def run_rank_program(args) -> list[dict]:
     import torch
 
     from aipo_mp import platform
-    from checkpoint_tools import RANK_PROGRAMS, AnonMemorySampler
+    from checkpoint_tools import AnonMemorySampler, rank_program
 
     env = platform.init_distributed()
     try:
         with AnonMemorySampler() as mem:
-            stats = RANK_PROGRAMS[args.cmd](args)
+            stats = rank_program(args.cmd)(args)
         stats["peak_anon_bytes"] = mem.peak
         everyone = [None] * env.world_size
         torch.distributed.all_gather_object(everyone, stats)
@@ -268,7 +272,7 @@ def cmd_hf_to_mcore(args, argv) -> int:
         print(f"converted {src.dir} -> {out}")
         print(f"  {s0['family']}, layout tp={lay['tp']} pp={lay['pp']} vpp={lay['vpp']}, {s0['dtype']}, "
               f"{ct.human_count(s0['num_params'])} parameters ({ct.human_bytes(s0['model_bytes'])})")
-        print_timing(stats, s0["model_bytes"], conv, wall, ("build_s", "load_s", "save_s"))
+        print_timing(stats, conv, wall, read_label="read (incl. transform: one copy from the HF file into the shard)")
         write_report(args, stats, wall)
     return 0
 
@@ -282,6 +286,10 @@ def cmd_mcore_to_hf(args, argv) -> int:
     family_for_hf_config(meta["hf_config"])
     arch = arch_from_hf_config(meta["hf_config"])
     ct.parse_size(args.max_shard_size)
+    if args.ranks is not None and args.ranks < 1:
+        raise ct.ConfigError(f"--ranks={args.ranks}: must be >= 1")
+    if args.threads < 1:
+        raise ct.ConfigError(f"--threads={args.threads}: must be >= 1")
     out = ct.check_destination(args.out, args.overwrite)
     if Path(args.ckpt).absolute() == out:
         raise ct.ConfigError("--out must differ from --ckpt")
@@ -291,7 +299,7 @@ def cmd_mcore_to_hf(args, argv) -> int:
     lay = meta["layout"]
     t0 = time.perf_counter()
     with cleanup_on_failure(out):
-        stats = run_distributed(args, argv, int(lay["tp"]) * int(lay["pp"]))
+        stats = run_distributed(args, argv, args.ranks or int(lay["tp"]) * int(lay["pp"]))
     wall = time.perf_counter() - t0
     if stats:
         s0 = stats[0]
@@ -301,7 +309,7 @@ def cmd_mcore_to_hf(args, argv) -> int:
               f"{ct.human_count(s0['num_params'])} parameters ({ct.human_bytes(s0['model_bytes'])}) in "
               f"{sum(s['files'] for s in stats)} safetensors files; largest single tensor "
               f"{ct.human_bytes(max(s['largest_tensor_bytes'] for s in stats))}")
-        print_timing(stats, s0["model_bytes"], conv, wall, ("build_s", "load_s", "export_s"))
+        print_timing(stats, conv, wall, read_label="read")
         write_report(args, stats, wall)
     return 0
 
@@ -313,16 +321,20 @@ def write_report(args, stats: list[dict], wall: float) -> None:
         atomic_write_json(args.report, {"command": args.cmd, "wall_s": wall, "ranks": stats})
 
 
-def print_timing(stats, model_bytes, conv, wall, phases) -> None:
-    """Time in the ranks (imports and model construction included), the data phases alone
-    (reading + writing weights: the part that scales with model size) and the wall clock."""
+def print_timing(stats, conv, wall, read_label: str) -> None:
+    """Time in the ranks and its phases, the data rate (bytes read + written over the slowest
+    rank's conversion phase) and where that time went, summed over the writer threads."""
     import checkpoint_tools as ct
 
-    parts = ", ".join(f"{p[:-2]} {max(s[p] for s in stats):.2f} s" for p in phases)
-    data = max(sum(s[p] for p in phases[1:]) for s in stats)
-    print(f"  time {conv:.2f} s in the ranks ({parts}), {wall:.2f} s wall; "
-          f"{model_bytes / max(data, 1e-9) / 1e9:.3f} GB/s over the data phases, "
-          f"{model_bytes / max(wall, 1e-9) / 1e9:.3f} GB/s wall")
+    build = max(s["build_s"] for s in stats)
+    convert = max(s["convert_s"] for s in stats)
+    moved = sum(s["bytes_read"] + s["bytes_written"] for s in stats)
+    print(f"  time {conv:.2f} s in the ranks (setup {build:.2f} s, convert {convert:.2f} s), {wall:.2f} s wall")
+    print(f"  data: {ct.human_bytes(sum(s['bytes_read'] for s in stats))} read + "
+          f"{ct.human_bytes(sum(s['bytes_written'] for s in stats))} written in {convert:.2f} s: "
+          f"{moved / max(convert, 1e-9) / 1e9:.3f} GB/s ({stats[0]['threads']} writer threads per rank)")
+    print(f"  thread time (summed over ranks and threads): {read_label} {sum(s['read_s'] for s in stats):.2f} s, "
+          f"transform {sum(s['transform_s'] for s in stats):.2f} s, write {sum(s['write_s'] for s in stats):.2f} s")
     anon = [s.get("peak_anon_bytes") for s in stats]
     if all(a is not None for a in anon):
         print("  peak private memory per rank (anonymous RSS): " + ", ".join(ct.human_bytes(a) for a in anon))

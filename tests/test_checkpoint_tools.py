@@ -218,6 +218,37 @@ def test_bf16_and_pickled_sources(tiny_hf_dirs, work):
     assert_same_weights(tiny_hf_dirs["llama"], work / "hf_from_bin")
 
 
+def test_row_map_agrees_with_the_mapping_functions():
+    """The row blocks both converters copy by are the table's to_megatron + tp_slice, at every
+    TP rank (TP=1 and 2), for every rule of every family."""
+    from aipo_mp.models import get_family
+    from aipo_mp.models.base import tp_slice, to_megatron
+    from checkpoint_tools.common import expected_hf_shapes
+    from checkpoint_tools.row_map import row_blocks
+    from tests.conftest import tiny_arch
+
+    g = torch.Generator().manual_seed(0)
+    checked = 0
+    for fam in FAMILIES:
+        arch, family = tiny_arch(fam), get_family(fam)
+        shapes = expected_hf_shapes(arch, family.hf_names(arch))
+        shape = lambda n: shapes.get(n, (arch.hidden_size,))  # noqa: E731 - the norms
+        for rule in family.rules(arch):
+            layer = 1 if "{i}" in rule.megatron else None
+            hf = {n.format(i=layer): torch.randn(shape(n.format(i=layer)), generator=g) for n in rule.hf}
+            full = to_megatron(rule, [hf[n.format(i=layer)] for n in rule.hf], arch)
+            for size in (1, 2):
+                for rank in range(size):
+                    want = tp_slice(full, rule.split, rank, size)
+                    got = torch.full_like(want, float("nan"))
+                    for b in row_blocks(rule, layer, arch, rank, size, shape):
+                        src = hf[b.hf_name][b.src:b.src + b.n]
+                        got[b.dst:b.dst + b.n] = src if b.cols is None else src[:, b.cols[0]:b.cols[1]]
+                    assert torch.equal(got, want), (fam, rule.megatron, rank, size)
+                    checked += 1
+    assert checked > 30
+
+
 # ---------------------------------------------------------------------------------------------
 # user mistakes: one line, exit 2, nothing left behind
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +314,7 @@ def test_cli_process_prints_one_line_and_exits_2(tiny_hf_dirs, work):
 
 
 def test_interruption_and_full_disk_leave_nothing(tiny_hf_dirs, tp1, work, monkeypatch):
-    import checkpoint_tools
+    import checkpoint_tools.tensor_io
     from megatron.core import dist_checkpointing
 
     llama, mc = tiny_hf_dirs["llama"], tp1["llama"][0]
@@ -302,11 +333,11 @@ def test_interruption_and_full_disk_leave_nothing(tiny_hf_dirs, tp1, work, monke
     monkeypatch.undo()
 
     # A write that fails with ENOSPC (simulated at the safetensors writer).
-    def full(path, tensors):
-        Path(path).write_bytes(b"x" * 100)
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    def full(f, tensor):
+        f.write(b"x" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device", f.name)
 
-    monkeypatch.setattr(checkpoint_tools, "write_shard", full)
+    monkeypatch.setattr(checkpoint_tools.tensor_io, "write_bytes", full)
     out = work / "full_disk"
     assert_user_error(run_main("mcore-to-hf", "--ckpt", mc, "--out", out), "no space left on device", out)
     monkeypatch.undo()

@@ -1,6 +1,6 @@
 """`aipo-mp run` end to end on a tiny random policy: rounds complete, the report and plots exist,
-and killing the run during sampling, training and export, then rerunning, ends with the same
-outputs as an uninterrupted run."""
+and killing the run during sampling, training and after the trainer's handoff, then rerunning, ends
+with the same outputs as an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -75,6 +75,10 @@ def test_run_kill_and_resume_matches_uninterrupted(assets, tmp_path):
     for png in ("reward.png", "length.png", "agreement.png", "kl.png", "win_rate.png"):
         assert (straight / "report" / png).stat().st_size > 0
     check_vllm_logprobs_on_export(straight / "round_2" / "policy_hf")
+    state = json.loads((straight / "run_state.json").read_text())
+    for r in ("1", "2"):  # the trainer handed its policy over; no checkpoint was re-read
+        assert state["rounds"][r]["export"] == {"hf_dir": str(straight / f"round_{r}" / "policy_hf"),
+                                                "written_by": "trainer"}, state["rounds"][r]["export"]
 
     killed = tmp_path / "killed"
     logs = killed / "logs"
@@ -82,7 +86,8 @@ def test_run_kill_and_resume_matches_uninterrupted(assets, tmp_path):
         (lambda: (logs / "round0-sample.log").exists(), "sampling"),
         # the first optimizer step is logged: training is under way (4 steps, saves at 2 and 4)
         (lambda: (killed / "round_0" / "train" / "metrics.jsonl").exists(), "training"),
-        (lambda: (logs / "round1-export.log").exists(), "export"),
+        # the trainer has written round 1's HF directory (the handoff; no export stage runs)
+        (lambda: (killed / "round_1" / "policy_hf").exists(), "the handoff"),
     ]
     for ready, what in stops:
         proc = subprocess.Popen(command(assets, killed), cwd=ROOT, env=env(), start_new_session=True,

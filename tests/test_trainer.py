@@ -91,8 +91,11 @@ def test_layout_parity_and_reference(policy_dirs, tmp_path):
     layouts_of = {**{f: tuple(LAYOUTS) for f in FAMILIES}, **NEW_FAMILY_LAYOUTS}
     single = [(f"{f}-single", run_overrides(policy_dirs, f, [])) for f in layouts_of]
     run_ranks(1, "tests.train_worker", [str(spec_for(tmp_path, policy_dirs, single, "one")), str(tmp_path)])
-    layouts = [(f"{f}-{n}", run_overrides(policy_dirs, f, LAYOUTS[n])) for f, names in layouts_of.items() for n in names]
+    layouts = [(f"{f}-{n}", run_overrides(policy_dirs, f, LAYOUTS[n] + handoff_override(tmp_path, f"{f}-{n}")))
+               for f, names in layouts_of.items() for n in names]
     run_ranks(4, "tests.train_worker", [str(spec_for(tmp_path, policy_dirs, layouts, "four")), str(tmp_path)])
+    for name in HANDOFF_RUNS:  # the trainer's HF directory is what mcore-to-hf makes of its checkpoint
+        check_handoff_equals_export(tmp_path / name, tmp_path / f"{name}-export")
     for f, names in layouts_of.items():
         base = metrics(tmp_path / f"{f}-single")
         base_params = torch.load(tmp_path / f"{f}-single" / "params.pt", weights_only=True)
@@ -116,6 +119,28 @@ def test_layout_parity_and_reference(policy_dirs, tmp_path):
                     for key in ("loss", "grad_norm"):
                         assert abs(a[key] - b[key]) <= 1e-5 * abs(b[key]), (f, name, a["step"], key, a[key], b[key])
         check_loss_against_transformers(policy_dirs[f], base[0])
+
+
+HANDOFF_RUNS = ("llama-tp2pp2", "gemma2-vpp", "llama-dp4")  # TP gather + stages, VPP + tied, DP replicas
+
+
+def handoff_override(tmp_path: Path, name: str) -> list[str]:
+    return [f"output.hf_dir={tmp_path / name / 'policy_hf'}"] if name in HANDOFF_RUNS else []
+
+
+def check_handoff_equals_export(run: Path, export: Path) -> None:
+    """Tensor for tensor (names, dtypes, values) and file for file (config, tokenizer)."""
+    from checkpoint_tools.__main__ import main
+    from tests.test_checkpoint_tools import assert_same_weights
+
+    assert main(["mcore-to-hf", "--ckpt", str(run / "checkpoints" / "step_0000003"), "--out", str(export),
+                 "--ranks", "1"]) == 0
+    handed = run / "policy_hf"
+    assert assert_same_weights(export, handed) > 0
+    others = lambda d: sorted(f.name for f in d.iterdir() if not f.name.startswith("model"))  # noqa: E731
+    assert others(handed) == others(export) and "tokenizer.json" in others(handed), others(handed)
+    for name in others(handed):
+        assert (handed / name).read_bytes() == (export / name).read_bytes(), name
 
 
 def check_loss_against_transformers(model_dir: Path, first: dict) -> None:

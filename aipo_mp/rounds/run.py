@@ -9,7 +9,8 @@ unfinished one; training resumes from its own last complete checkpoint.
 Layout of RUN_DIR:
   config.yaml                 the resolved recipe
   run_state.json              completed stages and the policy of each round
-  round_R/policy_hf/          round R's policy exported for vLLM (absent for an HF starting point)
+  round_R/policy_hf/          round R's policy for vLLM: written by round R-1's trainer (the handoff), else
+                              exported from its checkpoint (absent for an HF starting point)
   round_R/samples.jsonl, scored.jsonl, pairs.jsonl, pairs_stats.json
   round_R/train/              the trainer's output dir (metrics.jsonl, checkpoints/)
   round_R/shards/sample/, shards/reward/   finished shards of the placed engine stages (kept across a requeue)
@@ -177,6 +178,9 @@ class RoundRunner:
         if layout is None and not self.plan_only:
             return {"skipped": "policy is already an HF directory"}
         out = self.round_dir(r) / "policy_hf"
+        handed = self.state.data["rounds"].get(str(r - 1), {}).get("train", {}).get("hf_dir")
+        if not self.plan_only and handed == str(out) and out.is_dir():  # the trainer wrote it from its weights
+            return {"hf_dir": str(out), "written_by": "trainer"}
         # One converter rank per stored TP x PP shard, packed per node (a plan: the trainer's layout).
         shards = layout["tp"] * layout["pp"] if layout else self.cfg.parallel.tp * self.cfg.parallel.pp
         name = f"round{r}-export"
@@ -246,8 +250,9 @@ class RoundRunner:
     def train(self, r: int) -> dict:
         rd = self.round_dir(r)
         out = rd / "train"
+        handoff = self.run_dir / f"round_{r + 1}" / "policy_hf"  # next round's vLLM directory
         overrides = [f"model.path={self.policy_path(r)}", f"data.train={rd / 'pairs.jsonl'}", f"output.dir={out}",
-                     f"train.seed={self.cfg.train.seed + r}"]
+                     f"train.seed={self.cfg.train.seed + r}", f"output.hf_dir={handoff}"]
         if self.cfg.rounds.reference == "initial" and r > 0:
             overrides += ["reference.mode=model", f"reference.path={self.state.policy(0)}"]
         else:  # AIPO: the reference is the policy this round starts from
@@ -257,7 +262,10 @@ class RoundRunner:
         if self.plan_only:
             return {}
         latest = (out / "checkpoints" / LATEST).read_text().strip()
-        return {"checkpoint": str(out / "checkpoints" / latest)}
+        info = {"checkpoint": str(out / "checkpoints" / latest)}
+        if handoff.is_dir():
+            info["hf_dir"] = str(handoff)
+        return info
 
     # -- the loop ----------------------------------------------------------------------------
 

@@ -1,0 +1,136 @@
+"""The round handoff: the trainer writes the policy it holds as an HF safetensors directory for
+the next round's vLLM engines, so no one re-reads the checkpoint it has just saved.
+
+Each pipeline stage writes its own layers, at the same time as the other stages; within a stage
+the tensor-parallel shards of one parameter are gathered on TP rank 0 (one parameter at a time),
+split into its HF tensors and appended to a safetensors file planned beforehand. Data-parallel
+replicas other than the first write nothing. The result equals `python -m checkpoint_tools
+mcore-to-hf` of the checkpoint saved from the same weights, tensor for tensor, with the same
+config and tokenizer files (tested).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from aipo_mp.models.base import COLUMN, GLU_COLUMN, NONE, ROW, global_param_names, to_hf
+
+
+def write_policy_hf(built, directory: str | Path, hf_config: dict, extra_files_from: Optional[str | Path],
+                    dtype: str, max_shard_bytes: int = 5 * 10**9) -> Path:
+    """Collective over all ranks. Writes `directory` atomically (replacing an existing one)."""
+    from megatron.core import parallel_state as ps
+
+    from aipo_mp.checkpoint import (
+        DTYPES, on_rank0_then_agree, partial_path, prepare_partial, publish_partial, remove_partial,
+    )
+    from checkpoint_tools.tensor_io import IOStats, finalize_hf_dir
+
+    final = Path(directory).absolute()
+    on_rank0_then_agree(lambda: prepare_partial(final, overwrite=True))
+    tmp = partial_path(final)
+    try:
+        if ps.get_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0:
+            write_stage(built, tmp, DTYPES[dtype], max_shard_bytes, IOStats())
+        torch.distributed.barrier()
+        names = built.family.hf_names(built.arch)
+        on_rank0_then_agree(lambda: finalize_hf_dir(tmp, Path(extra_files_from) if extra_files_from else None,
+                                                    hf_config, dtype, names))
+        on_rank0_then_agree(lambda: publish_partial(final))
+    except BaseException:
+        if torch.distributed.get_rank() == 0:
+            remove_partial(final)
+        raise
+    return final
+
+
+def stage_units(built, tp_size: int, out_dtype: torch.dtype) -> list[tuple]:
+    """(parameter, rule, layer, HF entries) of this rank's chunks, in order; the tied output
+    layer is left out (the embedding is the HF tensor)."""
+    from checkpoint_tools.tensor_io import Entry
+
+    grow = {COLUMN: 0, GLU_COLUMN: 0, ROW: 1}
+    units = []
+    for chunk in built.chunks:
+        params = dict(chunk.named_parameters())
+        for local, gname in global_param_names(chunk).items():
+            rule, layer = built.family.rule_for(built.arch, gname)
+            if rule.megatron == "output_layer.weight" and built.arch.tie_embeddings:
+                continue
+            p = params[local]
+            shape = list(p.shape)
+            if rule.split in grow:
+                shape[grow[rule.split]] *= tp_size
+            hf = to_hf(rule, torch.empty(shape, device="meta"), built.arch)
+            entries = [Entry(n.format(i=layer), tuple(t.shape), out_dtype) for n, t in zip(rule.hf, hf)]
+            units.append((p, rule, layer, entries))
+    return units
+
+
+def write_stage(built, directory: Path, out_dtype: torch.dtype, max_bytes: int, stats) -> None:
+    """This pipeline stage's part: every TP rank takes part in the gathers, TP rank 0 writes."""
+    from megatron.core import parallel_state as ps
+
+    from checkpoint_tools.tensor_io import write_part_files, plan_files
+
+    group = ps.get_tensor_model_parallel_group()
+    tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    units = stage_units(built, tp_size, out_dtype)
+    if tp_rank != 0:
+        for p, rule, _, _ in units:
+            if tp_size > 1 and rule.split != NONE:
+                receive_merged(p.detach(), rule, group, tp_rank, tp_size)
+        return
+    by_first = {u[3][0].name: u for u in units}
+
+    def produce(group_entries) -> list[torch.Tensor]:
+        p, rule, layer, entries = by_first[group_entries[0].name]
+        t = p.detach()
+        merged = receive_merged(t, rule, group, 0, tp_size) if tp_size > 1 and rule.split != NONE else [t]
+        hf = merged if len(merged) == len(entries) else to_hf(rule, merged[0], built.arch)
+        return [x.to(device="cpu", dtype=out_dtype) for x in hf]
+
+    # One writer thread: the gathers must run in the same order on every TP rank.
+    files = plan_files([u[3] for u in units], max_bytes)
+    write_part_files(directory, f"part{ps.get_pipeline_model_parallel_rank():05d}", files, produce, 1, stats)
+
+
+def receive_merged(t: torch.Tensor, rule, group, tp_rank: int, tp_size: int) -> Optional[list]:
+    """Merge the TP shards of one parameter on TP rank 0, receiving one shard at a time into a
+    reused buffer and copying it straight into place: the merged tensor plus one shard is all
+    that is ever held. Returns [merged] (or [gate, up] for the gated MLP, which is never fused)
+    on TP rank 0, None elsewhere. Same layout as aipo_mp.models.base.tp_merge."""
+    dist = torch.distributed
+    if tp_rank != 0:
+        dist.send(t.contiguous(), dst=dist.get_global_rank(group, 0), group=group)
+        return None
+    n0 = t.shape[0]
+    if rule.split == COLUMN:
+        outs = [t.new_empty((tp_size * n0, *t.shape[1:]))]
+
+        def place(r, shard):
+            outs[0][r * n0:(r + 1) * n0].copy_(shard)
+    elif rule.split == ROW:
+        n1 = t.shape[1]
+        outs = [t.new_empty((n0, tp_size * n1, *t.shape[2:]))]
+
+        def place(r, shard):
+            outs[0][:, r * n1:(r + 1) * n1].copy_(shard)
+    elif rule.split == GLU_COLUMN:
+        h = n0 // 2
+        outs = [t.new_empty((tp_size * h, *t.shape[1:])), t.new_empty((tp_size * h, *t.shape[1:]))]
+
+        def place(r, shard):
+            outs[0][r * h:(r + 1) * h].copy_(shard[:h])
+            outs[1][r * h:(r + 1) * h].copy_(shard[h:])
+    else:
+        raise ValueError(f"unknown TP split {rule.split!r}")
+    place(0, t)
+    buf = torch.empty_like(t) if tp_size > 1 else None
+    for r in range(1, tp_size):
+        dist.recv(buf, src=dist.get_global_rank(group, r), group=group)
+        place(r, buf)
+    return outs

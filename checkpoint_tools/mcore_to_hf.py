@@ -1,0 +1,159 @@
+"""mcore-to-hf: an aipo_mp Megatron checkpoint -> an HF safetensors directory that transformers
+and vLLM load.
+
+Streaming, without building a model: the ranks split the HF tensors (whole layers, in order)
+among themselves; each rank plans its safetensors files (names, shapes, dtypes) from the
+checkpoint's metadata, then `--threads` writer threads each fill one file: read the stored
+chunks of one Megatron tensor of one layer (TP shards are merged on read, whatever layout the
+checkpoint was saved at), split it into its HF tensors, append them, drop them. A rank holds
+about `--threads` Megatron tensors of one layer at a time, whatever the number of layers.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from aipo_mp.config import ConfigError
+from aipo_mp.models.base import GLU
+from checkpoint_tools.common import BYTES_PER, is_enospc, parse_size, peak_rss_bytes
+from checkpoint_tools.row_map import checkpoint_key, hf_rows, layer_keys_map, row_blocks
+from checkpoint_tools.tensor_io import (
+    DistCheckpointReader, Entry, IOStats, finalize_hf_dir, plan_files, write_part_files,
+)
+
+
+class Unit:
+    """One Megatron tensor of one layer (or a non-layer tensor) and the HF tensors it becomes."""
+
+    def __init__(self, rule, layer: Optional[int], key: str, stacked: bool, reader: DistCheckpointReader, arch,
+                 out_dtype: torch.dtype):
+        self.rule, self.layer, self.key = rule, layer, key
+        self.prefix = (layer,) if stacked else ()
+        full = reader.global_shape(key)
+        self.shape = tuple(full[len(self.prefix):])
+        names = [n.format(i=layer) for n in rule.hf]
+        # The HF shape a copy or gate/up rule implies (the fused QKV needs none: the arch has it).
+        hf_shape = (self.shape[0] // 2, *self.shape[1:]) if rule.transform == GLU else self.shape
+        blocks = row_blocks(rule, layer, arch, 0, 1, lambda name: hf_shape)
+        self.blocks = {n: hf_rows(blocks, n) for n in names}
+        self.entries = [Entry(n, (sum(b.n for b in self.blocks[n]), *self.shape[1:]), out_dtype) for n in names]
+
+    def read_rows(self, reader: DistCheckpointReader, start: int, n: int, stats: IOStats) -> torch.Tensor:
+        offsets = (*self.prefix, start, *([0] * (len(self.shape) - 1)))
+        sizes = (*([1] * len(self.prefix)), n, *self.shape[1:])
+        return reader.read(self.key, offsets, sizes, stats).view(n, *self.shape[1:])
+
+    def produce(self, reader: DistCheckpointReader, stats: IOStats) -> list[torch.Tensor]:
+        out, whole = [], None
+        for e in self.entries:
+            blocks = self.blocks[e.name]
+            if len(blocks) == 1:  # one run of rows (copy, gate/up halves): read just that region
+                t = self.read_rows(reader, blocks[0].dst, blocks[0].n, stats)
+            else:  # fused QKV: read the layer's tensor once, gather each group's rows
+                if whole is None:
+                    whole = self.read_rows(reader, 0, self.shape[0], stats)
+                with stats.timed("transform"):
+                    t = torch.empty(e.shape, dtype=whole.dtype)
+                    for b in blocks:
+                        t[b.src:b.src + b.n].copy_(whole[b.dst:b.dst + b.n])
+            if t.dtype != e.dtype:
+                with stats.timed("transform"):
+                    t = t.to(e.dtype)
+            out.append(t)
+        return out
+
+
+def export_units(family, arch, reader: DistCheckpointReader, out_dtype: torch.dtype) -> list[Unit]:
+    """The checkpoint's tensors in HF order (embedding, layer 0, 1, ..., the rest)."""
+    keys_map = layer_keys_map(family, arch)
+    first, layers, last = [], [], []
+    for rule in family.rules(arch):
+        if rule.megatron == "output_layer.weight" and arch.tie_embeddings:
+            continue  # the embedding is the HF tensor
+        key, stacked = checkpoint_key(rule.megatron, keys_map)
+        if key not in reader.keys():
+            raise ConfigError(f"{reader.dir}: the checkpoint has no tensor {key}; it is incomplete or not a "
+                              f"{family.name} checkpoint of this shape: re-create it")
+        if stacked:
+            layers.append((rule, key))
+        else:
+            (first if rule.megatron.startswith("embedding.") else last).append((rule, key))
+    units = [Unit(r, None, k, False, reader, arch, out_dtype) for r, k in first]
+    for i in range(arch.num_layers):
+        units += [Unit(r, i, k, True, reader, arch, out_dtype) for r, k in layers]
+    return units + [Unit(r, None, k, False, reader, arch, out_dtype) for r, k in last]
+
+
+def split_evenly(units: list[Unit], rank: int, world: int) -> list[Unit]:
+    """A contiguous run of units per rank, of about equal bytes."""
+    sizes = [sum(e.nbytes for e in u.entries) for u in units]
+    total, acc, mine = sum(sizes), 0, []
+    for u, s in zip(units, sizes):
+        owner = min(world - 1, int((acc + s / 2) * world / max(total, 1)))
+        if owner == rank:
+            mine.append(u)
+        acc += s
+    return mine
+
+
+def mcore_to_hf_rank(args) -> dict:
+    from aipo_mp.checkpoint import (
+        DTYPES, EXTRA_SUBDIR, MODEL_SUBDIR, disk_is_full, on_rank0_then_agree, partial_path, prepare_partial,
+        publish_partial, read_meta, remove_partial,
+    )
+    from aipo_mp.models import arch_from_hf_config, family_for_hf_config
+
+    t0 = time.perf_counter()
+    ckpt = Path(args.ckpt).absolute()
+    meta = read_meta(ckpt)
+    family, arch = family_for_hf_config(meta["hf_config"]), arch_from_hf_config(meta["hf_config"])
+    out_dtype = args.dtype or meta["dtype"]
+    max_bytes = parse_size(args.max_shard_size)
+    threads = getattr(args, "threads", None) or 2
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    try:
+        reader = DistCheckpointReader(ckpt / MODEL_SUBDIR)
+    except Exception as e:  # noqa: BLE001 - a damaged checkpoint is a user-facing condition
+        raise ConfigError(f"{ckpt / MODEL_SUBDIR}: cannot read the checkpoint metadata ({type(e).__name__}: {e}); "
+                          "the checkpoint is incomplete or damaged: re-create it")
+    units = split_evenly(export_units(family, arch, reader, DTYPES[out_dtype]), rank, world)
+    by_first = {u.entries[0].name: u for u in units}
+    files = plan_files([u.entries for u in units], max_bytes)
+    final = Path(args.out).absolute()
+    on_rank0_then_agree(lambda: prepare_partial(final, args.overwrite))
+    tmp = partial_path(final)
+    stats = IOStats()
+    try:
+        t_plan = time.perf_counter()
+        try:
+            written = write_part_files(tmp, f"part{rank:05d}", files,
+                                       lambda group: by_first[group[0].name].produce(reader, stats), threads, stats)
+        except BaseException as e:  # torch's CheckpointException is a BaseException
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            if disk_is_full(tmp) and not is_enospc(e):
+                raise OSError(errno.ENOSPC, "No space left on device", str(final)) from e
+            if isinstance(e, (RuntimeError, EOFError, OSError)) and not is_enospc(e) and "internal error" not in str(e):
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ConfigError(f"{ckpt / MODEL_SUBDIR}: cannot read the model weights ({type(e).__name__}: "
+                                  f"{first[:300]}); the checkpoint is incomplete or damaged: re-create it") from e
+            raise
+        torch.distributed.barrier()
+        done = on_rank0_then_agree(lambda: finalize_hf_dir(tmp, ckpt / EXTRA_SUBDIR, meta["hf_config"], out_dtype,
+                                                           family.hf_names(arch)))
+        on_rank0_then_agree(lambda: publish_partial(final))
+        t_done = time.perf_counter()
+    except BaseException:
+        if rank == 0:
+            remove_partial(final)
+        raise
+    return dict(rank=rank, peak_rss_bytes=peak_rss_bytes(), build_s=t_plan - t0, convert_s=t_done - t_plan, total_s=t_done - t0, threads=threads,
+                family=family.name, dtype=out_dtype, num_params=arch.num_params(),
+                model_bytes=arch.num_params() * BYTES_PER[out_dtype], layout=meta["layout"],
+                shards=(done or {}).get("files"), files=written["files"],
+                largest_tensor_bytes=max((e.nbytes for u in units for e in u.entries), default=0), **stats.as_dict())

@@ -1,0 +1,94 @@
+"""Where the rows of a Megatron tensor come from in the HF tensors, derived from a mapping
+rule (`aipo_mp.models.base.Rule`: its transform and its tensor-parallel split).
+
+A rule's Megatron tensor, on TP rank `rank` of `size`, is a stack of row blocks, each a run of
+rows of one HF tensor (for a row-parallel split, a column range of it). Both directions use this
+one description: hf-to-mcore copies each block from the HF file into the Megatron shard being
+written, mcore-to-hf copies each block of the stored (global, size 1) tensor into its HF tensor.
+The description agrees with `to_megatron` / `tp_slice` of aipo_mp.models.base (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from aipo_mp.config import ConfigError, ModelArch
+from aipo_mp.models.base import COPY, GLU, NONE, QKV, ROW, Rule
+
+
+@dataclass(frozen=True)
+class Block:
+    dst: int  # first row in the Megatron tensor
+    n: int  # number of rows
+    hf_name: str
+    src: int  # first row in the HF tensor
+    cols: Optional[tuple[int, int]] = None  # column range of the HF tensor (row-parallel split)
+
+
+def row_blocks(rule: Rule, layer: Optional[int], arch: ModelArch, rank: int, size: int,
+               hf_shape: Callable[[str], tuple[int, ...]]) -> list[Block]:
+    """The blocks of this TP rank's Megatron tensor of `rule` (size 1: the whole tensor)."""
+    names = [n.format(i=layer) for n in rule.hf]
+    if rule.split == NONE:
+        rank, size = 0, 1
+    if rule.transform == COPY:
+        shape = hf_shape(names[0])
+        if rule.split == ROW:
+            cols = _even_part(shape[1], rank, size, names[0], 1)
+            return [Block(0, shape[0], names[0], 0, cols)]
+        start, stop = _even_part(shape[0], rank, size, names[0], 0)
+        return [Block(0, stop - start, names[0], start)]
+    if rule.transform == GLU:
+        gate, up = names
+        start, stop = _even_part(hf_shape(gate)[0], rank, size, gate, 0)
+        n = stop - start
+        return [Block(0, n, gate, start), Block(n, n, up, start)]
+    if rule.transform == QKV:
+        q, k, v = names
+        ng, hd = arch.num_key_value_heads, arch.head_dim
+        qpg = arch.num_attention_heads // ng * hd
+        if ng % size:
+            raise ConfigError(f"tp={size} does not divide the {ng} query groups")
+        local, blocks = ng // size, []
+        for g in range(local):
+            group, base = rank * local + g, g * (qpg + 2 * hd)
+            blocks += [Block(base, qpg, q, group * qpg), Block(base + qpg, hd, k, group * hd),
+                       Block(base + qpg + hd, hd, v, group * hd)]
+        return blocks
+    raise ValueError(f"unknown transform {rule.transform!r}")
+
+
+def _even_part(full: int, rank: int, size: int, name: str, dim: int) -> tuple[int, int]:
+    if full % size:
+        raise ConfigError(f"tensor {name} dimension {dim} ({full}) is not divisible by tp={size}; choose another --tp")
+    step = full // size
+    return rank * step, (rank + 1) * step
+
+
+def hf_rows(blocks: list[Block], name: str) -> list[Block]:
+    return [b for b in blocks if b.hf_name == name]
+
+
+def checkpoint_key(megatron_name: str, keys_map: dict[str, str]) -> tuple[str, bool]:
+    """The key under which dist_checkpointing stores a rule's tensor, and whether the layers are
+    stacked along a leading axis: `decoder.layers.{i}.input_layernorm.weight` ->
+    `decoder.layers.self_attention.linear_qkv.layer_norm_weight` (the layer spec's keys map)."""
+    prefix = "decoder.layers.{i}."
+    if not megatron_name.startswith(prefix):
+        return megatron_name, False
+    rest = megatron_name[len(prefix):]
+    for old, new in keys_map.items():
+        if rest.startswith(old):
+            rest = new + rest[len(old):]
+            break
+    return "decoder.layers." + rest, True
+
+
+def layer_keys_map(family, arch: ModelArch) -> dict[str, str]:
+    """The local layer spec's `sharded_state_dict_keys_map` (the checkpoint keys are the same
+    for the Transformer Engine spec, whose parameters already carry the fused names)."""
+    from aipo_mp.models.base import local_layer_spec
+
+    return dict(local_layer_spec(family.spec_options(arch)).submodules.sharded_state_dict_keys_map)
+
