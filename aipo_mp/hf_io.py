@@ -45,7 +45,7 @@ class HFWeights:
         from safetensors import safe_open
 
         for f in files:
-            with safe_open(str(f), framework="pt") as h:
+            with open_safetensors(f) as h:
                 out.update({k: f.name for k in h.keys()})
         return out
 
@@ -53,10 +53,8 @@ class HFWeights:
         return list(self.files)
 
     def _handle(self, fname: str):
-        from safetensors import safe_open
-
         if fname not in self._handles:
-            self._handles[fname] = safe_open(str(self.dir / fname), framework="pt")
+            self._handles[fname] = open_safetensors(self.dir / fname)
         return self._handles[fname]
 
     def get(self, name: str) -> torch.Tensor:
@@ -66,12 +64,72 @@ class HFWeights:
             return self._pickled[name]
         if name not in self.files:
             raise ConfigError(f"{self.dir}: tensor {name} is missing from the checkpoint")
-        return self._handle(self.files[name]).get_tensor(name)
+        try:
+            return self._handle(self.files[name]).get_tensor(name)
+        except Exception as e:  # safetensors raises its own error type for bytes past the end
+            raise ConfigError(f"{self.dir / self.files[name]}: cannot read tensor {name} ({first_line(e)}); the file "
+                              "is truncated or damaged: copy or convert it again") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
         if self._pickled is not None:
             return tuple(self._pickled[name].shape)
         return tuple(self._handle(self.files[name]).get_slice(name).get_shape())
+
+
+def open_safetensors(path: Path):
+    """safe_open with one clear line for a truncated or damaged file (its header promises more
+    bytes than the file holds, or it is not safetensors at all)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found (named by {INDEX}); the checkpoint is incomplete") from None
+    except Exception as e:
+        raise ConfigError(f"{path}: not a readable safetensors file ({first_line(e)}); the file is truncated or "
+                          "damaged: copy or convert it again") from None
+    check_safetensors_size(path, handle)
+    return handle
+
+
+def check_safetensors_size(path: Path, handle) -> None:
+    """safetensors maps the file lazily, so a file cut in the middle opens fine and fails (or
+    reads garbage) at the first tensor past the cut: compare the header's end offset with the size."""
+    import struct
+
+    with open(path, "rb") as f:
+        header_len = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(header_len))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    expected = 8 + header_len + end
+    actual = path.stat().st_size
+    if actual < expected:
+        raise ConfigError(f"{path}: truncated ({actual} bytes, its header describes {expected}); copy or convert "
+                          "it again")
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
+
+
+def load_tokenizer(directory: str | Path, trust_remote_code: bool = False, what: str = "model.path"):
+    """AutoTokenizer of a local directory, with one clear line when it has none (transformers
+    otherwise suggests installing sentencepiece, which is not the problem)."""
+    from transformers import AutoTokenizer
+
+    directory = Path(directory)
+    if not any((directory / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(f"{what}={directory} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}); copy the "
+                          "model's tokenizer into that directory")
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ConfigError(f"{what}={directory}: the tokenizer does not load ({first_line(e)}); fix or replace its "
+                          "tokenizer files") from None
 
 
 def check_tensor_names(weights: HFWeights, expected: Iterable[str]) -> None:

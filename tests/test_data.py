@@ -125,7 +125,7 @@ def test_as_token_list_normalises_every_return_shape():
 @pytest.mark.parametrize("bad_line, expected", [
     ('{"prompt": "a", "chosen": "b" "rejected": "c"}', "not valid JSON"),
     ('{"prompt": "a", "chosen": "b"}', "missing field 'rejected'"),
-    ('{"prompt": "a", "chosen": 3, "rejected": "c"}', "field 'chosen' must be a string, got number"),
+    ('{"prompt": "a", "chosen": 3, "rejected": "c"}', "field 'chosen' must be a string or a list of messages, got number"),
     ('["a", "b", "c"]', "expected a JSON object"),
     ('{"prompt": [{"role": "user"}], "chosen": "b", "rejected": "c"}', "prompt message 0"),
     ('{"prompt": [], "chosen": "b", "rejected": "c"}', "empty message list"),
@@ -291,8 +291,13 @@ def test_read_tokenize_pack_end_to_end(tmp_path, tok):
     read, stats = read_pairs_jsonl(path)
     pairs = tokenize_pairs(read, tok, 128, 32, stats)
     rows = pack_pairs(pairs, 256, pad_id=tok.pad_token_id)
-    assert stats.to_dict() == {"read": 3, "kept": 3, "skipped_malformed": 0, "dropped_identical": 0,
-                               "dropped_empty": 0, "truncated": 1, "dropped_too_long": 0}
+    counts = {k: v for k, v in stats.to_dict().items() if k not in ("prompt_tokens_cut", "first_skip_reason")}
+    assert counts == {"read": 3, "kept": 3, "skipped_malformed": 0, "dropped_identical": 0, "dropped_empty": 0,
+                      "truncated": 1, "dropped_too_long": 0, "truncated_prompt": 1, "truncated_response": 0,
+                      "response_tokens_cut": 0, "format": "jsonl"}
+    long_prompt = len(tok(LONG_TEXT).input_ids)
+    kept_prompt = max(32, 128 - max(len(pairs[2].chosen), len(pairs[2].rejected)))
+    assert len(pairs[2].prompt) == kept_prompt and stats.prompt_tokens_cut == long_prompt - kept_prompt
     for row in rows:
         check_row_invariants(row, {p.index: p for p in pairs}, 256)
     row = next(r for r in rows if 0 in r.pair_indices.tolist())

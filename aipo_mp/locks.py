@@ -1,0 +1,94 @@
+"""One command at a time per output directory (train, run, conversions).
+
+    with hold_lock(out_dir, "train"):
+        ...
+
+The lock is a sibling file `.NAME.lock` holding the owner's pid, host and command, locked with
+flock: the kernel releases it when the process dies however it dies, so a lock left by a killed
+process is stale by construction and simply taken over. A second command on the same directory
+fails at once with one line naming the holder. Child processes started by the holder (the ranks
+of `train --nproc-per-node`) inherit the right to write through AIPO_MP_LOCKED_DIRS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from aipo_mp.config import ConfigError
+
+HELD_ENV = "AIPO_MP_LOCKED_DIRS"
+
+
+class LockHeld(ConfigError):
+    """Another live process holds the directory."""
+
+
+def lock_path(directory: str | Path) -> Path:
+    d = Path(directory).resolve()
+    return d.parent / f".{d.name}.lock"
+
+
+def held_by_parent(directory: str | Path) -> bool:
+    return str(Path(directory).resolve()) in os.environ.get(HELD_ENV, "").split(os.pathsep)
+
+
+class Lock:
+    def __init__(self, directory: str | Path, what: str):
+        self.directory = Path(directory).resolve()
+        self.path = lock_path(directory)
+        self.what = what
+        self.fd: int | None = None
+
+    def acquire(self) -> "Lock":
+        if held_by_parent(self.directory):
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = read_holder(fd)
+            os.close(fd)
+            raise LockHeld(f"{self.directory} is in use by `{holder.get('what', '?')}` (pid {holder.get('pid', '?')} "
+                           f"on {holder.get('host', '?')}, since {holder.get('since', '?')}); wait for it to finish, "
+                           "stop it, or choose another output directory") from None
+        os.ftruncate(fd, 0)  # a stale holder's record (its process died and the kernel freed the lock)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "what": self.what,
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        self.fd = fd
+        os.environ[HELD_ENV] = os.pathsep.join(filter(None, [os.environ.get(HELD_ENV), str(self.directory)]))
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        held = [d for d in os.environ.get(HELD_ENV, "").split(os.pathsep) if d and d != str(self.directory)]
+        os.environ[HELD_ENV] = os.pathsep.join(held)
+        with contextlib.suppress(OSError):
+            os.ftruncate(self.fd, 0)
+        os.close(self.fd)  # closing drops the flock; the empty file stays (removing it would race)
+        self.fd = None
+
+
+def read_holder(fd: int) -> dict:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return json.loads(os.read(fd, 4096) or b"{}")
+    except (OSError, ValueError):
+        return {}
+
+
+@contextlib.contextmanager
+def hold_lock(directory: str | Path, what: str):
+    """Hold the lock of `directory` for the block; LockHeld (one line) if a live process has it."""
+    lock = Lock(directory, what).acquire()
+    try:
+        yield lock
+    finally:
+        lock.release()
