@@ -128,7 +128,7 @@ def read_pairs(path: str | Path, on_error: str = "error", fields: Mapping | None
     records, stats = [], DataStats()
     try:
         stats.format, rows = read_rows(path)
-        for where, row in rows:
+        for where, _, row in rows:
             stats.read += 1
             try:
                 if isinstance(row, BadRow):

@@ -3,7 +3,8 @@ or a directory of files), and a directory written by `datasets.Dataset.save_to_d
 
 The format is recognized by content where it can be (Parquet starts with b"PAR1", gzip with
 1f 8b), so a misnamed file is still read correctly. Every row comes with its location
-("line 3", "row 3") for error messages. A JSONL line that is not a JSON object is handed on as a
+("FILE:3" for line 3, "FILE row 3") for error messages and its 0-based index (the line index in
+JSONL, blank lines included; the row index in tables). A JSONL line that is not a JSON object is handed on as a
 `BadRow` so the caller decides (error or skip) and counts it.
 """
 
@@ -47,8 +48,8 @@ def detect_format(path: Path) -> str:
     return "jsonl"
 
 
-def read_rows(path: str | Path, what: str = "data.train") -> tuple[str, Iterator[tuple[str, object]]]:
-    """(format name, iterator of (location, row)); a row is a dict or a BadRow."""
+def read_rows(path: str | Path, what: str = "data.train") -> tuple[str, Iterator[tuple[str, int, object]]]:
+    """(format name, iterator of (location, index, row)); a row is a dict or a BadRow."""
     path = Path(path)
     if not path.exists():
         raise DataFormatError(f"{what}: file not found: {path}; check the path (relative paths start at the "
@@ -59,13 +60,13 @@ def read_rows(path: str | Path, what: str = "data.train") -> tuple[str, Iterator
     return fmt, readers[fmt](path)
 
 
-def jsonl_rows(path: Path) -> Iterator[tuple[str, object]]:
+def jsonl_rows(path: Path) -> Iterator[tuple[str, int, object]]:
     opener = gzip.open if detect_format(path) == "jsonl.gz" else open
     try:
         with opener(path, "rb") as f:  # bytes, so bad UTF-8 is reported with its line number
             for line_number, raw in enumerate(f, start=1):
                 if raw.strip():
-                    yield f"{path}:{line_number}", parse_json_line(raw)
+                    yield f"{path}:{line_number}", line_number - 1, parse_json_line(raw)
     except (OSError, EOFError) as e:  # a truncated or corrupt .gz
         raise DataFormatError(f"{path}: cannot be read as gzip-compressed JSONL ({e}); re-create the file") from None
 
@@ -81,7 +82,7 @@ def parse_json_line(raw: bytes) -> object:
         return BadRow(f"not valid JSON ({e.msg} at column {e.colno})")
 
 
-def parquet_rows(path: Path, batch_rows: int = 1024) -> Iterator[tuple[str, object]]:
+def parquet_rows(path: Path, batch_rows: int = 1024) -> Iterator[tuple[str, int, object]]:
     pq = import_pyarrow_parquet(path)
     try:
         reader = pq.ParquetFile(str(path))
@@ -91,15 +92,19 @@ def parquet_rows(path: Path, batch_rows: int = 1024) -> Iterator[tuple[str, obje
     for batch in reader.iter_batches(batch_size=batch_rows):
         for record in batch.to_pylist():
             row += 1
-            yield f"{path} row {row}", record
+            yield f"{path} row {row}", row - 1, record
 
 
-def parquet_dir_rows(path: Path) -> Iterator[tuple[str, object]]:
+def parquet_dir_rows(path: Path) -> Iterator[tuple[str, int, object]]:
+    """The files in name order, as one table (rows numbered across files)."""
+    count = 0
     for file in sorted(path.glob("*.parquet")):
-        yield from parquet_rows(file)
+        for where, _, record in parquet_rows(file):
+            yield where, count, record
+            count += 1
 
 
-def save_to_disk_rows(path: Path) -> Iterator[tuple[str, object]]:
+def save_to_disk_rows(path: Path) -> Iterator[tuple[str, int, object]]:
     try:
         import datasets
     except ImportError:
@@ -115,7 +120,7 @@ def save_to_disk_rows(path: Path) -> Iterator[tuple[str, object]]:
                                   f"split's directory (e.g. {path}/{next(iter(loaded))})")
         loaded = loaded["train"]
     for row, record in enumerate(loaded, start=1):
-        yield f"{path} row {row}", record
+        yield f"{path} row {row}", row - 1, record
 
 
 def import_pyarrow_parquet(path: Path):
