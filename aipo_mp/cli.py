@@ -39,14 +39,14 @@ def cmd_check(args) -> int:
     par = cfg.parallel
     dp = args.world_size // (par.tp * par.pp * par.cp) if args.world_size else None
     if cfg.data.train:
-        check_data(cfg)
+        check_data(cfg, arch.vocab_size)
     print(f"ok: {arch.family} {arch.num_params() / 1e9:.3f}B params, tp={par.tp} pp={par.pp} vpp={par.vpp} "
           f"cp={par.cp} sp={par.sequence_parallel}" + (f" dp={dp}" if dp else "")
           + f", objective {cfg.objective.name}")
     return 0
 
 
-def check_data(cfg) -> None:
+def check_data(cfg, vocab_size: int) -> None:
     """Read and tokenize data.train as training would, and print the counts it would train on."""
     from aipo_mp.data import prepare
 
@@ -56,8 +56,8 @@ def check_data(cfg) -> None:
     from aipo_mp.hf_io import load_tokenizer
     from aipo_mp.trainer import tokenizer_dir_of
 
-    pairs, stats, _ = prepare.prepare_pairs(cfg, load_tokenizer(tokenizer_dir_of(cfg.model.path),
-                                                                cfg.model.trust_remote_code))
+    tokenizer = load_tokenizer(tokenizer_dir_of(cfg.model.path), cfg.model.trust_remote_code)
+    pairs, stats, _ = prepare.prepare_pairs(cfg, tokenizer, vocab_size)
     for line in prepare.report_lines(stats, cfg):
         print(line)
     steps = cfg.train.steps or max(1, len(pairs) // cfg.train.global_batch_pairs)

@@ -39,7 +39,7 @@ class HFWeights:
     def _index(self) -> dict[str, str]:
         index = self.dir / INDEX
         if index.exists():
-            return dict(json.loads(index.read_text())["weight_map"])
+            return check_index_files(self.dir)
         files = sorted(self.dir.glob("*.safetensors"))
         out = {}
         from safetensors import safe_open
@@ -74,6 +74,24 @@ class HFWeights:
         if self._pickled is not None:
             return tuple(self._pickled[name].shape)
         return tuple(self._handle(self.files[name]).get_slice(name).get_shape())
+
+
+def check_index_files(directory: str | Path) -> dict[str, str]:
+    """The index's tensor -> file map, once every file it names exists (one line naming the
+    missing ones otherwise). {} when the directory has no index."""
+    directory = Path(directory)
+    index = directory / INDEX
+    if not index.exists():
+        return {}
+    try:
+        weight_map = dict(json.loads(index.read_text())["weight_map"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{index}: not a valid safetensors index ({first_line(e)}); re-save the model") from None
+    missing = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
+    if missing:
+        raise ConfigError(f"{index} names {len(missing)} missing file(s): {', '.join(missing[:3])}"
+                          f"{' ...' if len(missing) > 3 else ''}; the model directory is incomplete: copy every shard")
+    return weight_map
 
 
 def open_safetensors(path: Path):

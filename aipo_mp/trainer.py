@@ -358,12 +358,12 @@ def load_policy_weights(built: BuiltModel, path: str) -> None:
         load_hf_weights(built, HFWeights(path).get)
 
 
-def prepare_data(cfg: Config, tokenizer_dir: str):
+def prepare_data(cfg: Config, tokenizer_dir: str, vocab_size: Optional[int] = None):
     """(pairs, stats, normalized records) of data.train (see aipo_mp.data.prepare)."""
     from aipo_mp.hf_io import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir, cfg.model.trust_remote_code)
-    return prepare.prepare_pairs(cfg, tok)
+    return prepare.prepare_pairs(cfg, tok, vocab_size)
 
 
 def setup(cfg: Config) -> RunState:
@@ -376,7 +376,7 @@ def setup(cfg: Config) -> RunState:
     platform.seed_model_parallel_rng(cfg.train.seed)
     lay = Layout.current()
     tokenizer_dir = tokenizer_dir_of(cfg.model.path)
-    pairs, data_stats, records = prepare_data(cfg, tokenizer_dir)
+    pairs, data_stats, records = prepare_data(cfg, tokenizer_dir, arch.vocab_size)
     built = build_model(get_family(arch.family), arch, par, cfg.precision, cfg.train.recompute, initialize=False)
     load_policy_weights(built, cfg.model.path)
     objective = objectives.get_objective(cfg.objective.name)

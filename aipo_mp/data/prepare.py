@@ -16,11 +16,13 @@ def effective_max_length(cfg) -> int:
     return cfg.data.max_length or cfg.train.seq_length // 2
 
 
-def prepare_pairs(cfg, tokenizer) -> tuple[list[TokenizedPair], DataStats, list[dict]]:
+def prepare_pairs(cfg, tokenizer, vocab_size: int | None = None) -> tuple[list[TokenizedPair], DataStats, list[dict]]:
     """(tokenized pairs, stats, the normalized records) of cfg.data.train; DataError/ConfigError
-    when nothing usable is left."""
+    when nothing usable is left, or when the tokenizer does not fit the model's vocabulary."""
     from aipo_mp.config import ConfigError
 
+    if vocab_size is not None:
+        check_vocabulary(tokenizer, vocab_size, cfg.model.path)
     if not cfg.data.train:
         raise ConfigError("data.train is not set; point it at a pairs file (JSONL, .jsonl.gz, Parquet) or a "
                           "datasets.save_to_disk directory")
@@ -35,6 +37,17 @@ def prepare_pairs(cfg, tokenizer) -> tuple[list[TokenizedPair], DataStats, list[
     if not pairs:
         raise ConfigError(f"data.train={cfg.data.train}: no usable pairs after filtering; {stats.summary()}")
     return pairs, stats, records
+
+
+def check_vocabulary(tokenizer, vocab_size: int, model_path) -> None:
+    """A tokenizer with ids past the embedding table would fail deep inside the first forward
+    (an index error), or on GPUs read garbage: refuse it up front."""
+    from aipo_mp.config import ConfigError
+
+    size = len(tokenizer)
+    if size > vocab_size:
+        raise ConfigError(f"model.path={model_path}: the tokenizer has {size} tokens but the model's vocab_size is "
+                          f"{vocab_size}; use the tokenizer that belongs to these weights")
 
 
 def report_lines(stats: DataStats, cfg) -> list[str]:
