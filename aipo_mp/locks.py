@@ -5,7 +5,7 @@
 
 The lock is a sibling file `.NAME.lock` holding the owner's pid, host and command, locked with
 flock: the kernel releases it when the process dies however it dies, so a lock left by a killed
-process is stale by construction and simply taken over. A second command on the same directory
+process is stale by construction and simply taken over (its file is removed on a clean exit). A second command on the same directory
 fails at once with one line naming the holder. Child processes started by the holder (the ranks
 of `train --nproc-per-node`) inherit the right to write through AIPO_MP_LOCKED_DIRS.
 """
@@ -49,15 +49,20 @@ class Lock:
         if held_by_parent(self.directory):
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = read_holder(fd)
-            os.close(fd)
-            raise LockHeld(f"{self.directory} is in use by `{holder.get('what', '?')}` (pid {holder.get('pid', '?')} "
-                           f"on {holder.get('host', '?')}, since {holder.get('since', '?')}); wait for it to finish, "
-                           "stop it, or choose another output directory") from None
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = read_holder(fd)
+                os.close(fd)
+                raise LockHeld(f"{self.directory} is in use by `{holder.get('what', '?')}` (pid "
+                               f"{holder.get('pid', '?')} on {holder.get('host', '?')}, since "
+                               f"{holder.get('since', '?')}); wait for it to finish, stop it, or choose another "
+                               "output directory") from None
+            if same_file(fd, self.path):
+                break
+            os.close(fd)  # the holder removed the file as we opened it: lock the new one
         os.ftruncate(fd, 0)  # a stale holder's record (its process died and the kernel freed the lock)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "what": self.what,
                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
@@ -71,9 +76,16 @@ class Lock:
         held = [d for d in os.environ.get(HELD_ENV, "").split(os.pathsep) if d and d != str(self.directory)]
         os.environ[HELD_ENV] = os.pathsep.join(held)
         with contextlib.suppress(OSError):
-            os.ftruncate(self.fd, 0)
-        os.close(self.fd)  # closing drops the flock; the empty file stays (removing it would race)
+            os.unlink(self.path)  # before unlocking: a waiter that opened it re-checks the inode
+        os.close(self.fd)  # closing drops the flock
         self.fd = None
+
+
+def same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def read_holder(fd: int) -> dict:

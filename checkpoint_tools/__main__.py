@@ -462,6 +462,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             megatron_log.setLevel(old_level)
 
 
+def output_lock(args):
+    """One conversion at a time per --out (aipo_mp.locks); a second one fails with one line."""
+    from aipo_mp.locks import hold_lock
+
+    out = getattr(args, "out", None)
+    return hold_lock(out, f"checkpoint_tools {args.cmd}") if out else contextlib.nullcontext()
+
+
 def _main(args, argv: list[str]) -> int:
     try:
         if os.environ.get(RUN_DIR_ENV):  # a worker started by spawn_ranks
@@ -469,7 +477,8 @@ def _main(args, argv: list[str]) -> int:
             if stats:
                 (Path(os.environ[RUN_DIR_ENV]) / "result.json").write_text(json.dumps(stats))
             return 0
-        return COMMANDS[args.cmd](args, argv)
+        with output_lock(args):
+            return COMMANDS[args.cmd](args, argv)
     except BrokenPipeError:  # stdout closed early (e.g. piped into `head`)
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

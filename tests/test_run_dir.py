@@ -241,3 +241,34 @@ def test_full_and_read_only_disk_give_one_line(runs):
     one_error_line(runs["read_only"], "read-only")
     left = json.loads((base / "disk_left.json").read_text())  # listed before the tmpfs was unmounted
     assert not left, left  # no half-written file, and no checkpoint claims to be complete
+
+
+# ---------------------------------------------------------------------------------------------
+# The lock itself (aipo_mp.locks), in this process and a child
+# ---------------------------------------------------------------------------------------------
+
+
+def test_lock_refuses_a_live_holder_and_takes_over_a_dead_ones(tmp_path):
+    from aipo_mp.locks import LockHeld, hold_lock, lock_path
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True,
+                              cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockHeld) as info:
+            with hold_lock(out, "second"):
+                pass
+        assert f"pid {holder.pid}" in str(info.value) and "holder test" in str(info.value)
+    finally:
+        holder.kill()  # SIGKILL: no chance to clean up; its lock file stays behind
+        holder.wait()
+    assert lock_path(out).exists()  # stale: the kernel dropped the flock with the process
+    with hold_lock(out, "after the holder died"):
+        assert json.loads(lock_path(out).read_text())["what"] == "after the holder died"
+    assert not lock_path(out).exists()  # released on exit, file removed
+    with pytest.raises(RuntimeError):
+        with hold_lock(out, "raises"):
+            raise RuntimeError("boom")
+    with hold_lock(out, "released after an exception"):
+        pass
