@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 USER_ERRORS: tuple = ()
 
@@ -163,11 +164,12 @@ def cmd_run(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from aipo_mp.config import ConfigError
     from aipo_mp.rounds.report import write_report
 
+    if not Path(args.run_dir).is_dir():
+        raise ConfigError(f"run directory not found: {args.run_dir}; give the output.dir of an `aipo-mp run`")
     paths = write_report(args.run_dir)
-    from pathlib import Path
-
     print((Path(args.run_dir) / "report" / "report.md").read_text())
     print("plots: " + ", ".join(str(p) for p in paths))
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
@@ -17,7 +17,7 @@ INDEX = "model.safetensors.index.json"
 class HFWeights:
     """name -> tensor over the safetensors files of an HF directory, opened lazily."""
 
-    def __init__(self, directory: str | Path, allow_pickle: bool = False):
+    def __init__(self, directory: str | Path, allow_pickle: bool = False, pickle_flag: Optional[str] = "--allow-pickle"):
         self.dir = Path(directory)
         self._handles: dict[str, object] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
@@ -27,9 +27,10 @@ class HFWeights:
             if not bins:
                 raise ConfigError(f"{self.dir}: no *.safetensors weights found")
             if not allow_pickle:
+                how = f" or pass {pickle_flag} if you trust the source" if pickle_flag else ""
                 raise ConfigError(
                     f"{self.dir}: holds only pickled .bin weights, which can run code when loaded; "
-                    "convert them to safetensors or pass --allow-pickle if you trust the source"
+                    f"convert them to safetensors (e.g. save_pretrained(safe_serialization=True)){how}"
                 )
             self._pickled = {}
             for b in bins:  # weights_only refuses arbitrary objects

@@ -355,7 +355,7 @@ def load_policy_weights(built: BuiltModel, path: str) -> None:
     if is_megatron_checkpoint(path):
         load_model(built, path)
     else:
-        load_hf_weights(built, HFWeights(path).get)
+        load_hf_weights(built, HFWeights(path, pickle_flag=None).get)  # train has no --allow-pickle
 
 
 def prepare_data(cfg: Config, tokenizer_dir: str, vocab_size: Optional[int] = None):

@@ -61,6 +61,14 @@ def build_corpus(base: Path) -> dict[str, Path]:
     variant("index_names_missing_shard", index_to_missing_shard)
     variant("tokenizer_bigger_than_vocab", lambda d: [shutil.copy(f, d / f.name) for f in big_tok.iterdir()
                                                       if f.is_file()])
+    def pickled_only(d: Path) -> None:
+        import torch
+        from safetensors.torch import load_file
+
+        torch.save(load_file(d / "model.safetensors"), d / "pytorch_model.bin")
+        (d / "model.safetensors").unlink()
+
+    variant("bin_only", pickled_only)
     corpus["parquet_cut"] = base / "pairs.parquet"
     corpus["parquet_cut"].write_bytes(b"PAR1" + b"\x00" * 64)
     return corpus
@@ -87,6 +95,10 @@ CASES = [
      ["train", TINY, "model.path={good}", "data.train={parquet_cut}", *TRAIN, "output.dir={out}"],
      "not a readable Parquet file"),
     ("check: missing config.json", "cli", ["check", TINY, "model.path={no_config}"], "config.json"),
+    ("train: only pickled .bin weights", "cli",
+     ["train", TINY, "model.path={bin_only}", "data.train={pairs}", *TRAIN, "output.dir={out}"],
+     "convert them to safetensors"),
+    ("report: missing run directory", "cli", ["report", "{out}"], "run directory not found"),
     ("inspect: truncated safetensors", "tool", ["inspect", "{truncated_safetensors}"], "truncated"),
     ("hf-to-mcore: truncated safetensors", "tool",
      ["hf-to-mcore", "--hf", "{truncated_safetensors}", "--out", "{out}"], "truncated"),
@@ -101,7 +113,8 @@ CASES = [
 def results(tmp_path_factory):
     base = tmp_path_factory.mktemp("bad_inputs")
     corpus = build_corpus(base)
-    steps = []
+    steps = [{"name": "plan: an HF directory", "cli": ["plan", str(corpus["good"]), "--gpus", "4", "--gpu",
+                                                        "h100-80gb", "--seq-length", "256"]}]
     for i, (name, kind, argv, _) in enumerate(CASES):
         fill = {k: str(v) for k, v in corpus.items()} | {"out": str(base / f"out{i}")}
         steps.append({"name": name, kind: [a.format(**fill) for a in argv]})
@@ -120,6 +133,8 @@ def test_bad_input_is_one_line_exit_2(results, index):
     lines = [l for l in r["err"].splitlines() if l.strip()]
     assert r["code"] == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, r["code"], r["err"][-3000:])
     assert fragment in lines[0], (name, lines[0])
+    if ".bin" in name:
+        assert "--allow-pickle" not in lines[0]  # aipo-mp train has no such flag: do not name it
     out = Path(results["_base"]) / f"out{index}"
     assert not (out / "checkpoints").exists() and not (out.exists() and any(out.glob("*.safetensors")))
     assert not list(Path(results["_base"]).glob(f".out{index}*.partial"))
@@ -174,3 +189,9 @@ def test_conversion_workers_die_with_a_killed_parent(tmp_path):
     assert not alive, f"workers {[p.pid for p in alive]} outlived their killed parent"
     assert not out.exists(), "a worker published the output after its parent was killed"
     assert set(glob.glob("/tmp/checkpoint_tools.*")) - before == set()
+
+
+def test_plan_accepts_an_hf_directory(results):
+    r = results["plan: an HF directory"]
+    assert r["code"] == 0, r["err"][-2000:]
+    assert "tp" in r["out"] and "GiB" in r["out"], r["out"][-2000:]
