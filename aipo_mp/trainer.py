@@ -400,8 +400,9 @@ def known_params(cfg: Config) -> dict:
 
 
 def compute_reference(state: RunState) -> torch.Tensor:
-    """Reference log-probs of every pair, saved beside the run so a resumed run reuses the
-    initial policy's numbers (mode initial) instead of recomputing them with trained weights."""
+    """Reference log-probs of every pair, saved beside the run (keyed by the data and weights they
+    come from) so a resumed run reuses them. Called before a checkpoint is loaded, so in mode
+    initial they always come from the initial weights."""
     cfg = state.cfg
     path = Path(cfg.output.dir) / "reference_logps.pt"
     key = run_identity.reference_key(state.stats["identity"])
@@ -409,6 +410,8 @@ def compute_reference(state: RunState) -> torch.Tensor:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(saved, dict) and saved.get("key") == key and saved["table"].shape == (len(state.pairs), 2):
             return saved["table"]
+        if isinstance(saved, torch.Tensor) and saved.shape == (len(state.pairs), 2):
+            return saved  # written before tables were keyed; the run identity check guards its data
     if cfg.reference.mode == "model":
         from aipo_mp.models import arch_from_dir
 
@@ -688,9 +691,9 @@ def resume_from_checkpoint(state: RunState) -> int:
 def run_loop(state: RunState) -> RunState:
     cfg, stop = state.cfg, state.stop
     rank0 = torch.distributed.get_rank() == 0
-    start = resume_from_checkpoint(state)
-    if state.needs_reference:
+    if state.needs_reference:  # before resuming: the weights are still the initial policy's
         state.ref_table = compute_reference(state)
+    start = resume_from_checkpoint(state)
     log = MetricsLog(cfg, start, rank0)
     bar = progress_bar(rank0, state.total_steps, start)
     record, saved_at = {}, start
