@@ -195,3 +195,19 @@ def test_plan_accepts_an_hf_directory(results):
     r = results["plan: an HF directory"]
     assert r["code"] == 0, r["err"][-2000:]
     assert "tp" in r["out"] and "GiB" in r["out"], r["out"][-2000:]
+
+
+def test_reward_rule_is_checked_before_any_stage_and_scores_agree_with_pairs():
+    """`aipo-mp run` imports the rule and checks its signature up front; a rule returning a bool
+    or a numeric string is refused by the reward stage, as the pairs stage refuses it."""
+    from aipo_mp.config import ConfigError
+    from aipo_mp.rounds.rewards import check_rule, finite_score
+
+    assert check_rule("tests.rules:no_such_rule") and "has no function" in check_rule("tests.rules:no_such_rule")[0]
+    assert check_rule("tests.rules:length_reward") == []
+    assert "cannot be called as" in check_rule("os.path:isfile")[0]  # isfile(path): one argument
+    assert check_rule("no_such_module_xyz:f")[0].startswith("reward rule 'no_such_module_xyz:f': cannot import")
+    for bad in (True, "0.5", None, float("nan")):
+        with pytest.raises(ConfigError):
+            finite_score(bad, {"prompt_id": 0, "sample_index": 0}, "rule", "fix it")
+    assert finite_score(3, {"prompt_id": 0}, "rule", "fix it") == 3.0

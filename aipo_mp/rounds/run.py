@@ -216,6 +216,10 @@ def check_recipe(cfg: Config) -> None:
             errors += [f"rounds.prompts: {line}" for line in e.errors]
     if bool(cfg.reward.rule) == bool(cfg.reward.model):
         errors.append("reward: set exactly one of reward.rule (module:function) or reward.model (a classifier dir)")
+    elif cfg.reward.rule:
+        from aipo_mp.rounds.rewards import check_rule
+
+        errors += check_rule(cfg.reward.rule)  # import and signature, before any stage runs
     if cfg.rounds.num_rounds < 1:
         errors.append(f"rounds.num_rounds={cfg.rounds.num_rounds}: must be >= 1")
     if errors:
