@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 USER_ERRORS: tuple = ()
 
@@ -34,13 +35,39 @@ def cmd_check(args) -> int:
     from aipo_mp.config import load_config, validate
 
     cfg = load_config(args.config, args.overrides)
+    print_notes(cfg)
     arch = validate(cfg, world_size=args.world_size)
     par = cfg.parallel
     dp = args.world_size // (par.tp * par.pp * par.cp) if args.world_size else None
+    if cfg.data.train:
+        check_data(cfg, arch.vocab_size)
     print(f"ok: {arch.family} {arch.num_params() / 1e9:.3f}B params, tp={par.tp} pp={par.pp} vpp={par.vpp} "
           f"cp={par.cp} sp={par.sequence_parallel}" + (f" dp={dp}" if dp else "")
           + f", objective {cfg.objective.name}")
     return 0
+
+
+def check_data(cfg, vocab_size: int) -> None:
+    """Read and tokenize data.train as training would, and print the counts it would train on."""
+    from aipo_mp.data import prepare
+
+    if not cfg.model.path:
+        print(f"note: data.train not read (it is tokenized with model.path's tokenizer, and model.path is unset)")
+        return
+    from aipo_mp.hf_io import load_tokenizer
+    from aipo_mp.trainer import tokenizer_dir_of
+
+    tokenizer = load_tokenizer(tokenizer_dir_of(cfg.model.path), cfg.model.trust_remote_code)
+    pairs, stats, _ = prepare.prepare_pairs(cfg, tokenizer, vocab_size)
+    for line in prepare.report_lines(stats, cfg):
+        print(line)
+    steps = cfg.train.steps or max(1, len(pairs) // cfg.train.global_batch_pairs)
+    print(f"would train on {len(pairs)} pairs: {steps} steps of {cfg.train.global_batch_pairs} pairs")
+
+
+def print_notes(cfg) -> None:
+    for line in getattr(cfg, "notes", []):
+        print(line, file=sys.stderr)
 
 
 def cmd_train(args) -> int:
@@ -52,10 +79,12 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.nproc_per_node and "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
         validate(cfg, world_size=args.nproc_per_node)  # fail before starting any process
+        from aipo_mp.locks import hold_lock
         from aipo_mp.rounds.launchers import LocalLauncher
 
-        result = LocalLauncher().run("train", ["aipo_mp.cli", "train", args.config, *args.overrides],
-                                     ntasks=args.nproc_per_node)
+        with hold_lock(cfg.output.dir, "aipo-mp train"):  # the ranks inherit it (AIPO_MP_LOCKED_DIRS)
+            result = LocalLauncher().run("train", ["aipo_mp.cli", "train", args.config, *args.overrides],
+                                         ntasks=args.nproc_per_node)
         return EXIT_STOPPED if result.stopped_by_signal else result.returncode
     from aipo_mp.platform import read_dist_env, shutdown
     from aipo_mp.trainer import train
@@ -160,11 +189,12 @@ def cmd_run(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from aipo_mp.config import ConfigError
     from aipo_mp.rounds.report import write_report
 
+    if not Path(args.run_dir).is_dir():
+        raise ConfigError(f"run directory not found: {args.run_dir}; give the output.dir of an `aipo-mp run`")
     paths = write_report(args.run_dir)
-    from pathlib import Path
-
     print((Path(args.run_dir) / "report" / "report.md").read_text())
     print("plots: " + ", ".join(str(p) for p in paths))
     return 0
@@ -244,6 +274,14 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args)
     except user_error_types() as e:
         print_errors(e)
+        code = 2
+    except OSError as e:
+        from aipo_mp.io_utils import disk_error_line
+
+        line = disk_error_line(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -132,11 +133,13 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    train: Optional[str] = None  # pairs JSONL
+    train: Optional[str] = None  # pairs: JSONL, .jsonl.gz, Parquet, or a datasets.save_to_disk directory
+    fields: dict = field(default_factory=dict)  # other key names: {prompt: KEY, chosen: KEY, rejected: KEY}
     max_length: int = 0  # per sequence (prompt + response); 0: train.seq_length // 2
     max_prompt_length: int = 512
     on_error: str = "error"  # error | skip
     shuffle: bool = True
+    warn_truncated_share: float = 0.05  # a warning line when more than this share of pairs is truncated
 
 
 @dataclass
@@ -310,10 +313,10 @@ def _coerce(value: Any, tp, key: str, errors: list[str]) -> Any:
             return tp()
         return _build(tp, value, key + ".", errors)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        return finite(float(value), key, errors)
     if tp is float and isinstance(value, str):
         try:
-            return float(value)  # YAML reads 5e-7 (no dot) as a string
+            return finite(float(value), key, errors)  # YAML reads 5e-7 (no dot) as a string
         except ValueError:
             pass
     check = origin or tp
@@ -321,6 +324,14 @@ def _coerce(value: Any, tp, key: str, errors: list[str]) -> Any:
         return value
     errors.append(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     return None
+
+
+def finite(value: float, key: str, errors: list[str]) -> float:
+    """NaN compares false with every bound, so a range check alone lets it through (and e.g. a
+    NaN clip_grad silently disables clipping): refuse non-finite numbers everywhere."""
+    if not math.isfinite(value):
+        errors.append(f"{key}={value}: must be a finite number")
+    return value
 
 
 def _build(cls, data: dict, prefix: str, errors: list[str]):
@@ -356,7 +367,27 @@ def config_from_dict(data: dict) -> Config:
     cfg = _build(Config, data, "", errors)
     if errors:
         raise ConfigError(errors)
+    cfg.notes = fit_defaults(cfg, explicit=set(dotted_keys(data)))
     return cfg
+
+
+def dotted_keys(data: dict, prefix: str = ""):
+    for k, v in data.items():
+        yield prefix + str(k)
+        if isinstance(v, dict):
+            yield from dotted_keys(v, prefix + str(k) + ".")
+
+
+def fit_defaults(cfg: Config, explicit: set[str]) -> list[str]:
+    """A default the user never set must not make the config invalid: shrink it to fit what the
+    user did set, and say so (a note line). Values the user set are left to validation."""
+    notes = []
+    max_len = cfg.data.max_length or cfg.train.seq_length // 2
+    if "data.max_prompt_length" not in explicit and cfg.data.max_prompt_length >= max_len >= 2:
+        default, cfg.data.max_prompt_length = cfg.data.max_prompt_length, max_len // 2
+        notes.append(f"note: data.max_prompt_length (default {default}) leaves no room for a response in "
+                     f"data.max_length={max_len}; using {cfg.data.max_prompt_length} (set it to choose)")
+    return notes
 
 
 # ---------------------------------------------------------------------------------------------

@@ -913,7 +913,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(prog: str = "aipo-mp plan") -> argparse.ArgumentParser:
     p = _Parser(prog=prog, description="Rank tensor/pipeline/data-parallel layouts by memory fit and estimated step time.")
-    p.add_argument("model_config", help="YAML with model.arch (configs/models/*.yaml) or model.path")
+    p.add_argument("model_config", help="YAML with model.arch (configs/models/*.yaml) or model.path, or an HF "
+                   "model directory")
     p.add_argument("--gpus", type=int, required=True, help="total number of GPUs")
     p.add_argument("--gpu", default="h100-80gb", help=f"one of {', '.join(GPUS)}")
     p.add_argument("--seq-length", type=int, default=2560, help="tokens per packed row (one pair)")
@@ -940,7 +941,13 @@ def run(args: argparse.Namespace) -> int:
     if args.reference_mode not in REFERENCE_MODES:
         raise PlanError(f"--reference-mode={args.reference_mode}: choose one of {', '.join(REFERENCE_MODES)}")
     get_gpu(args.gpu)
-    arch = resolve_arch(load_config(args.model_config))
+    source = Path(args.model_config)
+    if source.is_dir():  # an HF directory (config.json) or an aipo_mp checkpoint
+        from aipo_mp.models import arch_from_dir
+
+        arch = arch_from_dir(source)
+    else:
+        arch = resolve_arch(load_config(args.model_config))
     if arch.num_layers < 1 or arch.hidden_size < 1:
         raise PlanError(f"{args.model_config}: model.arch is incomplete (num_layers, hidden_size, ...)")
     rows = plan(arch, args.gpus, args.gpu, args.seq_length, args.global_batch_pairs, args.gpus_per_node,

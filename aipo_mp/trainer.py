@@ -10,6 +10,7 @@ loss of each row is scaled so that the gradient is that of the mean over the glo
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import time
@@ -19,9 +20,10 @@ from typing import Optional
 
 import torch
 
-from aipo_mp import objectives, optim, platform
+from aipo_mp import guards, objectives, optim, platform, resume, run_identity
 from aipo_mp.config import Config, ConfigError, ModelArch, dump_config, validate
-from aipo_mp.data.pairs import PackedRow, pack_pairs, read_pairs_jsonl, tokenize_pairs
+from aipo_mp.data import prepare
+from aipo_mp.data.pairs import PackedRow, pack_pairs
 from aipo_mp.engine import forward_only, model_forward
 from aipo_mp.io_utils import atomic_write_json, atomic_write_text
 from aipo_mp.logprobs import sequence_logprobs, token_logprobs
@@ -200,11 +202,15 @@ def checkpoint_root(cfg: Config) -> Path:
 
 
 def latest_checkpoint(cfg: Config) -> Optional[Path]:
+    """The newest complete checkpoint (see aipo_mp.resume)."""
+    found, _ = resume_candidates(cfg)
+    return found[0] if found else None
+
+
+def resume_candidates(cfg: Config) -> tuple[list[Path], list[str]]:
     pointer = checkpoint_root(cfg) / LATEST
-    if not pointer.exists():
-        return None
-    path = checkpoint_root(cfg) / pointer.read_text().strip()
-    return path if path.is_dir() else None
+    named = pointer.read_text().strip() if pointer.is_file() else None
+    return resume.candidates(checkpoint_root(cfg), named)
 
 
 def rng_state_name() -> str:
@@ -225,13 +231,23 @@ def save_checkpoint(state: "RunState", step: int) -> Path:
     rng_dir = path / "rng"
     rng_dir.mkdir(exist_ok=True)
     tmp = rng_dir / (rng_state_name() + ".tmp")
-    torch.save({"torch_rng": torch.get_rng_state()}, tmp)
+    try:
+        torch.save({"torch_rng": torch.get_rng_state()}, tmp)
+    except BaseException as e:
+        from aipo_mp.checkpoint import disk_is_full
+
+        full = isinstance(e, RuntimeError) and disk_is_full(rng_dir)  # torch reports a short write, not ENOSPC
+        tmp.unlink(missing_ok=True)  # no half-written file; the step gets no manifest, so no resume uses it
+        if full:
+            raise OSError(errno.ENOSPC, "No space left on device", str(rng_dir)) from e
+        raise
     tmp.replace(rng_dir / rng_state_name())
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
         atomic_write_json(path / "train_state.json", {"step": step, "layout": layout_dict(cfg),
                                                      "world_size": torch.distributed.get_world_size()})
         dump_config(cfg, path / "config.yaml")
+        resume.write_manifest(path)  # last before `latest`: a checkpoint with a manifest is complete
         atomic_write_text(checkpoint_root(cfg) / LATEST, path.name + "\n")
     torch.distributed.barrier()
     return path
@@ -295,26 +311,15 @@ def load_policy_weights(built: BuiltModel, path: str) -> None:
     if is_megatron_checkpoint(path):
         load_model(built, path)
     else:
-        load_hf_weights(built, HFWeights(path).get)
+        load_hf_weights(built, HFWeights(path, pickle_flag=None).get)  # train has no --allow-pickle
 
 
-def prepare_data(cfg: Config, tokenizer_dir: str):
-    from transformers import AutoTokenizer
+def prepare_data(cfg: Config, tokenizer_dir: str, vocab_size: Optional[int] = None):
+    """(pairs, stats, normalized records) of data.train (see aipo_mp.data.prepare)."""
+    from aipo_mp.hf_io import load_tokenizer
 
-    if not cfg.data.train:
-        raise ConfigError("data.train is not set; point it at a pairs JSONL file")
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=cfg.model.trust_remote_code)
-    records, stats = read_pairs_jsonl(cfg.data.train, on_error=cfg.data.on_error)
-    max_len = cfg.data.max_length or cfg.train.seq_length // 2
-    pairs = tokenize_pairs(records, tok, max_len, cfg.data.max_prompt_length, stats)
-    if not pairs and stats.dropped_too_long:
-        raise ConfigError(
-            f"data.train={cfg.data.train}: all {stats.dropped_too_long} pairs are longer than data.max_length={max_len} "
-            f"tokens per sequence (train.seq_length={cfg.train.seq_length}), and cutting them erases the difference "
-            "between chosen and rejected; raise train.seq_length (and data.max_length)")
-    if not pairs:
-        raise ConfigError(f"data.train={cfg.data.train}: no usable pairs after filtering ({stats.to_dict()})")
-    return pairs, stats
+    tok = load_tokenizer(tokenizer_dir, cfg.model.trust_remote_code)
+    return prepare.prepare_pairs(cfg, tok, vocab_size)
 
 
 def setup(cfg: Config) -> RunState:
@@ -327,7 +332,7 @@ def setup(cfg: Config) -> RunState:
     platform.seed_model_parallel_rng(cfg.train.seed)
     lay = Layout.current()
     tokenizer_dir = tokenizer_dir_of(cfg.model.path)
-    pairs, data_stats = prepare_data(cfg, tokenizer_dir)
+    pairs, data_stats, records = prepare_data(cfg, tokenizer_dir, arch.vocab_size)
     built = build_model(get_family(arch.family), arch, par, cfg.precision, cfg.train.recompute, initialize=False)
     load_policy_weights(built, cfg.model.path)
     objective = objectives.get_objective(cfg.objective.name)
@@ -337,7 +342,8 @@ def setup(cfg: Config) -> RunState:
     params = trainable_params(chunks)
     state = RunState(cfg, arch, built, chunks, optim.build_optimizer(chunks, cfg), params, pairs, None,
                      read_hf_config(cfg.model.path), tokenizer_dir, obj_params, lay, total)
-    state.stats["data"] = data_stats.to_dict()
+    state.stats["data"] = data_stats
+    state.stats["identity"] = run_identity.run_identity(cfg, records, obj_params)
     state.needs_reference = objective.needs_reference
     return state
 
@@ -350,14 +356,18 @@ def known_params(cfg: Config) -> dict:
 
 
 def compute_reference(state: RunState) -> torch.Tensor:
-    """Reference log-probs of every pair, saved beside the run so a resumed run reuses the
-    initial policy's numbers (mode initial) instead of recomputing them with trained weights."""
+    """Reference log-probs of every pair, saved beside the run (keyed by the data and weights they
+    come from) so a resumed run reuses them. Called before a checkpoint is loaded, so in mode
+    initial they always come from the initial weights."""
     cfg = state.cfg
     path = Path(cfg.output.dir) / "reference_logps.pt"
-    if path.exists():
-        table = torch.load(path, map_location="cpu", weights_only=True)
-        if table.shape == (len(state.pairs), 2):
-            return table
+    key = run_identity.reference_key(state.stats["identity"])
+    if path.exists():  # keyed by what it was computed from; an old unkeyed table is recomputed
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(saved, dict) and saved.get("key") == key and saved["table"].shape == (len(state.pairs), 2):
+            return saved["table"]
+        if isinstance(saved, torch.Tensor) and saved.shape == (len(state.pairs), 2):
+            return saved  # written before tables were keyed; the run identity check guards its data
     if cfg.reference.mode == "model":
         from aipo_mp.models import arch_from_dir
 
@@ -373,10 +383,11 @@ def compute_reference(state: RunState) -> torch.Tensor:
         del ref  # frees the reference before training
     else:
         table = reference_logps(state.built, state.pairs, cfg, state.layout)
+    guards.check_reference(table)  # NaN weights: stop before training on them
     if torch.distributed.get_rank() == 0:
         tmp = path.with_suffix(".tmp")
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(table, tmp)
+        torch.save({"key": key, "table": table}, tmp)
         tmp.replace(path)
     torch.distributed.barrier()
     return table
@@ -552,59 +563,136 @@ def stop_agreed(state: RunState) -> bool:
 def train(cfg: Config, stop: Optional[platform.StopSignal] = None) -> RunState:
     """Train on this rank; returns the run state (model; last metrics in state.stats["last"];
     state.stats["stopped"] when a signal ended the run early, progress saved)."""
+    from aipo_mp.locks import Lock
+
     stop = stop or platform.StopSignal().install()
     state = setup(cfg)
     state.stop = stop
+    lock = rank0_then_agree(lambda: Lock(cfg.output.dir, "aipo-mp train").acquire())
+    try:
+        claim_output_dir(state)
+        return run_loop(state)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def rank0_then_agree(fn):
+    """`fn()` on rank 0; a user error there is raised with the same message on every rank (no
+    rank is left waiting in a collective). Returns fn's result on rank 0, None elsewhere."""
     rank0 = torch.distributed.get_rank() == 0
-    out = Path(cfg.output.dir)
+    result, message = None, [None]
     if rank0:
+        try:
+            result = fn()
+        except ConfigError as e:
+            message = [str(e)]
+        except OSError as e:  # a read-only or full output directory
+            from aipo_mp.io_utils import disk_error_line
+
+            if disk_error_line(e) is None:
+                raise
+            message = [disk_error_line(e)]
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.broadcast_object_list(message, src=0, device=platform.device())
+    if message[0] is not None:
+        raise ConfigError(message[0].splitlines())
+    return result
+
+
+def claim_output_dir(state: RunState) -> None:
+    """Refuse a directory holding another run (before anything is written), then record this
+    run's identity, config and data report."""
+    cfg, out = state.cfg, Path(state.cfg.output.dir)
+    identity = state.stats["identity"]
+    fresh = run_identity.check_identity(out, identity)  # read-only: every rank raises alike
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            run_identity.record_identity(out, identity)
         dump_config(cfg, out / "config.yaml")
-    start = 0
-    resume = latest_checkpoint(cfg)
-    if resume is not None:
-        start = load_checkpoint(state, resume)
+        prepare.save_stats(state.stats["data"], out)
+        for line in prepare.report_lines(state.stats["data"], cfg) + list(getattr(cfg, "notes", [])):
+            print(line, flush=True)
+    torch.distributed.barrier()
+
+
+def resume_from_checkpoint(state: RunState) -> int:
+    """Load the newest complete checkpoint (falling back past damaged ones); the step it holds."""
+    rank0 = torch.distributed.get_rank() == 0
+    found, warnings = resume_candidates(state.cfg)
+    for path in found:
+        try:
+            start = load_checkpoint(state, path)
+        except ConfigError:
+            raise
+        except Exception as e:  # damaged contents the manifest cannot see (same size, bad bytes)
+            warnings.append(f"warning: checkpoint {path} does not load ({type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0][:200]}); falling back to an older one")
+            continue
         if rank0:
-            print(f"resuming from {resume} (step {start})", flush=True)
-    if state.needs_reference:
+            for line in warnings:
+                print(line, flush=True)
+            print(f"resuming from {path} (step {start})", flush=True)
+        return start
+    if rank0:
+        for line in warnings:
+            print(line, flush=True)
+    return 0
+
+
+def run_loop(state: RunState) -> RunState:
+    cfg, stop = state.cfg, state.stop
+    rank0 = torch.distributed.get_rank() == 0
+    if state.needs_reference:  # before resuming: the weights are still the initial policy's
         optim.sync_weights(state.chunks)
         state.ref_table = compute_reference(state).to(platform.device())  # indexed on the device per row
+    start = resume_from_checkpoint(state)
     log = MetricsLog(cfg, start, rank0)
     bar = progress_bar(rank0, state.total_steps, start)
     record, saved_at = {}, start
     state.stats["stopped"] = stop_agreed(state)  # a signal during set-up: nothing new to save
     clock = StepClock()
-    for step in range(start, state.total_steps if not state.stats["stopped"] else start):
-        with clock.timing("step"):
-            record = train_step(state, step)
-        log.write(record)
-        if bar:
-            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('rewards/accuracy', 0):.2f}")
-            bar.update(1)
-        done = step + 1
-        if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == state.total_steps:
-            with clock.timing("save"):
-                save_checkpoint(state, done)
-            saved_at = done
-            keep_newest_checkpoints(cfg, rank0)
-        if clock.out_of_time():  # the job ends before another step and a save would: save now
-            state.stop.requested = True
-        if stop_agreed(state):
-            if saved_at != done:
-                save_checkpoint(state, done)
+    try:
+        for step in range(start, state.total_steps if not state.stats["stopped"] else start):
+            with clock.timing("step"):
+                record = train_step(state, step)
+            # After the update but before anything is logged or saved: a non-finite step never reaches disk.
+            guards.check_step(step + 1, "the loss", record["loss"])
+            guards.check_step(step + 1, "the gradient norm", record["grad_norm"])
+            log.write(record)
+            if bar:
+                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('rewards/accuracy', 0):.2f}")
+                bar.update(1)
+            done = step + 1
+            if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == state.total_steps:
+                with clock.timing("save"):
+                    save_checkpoint(state, done)
+                saved_at = done
                 keep_newest_checkpoints(cfg, rank0)
-            state.stats["stopped"] = True
-            break
-    optim.sync_weights(state.chunks)  # state.built holds the trained weights for the caller
-    if bar:
-        bar.close()
-    log.close()
+            if clock.out_of_time():  # the job ends before another step and a save would: save now
+                state.stop.requested = True
+            if stop_agreed(state):
+                if saved_at != done:
+                    save_checkpoint(state, done)
+                    keep_newest_checkpoints(cfg, rank0)
+                state.stats["stopped"] = True
+                break
+        optim.sync_weights(state.chunks)  # state.built holds the trained weights for the caller
+    finally:
+        if bar:
+            bar.close()
+        log.close()
     if rank0 and state.stats["stopped"]:
         print(f"stopped by signal after step {record.get('step', start)}; progress saved. Rerun the same command "
               "to resume.", flush=True)
     elif rank0 and record:
         print(f"done: {record['step']} steps, loss {record['loss']:.4f}, "
               f"accuracy {record.get('rewards/accuracy', float('nan')):.3f}, checkpoint {checkpoint_root(cfg)}",
+              flush=True)
+    elif rank0 and start >= state.total_steps:
+        print(f"already complete: {start} of {state.total_steps} steps in {checkpoint_root(cfg)}; nothing to do",
               flush=True)
     if cfg.output.hf_dir and not state.stats["stopped"]:
         write_handoff(state)

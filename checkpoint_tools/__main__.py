@@ -29,6 +29,8 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+from aipo_mp.procs import die_with_parent
+
 
 def _load_package_body() -> None:
     """An editable install made before checkpoint_tools/__init__.py existed maps the package as a
@@ -44,6 +46,7 @@ def _load_package_body() -> None:
 _load_package_body()
 
 RUN_DIR_ENV = "CHECKPOINT_TOOLS_RUN_DIR"  # set by the parent for the workers it starts
+PARENT_PID_ENV = "CHECKPOINT_TOOLS_PARENT_PID"
 ROOT = Path(__file__).resolve().parents[1]
 EXIT_USER, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 1, 130
 
@@ -176,8 +179,10 @@ def spawn_ranks(world: int, argv: list[str], run_dir: Path) -> list[dict]:
         env.setdefault("OMP_NUM_THREADS", threads)
         log = open(run_dir / f"rank{rank}.log", "w")
         logs.append(log)
+        env[PARENT_PID_ENV] = str(os.getpid())
         procs.append(subprocess.Popen([sys.executable, "-m", "checkpoint_tools", *argv], env=env, stdout=log,
-                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True))
+                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                      preexec_fn=die_with_parent()))  # never outlive a killed parent
     failed: Optional[int] = None
     try:
         while True:
@@ -209,6 +214,14 @@ def spawn_ranks(world: int, argv: list[str], run_dir: Path) -> list[dict]:
     tail = (run_dir / f"rank{failed}.log").read_text()[-6000:]
     raise WorkerCrash(f"worker rank {failed} failed with exit code {procs[failed].returncode}; its output is above",
                       tail)
+
+
+def remove_run_dir_if_orphaned() -> None:
+    """A worker whose parent was killed (the parent-death signal) removes the shared temporary
+    directory the parent can no longer remove."""
+    run_dir, parent = os.environ.get(RUN_DIR_ENV), os.environ.get(PARENT_PID_ENV)
+    if run_dir and parent and os.getppid() != int(parent):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def stop_all(procs) -> None:
@@ -461,6 +474,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             megatron_log.setLevel(old_level)
 
 
+def output_lock(args):
+    """One conversion at a time per --out (aipo_mp.locks); a second one fails with one line."""
+    from aipo_mp.locks import hold_lock
+
+    out = getattr(args, "out", None)
+    return hold_lock(out, f"checkpoint_tools {args.cmd}") if out else contextlib.nullcontext()
+
+
 def _main(args, argv: list[str]) -> int:
     try:
         if os.environ.get(RUN_DIR_ENV):  # a worker started by spawn_ranks
@@ -468,12 +489,14 @@ def _main(args, argv: list[str]) -> int:
             if stats:
                 (Path(os.environ[RUN_DIR_ENV]) / "result.json").write_text(json.dumps(stats))
             return 0
-        return COMMANDS[args.cmd](args, argv)
+        with output_lock(args):
+            return COMMANDS[args.cmd](args, argv)
     except BrokenPipeError:  # stdout closed early (e.g. piped into `head`)
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_INTERNAL
     except (KeyboardInterrupt, Interrupted):
+        remove_run_dir_if_orphaned()
         print("error: interrupted; partial output removed", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     except WorkerCrash as e:

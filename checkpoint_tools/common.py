@@ -162,6 +162,9 @@ def check_layout(arch: ModelArch, tp: int, pp: int, vpp: int) -> None:
 
 def check_weight_files(directory: Path, allow_pickle: bool) -> None:
     """Refuse pickled weights (they can run code) before anything loads them."""
+    from aipo_mp.hf_io import check_index_files
+
+    check_index_files(directory)  # shards the index names must all be there
     if any(directory.glob("*.safetensors")):
         return
     if any(directory.glob("*.bin")) or any(directory.glob("*.pt")) or any(directory.glob("*.pth")):

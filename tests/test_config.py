@@ -25,6 +25,14 @@ BAD = [
     (["precision.dtype=fp16"], "precision.dtype='fp16': choose one of fp32, bf16", None),
     (["objective.name=dpoo"], "unknown objective 'dpoo'", None),
     (["objective.name=dpo", "objective.bogus=1"], "bogus", None),
+    # NaN fails every range check, so it used to pass (and a NaN clip_grad disabled clipping)
+    (["train.lr=nan"], "train.lr=nan: must be a finite number", None),
+    (["train.clip_grad=nan"], "train.clip_grad=nan: must be a finite number", None),
+    (["train.lr=.inf"], "train.lr=inf: must be a finite number", None),
+    (["sampling.temperature=.nan"], "sampling.temperature=nan: must be a finite number", None),
+    (["data.warn_truncated_share=-.inf"], "data.warn_truncated_share=-inf", None),
+    (["objective.beta=.nan"], "beta must be finite", None),
+    (["train.seq_length=64", "data.max_prompt_length=512"], "data.max_prompt_length=512 leaves no room", None),
 ]
 
 
@@ -109,3 +117,48 @@ def test_recipes_validate_at_their_world_size(recipe):
     cfg.model.path = None
     assert cfg.model.arch is not None
     validate(cfg, world_size=cfg.cluster.nodes * cfg.cluster.nproc_per_node)
+
+
+def test_a_default_shrinks_to_fit_with_a_note(capsys):
+    """train.seq_length=64 alone used to be refused: the default data.max_prompt_length=512 left
+    no room for a response. A value the user set is still refused (see BAD)."""
+    code, out, err = run_check(["train.seq_length=64"], None, capsys)
+    assert code == 0, err
+    assert "note: data.max_prompt_length (default 512)" in err and "using 16" in err
+    assert load_config(TINY, ["train.seq_length=64"]).data.max_prompt_length == 16
+    assert load_config(TINY).data.max_prompt_length == 512  # fits the default seq_length: untouched
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    import shutil
+
+    from aipo_mp.models.hf_build import save_hf_model
+    from aipo_mp.synthetic import marker_pairs, write_jsonl
+    from aipo_mp.tiny import build_tiny_tokenizer
+    from tests.conftest import tiny_arch
+
+    base = tmp_path_factory.mktemp("check_data")
+    tok = build_tiny_tokenizer(base / "tok", vocab_size=512)
+    model = save_hf_model(tiny_arch("llama"), base / "llama", seed=3, tokenizer_dir=tok)
+    bare = base / "no_tokenizer"
+    shutil.copytree(model, bare, ignore=shutil.ignore_patterns("tokenizer*", "*.jinja", "special_tokens_map.json"))
+    return {"model": model, "bare": bare, "pairs": write_jsonl(marker_pairs(10, seed=1), base / "pairs.jsonl")}
+
+
+def test_check_reads_the_data_and_prints_the_counts(model_dirs, capsys):
+    code, out, err = run_check([f"model.path={model_dirs['model']}", f"data.train={model_dirs['pairs']}",
+                                "train.seq_length=256", "train.global_batch_pairs=4"], None, capsys)
+    assert code == 0, err
+    assert "data: 10 rows read (jsonl), 10 pairs kept" in out
+    assert "would train on 10 pairs: 2 steps of 4 pairs" in out
+
+
+def test_check_refuses_bad_data_and_a_missing_tokenizer(model_dirs, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": [], "rejected": "c"}\n')
+    for model, data, needle in ((model_dirs["model"], bad, "bad.jsonl:2: field 'chosen' is an empty message list"),
+                                (model_dirs["bare"], model_dirs["pairs"], "has no tokenizer files")):
+        code, _out, err = run_check([f"model.path={model}", f"data.train={data}"], None, capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and needle in lines[0], err

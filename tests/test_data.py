@@ -125,7 +125,7 @@ def test_as_token_list_normalises_every_return_shape():
 @pytest.mark.parametrize("bad_line, expected", [
     ('{"prompt": "a", "chosen": "b" "rejected": "c"}', "not valid JSON"),
     ('{"prompt": "a", "chosen": "b"}', "missing field 'rejected'"),
-    ('{"prompt": "a", "chosen": 3, "rejected": "c"}', "field 'chosen' must be a string, got number"),
+    ('{"prompt": "a", "chosen": 3, "rejected": "c"}', "field 'chosen' must be a string or a list of messages, got number"),
     ('["a", "b", "c"]', "expected a JSON object"),
     ('{"prompt": [{"role": "user"}], "chosen": "b", "rejected": "c"}', "prompt message 0"),
     ('{"prompt": [], "chosen": "b", "rejected": "c"}', "empty message list"),
@@ -291,8 +291,13 @@ def test_read_tokenize_pack_end_to_end(tmp_path, tok):
     read, stats = read_pairs_jsonl(path)
     pairs = tokenize_pairs(read, tok, 128, 32, stats)
     rows = pack_pairs(pairs, 256, pad_id=tok.pad_token_id)
-    assert stats.to_dict() == {"read": 3, "kept": 3, "skipped_malformed": 0, "dropped_identical": 0,
-                               "dropped_empty": 0, "truncated": 1, "dropped_too_long": 0}
+    counts = {k: v for k, v in stats.to_dict().items() if k not in ("prompt_tokens_cut", "first_skip_reason")}
+    assert counts == {"read": 3, "kept": 3, "skipped_malformed": 0, "dropped_identical": 0, "dropped_empty": 0,
+                      "truncated": 1, "dropped_too_long": 0, "truncated_prompt": 1, "truncated_response": 0,
+                      "response_tokens_cut": 0, "format": "jsonl"}
+    long_prompt = len(tok(LONG_TEXT).input_ids)
+    kept_prompt = max(32, 128 - max(len(pairs[2].chosen), len(pairs[2].rejected)))
+    assert len(pairs[2].prompt) == kept_prompt and stats.prompt_tokens_cut == long_prompt - kept_prompt
     for row in rows:
         check_row_invariants(row, {p.index: p for p in pairs}, 256)
     row = next(r for r in rows if 0 in r.pair_indices.tolist())
@@ -314,3 +319,155 @@ def test_packing_utilization_on_chat_like_lengths():
     print(f"\nutilization, 3000 chat-like pairs, seq_length {seq_length}: packed {packed:.4f} "
           f"({len(rows)} rows), padded {padded:.4f} ({2 * len(pairs)} rows)")
     assert packed >= 0.95 and packed > padded
+
+
+# ---------------------------------------------------------------------------------------------
+# Formats and schemas users have (aipo_mp.data.readers, normalize_pair)
+# ---------------------------------------------------------------------------------------------
+
+USER = [{"role": "user", "content": "What is 2 + 2?"}]
+OURS = {"prompt": USER, "chosen": "Four.", "rejected": "Five."}
+
+
+def answer(text):
+    return [{"role": "assistant", "content": text}]
+
+
+SCHEMAS = [  # (name, row, data.fields) -> all normalize to OURS
+    ("ours", OURS, None),
+    ("trl conversational explicit prompt", {"prompt": USER, "chosen": answer("Four."), "rejected": answer("Five.")}, None),
+    ("trl conversational implicit prompt", {"chosen": USER + answer("Four."), "rejected": USER + answer("Five.")}, None),
+    ("explicit prompt repeated in the conversations",
+     {"prompt": USER, "chosen": USER + answer("Four."), "rejected": USER + answer("Five.")}, None),
+    ("ultrafeedback-binarized style", {"prompt": "What is 2 + 2?", "chosen": USER + answer("Four."),
+                                       "rejected": USER + answer("Five."), "score_chosen": 9.0}, None),
+    ("data.fields mapping", {"question": USER, "response_j": "Four.", "response_k": "Five."},
+     {"prompt": "question", "chosen": "response_j", "rejected": "response_k"}),
+]
+
+
+@pytest.mark.parametrize("name,row,fields", SCHEMAS, ids=[s[0] for s in SCHEMAS])
+def test_every_schema_gives_the_same_pair(name, row, fields):
+    from aipo_mp.data.pairs import field_names, normalize_pair
+
+    got = normalize_pair(row, field_names(fields))
+    assert {k: got[k] for k in ("prompt", "chosen", "rejected")} == OURS
+
+
+def test_trl_standard_implicit_prompt_splits_like_trl():
+    from aipo_mp.data.pairs import normalize_pair
+
+    got = normalize_pair({"chosen": "The sky is blue.", "rejected": "The sky is green."})
+    assert got == {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}
+
+
+BAD_ROWS = [
+    ({"prompt": "Something else", "chosen": USER + answer("a"), "rejected": USER + answer("b")},
+     "'chosen' is a list of messages but 'prompt' is a string that is not their shared user turn"),
+    ({"prompt": "x", "chosen": answer("a"), "rejected": "b"}, "'chosen' is a list of messages but 'rejected' is string"),
+    ({"chosen": [{"role": "user", "content": "p"}] + answer("a"), "rejected": [{"role": "user", "content": "q"}]
+      + answer("b")}, "share no leading messages"),
+    ({"chosen": USER + answer("a") + USER, "rejected": USER + answer("b")}, "expected exactly one assistant message"),
+    ({"chosen": "abc", "rejected": "xyz"}, "share no leading text"),
+    ({"chosen": USER + [{"role": "assistant"}], "rejected": USER + answer("b")}, "'chosen' message 1 must be"),
+    ({"question": "q", "chosen": "a"}, "missing field 'rejected' (keys present: chosen, question)"),
+]
+
+
+@pytest.mark.parametrize("row,message", BAD_ROWS, ids=[m[:30] for _, m in BAD_ROWS])
+def test_schema_problems_are_named(tmp_path, row, message):
+    path = write_lines(tmp_path / "pairs.jsonl", [OURS, row])
+    with pytest.raises(DataError) as info:
+        read_pairs_jsonl(path)
+    text = str(info.value)
+    assert text.startswith(f"{path}:2: ") and message in text and "\n" not in text, text
+    assert "data.fields" in text  # the fix for other key names is named
+
+
+def test_unknown_data_fields_key_is_refused(tmp_path):
+    from aipo_mp.data.pairs import read_pairs
+
+    with pytest.raises(DataError, match="data.fields: unknown field"):
+        read_pairs(write_lines(tmp_path / "p.jsonl", [OURS]), fields={"answer": "x"})
+
+
+def test_file_formats_read_the_same_pairs(tmp_path):
+    """JSONL, .jsonl.gz, Parquet (also misnamed .jsonl), a directory of Parquet files and a
+    datasets.save_to_disk directory all give the same records; stats name the format."""
+    import gzip
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from aipo_mp.data.pairs import read_pairs
+
+    rows = [dict(OURS, id=i, chosen=f"Four {i}.") for i in range(5)]
+    jsonl = write_lines(tmp_path / "p.jsonl", rows)
+    gz = tmp_path / "p.jsonl.gz"
+    gz.write_bytes(gzip.compress(jsonl.read_bytes()))
+    parquet = tmp_path / "p.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    misnamed = tmp_path / "really_parquet.jsonl"
+    misnamed.write_bytes(parquet.read_bytes())
+    pdir = tmp_path / "pdir"
+    pdir.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows[:2]), pdir / "part-0.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[2:]), pdir / "part-1.parquet")
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list(rows).save_to_disk(str(saved))
+    expected, _ = read_pairs(jsonl)
+    for path, fmt in ((gz, "jsonl.gz"), (parquet, "parquet"), (misnamed, "parquet"), (pdir, "parquet-dir"),
+                      (saved, "save_to_disk")):
+        got, stats = read_pairs(path)
+        assert got == expected and stats.format == fmt, path
+
+
+def test_damaged_files_are_one_line(tmp_path):
+    from aipo_mp.data.pairs import read_pairs
+
+    gz = tmp_path / "cut.jsonl.gz"
+    import gzip
+
+    gz.write_bytes(gzip.compress(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n' * 50)[:40])
+    cut_parquet = tmp_path / "cut.parquet"
+    cut_parquet.write_bytes(b"PAR1" + b"\0" * 20)
+    empty_dir = tmp_path / "nothing"
+    empty_dir.mkdir()
+    for path, needle in ((gz, "cannot be read as gzip-compressed JSONL"), (cut_parquet, "not a readable Parquet file"),
+                         (empty_dir, "directory without Parquet files"), (tmp_path / "missing.jsonl", "file not found")):
+        with pytest.raises(DataError) as info:
+            read_pairs(path)
+        assert needle in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_skip_mode_names_the_first_problem_when_nothing_is_left(tmp_path):
+    path = write_lines(tmp_path / "p.jsonl", [{"question": "q", "answer": "a"}] * 3)
+    with pytest.raises(DataError) as info:
+        read_pairs_jsonl(path, on_error="skip")
+    assert "first problem" in str(info.value) and "missing field 'chosen'" in str(info.value)
+    assert "data.fields" in str(info.value)
+
+
+def test_prompts_read_from_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from aipo_mp.rounds.sampling import read_prompts
+
+    path = tmp_path / "prompts.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "Hello", "answer": "4"}, {"prompt": "Bye", "answer": "5"}]), path)
+    assert read_prompts(path) == [{"id": 0, "prompt": "Hello", "meta": {"answer": "4"}},
+                                  {"id": 1, "prompt": "Bye", "meta": {"answer": "5"}}]
+
+
+def test_truncation_is_counted_and_warned(tok):
+    records = [pair(prompt=LONG_TEXT), pair(chosen=LONG_TEXT, rejected=LONG_TEXT + " no"), pair()]
+    pairs, stats = tokenize(records, tok, max_length=48, max_prompt_length=16)
+    stats.read = 3
+    assert stats.truncated == 2 and stats.truncated_prompt == 1 and stats.truncated_response == 1
+    assert stats.dropped_too_long == 1  # the second pair differed only past the cut
+    assert stats.prompt_tokens_cut > 0 and stats.response_tokens_cut > 0
+    assert "truncated 2 (prompt 1 pairs" in stats.summary()
+    assert stats.truncation_warning(0.5) and "2 of 3 pairs (67%)" in stats.truncation_warning(0.5)
+    assert stats.truncation_warning(0.7) is None

@@ -467,7 +467,7 @@ def test_sbatch_two_nodes_places_stages_resumes_unfinished_shards_and_locks(slur
     second = wait_for_job(slurm_cluster, r2.stdout.strip().split(";")[0], 120, second_out)
     assert second["JobState"] == "FAILED" and second["ExitCode"] == "2:0", (second, read(second_out))
     lock_lines = [l for l in read(second_out).splitlines() if l.startswith("error: ")]
-    assert len(lock_lines) == 1 and "is in use by aipo-mp run" in lock_lines[0] and f"Slurm job {job}" in lock_lines[0]
+    assert len(lock_lines) == 1 and "is in use by `aipo-mp run`" in lock_lines[0] and f"Slurm job {job}" in lock_lines[0]
 
     info = wait_for_job(slurm_cluster, job, 400, out)
     log = read(out)
@@ -512,19 +512,18 @@ def test_directory_lock_umask_retention_and_time_left(tmp_path):
     the newest and the one `latest` names; TimeGuard trips when a step and a save no longer fit."""
     from aipo_mp.checkpoint import prune_checkpoints
     from aipo_mp.io_utils import atomic_directory, atomic_write_text
-    from aipo_mp.locks import DirectoryLock, DirectoryLocked
+    from aipo_mp.locks import Lock, hold_lock
     from aipo_mp.timeleft import TimeGuard
 
     run_dir = tmp_path / "run"
-    with DirectoryLock(run_dir, "aipo-mp run"):
-        with pytest.raises(DirectoryLocked) as e:
-            DirectoryLock(run_dir, "aipo-mp run").acquire()
-        assert len(e.value.errors) == 1 and f"is in use by aipo-mp run (pid {os.getpid()}" in e.value.errors[0]
-        holder = subprocess.run([sys.executable, "-c", "from aipo_mp.locks import DirectoryLock; import sys; "
-                                 f"DirectoryLock({str(run_dir)!r}, 'x').acquire()"], capture_output=True, text=True,
-                                env=dict(os.environ, PYTHONPATH=str(ROOT)))
-        assert holder.returncode != 0 and "DirectoryLocked" in holder.stderr
-    DirectoryLock(run_dir, "again").acquire().release()  # released: free again
+    with hold_lock(run_dir, "aipo-mp run"):
+        env = {k: v for k, v in os.environ.items() if k != "AIPO_MP_LOCKED_DIRS"}  # not a child of the holder
+        holder = subprocess.run([sys.executable, "-c", "from aipo_mp.locks import Lock; "
+                                 f"Lock({str(run_dir)!r}, 'x').acquire()"], capture_output=True, text=True,
+                                env=dict(env, PYTHONPATH=str(ROOT)))
+        assert holder.returncode != 0 and "LockHeld" in holder.stderr
+        assert f"is in use by `aipo-mp run` (pid {os.getpid()}" in holder.stderr
+    Lock(run_dir, "again").acquire().release()  # released: free again
 
     old = os.umask(0o027)
     try:

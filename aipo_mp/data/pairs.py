@@ -48,16 +48,44 @@ class TokenizedPair:
 
 @dataclass
 class DataStats:
-    read: int = 0  # non-blank lines
-    kept: int = 0  # pairs left after every filter (after read_pairs_jsonl: well-formed records)
+    read: int = 0  # rows (non-blank lines)
+    kept: int = 0  # pairs left after every filter (after read_pairs: well-formed records)
     skipped_malformed: int = 0  # on_error=skip only
     dropped_identical: int = 0  # chosen and rejected are the same text or the same tokens
     dropped_empty: int = 0  # a whitespace-only response, or a prompt with no tokens
     truncated: int = 0  # pairs shortened to fit data.max_length
     dropped_too_long: int = 0  # truncation cut away every difference between chosen and rejected
+    truncated_prompt: int = 0  # pairs whose prompt lost tokens (from the left)
+    prompt_tokens_cut: int = 0
+    truncated_response: int = 0  # pairs whose chosen or rejected lost tokens (from the right)
+    response_tokens_cut: int = 0  # chosen and rejected together
+    format: str = ""  # jsonl, jsonl.gz, parquet, parquet-dir, save_to_disk
+    first_skip_reason: str = ""  # where and why the first malformed row was skipped
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def dropped(self) -> int:
+        return self.skipped_malformed + self.dropped_identical + self.dropped_empty + self.dropped_too_long
+
+    def summary(self) -> str:
+        """One line for people: what was read, dropped (by reason) and cut."""
+        return (f"data: {self.read} rows read ({self.format or 'records'}), {self.kept} pairs kept; dropped "
+                f"{self.dropped()} (malformed {self.skipped_malformed}, identical {self.dropped_identical}, empty "
+                f"{self.dropped_empty}, no difference left after truncation {self.dropped_too_long}); truncated "
+                f"{self.truncated} (prompt {self.truncated_prompt} pairs, -{self.prompt_tokens_cut} tokens; "
+                f"responses {self.truncated_response} pairs, -{self.response_tokens_cut} tokens)")
+
+    def truncation_warning(self, max_share: float) -> str | None:
+        """A warning line when more than `max_share` of the pairs read were cut or dropped for length."""
+        if not self.read:
+            return None
+        share = (self.truncated) / self.read
+        if share <= max_share:
+            return None
+        return (f"warning: {self.truncated} of {self.read} pairs ({share:.0%}) were truncated to fit data.max_length"
+                f"/data.max_prompt_length ({self.dropped_too_long} of them dropped as no difference was left); "
+                f"raise train.seq_length or data.max_length, or set data.warn_truncated_share to silence this")
 
 
 @dataclass
@@ -80,72 +108,193 @@ class PackedRow:
 
 
 class MalformedLine(ValueError):
-    """What is wrong with one line; read_pairs_jsonl adds the file, line number and fix."""
+    """What is wrong with one row; read_pairs adds the file, line number and fix."""
 
 
-def read_pairs_jsonl(path: str | Path, on_error: str = "error") -> tuple[list[dict], DataStats]:
-    """Well-formed records of a pairs JSONL file. Blank lines are ignored. A malformed line raises
-    DataError, or with on_error="skip" is skipped and counted. A file with no usable pair raises."""
+FORMATS_HINT = ("each row needs prompt + chosen + rejected (strings or chat messages), or TRL's conversational "
+                "chosen/rejected message lists; other key names: set data.fields")
+
+
+def read_pairs(path: str | Path, on_error: str = "error", fields: Mapping | None = None) -> tuple[list[dict], DataStats]:
+    """Well-formed pairs {prompt, chosen, rejected} of a local dataset (JSONL, .jsonl.gz, Parquet,
+    datasets.save_to_disk; see aipo_mp.data.readers) in any accepted schema (see normalize_pair).
+    A malformed row raises DataError, or with on_error="skip" is skipped and counted. A file with
+    no usable pair raises."""
+    from aipo_mp.data.readers import BadRow, DataFormatError, read_rows
+
     if on_error not in ON_ERROR_MODES:
         raise DataError(f"data.on_error={on_error!r}: expected one of {', '.join(ON_ERROR_MODES)}")
-    path = Path(path)
-    check_readable_file(path)
+    keys = field_names(fields)
     records, stats = [], DataStats()
-    with open(path, "rb") as f:  # bytes, so bad UTF-8 is reported with its line number
-        for line_number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
+    try:
+        stats.format, rows = read_rows(path)
+        for where, _, row in rows:
             stats.read += 1
             try:
-                records.append(parse_pair_line(raw))
+                if isinstance(row, BadRow):
+                    raise MalformedLine(row.problem)
+                records.append(normalize_pair(row, keys))
             except MalformedLine as problem:
                 if on_error == "error":
-                    raise DataError(f"{path}:{line_number}: {problem}; fix the line or set data.on_error=skip") from None
+                    raise DataError(f"{where}: {problem}; fix the row, map other key names with data.fields, "
+                                    "or set data.on_error=skip to drop such rows") from None
                 stats.skipped_malformed += 1
+                stats.first_skip_reason = stats.first_skip_reason or f"{where}: {problem}"
+    except DataFormatError as e:
+        raise DataError(str(e)) from None
     if not records:
-        raise DataError(f"{path}: contains no usable pairs ({stats.read} non-blank lines, {stats.skipped_malformed} "
-                        "malformed); each line needs a JSON object with prompt, chosen and rejected")
+        detail = f"; first problem: {stats.first_skip_reason}" if stats.first_skip_reason else ""
+        raise DataError(f"{path}: contains no usable pairs ({stats.read} rows, {stats.skipped_malformed} "
+                        f"malformed){detail}; {FORMATS_HINT}")
     stats.kept = len(records)
     return records, stats
 
 
-def check_readable_file(path: Path) -> None:
-    if path.is_dir():
-        raise DataError(f"data.train: {path} is a directory; point data.train at a pairs JSONL file")
-    if not path.exists():
-        raise DataError(f"data.train: file not found: {path}; check the path (relative paths start at the "
-                        "working directory)")
+def read_pairs_jsonl(path: str | Path, on_error: str = "error", fields: Mapping | None = None):
+    """Kept for callers written before other formats were accepted (reads every format)."""
+    return read_pairs(path, on_error, fields)
 
 
-def parse_pair_line(raw: bytes) -> dict:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise MalformedLine(f"not valid UTF-8 (byte {e.start})") from None
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise MalformedLine(f"not valid JSON ({e.msg} at column {e.colno})") from None
+def field_names(fields: Mapping | None) -> dict:
+    """data.fields: {prompt: KEY, chosen: KEY, rejected: KEY} (any subset) -> the key of each field."""
+    fields = dict(fields or {})
+    unknown = sorted(set(fields) - set(PAIR_FIELDS))
+    if unknown:
+        raise DataError(f"data.fields: unknown field(s) {', '.join(unknown)}; map prompt, chosen and rejected, "
+                        "e.g. data.fields.chosen=response_j")
+    for name, key in fields.items():
+        if not isinstance(key, str) or not key:
+            raise DataError(f"data.fields.{name}={key!r}: must be the name of a key in the rows")
+    return {name: fields.get(name, name) for name in PAIR_FIELDS}
+
+
+def normalize_pair(record, keys: Mapping = None) -> dict:
+    """{prompt, chosen, rejected} from a row in one of the accepted schemas:
+
+    * ours and TRL's standard format: prompt (string or chat messages), chosen and rejected strings;
+    * TRL's standard implicit prompt: chosen and rejected strings only, the shared leading text is
+      the prompt (as TRL's extract_prompt does);
+    * TRL's conversational format: chosen and rejected are message lists ending in one assistant
+      message; an explicit prompt is a message list, or absent (implicit prompt: the messages both
+      share are the prompt). UltraFeedback-binarized rows (a string prompt repeated as the user
+      turn of both conversations) are accepted too.
+    Responses become the assistant message's text, so one pair gives the same tokens whatever its
+    schema."""
+    keys = keys or {f: f for f in PAIR_FIELDS}
     if not isinstance(record, dict):
         raise MalformedLine(f"expected a JSON object with prompt, chosen and rejected, got {json_type(record)}")
-    for field in PAIR_FIELDS:
-        if field not in record:
-            raise MalformedLine(f"missing field '{field}' (every line needs prompt, chosen and rejected)")
+    other = {k: v for k, v in record.items() if k not in keys.values()}  # kept beside the pair (e.g. an id)
+    return {**other, **pair_fields(record, keys)}
+
+
+def pair_fields(record: dict, keys: Mapping) -> dict:
     for field in ("chosen", "rejected"):
-        if not isinstance(record[field], str):
-            raise MalformedLine(f"field '{field}' must be a string, got {json_type(record[field])}")
-    check_prompt(record["prompt"])
-    return record
+        if keys[field] not in record or record[keys[field]] is None:
+            have = ", ".join(sorted(record)[:8])
+            raise MalformedLine(f"missing field '{keys[field]}' (keys present: {have})")
+    chosen, rejected = record[keys["chosen"]], record[keys["rejected"]]
+    prompt = record.get(keys["prompt"])
+    if isinstance(chosen, list) or isinstance(rejected, list):
+        return conversational_pair(prompt, chosen, rejected, keys)
+    for field, value in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(value, str):
+            raise MalformedLine(f"field '{keys[field]}' must be a string or a list of messages, got {json_type(value)}")
+    if prompt is None:
+        return implicit_text_pair(chosen, rejected, keys)
+    check_prompt(prompt, keys["prompt"])
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
-def check_prompt(prompt) -> None:
+def implicit_text_pair(chosen: str, rejected: str, keys: Mapping) -> dict:
+    """TRL's rule: the longest common prefix, a separating space left with the responses."""
+    n = 0
+    limit = min(len(chosen), len(rejected))
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    if n and n < limit and chosen[n - 1] == " ":
+        n -= 1
+    if n == 0 or not chosen[:n].strip():
+        raise MalformedLine(f"no field '{keys['prompt']}', and '{keys['chosen']}' and '{keys['rejected']}' share no "
+                            "leading text to use as the prompt; add the prompt (or map its key with data.fields.prompt)")
+    return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
+
+
+def conversational_pair(prompt, chosen, rejected, keys: Mapping) -> dict:
+    for field, value in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(value, list):
+            other = "rejected" if field == "chosen" else "chosen"
+            raise MalformedLine(f"'{keys[other]}' is a list of messages but '{keys[field]}' is {json_type(value)}; "
+                                "give both as message lists or both as strings")
+        check_messages(value, keys[field])
+    if isinstance(prompt, list):
+        check_messages(prompt, keys["prompt"])
+        prefix = prompt
+        chosen, rejected = strip_prefix(prompt, chosen), strip_prefix(prompt, rejected)
+    else:
+        prefix = shared_prefix(chosen, rejected)
+        if not prefix:
+            raise MalformedLine(f"'{keys['chosen']}' and '{keys['rejected']}' are message lists that share no leading "
+                                f"messages, and '{keys['prompt']}' is not a message list; give the prompt as a list of "
+                                "{role, content} messages, or start both conversations with it")
+        if isinstance(prompt, str) and not prompt_is_user_turn(prompt, prefix):
+            raise MalformedLine(f"'{keys['chosen']}' is a list of messages but '{keys['prompt']}' is a string that is "
+                                "not their shared user turn; give the prompt as a message list, or drop it so the "
+                                "shared messages are the prompt")
+        if prompt is not None and not isinstance(prompt, str):
+            raise MalformedLine(f"field '{keys['prompt']}' must be a list of messages (or absent), got {json_type(prompt)}")
+        chosen, rejected = chosen[len(prefix):], rejected[len(prefix):]
+    return {"prompt": prefix, "chosen": assistant_text(chosen, keys["chosen"]),
+            "rejected": assistant_text(rejected, keys["rejected"])}
+
+
+def check_messages(messages: list, field: str) -> None:
+    if not messages:
+        raise MalformedLine(f"field '{field}' is an empty message list")
+    for i, message in enumerate(messages):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise MalformedLine(f"'{field}' message {i} must be an object with string 'role' and 'content'")
+
+
+def plain_messages(messages: list) -> list[dict]:
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def shared_prefix(a: list, b: list) -> list[dict]:
+    n = 0
+    while n < min(len(a), len(b)) and plain_messages([a[n]]) == plain_messages([b[n]]):
+        n += 1
+    return plain_messages(a[:n])
+
+
+def strip_prefix(prompt: list, conversation: list) -> list:
+    """Explicit prompt: chosen holds only the answer, or repeats the prompt first (both occur)."""
+    if plain_messages(conversation[:len(prompt)]) == plain_messages(prompt) and len(conversation) > len(prompt):
+        return conversation[len(prompt):]
+    return conversation
+
+
+def prompt_is_user_turn(prompt: str, prefix: list[dict]) -> bool:
+    users = [m["content"] for m in prefix if m["role"] == "user"]
+    return bool(users) and users[-1].strip() == prompt.strip()
+
+
+def assistant_text(rest: list, field: str) -> str:
+    if len(rest) != 1 or rest[0]["role"] != "assistant":
+        roles = ", ".join(m["role"] for m in rest) or "nothing"
+        raise MalformedLine(f"'{field}' continues after the prompt with {roles}; expected exactly one assistant "
+                            "message (multi-turn answers are not supported)")
+    return rest[0]["content"]
+
+
+def check_prompt(prompt, field: str = "prompt") -> None:
     if isinstance(prompt, str):
         return
     if not isinstance(prompt, list):
-        raise MalformedLine(f"field 'prompt' must be a string or a list of {{role, content}} messages, "
+        raise MalformedLine(f"field '{field}' must be a string or a list of {{role, content}} messages, "
                             f"got {json_type(prompt)}")
     if not prompt:
-        raise MalformedLine("field 'prompt' is an empty message list")
+        raise MalformedLine(f"field '{field}' is an empty message list")
     for i, message in enumerate(prompt):
         if not (isinstance(message, dict) and isinstance(message.get("role"), str)
                 and isinstance(message.get("content"), str)):
@@ -258,6 +407,12 @@ def fit_pair(position: int, prompt: list[int], chosen: list[int], rejected: list
     if cut == (prompt, chosen, rejected):
         return cut
     stats.truncated += 1
+    prompt_cut = len(prompt) - len(cut[0])
+    response_cut = len(chosen) + len(rejected) - len(cut[1]) - len(cut[2])
+    stats.truncated_prompt += prompt_cut > 0
+    stats.prompt_tokens_cut += prompt_cut
+    stats.truncated_response += response_cut > 0
+    stats.response_tokens_cut += response_cut
     if cut[1] == cut[2]:  # they only differed beyond max_length: no signal left
         stats.dropped_too_long += 1
         return None

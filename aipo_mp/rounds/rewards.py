@@ -28,6 +28,7 @@ import importlib.util
 import inspect
 import json
 import math
+import numbers
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -49,10 +50,11 @@ def where(record: dict) -> str:
 
 
 def finite_score(value, record: dict, source: str, fix: str) -> float:
-    try:
-        score = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{source} returned {value!r} (not a number) for {where(record)}; {fix}") from None
+    """A score is a finite real number, not a bool or a numeric string: the same rule the pairs
+    stage applies to scored.jsonl, so whatever the reward stage writes the pairs stage accepts."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{source} returned {value!r} (not a number) for {where(record)}; {fix}")
+    score = float(value)
     if not math.isfinite(score):
         raise ConfigError(f"{source} returned a non-finite score ({score}) for {where(record)}; {fix}")
     return score
@@ -83,6 +85,25 @@ def load_rule(rule: str) -> Callable:
     if not callable(function):
         raise ConfigError(f"reward rule {rule!r}: {module_name} has no function {function_name}")
     return function
+
+
+def check_rule(rule: str) -> list[str]:
+    """Import the rule and check it can be called as rule(prompt, response): `aipo-mp run` calls
+    this before any stage, so a typo does not surface only after sampling."""
+    try:
+        function = load_rule(rule)
+    except ConfigError as e:
+        return e.errors
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return []  # a builtin without a signature: trust it
+    try:
+        signature.bind("prompt", "response")
+    except TypeError as e:
+        return [f"reward rule {rule!r} cannot be called as {function.__name__}(prompt, response) ({e}); it must take "
+                "the prompt and the response text (and optionally meta=)"]
+    return []
 
 
 def takes_meta(function: Callable) -> bool:

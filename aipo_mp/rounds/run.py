@@ -17,7 +17,7 @@ Layout of RUN_DIR:
   logs/STAGE.log              the launcher's lines and srun's messages of one stage
   logs/STAGE/rank<K>.log      every task's stdout and stderr
   report/                     report.md, report.json, *.png
-  .aipo.lock                  held while `aipo-mp run` runs (a second one on RUN_DIR fails at once)
+  ../.RUN_DIR.lock             held while `aipo-mp run` runs (a second one on RUN_DIR fails at once)
 
 Placement (aipo_mp/rounds/placement.py): each stage declares its tasks, nodes, tasks per node and
 GPUs per task; the engine stages (sample, reward, kl) run one task per engine, each on its shard.
@@ -337,6 +337,10 @@ def check_recipe(cfg: Config) -> None:
             errors += [f"rounds.prompts: {line}" for line in e.errors]
     if bool(cfg.reward.rule) == bool(cfg.reward.model):
         errors.append("reward: set exactly one of reward.rule (module:function) or reward.model (a classifier dir)")
+    elif cfg.reward.rule:
+        from aipo_mp.rounds.rewards import check_rule
+
+        errors += check_rule(cfg.reward.rule)  # import and signature, before any stage runs
     if cfg.rounds.num_rounds < 1:
         errors.append(f"rounds.num_rounds={cfg.rounds.num_rounds}: must be >= 1")
     if errors:
@@ -358,11 +362,11 @@ def check_layout(cfg: Config, world_size: int, plan: bool = False) -> None:
 def run_rounds(cfg: Config, launcher_kind: str, world_size: int) -> int:
     """Entry of `aipo-mp run`. Returns 0 when done, 75 when stopped by a signal (requeue me).
     Needs no torch or GPU itself: every stage is a child command."""
-    from aipo_mp.locks import DirectoryLock
+    from aipo_mp.locks import hold_lock
     from aipo_mp.rounds.launchers import make_launcher
 
     run_dir = Path(cfg.output.dir).absolute()
-    with DirectoryLock(run_dir, "aipo-mp run"):  # first: a second run on RUN_DIR is the problem to report
+    with hold_lock(run_dir, "aipo-mp run"):  # first: a second run on RUN_DIR is the problem to report
         check_recipe(cfg)
         check_layout(cfg, world_size)
         config_path = run_dir / "config.yaml"

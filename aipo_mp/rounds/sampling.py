@@ -130,33 +130,32 @@ PROMPT_HINT = 'each line needs a JSON object {"id"?: str|int, "prompt": str or [
 
 
 def read_prompts(path: str | Path) -> list[dict]:
-    """Prompt records {"id", "prompt", ["meta"]} from a JSONL file. A record without an id gets its
-    0-based line index; other keys are kept under "meta" (a rule reward can read them, e.g. a
-    reference answer)."""
+    """Prompt records {"id", "prompt", ["meta"]} from a local dataset in any format the pairs
+    reader accepts (JSONL, .jsonl.gz, Parquet, datasets.save_to_disk; aipo_mp.data.readers). A
+    record without an id gets its 0-based line (row) index; other keys are kept under "meta" (a
+    rule reward can read them, e.g. a reference answer)."""
+    from aipo_mp.data.readers import BadRow, DataFormatError, read_rows
+
     path = Path(path)
+    records, seen = [], {}
     try:
-        lines = path.read_text().splitlines()
+        fmt, rows = read_rows(path, what="prompts file")
+        unit = "line" if fmt.startswith("jsonl") else "row"
+        for where, index, obj in rows:
+            problem = obj.problem if isinstance(obj, BadRow) else prompt_record_problem(obj)
+            if problem:
+                raise ConfigError(f"{where}: {problem}; {PROMPT_HINT}")
+            record = prompt_record(obj, index)
+            key = json.dumps(record["id"])
+            if key in seen:
+                raise ConfigError(f"{where}: prompt id {key} already used on {seen[key]}; give every prompt "
+                                  "a unique id (or none: a missing id becomes the line index)")
+            seen[key] = f"{unit} {index + 1}"
+            records.append(record)
+    except DataFormatError as e:
+        raise ConfigError(str(e)) from None
     except OSError as e:
         raise ConfigError(f"cannot read prompts file {path}: {e.strerror or e}") from None
-    records, seen = [], {}
-    for index, line in enumerate(lines):
-        if not line.strip():
-            continue
-        where = f"{path}:{index + 1}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{where}: not valid JSON ({e.msg}); {PROMPT_HINT}") from None
-        problem = prompt_record_problem(obj)
-        if problem:
-            raise ConfigError(f"{where}: {problem}; {PROMPT_HINT}")
-        record = prompt_record(obj, index)
-        key = json.dumps(record["id"])
-        if key in seen:
-            raise ConfigError(f"{where}: prompt id {key} already used on line {seen[key]}; give every prompt "
-                              "a unique id (or none: a missing id becomes the line index)")
-        seen[key] = index + 1
-        records.append(record)
     if not records:
         raise ConfigError(f"prompts file {path} contains no prompts; {PROMPT_HINT}")
     return records
