@@ -4,6 +4,7 @@ traceback); bugs keep their traceback."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -105,6 +106,13 @@ def cmd_reward(args) -> int:
 
     cfg = stage_config(args)
     rule, model = args.rule or cfg.reward.rule, args.model or cfg.reward.model
+    if cfg.reward.kind in ("pairwise", "judge"):  # rankers: aipo_mp/rounds/rankers.py
+        from aipo_mp.rounds.rankers import rank_with_config
+
+        reward = dataclasses.replace(cfg.reward, model=model)
+        ranked = rank_with_config(args.samples, reward, args.out)
+        print(f"ranked {len(ranked)} samples with the {reward.kind} ranker into {args.out}")
+        return 0
     if bool(rule) == bool(model):
         raise ConfigError("reward: give exactly one of --rule module:function or --model DIR (or reward.rule / reward.model)")
     scored = score_with_rule(args.samples, rule, args.out) if rule else score_with_model(args.samples, model, args.out)
@@ -119,7 +127,8 @@ def cmd_pairs(args) -> int:
     cfg = stage_config(args)
     p = cfg.pairs
     pairs, stats = build_pairs(args.scored, min_gap=p.min_gap, allow_truncated=p.allow_truncated, mode=p.mode,
-                               max_pairs_per_prompt=p.max_pairs_per_prompt or None, out_dir=args.out_dir)
+                               max_pairs_per_prompt=p.max_pairs_per_prompt or None, out_dir=args.out_dir,
+                               min_rank_gap=p.min_rank_gap)
     print(f"kept {len(pairs)} pairs; dropped {stats.get('dropped')} -> {args.out_dir}")
     return 0
 
