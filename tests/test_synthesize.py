@@ -89,6 +89,7 @@ def test_synthesize_counts_resumes_and_merges(tmp_path):
     records, stats = synthesize(SEEDS, scripted_generator(calls), word_count, settings, tmp_path / "straight", 1)
     assert stats["kept"] == 12 and stats["reached_total"] and stats["batches"] == len(calls) >= 2
     assert set(stats["dropped"]) == set(DROP_REASONS)
+    assert stats["parsed_instructions"] == stats["kept"] + stats["over_total"] + sum(stats["dropped"].values())
     for reason in ("truncated", "write_a_program", "unservable", "leading_punctuation", "too_short", "over_per_prompt",
                    "exact_duplicate",
                    "near_duplicate"):

@@ -25,7 +25,8 @@ from aipo_mp.config import Config, ConfigError, dump_config, validate
 from aipo_mp.io_utils import atomic_write_json
 from aipo_mp.platform import EXIT_STOPPED
 
-STAGES = ("export", "sample", "reward", "pairs", "train")
+STAGES = ("export", "synthesize", "sample", "reward", "compare", "pairs", "train")
+FINAL_STAGES = ("export", "sample", "reward", "compare")
 
 
 class RunState:
@@ -115,12 +116,39 @@ class RoundRunner:
                     ntasks=layout["tp"] * layout["pp"])
         return {"hf_dir": str(out)}
 
+    def synthesized(self, r: int) -> bool:
+        """Round r samples from its own self-instruct prompts (the final evaluation uses the seeds)."""
+        return self.cfg.rounds.synthesize.enabled and r < self.cfg.rounds.num_rounds
+
+    def synthesize(self, r: int) -> dict:
+        if not self.synthesized(r):
+            return {"skipped": "rounds.synthesize.enabled is false"}
+        rd = self.round_dir(r)
+        self.launch(f"round{r}-synthesize", ["aipo_mp.cli", "synthesize", "--config", str(self.config_path),
+                                             "--model", self.policy_hf_dir(r), "--out-dir", str(rd),
+                                             "--round", str(r), "--run-dir", str(self.run_dir)])
+        return {"prompts": str(rd / "prompts.jsonl")}
+
     def sample(self, r: int) -> dict:
         out = self.round_dir(r) / "samples.jsonl"
+        prompts = str(self.round_dir(r) / "prompts.jsonl") if self.synthesized(r) else self.cfg.rounds.prompts
         self.launch(f"round{r}-sample", ["aipo_mp.cli", "sample", "--config", str(self.config_path),
-                                         "--model", self.policy_hf_dir(r), "--out", str(out),
+                                         "--model", self.policy_hf_dir(r), "--out", str(out), "--prompts", prompts,
                                          f"sampling.seed={self.cfg.sampling.seed + 1000 * r}"])
         return {"samples": str(out)}
+
+    def compare(self, r: int) -> dict:
+        """Rankers: judge round r's answers against round 0's directly, for the report's win rates."""
+        from aipo_mp.rounds.rankers import RANKER_KINDS, reward_kind
+        from aipo_mp.rounds.report import JUDGMENTS_NAME
+
+        if r == 0 or reward_kind(self.cfg.reward) not in RANKER_KINDS:
+            return {"skipped": "scalar rewards compare rounds by score"}
+        out = self.round_dir(r) / JUDGMENTS_NAME
+        self.launch(f"round{r}-compare", ["aipo_mp.rounds.rankers", "compare", "--config", str(self.config_path),
+                                          "--samples", str(self.round_dir(r) / "samples.jsonl"),
+                                          "--baseline", str(self.round_dir(0) / "samples.jsonl"), "--out", str(out)])
+        return {"judgments": str(out)}
 
     def reward(self, r: int) -> dict:
         rd = self.round_dir(r)
@@ -167,7 +195,7 @@ class RoundRunner:
                 self.state.set_policy(r + 1, self.state.data["rounds"][str(r)]["train"]["checkpoint"])
             self.write_report()
         if self.cfg.rounds.evaluate_final:
-            for name in ("export", "sample", "reward"):
+            for name in FINAL_STAGES:
                 self.stage(rounds, name, getattr(self, name))
         if self.cfg.rounds.kl_estimate:
             self.stage(rounds, "kl", self.kl)
@@ -214,8 +242,17 @@ def check_recipe(cfg: Config) -> None:
             read_prompts(cfg.rounds.prompts)  # empty or malformed files fail here, before any stage
         except ConfigError as e:
             errors += [f"rounds.prompts: {line}" for line in e.errors]
-    if bool(cfg.reward.rule) == bool(cfg.reward.model):
+    from aipo_mp.rounds.rankers import reward_errors
+    from aipo_mp.rounds.synthesize import synthesize_errors
+
+    if not cfg.reward.kind and bool(cfg.reward.rule) == bool(cfg.reward.model):
         errors.append("reward: set exactly one of reward.rule (module:function) or reward.model (a classifier dir)")
+    else:
+        errors += reward_errors(cfg.reward)
+    if cfg.pairs.min_rank_gap and cfg.reward.kind not in ("pairwise", "judge"):
+        errors.append("pairs.min_rank_gap needs ranks: set reward.kind to pairwise or judge, or pairs.min_rank_gap=0")
+    if cfg.rounds.synthesize.enabled:
+        errors += synthesize_errors(cfg.rounds.synthesize)
     if cfg.rounds.num_rounds < 1:
         errors.append(f"rounds.num_rounds={cfg.rounds.num_rounds}: must be >= 1")
     if errors:

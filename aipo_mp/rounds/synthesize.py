@@ -423,7 +423,7 @@ def synthesize(seed_records: list[dict], generate: Generator, count_tokens: Call
     records = kept_seeds + new_records
     stats = {"round": round_idx, "seed_prompts": len(seed_records), "extra_seeds": len(extra_seeds),
              "clusters": len(set(labels)), "batches": batches, "completions": completions,
-             "parsed_instructions": flt.parsed, "kept": len(new), "dropped": {r: flt.dropped.get(r, 0) for r in DROP_REASONS},
+             "parsed_instructions": flt.parsed, "kept": len(new), "over_total": len(flt.kept) - len(new), "dropped": {r: flt.dropped.get(r, 0) for r in DROP_REASONS},
              "cut_answer_parts": flt.cut_answer_parts, "seed_prompts_kept": len(kept_seeds),
              "prompts_written": len(records), "reached_total": len(new) >= settings.total}
     write_jsonl(work / "new_prompts.jsonl", new_records)
