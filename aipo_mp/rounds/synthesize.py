@@ -249,6 +249,7 @@ class NearDuplicateIndex:
         self.frequencies = frequencies or Counter()
         self.texts: list[list[str]] = []
         self.counts: list[Counter] = []
+        self.sizes: list[int] = []
         self.postings: dict[tuple[str, int], list[tuple[int, int]]] = {}
 
     def elements(self, tokens: list[str]) -> list[tuple[str, int]]:
@@ -273,18 +274,17 @@ class NearDuplicateIndex:
         lo, hi = t * m / (2 - t) - 1e-9, (2 - t) * m / t + 1e-9
         elements = self.elements(tokens)
         overlap: dict[int, int] = {}  # candidate -> matches so far (-1: pruned)
+        half, sizes = t / 2, self.sizes
         for i, element in enumerate(elements[:m - self.min_overlap(m) + 1]):
             for k, j in self.postings.get(element, ()):
-                n = len(self.texts[k])
+                n = sizes[k]
                 if not lo <= n <= hi:
                     continue
                 c = overlap.get(k, 0)
                 if c < 0:
                     continue
-                if c + 1 + min(m - i - 1, n - j - 1) >= self.needed_overlap(m, n):
-                    overlap[k] = c + 1
-                else:
-                    overlap[k] = -1
+                left = m - i - 1 if m - i < n - j else n - j - 1
+                overlap[k] = c + 1 if c + 1 + left >= math.ceil(half * (m + n) - 1e-9) else -1
         best = 0.0
         counts = Counter(tokens)
         for k, c in overlap.items():
@@ -303,6 +303,7 @@ class NearDuplicateIndex:
         k = len(self.texts)
         self.texts.append(tokens)
         self.counts.append(Counter(tokens))
+        self.sizes.append(len(tokens))
         elements = self.elements(tokens)
         for j, element in enumerate(elements[:len(elements) - self.min_overlap(len(elements)) + 1]):
             self.postings.setdefault(element, []).append((k, j))
