@@ -1,5 +1,7 @@
-"""`aipo-mp run`: rounds 0..R-1 of export -> sample -> reward -> pairs -> train, then (optionally)
-the final policy's samples and scores, and the report after every round.
+"""`aipo-mp run`: rounds 0..R-1 of export -> synthesize -> sample -> reward -> compare -> pairs ->
+train, then (optionally) the final policy's samples and scores, and the report after every round.
+synthesize (self-instruct prompts) runs only with rounds.synthesize.enabled; compare (round r's
+answers judged against round 0's, for the report) only with a ranker (reward.kind pairwise/judge).
 
 Every stage is a separate command run through a launcher (local subprocesses, or srun inside a
 Slurm allocation), writes its outputs atomically, and is recorded in RUN_DIR/run_state.json only
@@ -10,7 +12,9 @@ Layout of RUN_DIR:
   config.yaml                 the resolved recipe
   run_state.json              completed stages and the policy of each round
   round_R/policy_hf/          round R's policy exported for vLLM (absent for an HF starting point)
+  round_R/prompts.jsonl, synthesize_stats.json, synthesize/   self-instruct prompts (when enabled)
   round_R/samples.jsonl, scored.jsonl, pairs.jsonl, pairs_stats.json
+  round_R/judgments_vs_round0.jsonl   rankers only, R >= 1
   round_R/train/              the trainer's output dir (metrics.jsonl, checkpoints/)
   report/                     report.md, report.json, *.png
 """
