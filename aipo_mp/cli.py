@@ -4,6 +4,7 @@ traceback); bugs keep their traceback."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -146,6 +147,13 @@ def cmd_reward(args) -> int:
 
     cfg = stage_config(args)
     rule, model = args.rule or cfg.reward.rule, args.model or cfg.reward.model
+    if cfg.reward.kind in ("pairwise", "judge"):  # rankers: aipo_mp/rounds/rankers.py
+        from aipo_mp.rounds.rankers import rank_with_config
+
+        reward = dataclasses.replace(cfg.reward, model=model)
+        ranked = rank_with_config(args.samples, reward, args.out)
+        print(f"ranked {len(ranked)} samples with the {reward.kind} ranker into {args.out}")
+        return 0
     if bool(rule) == bool(model):
         raise ConfigError("reward: give exactly one of --rule module:function or --model DIR (or reward.rule / reward.model)")
     if args.shard_dir:  # one task of `aipo-mp run`'s reward stage: this task's shard only
@@ -159,13 +167,29 @@ def cmd_reward(args) -> int:
     return 0
 
 
+def cmd_synthesize(args) -> int:
+    from aipo_mp.rounds.synthesize import previous_new_prompts, run_stage
+
+    cfg = stage_config(args)
+    extra = []
+    if cfg.rounds.synthesize.include_previous and args.run_dir:
+        from pathlib import Path
+
+        extra = previous_new_prompts(Path(args.run_dir), args.round)
+    records, stats = run_stage(cfg, args.model, args.seeds or cfg.rounds.prompts, args.out_dir, args.round, extra)
+    print(f"synthesized {stats['kept']} new prompts ({stats['completions']} completions, dropped {stats['dropped']}); "
+          f"wrote {len(records)} prompts to {args.out_dir}/prompts.jsonl")
+    return 0
+
+
 def cmd_pairs(args) -> int:
     from aipo_mp.rounds.pairs_builder import build_pairs
 
     cfg = stage_config(args)
     p = cfg.pairs
     pairs, stats = build_pairs(args.scored, min_gap=p.min_gap, allow_truncated=p.allow_truncated, mode=p.mode,
-                               max_pairs_per_prompt=p.max_pairs_per_prompt or None, out_dir=args.out_dir)
+                               max_pairs_per_prompt=p.max_pairs_per_prompt or None, out_dir=args.out_dir,
+                               min_rank_gap=p.min_rank_gap)
     print(f"kept {len(pairs)} pairs; dropped {stats.get('dropped')} -> {args.out_dir}")
     return 0
 
@@ -241,6 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="HF *ForSequenceClassification directory with one label")
     add_stage_args(p)
     p.set_defaults(func=cmd_reward)
+    p = sub.add_parser("synthesize", help="self-instruct: new prompts written by the policy from clustered seeds")
+    p.add_argument("--model", required=True, help="HF directory of the policy that writes the instructions")
+    p.add_argument("--seeds", default=None, help="seed prompts JSONL (default: rounds.prompts)")
+    p.add_argument("--out-dir", required=True, help="writes prompts.jsonl, synthesize_stats.json, synthesize/")
+    p.add_argument("--round", type=int, default=0, help="round index (ids r<round>-n<k>, generation seeds)")
+    p.add_argument("--run-dir", default=None, help="with rounds.synthesize.include_previous: earlier rounds' prompts")
+    add_stage_args(p)
+    p.set_defaults(func=cmd_synthesize)
     p = sub.add_parser("pairs", help="best vs worst answer per prompt -> pairs.jsonl and pairs_stats.json")
     p.add_argument("--scored", required=True)
     p.add_argument("--out-dir", required=True)

@@ -158,12 +158,35 @@ class OutputConfig:
 
 
 @dataclass
+class SynthesizeConfig:
+    """Self-instruct prompts each round (aipo_mp/rounds/synthesize.py; defaults: the AIPO authors'
+    pipeline and Self-Instruct's filters)."""
+
+    enabled: bool = False
+    num_clusters: int = 256  # TF-IDF + k-means clusters of the seed prompts
+    examples_per_prompt: int = 8  # instructions of one cluster shown in each generation prompt
+    new_per_prompt: int = 2  # at most this many new instructions kept from one completion
+    total: int = 1000  # new instructions to collect per round
+    temperature: float = 0.5
+    top_p: float = 0.9
+    min_tokens: int = 4  # an instruction's length bounds (policy tokens)
+    max_tokens: int = 512
+    max_similarity: float = 0.7  # drop a new instruction whose ROUGE-L to a kept one is >= this
+    generation_max_tokens: int = 1024  # tokens generated per completion
+    seed_share: float = 1.0  # share of the seed prompts kept in each round's prompt file
+    include_previous: bool = False  # previous rounds' new prompts join the seeds
+    max_batches: int = 8  # generation batches per round before giving up on reaching `total`
+    seed: int = 0
+
+
+@dataclass
 class RoundsConfig:
     num_rounds: int = 3
     prompts: Optional[str] = None  # prompts JSONL: {"id"?: ..., "prompt": str or chat messages}
     reference: str = "previous"  # previous (AIPO: the policy the round starts from) | initial
     evaluate_final: bool = True  # sample and score the final policy too (round R, no training)
     kl_estimate: bool = True  # sampled KL(policy_r || initial policy) in the report
+    synthesize: SynthesizeConfig = field(default_factory=SynthesizeConfig)
 
 
 @dataclass
@@ -185,10 +208,19 @@ class SamplingConfig:
 
 @dataclass
 class RewardConfig:
+    kind: str = ""  # model | rule | pairwise | judge; empty: rule when reward.rule is set, else model
     rule: Optional[str] = None  # "module:function(prompt, response) -> float"
-    model: Optional[str] = None  # an HF *ForSequenceClassification directory with one label
-    tensor_parallel: int = 1  # GPUs per reward engine (reward.model)
-    replicas: int = 1  # reward tasks, each scoring its shard of the samples
+    model: Optional[str] = None  # model: a one-label classifier; pairwise: a P(A > B) classifier; judge: an LLM
+    # Rankers (pairwise, judge; aipo_mp/rounds/rankers.py)
+    template: Optional[str] = None  # with {prompt}, {a}, {b}; None: the ranker's default
+    aggregate: str = "bradley_terry"  # bradley_terry | copeland
+    judge_answers: list = field(default_factory=lambda: [" A", " B"])  # verdict strings read from log-probs
+    chat_template: bool = False  # judge: wrap the judge prompt in the judge's chat template
+    batch_size: int = 16  # pairwise classifier batch
+    tensor_parallel: int = 1  # GPUs per reward engine (reward.model, the judge)
+    replicas: int = 1  # reward tasks, each scoring its shard of the samples (model, rule; a ranker runs one)
+    kv_cache_gib: float = 1.0  # judge engine, CPU only
+    max_model_len: Optional[int] = None  # judge engine
 
 
 @dataclass
@@ -197,6 +229,7 @@ class PairsConfig:
     allow_truncated: bool = False
     mode: str = "best_worst"  # best_worst | ranked
     max_pairs_per_prompt: int = 0  # ranked mode; 0: all
+    min_rank_gap: int = 0  # rankers: rejected rank - chosen rank must be >= this (0: no check)
 
 
 @dataclass

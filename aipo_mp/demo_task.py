@@ -75,3 +75,38 @@ def pretrain(model_dir: Path, steps: int = 150, seed: int = 0) -> None:
         opt.step()
         opt.zero_grad()
     model.save_pretrained(model_dir, safe_serialization=True)
+
+
+def train_pairwise_ranker(model_dir: Path, template: str, steps: int = 150, seed: int = 0) -> None:
+    """Teach a tiny one-label classifier (in place) to compare two answers by the rule: the target
+    is P(A better than B) = 1 when reward(A) > reward(B), 0 when lower, 0.5 on ties; each pair is
+    shown in both orders. Plain torch, about a minute on CPU."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "right"
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    model.train()
+    colors = sorted(COLORS)
+    for _ in range(steps):
+        texts, targets = [], []
+        for _ in range(8):
+            prompt = make_prompt(rng).strip()
+            a, b = (" ".join(rng.choice(colors if rng.random() < 0.5 else WORDS) for _ in range(rng.randint(2, 6)))
+                    for _ in range(2))
+            ra, rb = reward(prompt, a), reward(prompt, b)
+            target = 1.0 if ra > rb else 0.0 if ra < rb else 0.5
+            texts += [template.format(prompt=prompt, a=a, b=b), template.format(prompt=prompt, a=b, b=a)]
+            targets += [target, 1.0 - target]
+        batch = tok(texts, padding=True, return_tensors="pt")
+        logits = model(**batch).logits[:, 0]
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor(targets))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(model_dir, safe_serialization=True)

@@ -127,3 +127,28 @@ def hf_tokenizer_from_spm(model_proto: bytes):
         unk_token=SPECIAL_PIECES["unk"], pad_token=SPECIAL_PIECES["pad"],
         add_bos_token=True, add_eos_token=False, chat_template=CHAT_TEMPLATE,
     )
+
+
+def build_tiny_classifier(out_dir: str | Path, tokenizer_dir: str | Path, seed: int = 0, num_layers: int = 2) -> Path:
+    """A one-label LlamaForSequenceClassification with random weights (head_dim 32, so vLLM's CPU
+    build can serve it too) and the tokenizer of `tokenizer_dir`: a tiny reward model or pairwise
+    ranker (P(A better than B) = sigmoid of its output) for tests and the demo."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    out_dir = Path(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=1024,
+                         num_labels=1, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.5 if "score" in name else 0.05)  # outputs of order 1
+    with atomic_directory(out_dir, overwrite=True) as tmp:
+        tmp.chmod(0o755)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return out_dir

@@ -144,7 +144,8 @@ def test_build_pairs_best_worst(tmp_path):
     assert pairs[0]["prompt"] == "q" + "ok" and pairs[1]["prompt"] == [{"role": "user", "content": "qchat"}]
     assert pairs[0]["chosen_score"] == 0.9 and pairs[0]["rejected_score"] == 0.1
     assert stats["prompts"] == 7 and stats["kept"] == 2 and stats["kept_prompts"] == 2
-    assert stats["dropped"] == {"too_few_samples": 1, "truncated": 1, "identical_texts": 1, "small_gap": 2}
+    assert stats["dropped"] == {"too_few_samples": 1, "truncated": 1, "identical_texts": 1, "small_gap": 2,
+                              "small_rank_gap": 0}
     assert stats["truncated_samples_left_out"] == 1
     assert stats["mean_chosen_tokens"] == (8 + 3) / 2 and stats["mean_rejected_tokens"] == (4 + 5) / 2
     assert math.isclose(stats["mean_gap"], (0.8 + 3.0) / 2)
@@ -154,7 +155,8 @@ def test_build_pairs_best_worst(tmp_path):
     # allow_truncated keeps the cut answer; min_gap 0 still drops exact ties
     pairs, stats = build_pairs(hand_scored(), allow_truncated=True)
     assert {p["prompt_id"] for p in pairs} == {"ok", "cut", "near", "chat"}
-    assert stats["dropped"] == {"too_few_samples": 1, "truncated": 0, "identical_texts": 1, "small_gap": 1}
+    assert stats["dropped"] == {"too_few_samples": 1, "truncated": 0, "identical_texts": 1, "small_gap": 1,
+                              "small_rank_gap": 0}
 
     with pytest.raises(ConfigError, match="mode"):
         build_pairs(hand_scored(), mode="best")

@@ -19,6 +19,8 @@ tie the two answers carry no preference. A prompt yields no pair for one reason,
     truncated        fewer than 2 samples left once the length-cut ones are removed
     identical_texts  the usable samples all have the same text
     small_gap        best - worst score is 0 or below min_gap
+    small_rank_gap   no pair's rank gap (rejected rank - chosen rank, ranks written by a ranker)
+                     reaches min_rank_gap
 
 Outputs (atomically, when `out_dir` is given): `pairs.jsonl` with prompt, chosen, rejected,
 chosen_score, rejected_score, prompt_id (+ gap, chosen_tokens, rejected_tokens, sample indices),
@@ -40,13 +42,13 @@ from aipo_mp.io_utils import atomic_write_json
 from aipo_mp.rounds.sampling import load_records, training_prompt, write_jsonl
 
 MODES = ("best_worst", "ranked")
-PAIR_DROP_REASONS = ("too_few_samples", "truncated", "identical_texts", "small_gap")
+PAIR_DROP_REASONS = ("too_few_samples", "truncated", "identical_texts", "small_gap", "small_rank_gap")
 SCORED_FIELDS = ("prompt_id", "prompt", "sample_index", "text", "score")
 
 
 def build_pairs(scored, min_gap: float = 0.0, allow_truncated: bool = False, mode: str = "best_worst",
                 max_pairs_per_prompt: Optional[int] = None,
-                out_dir: Optional[str | Path] = None) -> tuple[list[dict], dict]:
+                out_dir: Optional[str | Path] = None, min_rank_gap: int = 0) -> tuple[list[dict], dict]:
     """(pairs, stats) from scored samples (a list or a scored.jsonl path); see the module doc."""
     if mode not in MODES:
         raise ConfigError(f"pairs mode {mode!r} is not one of {', '.join(MODES)}")
@@ -57,7 +59,13 @@ def build_pairs(scored, min_gap: float = 0.0, allow_truncated: bool = False, mod
     if mode == "best_worst" and max_pairs_per_prompt not in (None, 1):
         raise ConfigError("pairs max_pairs_per_prompt > 1 needs mode 'ranked' (best_worst makes one pair per prompt)")
 
-    groups = group_by_prompt(load_scored(scored))
+    if not isinstance(min_rank_gap, int) or isinstance(min_rank_gap, bool) or min_rank_gap < 0:
+        raise ConfigError(f"pairs min_rank_gap={min_rank_gap!r}: must be an integer >= 0")
+    records = load_scored(scored)
+    if min_rank_gap and not all("rank" in r for r in records):
+        raise ConfigError("pairs.min_rank_gap needs ranks in scored.jsonl: score with a ranker "
+                          "(reward.kind=pairwise or judge), or set pairs.min_rank_gap=0")
+    groups = group_by_prompt(records)
     pairs: list[dict] = []
     dropped: Counter = Counter()
     truncated_samples = 0
@@ -84,6 +92,11 @@ def build_pairs(scored, min_gap: float = 0.0, allow_truncated: bool = False, mod
         if not candidates:
             dropped["small_gap"] += 1
             continue
+        if min_rank_gap:
+            candidates = [(c, r) for c, r in candidates if r["rank"] - c["rank"] >= min_rank_gap]
+            if not candidates:
+                dropped["small_rank_gap"] += 1
+                continue
         candidates.sort(key=lambda cr: -(cr[0]["score"] - cr[1]["score"]))  # stable: ties keep rank order
         if max_pairs_per_prompt is not None:
             candidates = candidates[:max_pairs_per_prompt]
@@ -93,6 +106,7 @@ def build_pairs(scored, min_gap: float = 0.0, allow_truncated: bool = False, mod
 
     stats = pair_stats(pairs, dropped, len(groups), truncated_samples, mode, min_gap, allow_truncated,
                        max_pairs_per_prompt)
+    stats["min_rank_gap"] = min_rank_gap
     if out_dir is not None:
         out_dir = Path(out_dir)
         write_jsonl(out_dir / "pairs.jsonl", pairs)

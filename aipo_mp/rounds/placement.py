@@ -5,7 +5,9 @@ right nodes, or local subprocesses):
 
     sample  `sampling.replicas` vLLM engines, one task each, `gpus_per_node // sampling.tensor_parallel`
             engines per node (a TP group never spans nodes; replicas spread over the nodes)
-    reward  the same with `reward.replicas` x `reward.tensor_parallel` (a rule reward: CPU tasks)
+    reward  the same with `reward.replicas` x `reward.tensor_parallel` (a rule reward: CPU tasks;
+            a pairwise or judge ranker: one engine, since a prompt's candidates are ranked together)
+    synthesize, compare   one engine (the sampling layout; the ranker's)
     kl      the sampling layout (a large policy never goes into one TP=1 engine)
     export  one converter rank per stored TP x PP shard, packed `gpus_per_node` per node so a TP
             group stays inside a node
@@ -55,6 +57,8 @@ def cpu_placement() -> Placement:
 
 def reward_placement(cfg: Config, gpus_per_node: int) -> Placement:
     r = cfg.reward
+    if r.kind in ("pairwise", "judge"):  # a prompt's candidates are ranked together: one engine
+        return engine_placement(1, r.tensor_parallel, gpus_per_node)
     if r.model:
         return engine_placement(r.replicas, r.tensor_parallel, gpus_per_node)
     per_node = max(1, min(r.replicas, gpus_per_node))  # a rule: CPU tasks, one per slot
@@ -70,6 +74,10 @@ def stage_placement(kind: str, cfg: Config, nodes: int, gpus_per_node: int,
         return engine_placement(s.replicas, s.tensor_parallel, gpus_per_node)
     if kind == "reward":
         return reward_placement(cfg, gpus_per_node)
+    if kind == "synthesize":  # one engine on the sampling layout
+        return engine_placement(1, s.tensor_parallel, gpus_per_node)
+    if kind == "compare":  # the ranker's engine
+        return engine_placement(1, cfg.reward.tensor_parallel, gpus_per_node)
     if kind == "export":
         return packed_placement(export_shards or cfg.parallel.tp * cfg.parallel.pp, gpus_per_node)
     if kind == "train":
@@ -123,7 +131,7 @@ def check_placement(cfg: Config, nodes: int, gpus_per_node: int) -> None:
         raise ConfigError(errors)
 
 
-STAGE_KINDS = ("export", "sample", "reward", "pairs", "train", "kl")
+STAGE_KINDS = ("export", "synthesize", "sample", "reward", "compare", "pairs", "train", "kl")
 
 
 def stage_kind(name: str) -> str:

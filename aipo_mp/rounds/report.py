@@ -1,9 +1,30 @@
 """The per-round report of a run directory: a table (markdown + JSON) and PNG plots of mean
-reward, chosen/rejected reward, response length, agreement, KL to the initial policy (sampled
-estimate) and win rate against the previous round under the reward.
+reward, chosen/rejected reward, response length (mean and spread), agreement, KL to the initial
+policy (sampled estimate), and win rates: against the previous round, and against round 0 both
+raw and **length-controlled**.
+
+Length-aware evaluation. Iterative preference training tends to exploit length: a judge (or a
+reward) that likes longer answers makes the raw win rate climb while the answers only grow. Per
+round r >= 1 the report compares each answer of round r with round 0's answer to the same prompt
+(same prompt id and sample index) and fits, as AlpacaEval 2.0's length-controlled win rate does,
+a logistic model of the win probability with a length term:
+
+    P(round r wins) = sigmoid(theta + phi * tanh(delta_len / std(delta_len)))
+
+(delta_len = answer tokens of round r minus round 0), by maximum likelihood with soft labels
+(ties are 0.5) and a small ridge on phi. The length-controlled win rate is sigmoid(theta): the
+predicted win rate with the length term set to zero, i.e. at equal length. Raw and
+length-controlled numbers are reported side by side: a raw rise that is only length shows as a
+raw win rate far above a length-controlled one near 0.5.
+
+Where the judgments come from: `round_R/judgments_vs_round0.jsonl` when the run wrote it (the
+`compare` stage of the pairwise and judge rankers, which judge the two answers directly), else the
+scalar scores of `scored.jsonl` (a reward model or a rule: the higher score wins). Scores written
+by a ranker (records with a "ranker" field) rank answers within one prompt's candidates only and
+are not comparable across rounds: without a judgments file such rounds get no win rate vs round 0.
 
 `python -m aipo_mp.rounds.report kl ...` computes the sampled KL with vLLM (one engine at a time):
-KL(π_r || π_0) ≈ mean over round-r samples y ~ π_r(·|x) of log π_r(y|x) − log π_0(y|x).
+KL(pi_r || pi_0) ~= mean over round-r samples y ~ pi_r(.|x) of log pi_r(y|x) - log pi_0(y|x).
 """
 
 from __future__ import annotations
@@ -17,6 +38,9 @@ from typing import Optional
 from aipo_mp.io_utils import atomic_write_json, atomic_write_text
 
 KL_SAMPLES = 64  # samples per round used for the KL estimate
+JUDGMENTS_NAME = "judgments_vs_round0.jsonl"
+LENGTH_RIDGE = 1e-2  # ridge on the length coefficient: finite when the judge is a pure length rule
+LENGTH_ONLY_GAP = 0.1  # raw - length-controlled win rate above which the report flags a length effect
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -26,6 +50,17 @@ def read_jsonl(path: Path) -> list[dict]:
 def mean(xs) -> Optional[float]:
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
+
+
+def percentile(xs: list[float], q: float) -> Optional[float]:
+    """Linear-interpolated q-quantile (0 <= q <= 1) of the values, None for none."""
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    pos = q * (len(xs) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return float(xs[lo] + (xs[hi] - xs[lo]) * (pos - lo))
 
 
 def win_rate(current: list[dict], previous: list[dict]) -> Optional[float]:
@@ -43,9 +78,94 @@ def win_rate(current: list[dict], previous: list[dict]) -> Optional[float]:
     return sum(1.0 if cur[k] > prev[k] else 0.5 if cur[k] == prev[k] else 0.0 for k in common) / len(common)
 
 
+# ---------------------------------------------------------------------------------------------
+# Length-controlled win rate (pure functions)
+# ---------------------------------------------------------------------------------------------
+
+
+def scores_comparable(scored: list[dict]) -> bool:
+    """Scalar rewards compare across rounds; a ranker's within-prompt scores do not."""
+    return bool(scored) and not any("ranker" in s for s in scored)
+
+
+def judgments_from_scores(current: list[dict], baseline: list[dict]) -> list[dict]:
+    """One judgment per answer of `current` whose (prompt id, sample index) has a `baseline`
+    answer: win 1 / 0.5 / 0 as its score is above / equal to / below the baseline's."""
+    base = {(json.dumps(b["prompt_id"]), b["sample_index"]): b for b in baseline}
+    out = []
+    for c in current:
+        b = base.get((json.dumps(c["prompt_id"]), c["sample_index"]))
+        if b is None:
+            continue
+        win = 1.0 if c["score"] > b["score"] else 0.5 if c["score"] == b["score"] else 0.0
+        out.append({"prompt_id": c["prompt_id"], "sample_index": c["sample_index"], "win": win,
+                    "length": c.get("num_tokens"), "baseline_length": b.get("num_tokens")})
+    return out
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def length_controlled_win_rate(judgments: list[dict], ridge: float = LENGTH_RIDGE) -> Optional[dict]:
+    """Raw and length-controlled win rate of judgments {"win" in [0, 1], "length",
+    "baseline_length"} (see the module docstring). None when there are no usable judgments.
+
+    Returns {"n", "win_rate" (raw mean), "lc_win_rate" (sigmoid(theta)), "theta", "length_coef"
+    (phi), "mean_length_diff"}."""
+    import numpy as np
+
+    rows = [j for j in judgments if j.get("win") is not None and j.get("length") is not None
+            and j.get("baseline_length") is not None]
+    if not rows:
+        return None
+    win = np.array([float(j["win"]) for j in rows])
+    if ((win < 0) | (win > 1)).any():
+        raise ValueError("judgment wins must lie in [0, 1]")
+    delta = np.array([float(j["length"]) - float(j["baseline_length"]) for j in rows])
+    scale = delta.std()
+    feature = np.tanh(delta / scale) if scale > 0 else np.zeros_like(delta)
+    theta, phi = fit_logistic(win, feature, ridge)
+    return {"n": len(rows), "win_rate": float(win.mean()), "lc_win_rate": sigmoid(theta), "theta": theta,
+            "length_coef": phi, "mean_length_diff": float(delta.mean())}
+
+
+def fit_logistic(target, feature, ridge: float, iterations: int = 100) -> tuple[float, float]:
+    """(theta, phi) maximizing sum of soft-label log-likelihoods of sigmoid(theta + phi*feature)
+    minus ridge/2 * phi^2 (Newton's method; the objective is concave). theta is unpenalized but
+    clipped to +-20 (a round that wins or loses everything)."""
+    import numpy as np
+
+    x = np.stack([np.ones_like(feature), feature], axis=1)
+    w = np.zeros(2)
+    penalty = np.array([1e-8, ridge])  # a touch on theta keeps the Hessian invertible when all wins agree
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-np.clip(x @ w, -50, 50)))
+        grad = x.T @ (p - target) + penalty * w
+        hess = (x * (p * (1 - p))[:, None]).T @ x + np.diag(penalty)
+        step = np.linalg.solve(hess, grad)
+        w = np.clip(w - step, -20, 20)
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(w[0]), float(w[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows of the report
+# ---------------------------------------------------------------------------------------------
+
+
+def round_judgments(rd: Path, scored: list[dict], baseline: Optional[list[dict]]) -> Optional[list[dict]]:
+    if (rd / JUDGMENTS_NAME).exists():
+        return read_jsonl(rd / JUDGMENTS_NAME)
+    if baseline is not None and scores_comparable(scored) and scores_comparable(baseline):
+        return judgments_from_scores(scored, baseline)
+    return None
+
+
 def round_rows(run_dir: Path) -> list[dict]:
     kl = json.loads((run_dir / "kl.json").read_text()) if (run_dir / "kl.json").exists() else {}
-    rows, previous = [], None
+    rows, previous, first = [], None, None
     r = 0
     while (run_dir / f"round_{r}").is_dir():
         rd = run_dir / f"round_{r}"
@@ -54,19 +174,32 @@ def round_rows(run_dir: Path) -> list[dict]:
             break
         stats = json.loads((rd / "pairs_stats.json").read_text()) if (rd / "pairs_stats.json").exists() else {}
         metrics = read_jsonl(rd / "train" / "metrics.jsonl")
+        lengths = [s.get("num_tokens") for s in scored]
+        lc = None
+        if r > 0:
+            judgments = round_judgments(rd, scored, first)
+            lc = length_controlled_win_rate(judgments) if judgments else None
         rows.append({
             "round": r,
             "mean_reward": mean(s["score"] for s in scored),
             "chosen_reward": stats.get("mean_chosen_score"),
             "rejected_reward": stats.get("mean_rejected_score"),
-            "mean_length": mean(s.get("num_tokens") for s in scored),
+            "mean_length": mean(lengths),
+            "length_p10": percentile(lengths, 0.1),
+            "length_p50": percentile(lengths, 0.5),
+            "length_p90": percentile(lengths, 0.9),
             "pairs": stats.get("kept"),
             "agreement": mean(m.get("agreement") for m in metrics),
             "train_accuracy": metrics[-1].get("rewards/accuracy") if metrics else None,
             "kl_to_initial": 0.0 if r == 0 else kl.get(str(r)),
-            "win_rate_vs_previous": win_rate(scored, previous) if previous else None,
+            "win_rate_vs_previous": (win_rate(scored, previous)
+                                     if previous and scores_comparable(scored) and scores_comparable(previous) else None),
+            "win_rate_vs_round0": lc["win_rate"] if lc else None,
+            "lc_win_rate_vs_round0": lc["lc_win_rate"] if lc else None,
+            "length_diff_vs_round0": lc["mean_length_diff"] if lc else None,
         })
         previous = scored
+        first = first if first is not None else scored
         r += 1
     return rows
 
@@ -77,22 +210,85 @@ def fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def markdown_table(rows: list[dict]) -> str:
+def markdown_table(rows: list[dict], cols: Optional[list[str]] = None) -> str:
     if not rows:
         return "(no finished round yet)\n"
-    cols = list(rows[0])
+    cols = cols or list(rows[0])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
+LENGTH_COLUMNS = ["round", "mean_length", "length_p10", "length_p50", "length_p90", "length_diff_vs_round0",
+                  "win_rate_vs_round0", "lc_win_rate_vs_round0"]
+
+
+def length_section(rows: list[dict]) -> str:
+    """Raw vs length-controlled win rate and length per round, with a line per round whose raw
+    gain is mostly length."""
+    text = ("## Length-aware evaluation\n\nWin rate of each round's answers against round 0's (same prompt "
+            "and sample index): raw, and length-controlled (a logistic model with a length-difference term, "
+            "reported at zero length difference, as AlpacaEval 2.0's LC win rate).\n\n")
+    text += markdown_table(rows, LENGTH_COLUMNS)
+    notes = []
+    for r in rows:
+        raw, lc = r.get("win_rate_vs_round0"), r.get("lc_win_rate_vs_round0")
+        if raw is None or lc is None:
+            continue
+        if raw - lc > LENGTH_ONLY_GAP:
+            notes.append(f"- round {r['round']}: raw win rate {raw:.3f} but length-controlled {lc:.3f}: "
+                         "much of the raw gain is longer answers.")
+        else:
+            notes.append(f"- round {r['round']}: raw win rate {raw:.3f}, length-controlled {lc:.3f}.")
+    return text + ("\n" + "\n".join(notes) + "\n" if notes else "")
+
+
+# name: (title, [(key, label, style)], draw a 0.5 line)
 PLOTS = {
-    "reward.png": ("mean reward of the round's samples", ["mean_reward", "chosen_reward", "rejected_reward"]),
-    "length.png": ("mean response length (tokens)", ["mean_length"]),
-    "agreement.png": ("agreement (reference already prefers chosen)", ["agreement"]),
-    "kl.png": ("sampled KL to the initial policy", ["kl_to_initial"]),
-    "win_rate.png": ("win rate vs the previous round", ["win_rate_vs_previous"]),
+    "reward.png": ("mean reward of the round's samples",
+                   [("mean_reward", "all samples", "-"), ("chosen_reward", "chosen", "-"),
+                    ("rejected_reward", "rejected", "-")], False),
+    "length.png": ("response length (tokens): mean, p10-p90", [("mean_length", "mean", "-")], False),
+    "agreement.png": ("agreement (reference already prefers chosen)", [("agreement", "agreement", "-")], False),
+    "kl.png": ("sampled KL to the initial policy", [("kl_to_initial", "KL", "-")], False),
+    "win_rate.png": ("win rate vs round 0: raw and length-controlled",
+                     [("win_rate_vs_round0", "raw vs round 0", "-"),
+                      ("lc_win_rate_vs_round0", "length-controlled vs round 0", "-"),
+                      ("win_rate_vs_previous", "raw vs previous round", ":")], True),
 }
+
+
+def make_figure(name: str, rows: list[dict]):
+    """The matplotlib figure of plot `name` (a key of PLOTS) for the report rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    title, series, half_line = PLOTS[name]
+    rounds = [r["round"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for key, label, style in series:
+        pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=label)
+    if name == "length.png":
+        band = [(r["round"], r["length_p10"], r["length_p90"]) for r in rows if r.get("length_p10") is not None]
+        if band:
+            ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band], alpha=0.25,
+                            label="p10-p90")
+    if half_line:
+        ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--", label="0.5 (no preference)")
+        ax.set_ylim(0, 1)
+    ax.set_xticks(rounds)  # integer round ticks only (matplotlib's default shows 0.25 steps)
+    if rounds:
+        ax.set_xlim(min(rounds) - 0.25, max(rounds) + 0.25)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("round")
+    if len(series) > 1 or half_line or name == "length.png":
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def plot(rows: list[dict], out_dir: Path) -> list[Path]:
@@ -102,17 +298,8 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    for name, (title, keys) in PLOTS.items():
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        for k in keys:
-            pts = [(r["round"], r[k]) for r in rows if r.get(k) is not None]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=k)
-        ax.set_title(title)
-        ax.set_xlabel("round")
-        if len(keys) > 1:
-            ax.legend(fontsize=7)
-        fig.tight_layout()
+    for name in PLOTS:
+        fig = make_figure(name, rows)
         tmp = out_dir / f".{name}.tmp.png"
         fig.savefig(tmp)
         plt.close(fig)
@@ -127,7 +314,7 @@ def write_report(run_dir: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     rows = round_rows(run_dir)
     atomic_write_json(out / "report.json", rows)
-    atomic_write_text(out / "report.md", "# Rounds\n\n" + markdown_table(rows))
+    atomic_write_text(out / "report.md", "# Rounds\n\n" + markdown_table(rows) + "\n" + length_section(rows))
     return plot(rows, out)
 
 

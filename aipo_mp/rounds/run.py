@@ -1,5 +1,7 @@
-"""`aipo-mp run`: rounds 0..R-1 of export -> sample -> reward -> pairs -> train, then (optionally)
-the final policy's samples and scores, and the report after every round.
+"""`aipo-mp run`: rounds 0..R-1 of export -> synthesize -> sample -> reward -> compare -> pairs ->
+train, then (optionally) the final policy's samples and scores, and the report after every round.
+synthesize (self-instruct prompts) runs only with rounds.synthesize.enabled; compare (round r's
+answers judged against round 0's, for the report) only with a ranker (reward.kind pairwise/judge).
 
 Every stage is a separate command run through a launcher (local subprocesses, or srun inside a
 Slurm allocation), writes its outputs atomically, and is recorded in RUN_DIR/run_state.json only
@@ -11,7 +13,9 @@ Layout of RUN_DIR:
   run_state.json              completed stages and the policy of each round
   round_R/policy_hf/          round R's policy for vLLM: written by round R-1's trainer (the handoff), else
                               exported from its checkpoint (absent for an HF starting point)
+  round_R/prompts.jsonl, synthesize_stats.json, synthesize/   self-instruct prompts (when enabled)
   round_R/samples.jsonl, scored.jsonl, pairs.jsonl, pairs_stats.json
+  round_R/judgments_vs_round0.jsonl   rankers only, R >= 1
   round_R/train/              the trainer's output dir (metrics.jsonl, checkpoints/)
   round_R/shards/sample/, shards/reward/   finished shards of the placed engine stages (kept across a requeue)
   logs/STAGE.log              the launcher's lines and srun's messages of one stage
@@ -41,7 +45,8 @@ from aipo_mp.rounds.shards import ShardDir, shard_count
 CHECKPOINT_META = "aipo_checkpoint.json"  # = aipo_mp.models.MEGATRON_META (that package imports torch)
 LATEST = "latest"  # = aipo_mp.trainer.LATEST
 
-STAGES = ("export", "sample", "reward", "pairs", "train")
+STAGES = ("export", "synthesize", "sample", "reward", "compare", "pairs", "train")
+FINAL_STAGES = ("export", "sample", "reward", "compare")
 
 
 class RunState:
@@ -203,6 +208,20 @@ class RoundRunner:
         write_jsonl(out, shards.merge())
         return shards.markers()
 
+    def synthesized(self, r: int) -> bool:
+        """Round r samples from its own self-instruct prompts (the final evaluation uses the seeds)."""
+        return self.cfg.rounds.synthesize.enabled and r < self.cfg.rounds.num_rounds
+
+    def synthesize(self, r: int) -> dict:
+        if not self.synthesized(r):
+            return {"skipped": "rounds.synthesize.enabled is false"}
+        rd = self.round_dir(r)
+        name = f"round{r}-synthesize"
+        self.launch(name, ["aipo_mp.cli", "synthesize", "--config", str(self.config_path),
+                           "--model", self.policy_hf_dir(r), "--out-dir", str(rd),
+                           "--round", str(r), "--run-dir", str(self.run_dir)], self.placement(name))
+        return {"prompts": str(rd / "prompts.jsonl")}
+
     def sample(self, r: int) -> dict:
         from aipo_mp.rounds.sampling import read_prompts
 
@@ -211,22 +230,44 @@ class RoundRunner:
         name = f"round{r}-sample"
         placement = self.placement(name)
         per_shard = self.cfg.sampling.shard_prompts
-        total = 0 if self.plan_only else len(read_prompts(self.cfg.rounds.prompts))
+        prompts = str(rd / "prompts.jsonl") if self.synthesized(r) else self.cfg.rounds.prompts
+        total = 0 if self.plan_only else len(read_prompts(prompts))
         self.plan_shards(shard_root, total, placement.ntasks, per_shard)
         self.launch(name, ["aipo_mp.cli", "sample", "--config", str(self.config_path),
-                           "--model", self.policy_hf_dir(r), "--shard-dir", str(shard_root),
+                           "--model", self.policy_hf_dir(r), "--prompts", prompts, "--shard-dir", str(shard_root),
                            "--shard-prompts", str(per_shard), f"sampling.seed={self.cfg.sampling.seed + 1000 * r}"],
                     placement)
         markers = self.merge_shards(shard_root, total, placement.ntasks, out, per_shard)
         return {"samples": str(out), "nodes": sorted({m["node"] for m in markers})}
 
+    def compare(self, r: int) -> dict:
+        """Rankers: judge round r's answers against round 0's directly, for the report's win rates."""
+        from aipo_mp.rounds.rankers import RANKER_KINDS, reward_kind
+        from aipo_mp.rounds.report import JUDGMENTS_NAME
+
+        if r == 0 or reward_kind(self.cfg.reward) not in RANKER_KINDS:
+            return {"skipped": "scalar rewards compare rounds by score"}
+        out = self.round_dir(r) / JUDGMENTS_NAME
+        name = f"round{r}-compare"
+        self.launch(name, ["aipo_mp.rounds.rankers", "compare", "--config", str(self.config_path),
+                           "--samples", str(self.round_dir(r) / "samples.jsonl"),
+                           "--baseline", str(self.round_dir(0) / "samples.jsonl"), "--out", str(out)],
+                    self.placement(name))
+        return {"judgments": str(out)}
+
     def reward(self, r: int) -> dict:
         from aipo_mp.rounds.sampling import read_jsonl
+
+        from aipo_mp.rounds.rankers import RANKER_KINDS, reward_kind
 
         rd = self.round_dir(r)
         out, shard_root = rd / "scored.jsonl", rd / "shards" / "reward"
         name = f"round{r}-reward"
         placement = self.placement(name)
+        if reward_kind(self.cfg.reward) in RANKER_KINDS:  # a prompt's candidates are ranked together: one task
+            self.launch(name, ["aipo_mp.cli", "reward", "--config", str(self.config_path),
+                               "--samples", str(rd / "samples.jsonl"), "--out", str(out)], placement)
+            return {"scored": str(out)}
         total = 0 if self.plan_only else len(read_jsonl(rd / "samples.jsonl"))
         self.plan_shards(shard_root, total, placement.ntasks)
         self.launch(name, ["aipo_mp.cli", "reward", "--config", str(self.config_path),
@@ -280,7 +321,7 @@ class RoundRunner:
                 self.state.set_policy(r + 1, self.state.data["rounds"][str(r)]["train"]["checkpoint"])
             self.write_report()
         if self.cfg.rounds.evaluate_final:
-            for name in ("export", "sample", "reward"):
+            for name in FINAL_STAGES:
                 self.stage(rounds, name, getattr(self, name))
         if self.cfg.rounds.kl_estimate:
             self.stage(rounds, "kl", self.kl)
@@ -335,12 +376,21 @@ def check_recipe(cfg: Config) -> None:
             read_prompts(cfg.rounds.prompts)  # empty or malformed files fail here, before any stage
         except ConfigError as e:
             errors += [f"rounds.prompts: {line}" for line in e.errors]
-    if bool(cfg.reward.rule) == bool(cfg.reward.model):
+    from aipo_mp.rounds.rankers import reward_errors
+    from aipo_mp.rounds.synthesize import synthesize_errors
+
+    if not cfg.reward.kind and bool(cfg.reward.rule) == bool(cfg.reward.model):
         errors.append("reward: set exactly one of reward.rule (module:function) or reward.model (a classifier dir)")
-    elif cfg.reward.rule:
+    else:
+        errors += reward_errors(cfg.reward)
+    if cfg.reward.rule and not errors:
         from aipo_mp.rounds.rewards import check_rule
 
         errors += check_rule(cfg.reward.rule)  # import and signature, before any stage runs
+    if cfg.pairs.min_rank_gap and cfg.reward.kind not in ("pairwise", "judge"):
+        errors.append("pairs.min_rank_gap needs ranks: set reward.kind to pairwise or judge, or pairs.min_rank_gap=0")
+    if cfg.rounds.synthesize.enabled:
+        errors += synthesize_errors(cfg.rounds.synthesize)
     if cfg.rounds.num_rounds < 1:
         errors.append(f"rounds.num_rounds={cfg.rounds.num_rounds}: must be >= 1")
     if errors:

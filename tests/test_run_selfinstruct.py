@@ -1,0 +1,67 @@
+"""`aipo-mp run` of the second tiny recipe end to end on CPU: a self-instruct stage each round, a
+pairwise ranker (a tiny classifier built locally) instead of a reward, the compare stage, and the
+report with raw vs length-controlled win rate and length per round."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, tiny_arch
+
+RECIPE = ROOT / "configs" / "recipes" / "aipo_tiny_selfinstruct.yaml"
+
+
+@pytest.mark.slow
+def test_run_with_synthesize_and_pairwise_ranker(tmp_path):
+    from aipo_mp import demo_task
+    from aipo_mp.models.hf_build import save_hf_model
+    from aipo_mp.tiny import build_tiny_classifier, build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(tmp_path / "tokenizer", vocab_size=512)
+    policy = save_hf_model(tiny_arch("llama"), tmp_path / "policy", seed=0, tokenizer_dir=tok)
+    ranker = build_tiny_classifier(tmp_path / "ranker", tok, seed=1)
+    prompts = demo_task.write_prompts(tmp_path / "prompts.jsonl", n=8, seed=0)
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "aipo_mp.cli", "run", str(RECIPE), f"model.path={policy}",
+           f"rounds.prompts={prompts}", f"reward.model={ranker}", f"output.dir={run_dir}", "rounds.num_rounds=1",
+           "rounds.synthesize.total=6", "rounds.synthesize.max_batches=1", "rounds.synthesize.num_clusters=3",
+           "rounds.synthesize.examples_per_prompt=3", "rounds.synthesize.generation_max_tokens=24",
+           "rounds.synthesize.min_tokens=1", "pairs.min_rank_gap=1", "pairs.allow_truncated=true",
+           "sampling.n=3", "sampling.max_tokens=10", "train.steps=2", "train.save_every=0",
+           "train.global_batch_pairs=4"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    r0 = run_dir / "round_0"
+    stats = json.loads((r0 / "synthesize_stats.json").read_text())
+    assert stats["completions"] == 3 and stats["batches"] == 1  # ceil(6 / 2) generation prompts
+    assert stats["parsed_instructions"] == stats["kept"] + stats["over_total"] + sum(stats["dropped"].values())
+    round_prompts = [json.loads(l) for l in (r0 / "prompts.jsonl").read_text().splitlines()]
+    new = [p for p in round_prompts if str(p["id"]).startswith("r0-n")]
+    assert len(new) == stats["kept"] and len(round_prompts) == stats["kept"] + stats["seed_prompts_kept"]
+    sampled = {json.dumps(s["prompt_id"]) for s in map(json.loads, (r0 / "samples.jsonl").read_text().splitlines())}
+    assert sampled == {json.dumps(p["id"]) for p in round_prompts}
+
+    scored = [json.loads(l) for l in (r0 / "scored.jsonl").read_text().splitlines()]
+    assert all(s["ranker"] == "pairwise" for s in scored)
+    by_prompt: dict = {}
+    for s in scored:
+        by_prompt.setdefault(json.dumps(s["prompt_id"]), []).append(s["rank"])
+    assert all(sorted(r) == [1, 2, 3] for r in by_prompt.values())
+
+    # The final policy (round 1) was sampled on the seed prompts and judged against round 0.
+    judgments = [json.loads(l) for l in (run_dir / "round_1" / "judgments_vs_round0.jsonl").read_text().splitlines()]
+    assert judgments and all(0 <= j["win"] <= 1 for j in judgments)
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    assert [r["round"] for r in report] == [0, 1]
+    assert report[1]["win_rate_vs_round0"] is not None and report[1]["lc_win_rate_vs_round0"] is not None
+    assert report[1]["mean_length"] is not None and report[1]["length_p90"] is not None
+    md = (run_dir / "report" / "report.md").read_text()
+    assert "Length-aware evaluation" in md and "length-controlled" in md
+    assert "length-controlled" in done.stdout  # the report is printed at the end
