@@ -253,3 +253,10 @@ def test_405b_needs_a_pipeline_depth_that_divides_126_layers():
         assert rows and not any(r.fits for r in rows) and {r.layout.pp for r in rows} <= {1, 2}
     top = planner.plan(arch, 112, "h100-80gb")[0]
     assert top.fits and (top.layout.tp, top.layout.pp, top.layout.dp, top.recompute) == (8, 14, 1, "full")
+
+
+@pytest.mark.parametrize("name, published_billions", [
+    ("llama3_1_405b", 405.9), ("llama3_3_70b", 70.6), ("qwen2_5_72b", 72.7), ("qwen3_32b", 32.8)])
+def test_published_parameter_counts(name, published_billions):
+    """The model cards' parameter counts (rounded to 0.1B) follow from the configs' shapes."""
+    assert abs(_model_arch(name).num_params() / 1e9 - published_billions) < 0.05

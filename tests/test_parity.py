@@ -40,6 +40,9 @@ def run_cases(world: int, cases: list[dict], references: dict, tmp_path) -> list
 
 def assert_close(results: list[dict], expected_cases: int) -> None:
     assert len(results) == expected_cases
+    for r in results:  # shown with `pytest -s`
+        print(f"parity {r['family']} tp={r['tp']} pp={r['pp']} vpp={r.get('vpp', 1)} sp={r.get('sp', False)}: "
+              f"max |logit diff| = {r['max_abs_diff']:.1e}")
     bad = [r for r in results if not r["max_abs_diff"] <= TOL]
     assert not bad, f"logits differ beyond {TOL}: {bad}"
 

@@ -14,7 +14,8 @@ from tests.conftest import ROOT
 
 MODELS = ROOT / "configs" / "models"
 ALL = ["mistral_large_123b", "llama3_70b", "gemma2_27b", "mistral_nemo_12b", "llama3_8b",
-       "tiny_llama", "tiny_mistral", "tiny_gemma2"]
+       "llama3_1_405b", "llama3_3_70b", "qwen2_5_72b", "qwen3_32b",
+       "tiny_llama", "tiny_mistral", "tiny_gemma2", "tiny_llama3_1", "tiny_qwen2", "tiny_qwen3"]
 
 
 def arch_of(name: str):

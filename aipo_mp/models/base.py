@@ -1,7 +1,7 @@
 """What every family shares: the Family record, the layer spec, the TransformerConfig, model
 construction for any TP/PP/VPP layout, and the declarative HF <-> Megatron parameter mapping.
 
-Family modules (llama.py, mistral.py, gemma2.py) supply only data and small functions: how to
+Family modules (llama.py, mistral.py, gemma2.py, qwen2.py, qwen3.py) supply only data and small functions: how to
 read their HF config, which spec options they need, and their parameter-name table.
 """
 
@@ -33,8 +33,8 @@ class Rule:
     transform: copy | qkv (q, k, v fused per query group; weights and biases) | glu (gate and up stacked)
     split: how tensor parallelism slices the Megatron tensor: none | column (dim 0) | row (dim 1)
            | glu_column (each rank holds [gate shard; up shard])
-    te_alias: the same HF tensor under the Transformer Engine spec's name (that spec fuses the
-           input norms into the linears); the local spec's rule for it is the one listed for HF.
+    te_alias: the Transformer Engine spec's name of a tensor the local spec names otherwise (TE fuses
+           the input norms into the linears); `hf_names` skips it, the local rule lists the HF tensor.
     """
 
     megatron: str

@@ -100,7 +100,8 @@ def hf_rope_fields(rope_theta: float, scaling: Optional[dict]) -> dict:
     `rope_parameters` (which vLLM and transformers read)."""
     fields = {"rope_theta": rope_theta}
     if scaling:
-        fields["rope_parameters"] = {**scaling, "rope_theta": rope_theta}
+        fields["rope_parameters"] = {"rope_type": LLAMA3, **{k: scaling[k] for k in LLAMA3_FIELDS},
+                                     "rope_theta": rope_theta}
     return fields
 
 
