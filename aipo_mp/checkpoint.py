@@ -95,7 +95,7 @@ def dtype_name(built) -> str:
 
 
 ARCH_FIELDS = ("family", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
-               "num_key_value_heads", "head_dim", "vocab_size", "tie_embeddings")
+               "num_key_value_heads", "head_dim", "vocab_size", "tie_embeddings", "qkv_bias", "qk_norm", "rope_scaling")
 
 
 def arch_differences(a: ModelArch, b: ModelArch) -> list[str]:
