@@ -8,6 +8,13 @@ A checkpoint directory holds:
   stored under global keys (layers stacked along a leading axis), so a checkpoint saved at one
   TP/PP/VPP layout loads at any other; dist_checkpointing reshards while loading.
 - `hf_extra/`: tokenizer files and generation_config.json copied from the source HF directory.
+- `optimizer/` (training checkpoints only): the optimizer's `sharded_state_dict` (megatron's
+  distributed optimizer in `fully_reshardable` form: fp32 main weights, Adam moments, step, per
+  parameter under the parameter's global key), also a `dist_checkpointing` checkpoint, so a run
+  resumes at any TP/PP/VPP/DP layout.
+
+Every collective here runs on a tensor of the default group's device (NCCL serves no CPU tensors),
+and both checkpoints are written with megatron's fully-parallel save strategy.
 
 Saving is collective over all ranks and atomic: everything is written into a temporary sibling
 (`.<name>.partial`) which rank 0 renames to the final name after every rank has finished.

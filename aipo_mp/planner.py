@@ -22,8 +22,9 @@ is the one with the most parameters.
 Static bytes per GPU (P = parameters of the rank, d_p = data-parallel size):
     weights     e·P                      (bf16 params, or fp32 when dtype=fp32)
     gradients   4·P                      (megatron DDP buffer, grad_reduce_in_fp32=True, not sharded)
-    optimizer   bf16: (4 master + 4 + 4 Adam moments)·P, fp32: (4 + 4)·P;  / d_p with the
-                distributed optimizer (ZeRO-1 sharding of the states)
+    optimizer   bf16: (4 master + 4 + 4 Adam moments)·P, fp32: (4 + 4)·P;  ≈ / d_p with the
+                distributed optimizer (ZeRO-1 sharding of the states; each DP rank's exact share
+                from megatron's gradient-buffer layout, see dp_shard_numels)
 
 Activations of one transformer layer for one micro-batch (bytes; the Korthikanti et al. 2022
 "Reducing Activation Recomputation in Large Transformer Models" accounting, which gives
@@ -328,33 +329,33 @@ def dp_shard_numels(params: list[tuple[int, bool]], dp: int, bucket_size: Option
     evenly over the dp ranks. The optimizer holds fp32 main weights and moments for exactly
     these elements."""
     divisor = math.lcm(dp, 128)
-    ranges, buckets = [], []
+    buckets = []  # (start, padded end, [(param start, param end), ...])
     start = bucket_start = end = 0
-    open_params = 0
+    ranges: list[tuple[int, int]] = []
 
     def close(at: int) -> int:
-        nonlocal bucket_start, open_params
+        nonlocal bucket_start, ranges
         stop = _pad(at, divisor)
-        buckets.append((bucket_start, stop))
-        bucket_start, open_params = stop, 0
+        buckets.append((bucket_start, stop, ranges))
+        bucket_start, ranges = stop, []
         return stop
 
     for numel, shared in reversed(params):
         start = _pad(start, 64)
-        if shared and open_params:
+        if shared and ranges:
             start = close(start)
         end = start + numel
         ranges.append((start, end))
-        open_params += 1
         start = close(end) if shared or (bucket_size is not None and end - bucket_start >= bucket_size) else end
-    if open_params:
+    if ranges:
         close(end)
     per_rank = [0] * dp
-    for b0, b1 in buckets:
+    for b0, b1, members in buckets:
         shard = (b1 - b0) // dp
-        for r in range(dp):
-            lo, hi = b0 + r * shard, b0 + (r + 1) * shard
-            per_rank[r] += sum(max(0, min(hi, pe) - max(lo, ps)) for ps, pe in ranges)
+        for ps, pe in members:  # the ranks whose shard [b0 + r*shard, b0 + (r+1)*shard) meets the param
+            for r in range((ps - b0) // shard, min(dp, (pe - 1 - b0) // shard + 1)):
+                lo = b0 + r * shard
+                per_rank[r] += min(lo + shard, pe) - max(lo, ps)
     return per_rank
 
 

@@ -455,7 +455,7 @@ def pair_losses(state: RunState, logits: torch.Tensor, batch: dict):
     chosen, rejected = row_sequence_logps(logits, batch)
     dev = chosen.device
     ref = state.ref_table.to(dev)[batch["pair_indices"]] if state.ref_table is not None else None
-    batch = objectives.PairLogps(
+    logps = objectives.PairLogps(
         policy_chosen=chosen,
         policy_rejected=rejected,
         reference_chosen=None if ref is None else ref[:, 0],
@@ -463,7 +463,7 @@ def pair_losses(state: RunState, logits: torch.Tensor, batch: dict):
         chosen_lengths=batch["chosen_lengths"],
         rejected_lengths=batch["rejected_lengths"],
     )
-    return objectives.compute(state.cfg.objective.name, batch, state.objective_params)
+    return objectives.compute(state.cfg.objective.name, logps, state.objective_params)
 
 
 def accumulate(sums: dict, losses: torch.Tensor, metrics: dict) -> None:

@@ -47,7 +47,7 @@ def test_bf16_with_fp32_main_weights_tracks_fp32(policy_dirs, tmp_path):  # noqa
     equal the fp32 run's rounded to bf16 for the large majority. (A bf16 AdamW step without fp32
     main weights moved ~1% of all weights at this learning rate: the updates round away.)"""
     start = bf16_rounded_copy(Path(policy_dirs["llama"]), tmp_path / "start")
-    extra = [f"train.steps={BF16_STEPS}", "train.lr=5e-7", "train.adam_eps=1e-8"]
+    extra = [f"train.steps={BF16_STEPS}", "train.lr=5e-7", "train.adam_eps=1e-8", "train.global_batch_pairs=4"]
     base = [f"model.path={start}", f"data.train={policy_dirs['pairs']}", *COMMON]
     runs = [{"name": dtype, "overrides": [*base, *extra, f"precision.dtype={dtype}"]} for dtype in ("fp32", "bf16")]
     # The start in the same (Megatron) naming: one step at lr 0 leaves every weight as loaded.
@@ -70,7 +70,7 @@ def test_bf16_with_fp32_main_weights_tracks_fp32(policy_dirs, tmp_path):  # noqa
     fraction = matched / moved
     print(f"bf16 vs fp32 after {BF16_STEPS} steps at lr 5e-7: {moved} of {total} weights moved by >= one bf16 "
           f"step in fp32; bf16 equals fp32 rounded to bf16 for {fraction:.4f} of them")
-    assert fraction >= 0.85, fraction  # measured 0.913 (tiny llama, 1 rank, CPU)
+    assert fraction >= 0.85, fraction  # measured 0.912 (tiny llama, 4 pairs per step, 1 rank, CPU)
 
 
 RESUME_STEPS = 4

@@ -128,6 +128,21 @@ def test_static_memory_bytes():
     assert plain.binding.optimizer == 12 * plain.binding.params
 
 
+def test_distributed_optimizer_shards_follow_megatron_buffer_layout():
+    """Worked by hand from megatron's _ParamAndGradBuffer rules: parameters in reverse order,
+    starts padded to 64, buckets padded to lcm(dp, 128) and split evenly over the DP ranks."""
+    from aipo_mp.planner import dp_shard_numels
+
+    # [0,200) second param, [256,356) first; bucket [0,384): rank 0 [0,192), rank 1 [192,384).
+    assert dp_shard_numels([(100, False), (200, False)], 2) == [192, 108]
+    # Buckets of 250: [0,300) -> [0,384); [384,584) + [640,740) -> [384,768).
+    assert dp_shard_numels([(100, False), (200, False), (300, False)], 2, bucket_size=250) == [384, 216]
+    # A shared embedding gets its own bucket: [0,256) (the other param, [0,200)) in shards of 64,
+    # and [256,384) (the embedding, [256,356)) in shards of 32.
+    assert dp_shard_numels([(100, True), (200, False)], 4) == [64 + 32, 64 + 32, 64 + 32, 8 + 4]
+    assert dp_shard_numels([(100, True), (200, False)], 1) == [300]
+
+
 def test_activation_formula():
     arch = arch_of("mistral_large_123b")
     h, f, hq, hkv, a, s = 12288, 28672, 96 * 128, 8 * 128, 96, 2560
