@@ -421,9 +421,6 @@ def test_scancel_leaves_the_job_cancelled(slurm_cluster, slurm_env, tmp_path):
     assert "requeueing" not in log and "without a warning signal" in log and "not requeued" in log, log
 
 
-TINY_RECIPE = ROOT / "configs" / "recipes" / "aipo_tiny.yaml"
-
-
 def shard_markers(root: Path) -> dict[int, dict]:
     """{shard index: marker} of the finished shards of a placed stage (aipo_mp/rounds/shards.py)."""
     return {int(p.stem.split("_")[1]): json.loads(p.read_text()) for p in root.glob("of*/shard_*.json")}
