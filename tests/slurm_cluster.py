@@ -309,7 +309,7 @@ def _allreduce_main(out_dir: str, seconds: float = 0.0) -> int:
     torch.distributed.all_reduce(t)
     record = {"rank": env.rank, "world_size": env.world_size, "sum": float(t.item()), "launcher": env.launcher,
               "master": f"{env.master_addr}:{env.master_port}", "signals": got,
-              "node": os.environ.get("SLURMD_NODENAME"),
+              "node": os.environ.get("SLURMD_NODENAME"), "setup_mark": os.environ.get("AIPO_SETUP_MARK"),
               "dist_env": read_dist_env().__dict__}
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / f"rank_{env.rank}.json").write_text(json.dumps(record))

@@ -180,19 +180,26 @@ def test_slurm_launcher_command_layout(monkeypatch):
 RECIPE_123B = ROOT / "configs" / "recipes" / "aipo_mistral_large_123b.yaml"
 
 
-def dry_run(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run([sys.executable, "-m", "aipo_mp.cli", "run", str(RECIPE_123B), "--launcher", "slurm",
-                           "--dry-run", "--nodes", "8", "--gpus-per-node", "8", *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=120)
+def dry_run(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`aipo-mp run RECIPE_123B --launcher slurm --dry-run --nodes 8 --gpus-per-node 8 ARGS` in
+    this process (outside an allocation: the test clears SLURM_*)."""
+    from aipo_mp.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(RECIPE_123B), "--launcher", "slurm", "--dry-run", "--nodes", "8", "--gpus-per-node", "8",
+              *args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, e.value.code, out.out, out.err)
 
 
-def test_dry_run_places_every_stage_of_the_123b_recipe():
+def test_dry_run_places_every_stage_of_the_123b_recipe(capsys, monkeypatch):
     """The issue's done-when: on 8 nodes x 8 GPUs sampling is 8 engines of TP 8, one per node;
     reward and kl run TP 8 engines; export packs its 32 ranks 8 per node; training is 64 tasks;
     replicas that do not fit fail with one line, before anything starts."""
-    r = dry_run("--json")
+    for name in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+    r = dry_run(capsys, "--json")
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
     stages = {s["name"]: s for s in plan["stages"]}
@@ -207,12 +214,12 @@ def test_dry_run_places_every_stage_of_the_123b_recipe():
     assert "--tensor-parallel" in stages["kl"]["argv"] and stages["kl"]["argv"][stages["kl"]["argv"].index(
         "--tensor-parallel") + 1] == "8"
     assert "--nodelist=node001,node002,node003,node004" in stages["export"]["argv"]
-    text = dry_run()
+    text = dry_run(capsys)
     assert text.returncode == 0 and "round0-sample: 8 task(s) on 8 node(s)" in text.stdout, text.stdout
     for override, key in (("sampling.replicas=16", "sampling.replicas=16 x sampling.tensor_parallel=8 needs 128"),
                           ("sampling.tensor_parallel=16", "sampling.tensor_parallel=16 is more than the 8 GPUs"),
                           ("reward.replicas=9", "reward.replicas=9 x reward.tensor_parallel=8 needs 72")):
-        bad = dry_run(override)
+        bad = dry_run(capsys, override)
         lines = bad.stderr.strip().splitlines()
         assert bad.returncode == 2 and len(lines) == 1 and key in lines[0] and lines[0].startswith("error: "), \
             (override, bad.stderr)
@@ -296,13 +303,16 @@ def test_slurm_launcher_runs_srun_steps(slurm_cluster, slurm_env, tmp_path):
     """Inside a two-node batch job, SlurmLauncher runs a 2-task stage placed one task per node and
     a 1-task stage as srun steps: the tasks see the Slurm layout, meet at MASTER_ADDR:MASTER_PORT
     (fresh per stage; the node names n1/n2 do not resolve, so MASTER_ADDR is n1's NodeAddr), each
-    rank writes its own log file, and a failing stage reports its exit code."""
+    task sourced AIPO_SETUP on its node, each rank writes its own log file, and a failing stage
+    reports its exit code."""
     from aipo_mp.rounds.launchers import stage_port
 
     (tmp_path / "driver.py").write_text(LAUNCHER_DRIVER)
+    (tmp_path / "setup.sh").write_text('export AIPO_SETUP_MARK="sourced on $SLURMD_NODENAME"\n')
     script = write_script(tmp_path / "launch.sh", ["-N 2", "-n 2", f"-o {tmp_path}/job.out"],
                           f"{sys.executable} {tmp_path}/driver.py {tmp_path}")
-    info = submit_and_wait(slurm_cluster, slurm_env, script, tmp_path / "job.out", timeout=240)
+    env = dict(slurm_env, AIPO_SETUP=str(tmp_path / "setup.sh"))  # sourced in every task of every step
+    info = submit_and_wait(slurm_cluster, env, script, tmp_path / "job.out", timeout=240)
     job = info["JobId"]
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, read(tmp_path / "job.out")[-4000:])
     results = {x["name"]: x for x in json.loads((tmp_path / "results.json").read_text())}
@@ -313,6 +323,7 @@ def test_slurm_launcher_runs_srun_steps(slurm_cluster, slurm_env, tmp_path):
     two = [json.loads((tmp_path / "two" / f"rank_{i}.json").read_text()) for i in range(2)]
     assert {t["launcher"] for t in two} == {"slurm"} and {t["world_size"] for t in two} == {2}
     assert {t["sum"] for t in two} == {1.0} and sorted(t["node"] for t in two) == ["n1", "n2"]
+    assert sorted(t["setup_mark"] for t in two) == ["sourced on n1", "sourced on n2"]
     assert {t["master"] for t in two} == {f"127.0.0.1:{stage_port(job, 0, 0)}"}
     one = json.loads((tmp_path / "one" / "rank_0.json").read_text())
     assert one["world_size"] == 1 and one["master"] == f"127.0.0.1:{stage_port(job, 0, 1)}" and one["node"] == "n1"
@@ -408,9 +419,6 @@ def test_scancel_leaves_the_job_cancelled(slurm_cluster, slurm_env, tmp_path):
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", (info, read(tmp_path / "job.out")[-4000:])
     log = read(tmp_path / "job.out")
     assert "requeueing" not in log and "without a warning signal" in log and "not requeued" in log, log
-
-
-TINY_RECIPE = ROOT / "configs" / "recipes" / "aipo_tiny.yaml"
 
 
 def shard_markers(root: Path) -> dict[int, dict]:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -354,12 +353,13 @@ class RoundRunner:
 
 
 def last_error_line(log: Path) -> str:
-    """The child's own one-line `error: ...` message, if it printed one."""
-    try:
-        lines = log.read_text(errors="replace").splitlines()
-    except FileNotFoundError:
-        return ""
-    errors = [l for l in lines if l.startswith("error: ")]
+    """The child's own one-line `error: ...` message (from any rank's log), if it printed one."""
+    errors = []
+    for path in (log, *sorted(rank_log_dir(log).glob("*.log"))):
+        try:
+            errors += [l for l in path.read_text(errors="replace").splitlines() if l.startswith("error: ")]
+        except FileNotFoundError:
+            pass
     return errors[-1][len("error: "):] if errors else ""
 
 
