@@ -28,6 +28,3 @@ def die_with_parent(sig: int = signal.SIGTERM):
 
     return preexec
 
-
-def parent_is_gone(original_parent: int) -> bool:
-    return os.getppid() != original_parent

@@ -362,7 +362,7 @@ def compute_reference(state: RunState) -> torch.Tensor:
     cfg = state.cfg
     path = Path(cfg.output.dir) / "reference_logps.pt"
     key = run_identity.reference_key(state.stats["identity"])
-    if path.exists():  # keyed by what it was computed from; an old unkeyed table is recomputed
+    if path.exists():  # keyed by what it was computed from; another key is recomputed
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(saved, dict) and saved.get("key") == key and saved["table"].shape == (len(state.pairs), 2):
             return saved["table"]
@@ -566,10 +566,12 @@ def train(cfg: Config, stop: Optional[platform.StopSignal] = None) -> RunState:
     from aipo_mp.locks import Lock
 
     stop = stop or platform.StopSignal().install()
-    state = setup(cfg)
-    state.stop = stop
+    platform.init_distributed(cfg.cluster.master_port or None)  # (setup's call is then a no-op)
+    # Before reading data or weights: a second command on a busy directory fails at once.
     lock = rank0_then_agree(lambda: Lock(cfg.output.dir, "aipo-mp train").acquire())
     try:
+        state = setup(cfg)
+        state.stop = stop
         claim_output_dir(state)
         return run_loop(state)
     finally:

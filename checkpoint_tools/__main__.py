@@ -475,11 +475,15 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def output_lock(args):
-    """One conversion at a time per --out (aipo_mp.locks); a second one fails with one line."""
+    """One conversion at a time per --out (aipo_mp.locks); a second one fails with one line.
+    Under torchrun/srun every rank runs this: only global rank 0 holds the lock."""
     from aipo_mp.locks import hold_lock
 
     out = getattr(args, "out", None)
-    return hold_lock(out, f"checkpoint_tools {args.cmd}") if out else contextlib.nullcontext()
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) if inside_distributed_launch() else "0"
+    if not out or rank != "0":
+        return contextlib.nullcontext()
+    return hold_lock(out, f"checkpoint_tools {args.cmd}")
 
 
 def _main(args, argv: list[str]) -> int:
