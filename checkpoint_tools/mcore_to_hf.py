@@ -123,7 +123,9 @@ def mcore_to_hf_rank(args) -> dict:
                           "the checkpoint is incomplete or damaged: re-create it")
     units = split_evenly(export_units(family, arch, reader, DTYPES[out_dtype]), rank, world)
     by_first = {u.entries[0].name: u for u in units}
-    files = plan_files([u.entries for u in units], max_bytes)
+    # Files no larger than --max-shard-size, and at least one per writer thread.
+    mine = sum(e.nbytes for u in units for e in u.entries)
+    files = plan_files([u.entries for u in units], max(1, min(max_bytes, -(-mine // threads))))
     final = Path(args.out).absolute()
     on_rank0_then_agree(lambda: prepare_partial(final, args.overwrite))
     tmp = partial_path(final)
