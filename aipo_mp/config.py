@@ -173,6 +173,7 @@ class RoundsConfig:
     evaluate_final: bool = True  # sample and score the final policy too (round R, no training)
     kl_estimate: bool = True  # sampled KL(policy_r || initial policy) in the report
     synthesize: SynthesizeConfig = field(default_factory=SynthesizeConfig)
+    baseline_answers: Optional[str] = None  # JSONL {"prompt_id", "text"}: a fixed baseline of the report's win rates
 
 
 @dataclass

@@ -127,6 +127,17 @@ def test_report_of_a_run_that_only_grows_its_answers(tmp_path):
     assert list(length_fig.axes[0].get_xticks()) == [0, 1, 2]
     plt.close(length_fig)
 
+    # A fixed baseline answer file (one answer per prompt, scored by the reward): every round,
+    # round 0 included, gets a win rate against it; every answer of a prompt meets the same one.
+    (tmp_path / "baseline").mkdir()
+    (tmp_path / "baseline" / "scored.jsonl").write_text("".join(
+        json.dumps({"prompt_id": p, "sample_index": 0, "score": 12.0, "num_tokens": 12}) + "\n" for p in range(40)))
+    write_report(tmp_path)
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert all(r["win_rate_vs_baseline"] is not None for r in report)
+    assert report[0]["win_rate_vs_baseline"] < report[2]["win_rate_vs_baseline"]
+    assert "vs the baseline answers" in (tmp_path / "report" / "report.md").read_text()
+
     # Ranker scores (within-prompt ranks) are not compared across rounds without judgments.
     ranked = tmp_path / "ranked"
     for r in range(2):

@@ -160,11 +160,11 @@ def rank_samples(samples, comparator: Comparator, aggregate: str = "bradley_terr
 def compare_answers(current, baseline, comparator: Comparator, kind: str = "pairwise",
                     out_path: Optional[str | Path] = None) -> list[dict]:
     """Judgments of each `current` answer against the `baseline` answer with the same prompt id and
-    sample index, both orders: {"prompt_id", "sample_index", "win" = P(current better), "length",
+    sample index (or the one baseline answer of its prompt: report.match_baseline), both orders: {"prompt_id", "sample_index", "win" = P(current better), "length",
     "baseline_length"} (the report's length-controlled win rate reads them)."""
-    base = {(json.dumps(b["prompt_id"]), b["sample_index"]): b for b in load_samples(baseline)}
-    matched = [(c, base[key]) for c in load_samples(current)
-               if (key := (json.dumps(c["prompt_id"]), c["sample_index"])) in base]
+    from aipo_mp.rounds.report import match_baseline
+
+    matched = match_baseline(load_samples(current), load_samples(baseline))
     items = [(c["prompt"], c["text"], b["text"]) for c, b in matched]
     items += [(c["prompt"], b["text"], c["text"]) for c, b in matched]
     verdicts = check_probabilities(comparator(items) if items else [], len(items), f"the {kind} ranker")
@@ -351,14 +351,15 @@ def rank_with_config(samples, reward, out_path: Optional[str | Path] = None) -> 
 
 
 def compare_main(argv: Optional[list[str]] = None) -> int:
-    """`python -m aipo_mp.rounds.rankers compare --config RECIPE --samples S --baseline B --out J`."""
+    """`python -m aipo_mp.rounds.rankers compare --config RECIPE --samples S --against BASELINE OUT ...`:
+    one comparator, every (baseline answers, judgments file) pair."""
     from aipo_mp.config import load_config
 
     parser = argparse.ArgumentParser(prog="python -m aipo_mp.rounds.rankers compare")
     parser.add_argument("--config", required=True)
     parser.add_argument("--samples", required=True, help="the round's samples.jsonl (or scored.jsonl)")
-    parser.add_argument("--baseline", required=True, help="round 0's samples.jsonl")
-    parser.add_argument("--out", required=True, help="judgments JSONL to write")
+    parser.add_argument("--against", nargs=2, action="append", required=True, metavar=("BASELINE", "OUT"),
+                        help="baseline answers (samples JSONL) and the judgments JSONL to write")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     try:
@@ -368,22 +369,24 @@ def compare_main(argv: Optional[list[str]] = None) -> int:
             raise ConfigError(errors)
         comparator, close = open_comparator(reward)
         try:
-            judgments = compare_answers(args.samples, args.baseline, comparator, reward_kind(reward), args.out)
+            for baseline, out in args.against:
+                judgments = compare_answers(args.samples, baseline, comparator, reward_kind(reward), out)
+                wins = [j["win"] for j in judgments]
+                print(f"compared {len(wins)} answers with {baseline}: mean P(better) "
+                      f"{sum(wins) / max(1, len(wins)):.4f}")
         finally:
             close()
     except ConfigError as e:
         for line in e.errors:
             print(f"error: {line}", file=sys.stderr)
         return 2
-    wins = [j["win"] for j in judgments]
-    print(f"compared {len(wins)} answers with round 0's: mean P(better) {sum(wins) / max(1, len(wins)):.4f}")
     return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] != ["compare"]:
-        print("usage: python -m aipo_mp.rounds.rankers compare --config RECIPE --samples S --baseline B --out J",
+        print("usage: python -m aipo_mp.rounds.rankers compare --config RECIPE --samples S --against BASELINE OUT",
               file=sys.stderr)
         return 2
     return compare_main(argv[1:])
