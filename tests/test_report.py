@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from aipo_mp.rounds.report import (judgments_from_scores, length_controlled_win_rate, make_figure, percentile,
-                                   sigmoid, write_report)
+                                   round_rows, sigmoid, write_report)
 
 
 def synthetic_judgments(judge, n: int = 20000, seed: int = 0, length_shift: float = 40.0) -> list[dict]:
@@ -84,7 +84,7 @@ def test_judgments_from_scores_match_prompt_and_sample():
     assert percentile([3, 1, 2, 4], 0.5) == 2.5 and percentile([], 0.5) is None
 
 
-def write_round(run_dir: Path, r: int, rows: list[dict], extra: str = "") -> None:
+def write_round(run_dir: Path, r: int, rows: list[dict]) -> None:
     rd = run_dir / f"round_{r}"
     rd.mkdir(parents=True)
     (rd / "scored.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
@@ -142,7 +142,7 @@ def test_report_of_a_run_that_only_grows_its_answers(tmp_path):
     ranked = tmp_path / "ranked"
     for r in range(2):
         write_round(ranked, r, [{**x, "ranker": "pairwise"} for x in rounds[r]])
-    report = {r["round"]: r for r in json.loads(json.dumps(__import__("aipo_mp.rounds.report", fromlist=["x"]).round_rows(ranked)))}
+    report = {r["round"]: r for r in round_rows(ranked)}
     assert report[1]["win_rate_vs_round0"] is None and report[1]["win_rate_vs_previous"] is None
     (ranked / "round_1" / "judgments_vs_round0.jsonl").write_text(
         "".join(json.dumps({"win": 0.75, "length": 10, "baseline_length": 10}) + "\n" for _ in range(4)))

@@ -31,7 +31,6 @@ against round 0's directly (both orders), into `round_R/judgments_vs_round0.json
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path

@@ -14,7 +14,8 @@ Layout of RUN_DIR:
   round_R/policy_hf/          round R's policy exported for vLLM (absent for an HF starting point)
   round_R/prompts.jsonl, synthesize_stats.json, synthesize/   self-instruct prompts (when enabled)
   round_R/samples.jsonl, scored.jsonl, pairs.jsonl, pairs_stats.json
-  round_R/judgments_vs_round0.jsonl   rankers only, R >= 1
+  round_R/judgments_vs_round0.jsonl   rankers only, R >= 1 (and judgments_vs_baseline.jsonl)
+  baseline/                   rounds.baseline_answers as samples (and scored by a scalar reward)
   round_R/train/              the trainer's output dir (metrics.jsonl, checkpoints/)
   report/                     report.md, report.json, *.png
 """
@@ -142,11 +143,10 @@ class RoundRunner:
         return {"samples": str(out)}
 
     def compare(self, r: int) -> dict:
-        """Rankers: judge round r's answers against round 0's directly, for the report's win rates."""
+        """Rankers: judge round r's answers against round 0's (and the baseline answers) directly,
+        for the report's win rates (a ranker's scores do not compare across rounds)."""
         from aipo_mp.rounds.rankers import RANKER_KINDS, reward_kind
-        from aipo_mp.rounds.report import JUDGMENTS_NAME
-
-        from aipo_mp.rounds.report import BASELINE_JUDGMENTS_NAME
+        from aipo_mp.rounds.report import BASELINE_JUDGMENTS_NAME, JUDGMENTS_NAME
 
         against = []
         if r > 0:
