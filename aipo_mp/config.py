@@ -204,6 +204,7 @@ class RewardConfig:
     chat_template: bool = False  # judge: wrap the judge prompt in the judge's chat template
     batch_size: int = 16  # pairwise classifier batch
     tensor_parallel: int = 1  # judge engine
+    replicas: int = 1  # judge engines, each in its own process (data parallel, like sampling.replicas)
     kv_cache_gib: float = 1.0  # judge engine, CPU only
     max_model_len: Optional[int] = None  # judge engine
 
