@@ -187,6 +187,7 @@ class RoundsConfig:
     evaluate_final: bool = True  # sample and score the final policy too (round R, no training)
     kl_estimate: bool = True  # sampled KL(policy_r || initial policy) in the report
     synthesize: SynthesizeConfig = field(default_factory=SynthesizeConfig)
+    baseline_answers: Optional[str] = None  # JSONL {"prompt_id", "text"}: a fixed baseline of the report's win rates
 
 
 @dataclass
@@ -218,7 +219,9 @@ class RewardConfig:
     chat_template: bool = False  # judge: wrap the judge prompt in the judge's chat template
     batch_size: int = 16  # pairwise classifier batch
     tensor_parallel: int = 1  # GPUs per reward engine (reward.model, the judge)
-    replicas: int = 1  # reward tasks, each scoring its shard of the samples (model, rule; a ranker runs one)
+    # model, rule: reward tasks, each scoring its shard of the samples; judge: engines in child
+    # processes of the one ranking task (data parallel, like sampling.replicas)
+    replicas: int = 1
     kv_cache_gib: float = 1.0  # judge engine, CPU only
     max_model_len: Optional[int] = None  # judge engine
 

@@ -167,3 +167,30 @@ def test_min_rank_gap_and_reward_validation(tmp_path):
     assert any("{prompt}, {a} and {b}" in e for e in reward_errors(RewardConfig(kind="judge", model="d",
                                                                               template="{prompt} {a}")))
     assert any("bradley_terry" in e for e in reward_errors(RewardConfig(kind="judge", model="d", aggregate="elo")))
+
+
+def test_recipe_checks_and_cli_errors(tmp_path, capsys):
+    from aipo_mp.cli import main
+    from aipo_mp.config import config_from_dict
+    from aipo_mp.rounds.run import check_recipe
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    cfg = config_from_dict({"model": {"path": "x"}, "rounds": {"prompts": str(prompts),
+                                                               "synthesize": {"enabled": True, "max_similarity": 2.0}},
+                            "reward": {"kind": "pairwise"}})
+    with pytest.raises(ConfigError) as e:
+        check_recipe(cfg)
+    assert any("reward.kind=pairwise: set reward.model" in l for l in e.value.errors)
+    assert any("rounds.synthesize.max_similarity=2.0" in l for l in e.value.errors)
+    cfg = config_from_dict({"model": {"path": "x"}, "rounds": {"prompts": str(prompts)}, "reward": {"rule": "m:f"},
+                            "pairs": {"min_rank_gap": 1}})
+    with pytest.raises(ConfigError, match="min_rank_gap needs ranks"):
+        check_recipe(cfg)
+
+    with pytest.raises(SystemExit) as exit_code:
+        main(["synthesize", "--model", str(tmp_path), "--seeds", str(tmp_path / "missing.jsonl"),
+              "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_code.value.code == 2 and len(err) == 1 and err[0].startswith("error: cannot read prompts file")
+    assert not (tmp_path / "out" / "prompts.jsonl").exists()

@@ -92,3 +92,4 @@ def test_synthesize_with_vllm_stopped_and_rerun(judge, tmp_path):
     resumed, again = synthesize(seeds, generate, count, settings, tmp_path / "resumed", 2)
     assert resumed == straight and again == stats
     assert (tmp_path / "resumed" / "prompts.jsonl").read_text() == (tmp_path / "straight" / "prompts.jsonl").read_text()
+

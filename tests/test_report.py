@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from aipo_mp.rounds.report import (judgments_from_scores, length_controlled_win_rate, make_figure, percentile,
-                                   sigmoid, write_report)
+                                   round_rows, sigmoid, write_report)
 
 
 def synthetic_judgments(judge, n: int = 20000, seed: int = 0, length_shift: float = 40.0) -> list[dict]:
@@ -84,7 +84,7 @@ def test_judgments_from_scores_match_prompt_and_sample():
     assert percentile([3, 1, 2, 4], 0.5) == 2.5 and percentile([], 0.5) is None
 
 
-def write_round(run_dir: Path, r: int, rows: list[dict], extra: str = "") -> None:
+def write_round(run_dir: Path, r: int, rows: list[dict]) -> None:
     rd = run_dir / f"round_{r}"
     rd.mkdir(parents=True)
     (rd / "scored.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
@@ -127,11 +127,22 @@ def test_report_of_a_run_that_only_grows_its_answers(tmp_path):
     assert list(length_fig.axes[0].get_xticks()) == [0, 1, 2]
     plt.close(length_fig)
 
+    # A fixed baseline answer file (one answer per prompt, scored by the reward): every round,
+    # round 0 included, gets a win rate against it; every answer of a prompt meets the same one.
+    (tmp_path / "baseline").mkdir()
+    (tmp_path / "baseline" / "scored.jsonl").write_text("".join(
+        json.dumps({"prompt_id": p, "sample_index": 0, "score": 12.0, "num_tokens": 12}) + "\n" for p in range(40)))
+    write_report(tmp_path)
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert all(r["win_rate_vs_baseline"] is not None for r in report)
+    assert report[0]["win_rate_vs_baseline"] < report[2]["win_rate_vs_baseline"]
+    assert "vs the baseline answers" in (tmp_path / "report" / "report.md").read_text()
+
     # Ranker scores (within-prompt ranks) are not compared across rounds without judgments.
     ranked = tmp_path / "ranked"
     for r in range(2):
         write_round(ranked, r, [{**x, "ranker": "pairwise"} for x in rounds[r]])
-    report = {r["round"]: r for r in json.loads(json.dumps(__import__("aipo_mp.rounds.report", fromlist=["x"]).round_rows(ranked)))}
+    report = {r["round"]: r for r in round_rows(ranked)}
     assert report[1]["win_rate_vs_round0"] is None and report[1]["win_rate_vs_previous"] is None
     (ranked / "round_1" / "judgments_vs_round0.jsonl").write_text(
         "".join(json.dumps({"win": 0.75, "length": 10, "baseline_length": 10}) + "\n" for _ in range(4)))

@@ -26,6 +26,8 @@ def test_run_with_synthesize_and_pairwise_ranker(tmp_path):
     policy = save_hf_model(tiny_arch("llama"), tmp_path / "policy", seed=0, tokenizer_dir=tok)
     ranker = build_tiny_classifier(tmp_path / "ranker", tok, seed=1)
     prompts = demo_task.write_prompts(tmp_path / "prompts.jsonl", n=8, seed=0)
+    baseline = tmp_path / "baseline.jsonl"  # a fixed answer for every prompt but the last
+    baseline.write_text("".join(json.dumps({"prompt_id": k, "text": "green silver orange"}) + "\n" for k in range(7)))
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "aipo_mp.cli", "run", str(RECIPE), f"model.path={policy}",
            f"rounds.prompts={prompts}", f"reward.model={ranker}", f"output.dir={run_dir}", "rounds.num_rounds=1",
@@ -33,7 +35,7 @@ def test_run_with_synthesize_and_pairwise_ranker(tmp_path):
            "rounds.synthesize.examples_per_prompt=3", "rounds.synthesize.generation_max_tokens=24",
            "rounds.synthesize.min_tokens=1", "pairs.min_rank_gap=1", "pairs.allow_truncated=true",
            "sampling.n=3", "sampling.max_tokens=10", "train.steps=2", "train.save_every=0",
-           "train.global_batch_pairs=4"]
+           "train.global_batch_pairs=4", f"rounds.baseline_answers={baseline}"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -62,6 +64,11 @@ def test_run_with_synthesize_and_pairwise_ranker(tmp_path):
     assert [r["round"] for r in report] == [0, 1]
     assert report[1]["win_rate_vs_round0"] is not None and report[1]["lc_win_rate_vs_round0"] is not None
     assert report[1]["mean_length"] is not None and report[1]["length_p90"] is not None
+    assert (r0 / "judgments_vs_baseline.jsonl").exists()
+    vs_base = [json.loads(l) for l in (run_dir / "round_1" / "judgments_vs_baseline.jsonl").read_text().splitlines()]
+    assert {j["prompt_id"] for j in vs_base} == set(range(7)) and len(vs_base) == 7 * 3  # 3 answers per prompt
+    assert len({j["baseline_length"] for j in vs_base}) == 1
+    assert report[1]["win_rate_vs_baseline"] is not None and report[1]["lc_win_rate_vs_baseline"] is not None
     md = (run_dir / "report" / "report.md").read_text()
     assert "Length-aware evaluation" in md and "length-controlled" in md
     assert "length-controlled" in done.stdout  # the report is printed at the end

@@ -6,7 +6,8 @@ A comparator maps (prompt, answer A, answer B) to P(A better than B):
 * `PairwiseClassifier`: an HF `*ForSequenceClassification` model with one label (a PairRM-style
   comparator) reading `reward.template` filled with {prompt}, {a}, {b}; P = sigmoid(logit).
   Run with transformers (these comparators are small; a GPU is used when present).
-* `JudgeComparator`: an instruction model served by vLLM (tensor parallel like sampling) given
+* `JudgeComparator`: an instruction model served by vLLM (tensor parallel like sampling, and
+  `reward.replicas` engines in their own processes splitting the comparisons) given
   `reward.template` (a question asking which answer is better); the verdict is read from the
   teacher-forced log-probs of the two answer strings `reward.judge_answers` (" A", " B"):
   P(A) = exp(lp_A) / (exp(lp_A) + exp(lp_B)), an answer string's log-prob summed over its tokens.
@@ -160,11 +161,11 @@ def rank_samples(samples, comparator: Comparator, aggregate: str = "bradley_terr
 def compare_answers(current, baseline, comparator: Comparator, kind: str = "pairwise",
                     out_path: Optional[str | Path] = None) -> list[dict]:
     """Judgments of each `current` answer against the `baseline` answer with the same prompt id and
-    sample index, both orders: {"prompt_id", "sample_index", "win" = P(current better), "length",
+    sample index (or the one baseline answer of its prompt: report.match_baseline), both orders: {"prompt_id", "sample_index", "win" = P(current better), "length",
     "baseline_length"} (the report's length-controlled win rate reads them)."""
-    base = {(json.dumps(b["prompt_id"]), b["sample_index"]): b for b in load_samples(baseline)}
-    matched = [(c, base[key]) for c in load_samples(current)
-               if (key := (json.dumps(c["prompt_id"]), c["sample_index"])) in base]
+    from aipo_mp.rounds.report import match_baseline
+
+    matched = match_baseline(load_samples(current), load_samples(baseline))
     items = [(c["prompt"], c["text"], b["text"]) for c, b in matched]
     items += [(c["prompt"], b["text"], c["text"]) for c, b in matched]
     verdicts = check_probabilities(comparator(items) if items else [], len(items), f"the {kind} ranker")
@@ -289,6 +290,61 @@ class JudgeComparator:
         return out
 
 
+class JudgeReplicas:
+    """The judge on `replicas` engines, each in its own process with its own devices (or CPU
+    cores), like sampling's replicas: the comparisons are split into contiguous shards and the
+    verdicts merged back in order."""
+
+    def __init__(self, model_dir: str | Path, replicas: int, options: dict):
+        self.model_dir, self.replicas, self.options = str(model_dir), replicas, options
+
+    def __call__(self, items: Sequence[tuple]) -> list[float]:
+        import tempfile
+
+        from aipo_mp.rounds.sampling import replica_env, run_children, shard_bounds
+
+        if not items:
+            return []
+        replicas = min(self.replicas, len(items))
+        with tempfile.TemporaryDirectory(prefix=".aipo_judge.") as tmp:
+            tmp = Path(tmp)
+            (tmp / "options.json").write_text(json.dumps(self.options))
+            jobs = []
+            for k, (start, end) in enumerate(shard_bounds(len(items), replicas)):
+                write_jsonl(tmp / f"items{k}.jsonl", [{"prompt": p, "a": a, "b": b} for p, a, b in items[start:end]])
+                args = ["judge-shard", "--model", self.model_dir, "--items", str(tmp / f"items{k}.jsonl"),
+                        "--options", str(tmp / "options.json"), "--out", str(tmp / f"verdicts{k}.json")]
+                jobs.append((args, replica_env(k, replicas, self.options["tensor_parallel"])))
+            run_children("aipo_mp.rounds.rankers", jobs, tmp)
+            return [v for k in range(replicas) for v in json.loads((tmp / f"verdicts{k}.json").read_text())]
+
+
+def judge_shard_main(argv: list[str]) -> int:
+    """One judge replica: verdicts of the items of a shard (a child of JudgeReplicas)."""
+    from aipo_mp.io_utils import atomic_write_text
+    from aipo_mp.rounds.sampling import close_engine, pin_to_assigned_cores, read_jsonl, start_engine
+
+    parser = argparse.ArgumentParser(prog="python -m aipo_mp.rounds.rankers judge-shard")
+    for name in ("--model", "--items", "--options", "--out"):
+        parser.add_argument(name, required=True)
+    args = parser.parse_args(argv)
+    pin_to_assigned_cores()
+    options = json.loads(Path(args.options).read_text())
+    try:
+        llm = start_engine(args.model, tensor_parallel=options["tensor_parallel"], kv_cache_gib=options["kv_cache_gib"],
+                           max_model_len=options["max_model_len"], what="judge model")
+        try:
+            judge = JudgeComparator(llm, options["template"], options["answers"], options["chat_template"])
+            verdicts = judge([(r["prompt"], r["a"], r["b"]) for r in read_jsonl(args.items)])
+        finally:
+            close_engine(llm)
+    except ConfigError as e:
+        atomic_write_text(args.out + ".error", str(e) + "\n")
+        return 2
+    atomic_write_text(args.out, json.dumps(verdicts))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # From the config: validation, building a comparator, the reward stage
 # ---------------------------------------------------------------------------------------------
@@ -319,8 +375,10 @@ def reward_errors(reward) -> list[str]:
             check_template(reward.template, kind)
         except ConfigError as e:
             errors += e.errors
-    if not isinstance(reward.tensor_parallel, int) or reward.tensor_parallel < 1:
-        errors.append(f"reward.tensor_parallel={reward.tensor_parallel!r}: must be an integer >= 1")
+    for name in ("tensor_parallel", "replicas"):
+        value = getattr(reward, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            errors.append(f"reward.{name}={value!r}: must be an integer >= 1")
     return errors
 
 
@@ -333,6 +391,11 @@ def open_comparator(reward, model=None):
 
     if model is not None and is_engine(model):
         return JudgeComparator(model, reward.template, reward.judge_answers, reward.chat_template), lambda: None
+    if reward.replicas > 1:
+        options = dict(tensor_parallel=reward.tensor_parallel, kv_cache_gib=reward.kv_cache_gib,
+                       max_model_len=reward.max_model_len, template=reward.template,
+                       answers=list(reward.judge_answers), chat_template=reward.chat_template)
+        return JudgeReplicas(model or reward.model, reward.replicas, options), lambda: None
     llm = start_engine(model or reward.model, tensor_parallel=reward.tensor_parallel, kv_cache_gib=reward.kv_cache_gib,
                        max_model_len=reward.max_model_len, what="judge model")
     return (JudgeComparator(llm, reward.template, reward.judge_answers, reward.chat_template),
@@ -351,14 +414,15 @@ def rank_with_config(samples, reward, out_path: Optional[str | Path] = None) -> 
 
 
 def compare_main(argv: Optional[list[str]] = None) -> int:
-    """`python -m aipo_mp.rounds.rankers compare --config RECIPE --samples S --baseline B --out J`."""
+    """`python -m aipo_mp.rounds.rankers compare --config RECIPE --samples S --against BASELINE OUT ...`:
+    one comparator, every (baseline answers, judgments file) pair."""
     from aipo_mp.config import load_config
 
     parser = argparse.ArgumentParser(prog="python -m aipo_mp.rounds.rankers compare")
     parser.add_argument("--config", required=True)
     parser.add_argument("--samples", required=True, help="the round's samples.jsonl (or scored.jsonl)")
-    parser.add_argument("--baseline", required=True, help="round 0's samples.jsonl")
-    parser.add_argument("--out", required=True, help="judgments JSONL to write")
+    parser.add_argument("--against", nargs=2, action="append", required=True, metavar=("BASELINE", "OUT"),
+                        help="baseline answers (samples JSONL) and the judgments JSONL to write")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     try:
@@ -368,22 +432,26 @@ def compare_main(argv: Optional[list[str]] = None) -> int:
             raise ConfigError(errors)
         comparator, close = open_comparator(reward)
         try:
-            judgments = compare_answers(args.samples, args.baseline, comparator, reward_kind(reward), args.out)
+            for baseline, out in args.against:
+                judgments = compare_answers(args.samples, baseline, comparator, reward_kind(reward), out)
+                wins = [j["win"] for j in judgments]
+                print(f"compared {len(wins)} answers with {baseline}: mean P(better) "
+                      f"{sum(wins) / max(1, len(wins)):.4f}")
         finally:
             close()
     except ConfigError as e:
         for line in e.errors:
             print(f"error: {line}", file=sys.stderr)
         return 2
-    wins = [j["win"] for j in judgments]
-    print(f"compared {len(wins)} answers with round 0's: mean P(better) {sum(wins) / max(1, len(wins)):.4f}")
     return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["judge-shard"]:
+        return judge_shard_main(argv[1:])
     if argv[:1] != ["compare"]:
-        print("usage: python -m aipo_mp.rounds.rankers compare --config RECIPE --samples S --baseline B --out J",
+        print("usage: python -m aipo_mp.rounds.rankers compare --config RECIPE --samples S --against BASELINE OUT",
               file=sys.stderr)
         return 2
     return compare_main(argv[1:])

@@ -39,6 +39,8 @@ from aipo_mp.io_utils import atomic_write_json, atomic_write_text
 
 KL_SAMPLES = 64  # samples per round used for the KL estimate
 JUDGMENTS_NAME = "judgments_vs_round0.jsonl"
+BASELINE_JUDGMENTS_NAME = "judgments_vs_baseline.jsonl"
+BASELINE_SCORED = Path("baseline") / "scored.jsonl"  # the fixed baseline answers scored by the reward
 LENGTH_RIDGE = 1e-2  # ridge on the length coefficient: finite when the judge is a pure length rule
 LENGTH_ONLY_GAP = 0.1  # raw - length-controlled win rate above which the report flags a length effect
 
@@ -88,15 +90,29 @@ def scores_comparable(scored: list[dict]) -> bool:
     return bool(scored) and not any("ranker" in s for s in scored)
 
 
-def judgments_from_scores(current: list[dict], baseline: list[dict]) -> list[dict]:
-    """One judgment per answer of `current` whose (prompt id, sample index) has a `baseline`
-    answer: win 1 / 0.5 / 0 as its score is above / equal to / below the baseline's."""
-    base = {(json.dumps(b["prompt_id"]), b["sample_index"]): b for b in baseline}
+def match_baseline(current: list[dict], baseline: list[dict]) -> list[tuple[dict, dict]]:
+    """(answer, baseline answer) pairs: the baseline answer with the same prompt id and sample
+    index, or, for a baseline with one answer per prompt (a fixed answer file), that answer."""
+    by_key = {(json.dumps(b["prompt_id"]), b.get("sample_index")): b for b in baseline}
+    per_prompt: dict[str, list[dict]] = {}
+    for b in baseline:
+        per_prompt.setdefault(json.dumps(b["prompt_id"]), []).append(b)
     out = []
     for c in current:
-        b = base.get((json.dumps(c["prompt_id"]), c["sample_index"]))
-        if b is None:
-            continue
+        pid = json.dumps(c["prompt_id"])
+        b = by_key.get((pid, c.get("sample_index")))
+        if b is None and len(per_prompt.get(pid, ())) == 1:
+            b = per_prompt[pid][0]
+        if b is not None:
+            out.append((c, b))
+    return out
+
+
+def judgments_from_scores(current: list[dict], baseline: list[dict]) -> list[dict]:
+    """One judgment per answer of `current` that has a `baseline` answer (match_baseline):
+    win 1 / 0.5 / 0 as its score is above / equal to / below the baseline's."""
+    out = []
+    for c, b in match_baseline(current, baseline):
         win = 1.0 if c["score"] > b["score"] else 0.5 if c["score"] == b["score"] else 0.0
         out.append({"prompt_id": c["prompt_id"], "sample_index": c["sample_index"], "win": win,
                     "length": c.get("num_tokens"), "baseline_length": b.get("num_tokens")})
@@ -155,9 +171,10 @@ def fit_logistic(target, feature, ridge: float, iterations: int = 100) -> tuple[
 # ---------------------------------------------------------------------------------------------
 
 
-def round_judgments(rd: Path, scored: list[dict], baseline: Optional[list[dict]]) -> Optional[list[dict]]:
-    if (rd / JUDGMENTS_NAME).exists():
-        return read_jsonl(rd / JUDGMENTS_NAME)
+def round_judgments(rd: Path, scored: list[dict], baseline: Optional[list[dict]],
+                    name: str = JUDGMENTS_NAME) -> Optional[list[dict]]:
+    if (rd / name).exists():
+        return read_jsonl(rd / name)
     if baseline is not None and scores_comparable(scored) and scores_comparable(baseline):
         return judgments_from_scores(scored, baseline)
     return None
@@ -166,6 +183,7 @@ def round_judgments(rd: Path, scored: list[dict], baseline: Optional[list[dict]]
 def round_rows(run_dir: Path) -> list[dict]:
     kl = json.loads((run_dir / "kl.json").read_text()) if (run_dir / "kl.json").exists() else {}
     rows, previous, first = [], None, None
+    baseline = read_jsonl(run_dir / BASELINE_SCORED)
     r = 0
     while (run_dir / f"round_{r}").is_dir():
         rd = run_dir / f"round_{r}"
@@ -179,6 +197,8 @@ def round_rows(run_dir: Path) -> list[dict]:
         if r > 0:
             judgments = round_judgments(rd, scored, first)
             lc = length_controlled_win_rate(judgments) if judgments else None
+        judgments = round_judgments(rd, scored, baseline or None, BASELINE_JUDGMENTS_NAME)
+        vs_base = length_controlled_win_rate(judgments) if judgments else None
         rows.append({
             "round": r,
             "mean_reward": mean(s["score"] for s in scored),
@@ -197,6 +217,8 @@ def round_rows(run_dir: Path) -> list[dict]:
             "win_rate_vs_round0": lc["win_rate"] if lc else None,
             "lc_win_rate_vs_round0": lc["lc_win_rate"] if lc else None,
             "length_diff_vs_round0": lc["mean_length_diff"] if lc else None,
+            "win_rate_vs_baseline": vs_base["win_rate"] if vs_base else None,
+            "lc_win_rate_vs_baseline": vs_base["lc_win_rate"] if vs_base else None,
         })
         previous = scored
         first = first if first is not None else scored
@@ -220,26 +242,29 @@ def markdown_table(rows: list[dict], cols: Optional[list[str]] = None) -> str:
 
 
 LENGTH_COLUMNS = ["round", "mean_length", "length_p10", "length_p50", "length_p90", "length_diff_vs_round0",
-                  "win_rate_vs_round0", "lc_win_rate_vs_round0"]
+                  "win_rate_vs_round0", "lc_win_rate_vs_round0", "win_rate_vs_baseline", "lc_win_rate_vs_baseline"]
 
 
 def length_section(rows: list[dict]) -> str:
     """Raw vs length-controlled win rate and length per round, with a line per round whose raw
     gain is mostly length."""
     text = ("## Length-aware evaluation\n\nWin rate of each round's answers against round 0's (same prompt "
-            "and sample index): raw, and length-controlled (a logistic model with a length-difference term, "
-            "reported at zero length difference, as AlpacaEval 2.0's LC win rate).\n\n")
+            "and sample index) and against the fixed baseline answers when given (rounds.baseline_answers): raw, "
+            "and length-controlled (a logistic model with a length-difference term, reported at zero length "
+            "difference, as AlpacaEval 2.0's LC win rate).\n\n")
     text += markdown_table(rows, LENGTH_COLUMNS)
     notes = []
     for r in rows:
-        raw, lc = r.get("win_rate_vs_round0"), r.get("lc_win_rate_vs_round0")
-        if raw is None or lc is None:
-            continue
-        if raw - lc > LENGTH_ONLY_GAP:
-            notes.append(f"- round {r['round']}: raw win rate {raw:.3f} but length-controlled {lc:.3f}: "
-                         "much of the raw gain is longer answers.")
-        else:
-            notes.append(f"- round {r['round']}: raw win rate {raw:.3f}, length-controlled {lc:.3f}.")
+        for against in ("round0", "baseline"):
+            raw, lc = r.get(f"win_rate_vs_{against}"), r.get(f"lc_win_rate_vs_{against}")
+            if raw is None or lc is None:
+                continue
+            what = f"round {r['round']} vs {'round 0' if against == 'round0' else 'the baseline answers'}"
+            if raw - lc > LENGTH_ONLY_GAP:
+                notes.append(f"- {what}: raw win rate {raw:.3f} but length-controlled {lc:.3f}: "
+                             "much of the raw gain is longer answers.")
+            else:
+                notes.append(f"- {what}: raw win rate {raw:.3f}, length-controlled {lc:.3f}.")
     return text + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
@@ -251,9 +276,11 @@ PLOTS = {
     "length.png": ("response length (tokens): mean, p10-p90", [("mean_length", "mean", "-")], False),
     "agreement.png": ("agreement (reference already prefers chosen)", [("agreement", "agreement", "-")], False),
     "kl.png": ("sampled KL to the initial policy", [("kl_to_initial", "KL", "-")], False),
-    "win_rate.png": ("win rate vs round 0: raw and length-controlled",
+    "win_rate.png": ("win rates: raw and length-controlled",
                      [("win_rate_vs_round0", "raw vs round 0", "-"),
                       ("lc_win_rate_vs_round0", "length-controlled vs round 0", "-"),
+                      ("win_rate_vs_baseline", "raw vs baseline answers", "--"),
+                      ("lc_win_rate_vs_baseline", "length-controlled vs baseline", "--"),
                       ("win_rate_vs_previous", "raw vs previous round", ":")], True),
 }
 

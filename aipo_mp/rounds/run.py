@@ -15,7 +15,8 @@ Layout of RUN_DIR:
                               exported from its checkpoint (absent for an HF starting point)
   round_R/prompts.jsonl, synthesize_stats.json, synthesize/   self-instruct prompts (when enabled)
   round_R/samples.jsonl, scored.jsonl, pairs.jsonl, pairs_stats.json
-  round_R/judgments_vs_round0.jsonl   rankers only, R >= 1
+  round_R/judgments_vs_round0.jsonl   rankers only, R >= 1 (and judgments_vs_baseline.jsonl)
+  baseline/                   rounds.baseline_answers as samples (and scored by a scalar reward)
   round_R/train/              the trainer's output dir (metrics.jsonl, checkpoints/)
   round_R/shards/sample/, shards/reward/   finished shards of the placed engine stages (kept across a requeue)
   logs/STAGE.log              the launcher's lines and srun's messages of one stage
@@ -29,6 +30,7 @@ GPUs per task; the engine stages (sample, reward, kl) run one task per engine, e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import time
@@ -240,24 +242,45 @@ class RoundRunner:
         return {"samples": str(out), "nodes": sorted({m["node"] for m in markers})}
 
     def compare(self, r: int) -> dict:
-        """Rankers: judge round r's answers against round 0's directly, for the report's win rates."""
+        """Rankers: judge round r's answers against round 0's (and the baseline answers) directly,
+        for the report's win rates (a ranker's scores do not compare across rounds)."""
         from aipo_mp.rounds.rankers import RANKER_KINDS, reward_kind
-        from aipo_mp.rounds.report import JUDGMENTS_NAME
+        from aipo_mp.rounds.report import BASELINE_JUDGMENTS_NAME, JUDGMENTS_NAME
 
-        if r == 0 or reward_kind(self.cfg.reward) not in RANKER_KINDS:
+        against = []
+        if r > 0:
+            against += ["--against", str(self.round_dir(0) / "samples.jsonl"), str(self.round_dir(r) / JUDGMENTS_NAME)]
+        if self.cfg.rounds.baseline_answers:
+            against += ["--against", str(self.run_dir / "baseline" / "samples.jsonl"),
+                        str(self.round_dir(r) / BASELINE_JUDGMENTS_NAME)]
+        if not against or reward_kind(self.cfg.reward) not in RANKER_KINDS:
             return {"skipped": "scalar rewards compare rounds by score"}
-        out = self.round_dir(r) / JUDGMENTS_NAME
         name = f"round{r}-compare"
         self.launch(name, ["aipo_mp.rounds.rankers", "compare", "--config", str(self.config_path),
-                           "--samples", str(self.round_dir(r) / "samples.jsonl"),
-                           "--baseline", str(self.round_dir(0) / "samples.jsonl"), "--out", str(out)],
-                    self.placement(name))
-        return {"judgments": str(out)}
+                           "--samples", str(self.round_dir(r) / "samples.jsonl"), *against], self.placement(name))
+        return {"judgments": against[2::3]}
+
+    def baseline(self, r: int) -> dict:
+        """rounds.baseline_answers as samples of the seed prompts (RUN_DIR/baseline/samples.jsonl),
+        scored by a scalar reward (baseline/scored.jsonl); rankers judge them in the compare stage."""
+        from aipo_mp.rounds.rankers import RANKER_KINDS, reward_kind
+        from aipo_mp.rounds.sampling import write_jsonl
+
+        if not self.cfg.rounds.baseline_answers:
+            return {"skipped": "no rounds.baseline_answers"}
+        out = self.run_dir / "baseline"
+        write_jsonl(out / "samples.jsonl", baseline_samples(self.cfg.rounds.baseline_answers, self.cfg.rounds.prompts,
+                                                            self.state.policy(0)))
+        if reward_kind(self.cfg.reward) not in RANKER_KINDS:
+            one_task = dataclasses.replace(self.placement("baseline-reward"), ntasks=1, nodes=1, ntasks_per_node=1)
+            self.launch("baseline-reward", ["aipo_mp.cli", "reward", "--config", str(self.config_path),
+                                            "--samples", str(out / "samples.jsonl"), "--out", str(out / "scored.jsonl")],
+                        one_task)
+        return {"samples": str(out / "samples.jsonl")}
 
     def reward(self, r: int) -> dict:
-        from aipo_mp.rounds.sampling import read_jsonl
-
         from aipo_mp.rounds.rankers import RANKER_KINDS, reward_kind
+        from aipo_mp.rounds.sampling import read_jsonl
 
         rd = self.round_dir(r)
         out, shard_root = rd / "scored.jsonl", rd / "shards" / "reward"
@@ -313,6 +336,7 @@ class RoundRunner:
         if self.state.policy(0) is None:
             self.state.set_policy(0, str(Path(self.cfg.model.path).absolute()))
         rounds = self.cfg.rounds.num_rounds
+        self.stage(0, "baseline", self.baseline)
         for r in range(rounds):
             for name in STAGES:
                 self.stage(r, name, getattr(self, name))
@@ -350,6 +374,34 @@ class RoundRunner:
         if final:
             print((self.run_dir / "report" / "report.md").read_text())
             print("plots: " + ", ".join(str(p) for p in paths), flush=True)
+
+
+def baseline_samples(answers_path: str, prompts_path: str, policy: str) -> list[dict]:
+    """Records {prompt_id, prompt, sample_index 0, text, num_tokens, finish_reason} of a baseline
+    answers JSONL ({"prompt_id", "text"} per line) for prompts of `prompts_path`; num_tokens counts
+    the starting policy's tokens (plus EOS, as the sampler counts a finished answer)."""
+    from transformers import AutoTokenizer
+
+    from aipo_mp.checkpoint import is_megatron_checkpoint
+    from aipo_mp.rounds.sampling import read_jsonl, read_prompts
+
+    prompts = {json.dumps(p["id"]): p for p in read_prompts(prompts_path)}
+    tokenizer = AutoTokenizer.from_pretrained(str(Path(policy) / "hf_extra") if is_megatron_checkpoint(policy) else policy)
+    out = []
+    for k, answer in enumerate(read_jsonl(answers_path)):
+        if not isinstance(answer, dict) or not isinstance(answer.get("text"), str) or "prompt_id" not in answer:
+            raise ConfigError(f"rounds.baseline_answers {answers_path}:{k + 1}: each line needs "
+                              '{"prompt_id": ..., "text": "..."}')
+        prompt = prompts.get(json.dumps(answer["prompt_id"]))
+        if prompt is None:
+            raise ConfigError(f"rounds.baseline_answers {answers_path}:{k + 1}: prompt_id "
+                              f"{json.dumps(answer['prompt_id'])} is not in rounds.prompts ({prompts_path})")
+        out.append({"prompt_id": prompt["id"], "prompt": prompt["prompt"], "sample_index": 0, "text": answer["text"],
+                    "num_tokens": len(tokenizer(answer["text"], add_special_tokens=False).input_ids) + 1,
+                    "finish_reason": "stop", "chat_format": True, **({"meta": prompt["meta"]} if "meta" in prompt else {})})
+    if not out:
+        raise ConfigError(f"rounds.baseline_answers {answers_path} holds no answers")
+    return out
 
 
 def last_error_line(log: Path) -> str:
