@@ -224,6 +224,28 @@ def remove_run_dir_if_orphaned() -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def watch_parent(out: Optional[str]) -> None:
+    """A worker blocked in a C++ collective cannot run its SIGTERM handler: a thread notices the
+    parent is gone, removes the partial output and the run directory, and ends the process."""
+    import threading
+
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent:
+        return
+
+    def watch() -> None:
+        from aipo_mp.checkpoint import remove_partial
+
+        while os.getppid() == int(parent):
+            time.sleep(0.5)
+        if out:
+            remove_partial(out)
+        shutil.rmtree(os.environ[RUN_DIR_ENV], ignore_errors=True)
+        os._exit(EXIT_INTERRUPTED)
+
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
+
+
 def stop_all(procs) -> None:
     for p in procs:
         if p.poll() is None:
@@ -489,6 +511,7 @@ def output_lock(args):
 def _main(args, argv: list[str]) -> int:
     try:
         if os.environ.get(RUN_DIR_ENV):  # a worker started by spawn_ranks
+            watch_parent(getattr(args, "out", None))
             stats = run_rank_program(args)
             if stats:
                 (Path(os.environ[RUN_DIR_ENV]) / "result.json").write_text(json.dumps(stats))
