@@ -35,7 +35,9 @@ def test_run_with_synthesize_and_pairwise_ranker(tmp_path):
            "rounds.synthesize.examples_per_prompt=3", "rounds.synthesize.generation_max_tokens=24",
            "rounds.synthesize.min_tokens=1", "pairs.min_rank_gap=1", "pairs.allow_truncated=true",
            "sampling.n=3", "sampling.max_tokens=10", "train.steps=2", "train.save_every=0",
-           "train.global_batch_pairs=4", f"rounds.baseline_answers={baseline}"]
+           "train.global_batch_pairs=4", f"rounds.baseline_answers={baseline}",
+           # one training rank (the recipe trains on two; the suite's time budget)
+           "parallel.tp=1", "parallel.sequence_parallel=false", "cluster.nproc_per_node=1"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
