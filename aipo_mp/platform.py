@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 import re
 import signal
 import socket
@@ -322,9 +323,10 @@ EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal with progress saved; reque
 
 
 def shutdown() -> None:
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
+    # Not imported (a program that needed no model parallelism): nothing to destroy, and no
+    # seconds spent importing megatron to find that out.
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

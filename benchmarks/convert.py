@@ -309,17 +309,10 @@ def main() -> int:
             entry = {"tp": tp, "pp": pp, "exact": not bad}
             for key, rep in (("hf_to_mcore", to_mc), ("mcore_to_hf", to_hf)):
                 ranks = rep["ranks"]
-                conv = max(r["total_s"] for r in ranks)
-                data_phases = ("load_s", "save_s") if key == "hf_to_mcore" else ("load_s", "export_s")
-                data = max(sum(r[p] for p in data_phases) for r in ranks)
-                entry[key] = {
-                    "rank_time_s": conv, "wall_s": rep["wall_s"], "gb_per_s_rank_time": built["bytes"] / conv / 1e9,
-                    "data_s": data, "gb_per_s_data": built["bytes"] / data / 1e9,
-                    "gb_per_s_wall": built["bytes"] / rep["wall_s"] / 1e9,
-                    "peak_rss_gb": [round(r["peak_rss_bytes"] / 1e9, 3) for r in ranks],
-                    "peak_anon_gb": [round((r.get("peak_anon_bytes") or 0) / 1e9, 3) for r in ranks],
-                    "phases_s": {k: round(max(r[k] for r in ranks), 2) for k in ranks[0] if k.endswith("_s")},
-                }
+                entry[key] = {**rank_numbers(rep),
+                              "peak_rss_gb": [round(r["peak_rss_bytes"] / 1e9, 3) for r in ranks],
+                              "peak_anon_gb": [round((r.get("peak_anon_bytes") or 0) / 1e9, 3) for r in ranks],
+                              "phases_s": {k: round(max(r[k] for r in ranks), 2) for k in ranks[0] if k.endswith("_s")}}
             results["layouts"].append(entry)
             shutil.rmtree(mc, ignore_errors=True)
             shutil.rmtree(back, ignore_errors=True)
@@ -328,9 +321,8 @@ def main() -> int:
         for e in results["layouts"]:
             for key in ("hf_to_mcore", "mcore_to_hf"):
                 r = e[key]
-                print(f"TP={e['tp']} PP={e['pp']} {key:12s} data phases {r['data_s']:6.1f} s ({r['gb_per_s_data']:.3f} GB/s), "
-                      f"{r['rank_time_s']:6.1f} s in ranks ({r['gb_per_s_rank_time']:.3f} GB/s), "
-                      f"{r['wall_s']:7.1f} s wall ({r['gb_per_s_wall']:.3f} GB/s); per process: peak private "
+                print(f"TP={e['tp']} PP={e['pp']} {key:12s} {r['gb_per_s']:.3f} GB/s (read + written) over the "
+                      f"{r['data_s']:.1f} s conversion phase, {r['wall_s']:.1f} s wall; per process: peak private "
                       f"{min(r['peak_anon_gb']):.2f}-{max(r['peak_anon_gb']):.2f} GB, peak RSS incl. mmap "
                       f"{min(r['peak_rss_gb']):.2f}-{max(r['peak_rss_gb']):.2f} GB; phases {r['phases_s']}")
             print(f"TP={e['tp']} PP={e['pp']} round trip bit-exact: {e['exact']}")

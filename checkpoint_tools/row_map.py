@@ -87,8 +87,8 @@ def checkpoint_key(megatron_name: str, keys_map: dict[str, str]) -> tuple[str, b
 
 def layer_keys_map(family, arch: ModelArch) -> dict[str, str]:
     """The local layer spec's `sharded_state_dict_keys_map` (the checkpoint keys are the same
-    for the Transformer Engine spec, whose parameters already carry the fused names)."""
-    from aipo_mp.models.base import local_layer_spec
+    for the Transformer Engine spec, whose parameters already carry the fused names); a
+    constant, so mcore-to-hf needs no megatron import."""
+    from aipo_mp.models.base import CHECKPOINT_KEYS_MAP
 
-    return dict(local_layer_spec(family.spec_options(arch)).submodules.sharded_state_dict_keys_map)
-
+    return dict(CHECKPOINT_KEYS_MAP)

@@ -233,6 +233,14 @@ def choose_backend(requested: str) -> str:
     return requested
 
 
+# Checkpoint keys of the local spec's norms: the same as the Transformer Engine spec's (norms fused
+# into the linears there), so a checkpoint moves between backends. mcore-to-hf reads it too.
+CHECKPOINT_KEYS_MAP = {
+    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
+
+
 def local_layer_spec(opts: SpecOptions):
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -278,12 +286,7 @@ def local_layer_spec(opts: SpecOptions):
             pre_mlp_layernorm=norm,
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=out_proj)),
             mlp_bda=get_bias_dropout_add,
-            # Same checkpoint keys as the Transformer Engine spec (norms fused into the linears
-            # there), so a checkpoint moves between backends.
-            sharded_state_dict_keys_map={
-                "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
-            },
+            sharded_state_dict_keys_map=dict(CHECKPOINT_KEYS_MAP),
         ),
     )
 
