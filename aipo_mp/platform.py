@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import warnings
 import re
 import signal
 import socket
@@ -167,7 +168,10 @@ def apply_cpu_shims() -> None:
     torch.cuda.current_device = lambda: "cpu"
     # dist_checkpointing save and the async writers call torch.cuda.synchronize(); nothing to wait for.
     torch.cuda.synchronize = lambda *a, **k: None
-    # Hard-coded device="cuda" in schedules and optimizers (see _CudaToCpuMode).
+    # Hard-coded device="cuda" in schedules and optimizers (see _CudaToCpuMode). Reading `.grad`
+    # through the mode makes torch warn about megatron's non-leaf parameter views (their grads
+    # live in megatron's buffers, not in .grad): noise on every run's console, not a problem.
+    warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf Tensor")
     _CPU_MODE = _CudaToCpuMode()
     _CPU_MODE.__enter__()
     _SHIMS_APPLIED = True

@@ -661,8 +661,8 @@ def run_loop(state: RunState) -> RunState:
             with clock.timing("step"):
                 record = train_step(state, step)
             # After the update but before anything is logged or saved: a non-finite step never reaches disk.
-            guards.check_step(step + 1, "the loss", record["loss"])
             guards.check_step(step + 1, "the gradient norm", record["grad_norm"])
+            guards.check_step(step + 1, "the loss", record["loss"])
             log.write(record)
             if bar:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('rewards/accuracy', 0):.2f}")
