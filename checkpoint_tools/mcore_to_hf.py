@@ -73,6 +73,8 @@ def export_units(family, arch, reader: DistCheckpointReader, out_dtype: torch.dt
     keys_map = layer_keys_map(family, arch)
     first, layers, last = [], [], []
     for rule in family.rules(arch):
+        if rule.te_alias:
+            continue  # the TE spec's name of a tensor its local-spec rule already exports (same checkpoint key)
         if rule.megatron == "output_layer.weight" and arch.tie_embeddings:
             continue  # the embedding is the HF tensor
         key, stacked = checkpoint_key(rule.megatron, keys_map)
