@@ -297,13 +297,15 @@ def param_counts(arch: ModelArch, tp: int = 1, pp: int = 1, vpp: int = 1) -> Par
 def chunk_param_numels(arch: ModelArch, tp: int, pp: int, vpp: int, stage: int, chunk: int) -> list[tuple[int, bool]]:
     """(numel, shared_embedding) of each trainable parameter of one model chunk on one TP rank, in
     megatron's registration order (GPTModel with this project's local layer spec): embedding,
-    then per layer input norm, QKV, proj (+ Gemma-2's post-attention norm), pre-MLP norm, fc1,
-    fc2 (+ post-MLP norm), then the final norm and the output layer. `shared_embedding` marks the
+    then per layer input norm, QKV (+ its bias, + the q/k norms), proj (+ Gemma-2's
+    post-attention norm), pre-MLP norm, fc1, fc2 (+ post-MLP norm), then the final norm and the output layer. `shared_embedding` marks the
     tied embedding / output copies with pp > 1 (megatron gives them their own gradient bucket)."""
     h, f, d = arch.hidden_size, arch.intermediate_size, arch.head_dim
     a, g = arch.num_attention_heads, arch.num_key_value_heads
     post = arch.family == "gemma2"
-    layer = [h, (a + 2 * g) * d // tp * h, h * (a * d // tp), *([h] if post else []), h, 2 * f // tp * h,
+    qkv = [(a + 2 * g) * d // tp * h, *([(a + 2 * g) * d // tp] if arch.qkv_bias else []),
+           *([d, d] if arch.qk_norm else [])]  # Qwen2's fused q/k/v bias; Qwen3's q and k norms
+    layer = [h, *qkv, h * (a * d // tp), *([h] if post else []), h, 2 * f // tp * h,
              h * (f // tp), *([h] if post else [])]
     shared = arch.tie_embeddings and pp > 1
     vocab_shard = arch.vocab_size // tp * h
