@@ -298,8 +298,9 @@ def chunk_param_numels(arch: ModelArch, tp: int, pp: int, vpp: int, stage: int, 
     """(numel, shared_embedding) of each trainable parameter of one model chunk on one TP rank, in
     megatron's registration order (GPTModel with this project's local layer spec): embedding,
     then per layer input norm, QKV (+ its bias, + the q/k norms), proj (+ Gemma-2's
-    post-attention norm), pre-MLP norm, fc1, fc2 (+ post-MLP norm), then the final norm and the output layer. `shared_embedding` marks the
-    tied embedding / output copies with pp > 1 (megatron gives them their own gradient bucket)."""
+    post-attention norm), pre-MLP norm, fc1, fc2 (+ post-MLP norm), then the final norm and the
+    output layer. `shared_embedding` marks the tied embedding / output copies with pp > 1
+    (megatron gives them their own gradient bucket)."""
     h, f, d = arch.hidden_size, arch.intermediate_size, arch.head_dim
     a, g = arch.num_attention_heads, arch.num_key_value_heads
     post = arch.family == "gemma2"
