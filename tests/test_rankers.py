@@ -192,5 +192,5 @@ def test_recipe_checks_and_cli_errors(tmp_path, capsys):
         main(["synthesize", "--model", str(tmp_path), "--seeds", str(tmp_path / "missing.jsonl"),
               "--out-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert exit_code.value.code == 2 and len(err) == 1 and err[0].startswith("error: cannot read prompts file")
+    assert exit_code.value.code == 2 and len(err) == 1 and err[0].startswith("error: prompts file: file not found")
     assert not (tmp_path / "out" / "prompts.jsonl").exists()

@@ -503,7 +503,9 @@ def test_sbatch_two_nodes_places_stages_resumes_unfinished_shards_and_locks(slur
               run_dir / "round_0" / "pairs.jsonl"):
         assert f.stat().st_mode & 0o777 == 0o644, (f, oct(f.stat().st_mode))
     state = json.loads((run_dir / "run_state.json").read_text())
-    assert set(state["rounds"]["0"]) == {"export", "sample", "reward", "pairs", "train"}
+    # Every stage of round 0 recorded done (synthesize, compare and baseline as skipped: not enabled).
+    assert set(state["rounds"]["0"]) == {"export", "synthesize", "sample", "reward", "compare", "pairs", "train",
+                                         "baseline"}
     progress = [l for l in log.splitlines() if l.startswith("[aipo-mp run]")]
     assert "vllm" not in log.lower() and "WARNING" not in log, log[-4000:]
     assert len([l for l in progress if "round0-train" in l]) == 2, progress
