@@ -319,9 +319,14 @@ def load_model(built, directory: str | Path) -> dict:
     meta = read_meta(d)
     check_compatible(built, meta, d)
     sharded = model_sharded_state_dict(built)
-    loaded = load_explained(lambda: dist_checkpointing.load(sharded, str(d / MODEL_SUBDIR),
-                                                            strict=StrictHandling.RAISE_ALL),
-                            d / MODEL_SUBDIR, "the model weights", "the checkpoint is incomplete or damaged: re-create it")
+    try:
+        loaded = dist_checkpointing.load(sharded, str(d / MODEL_SUBDIR), strict=StrictHandling.RAISE_ALL)
+    except BaseException as e:  # noqa: BLE001 - torch's CheckpointException is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{d / MODEL_SUBDIR}: cannot load the model weights ({type(e).__name__}: {first[:300]}); "
+                          "the checkpoint is incomplete or damaged: re-create it") from e
     for i, chunk in enumerate(built.chunks):
         prefix = f"chunk{i}."
         state = {k[len(prefix):]: v for k, v in loaded.items() if k.startswith(prefix)}
@@ -340,20 +345,15 @@ def load_optimizer(optimizer, built, directory: str | Path) -> None:
                           f"checkpoint; start a new run from it with model.path={directory}")
     sharded = optimizer.sharded_state_dict(model_sharded_state_dict(built), is_loading=True,
                                            metadata=OPTIMIZER_METADATA)
-    loaded = load_explained(lambda: dist_checkpointing.load(sharded, str(d)), d, "the optimizer state",
-                            "the checkpoint is incomplete or damaged, or was saved with other optimizer settings")
-    optimizer.load_state_dict(loaded)
-
-
-def load_explained(load: Callable[[], dict], where: Path, what: str, fix: str) -> dict:
-    """`load()`, with a failure to read `where` turned into one user-facing line naming `what`."""
     try:
-        return load()
+        loaded = dist_checkpointing.load(sharded, str(d))
     except BaseException as e:  # noqa: BLE001 - torch's CheckpointException is a BaseException
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{where}: cannot load {what} ({type(e).__name__}: {first[:300]}); {fix}") from e
+        raise ConfigError(f"{d}: cannot load the optimizer state ({type(e).__name__}: {first[:300]}); "
+                          "the checkpoint is incomplete or damaged, or was saved with other optimizer settings") from e
+    optimizer.load_state_dict(loaded)
 
 
 def prune_checkpoints(root: str | Path, keep: int, latest_name: str = "latest") -> list[Path]:

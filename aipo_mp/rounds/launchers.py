@@ -272,14 +272,6 @@ def _header(name: str, cmd: list[str], placement: Placement, tee: _Tee) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def checked_placement(placement: Optional[Placement], ntasks: Optional[int]) -> Placement:
-    """The stage's placement (default: `ntasks` tasks on one node), refusing an empty one."""
-    placement = placement or one_task(ntasks or 1)
-    if placement.ntasks < 1:
-        raise ValueError(f"ntasks={placement.ntasks}: must be >= 1")
-    return placement
-
-
 class LocalLauncher(_Base):
     """Stages as local subprocesses. ntasks > 1: that many ranks with RANK/WORLD_SIZE/LOCAL_RANK/
     MASTER_ADDR/MASTER_PORT (a free port per stage); if one rank fails the others are stopped.
@@ -288,7 +280,9 @@ class LocalLauncher(_Base):
     def run(self, name: str, argv: list[str], placement: Optional[Placement] = None, env: Optional[dict] = None,
             log_path: Optional[Path] = None, time_limit_min: Optional[float] = None,
             ntasks: Optional[int] = None) -> StageResult:
-        placement = checked_placement(placement, ntasks)
+        placement = placement or one_task(ntasks or 1)
+        if placement.ntasks < 1:
+            raise ValueError(f"ntasks={placement.ntasks}: must be >= 1")
         stopped = self._stopped_before_start(name)
         if stopped:
             return stopped
@@ -521,7 +515,9 @@ class SlurmLauncher(_Base):
     def run(self, name: str, argv: list[str], placement: Optional[Placement] = None, env: Optional[dict] = None,
             log_path: Optional[Path] = None, time_limit_min: Optional[float] = None,
             ntasks: Optional[int] = None) -> StageResult:
-        placement = checked_placement(placement, ntasks)
+        placement = placement or one_task(ntasks or 1)
+        if placement.ntasks < 1:
+            raise ValueError(f"ntasks={placement.ntasks}: must be >= 1")
         stopped = self._stopped_before_start(name)
         if stopped:
             return stopped
