@@ -13,8 +13,8 @@ USER_ERRORS: tuple = ()
 
 
 def user_error_types() -> tuple:
-    from aipo_mp.config import ConfigError
     from aipo_mp.data.pairs import DataError
+    from aipo_mp.errors import ConfigError
     from aipo_mp.objectives import ObjectiveError
 
     return (ConfigError, DataError, ObjectiveError, FileExistsError)
@@ -55,8 +55,8 @@ def check_data(cfg, vocab_size: int) -> None:
     if not cfg.model.path:
         print(f"note: data.train not read (it is tokenized with model.path's tokenizer, and model.path is unset)")
         return
-    from aipo_mp.hf_io import load_tokenizer
-    from aipo_mp.trainer import tokenizer_dir_of
+    from aipo_mp.convert.hf_io import load_tokenizer
+    from aipo_mp.training.loop import tokenizer_dir_of
 
     tokenizer = load_tokenizer(tokenizer_dir_of(cfg.model.path), cfg.model.trust_remote_code)
     pairs, stats, _ = prepare.prepare_pairs(cfg, tokenizer, vocab_size)
@@ -72,7 +72,8 @@ def print_notes(cfg) -> None:
 
 
 def cmd_train(args) -> int:
-    from aipo_mp.platform import EXIT_STOPPED, StopSignal
+    from aipo_mp.errors import EXIT_STOPPED
+    from aipo_mp.runtime.platform import StopSignal
 
     stop = StopSignal().install()  # before the slow imports: an early preemption signal is not fatal
     from aipo_mp.config import load_config, validate
@@ -80,15 +81,15 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.nproc_per_node and "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
         validate(cfg, world_size=args.nproc_per_node)  # fail before starting any process
-        from aipo_mp.locks import hold_lock
         from aipo_mp.rounds.launchers import LocalLauncher
+        from aipo_mp.runtime.locks import hold_lock
 
         with hold_lock(cfg.output.dir, "aipo-mp train"):  # the ranks inherit it (AIPO_MP_LOCKED_DIRS)
             result = LocalLauncher().run("train", ["aipo_mp.cli", "train", args.config, *args.overrides],
                                          ntasks=args.nproc_per_node)
         return EXIT_STOPPED if result.stopped_by_signal else result.returncode
-    from aipo_mp.platform import read_dist_env, shutdown
-    from aipo_mp.trainer import train
+    from aipo_mp.runtime.platform import read_dist_env, shutdown
+    from aipo_mp.training.loop import train
 
     validate(cfg, world_size=read_dist_env().world_size)
     try:
@@ -120,7 +121,7 @@ def cmd_sample(args) -> int:
     from aipo_mp.rounds.shards import StopFlag
 
     stop = StopFlag() if args.shard_dir else None  # a placed task: before the slow imports
-    from aipo_mp.config import ConfigError
+    from aipo_mp.errors import ConfigError
     from aipo_mp.rounds.sampling import SamplingSpec, sample, sample_task
 
     cfg = stage_config(args)
@@ -142,7 +143,7 @@ def cmd_reward(args) -> int:
     from aipo_mp.rounds.shards import StopFlag
 
     stop = StopFlag() if args.shard_dir else None  # a placed task: before the slow imports
-    from aipo_mp.config import ConfigError
+    from aipo_mp.errors import ConfigError
     from aipo_mp.rounds.rewards import reward_task, score_with_model, score_with_rule
 
     cfg = stage_config(args)
@@ -183,7 +184,7 @@ def cmd_synthesize(args) -> int:
 
 
 def cmd_pairs(args) -> int:
-    from aipo_mp.rounds.pairs_builder import build_pairs
+    from aipo_mp.rounds.pairs import build_pairs
 
     cfg = stage_config(args)
     p = cfg.pairs
@@ -213,7 +214,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from aipo_mp.config import ConfigError
+    from aipo_mp.errors import ConfigError
     from aipo_mp.rounds.report import write_report
 
     if not Path(args.run_dir).is_dir():
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         print_errors(e)
         code = 2
     except OSError as e:
-        from aipo_mp.io_utils import disk_error_line
+        from aipo_mp.runtime.files import disk_error_line
 
         line = disk_error_line(e)
         if line is None:

@@ -20,14 +20,7 @@ from typing import Any, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A user mistake in the configuration. `errors` holds one line per problem."""
-
-    def __init__(self, errors: list[str] | str):
-        self.errors = [errors] if isinstance(errors, str) else list(errors)
-        super().__init__("\n".join(self.errors))
-
+from aipo_mp.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------
 # Sections
@@ -605,7 +598,7 @@ def objective_errors(cfg: Config) -> list[str]:
 
 def dump_config(cfg: Config, path: Path) -> None:
     """The resolved config, written atomically (YAML; readable by load_config)."""
-    from aipo_mp.io_utils import atomic_write_text
+    from aipo_mp.runtime.files import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 

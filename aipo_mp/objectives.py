@@ -23,8 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from aipo_mp.errors import ConfigError
 
-class ObjectiveError(ValueError):
+
+class ObjectiveError(ConfigError):
     """A user mistake in the objective section of a config (unknown name, key or type)."""
 
 

@@ -102,12 +102,13 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from aipo_mp.config import ConfigError, ModelArch, ParallelConfig, layout_errors
+from aipo_mp.config import ModelArch, ParallelConfig, layout_errors
+from aipo_mp.errors import ConfigError
 
 GiB = 1024**3
 
 
-class PlanError(ValueError):
+class PlanError(ConfigError):
     """A user mistake in the planner's arguments (printed as one `error:` line, exit code 2)."""
 
 

@@ -136,7 +136,7 @@ def compare_streaming(a: Path, b: Path) -> tuple[int, list[str]]:
     """torch.equal on every tensor, one tensor pair in memory at a time."""
     import torch
 
-    from aipo_mp.hf_io import HFWeights
+    from aipo_mp.convert.hf_io import HFWeights
 
     wa, wb = HFWeights(a), HFWeights(b)
     names = wa.names()
@@ -269,7 +269,7 @@ def main() -> int:
     if args.depth:
         return depth_benchmark(args)
 
-    from checkpoint_tools import parse_size
+    from aipo_mp.convert.common import parse_size
 
     shape = shapes_for(args)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="aipo_convert_bench."))

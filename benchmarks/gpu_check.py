@@ -60,13 +60,13 @@ def check_parity(work: Path, tol: float) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from aipo_mp import platform
     from aipo_mp.config import ParallelConfig, PrecisionConfig
-    from aipo_mp.engine import model_forward
-    from aipo_mp.hf_io import HFWeights
+    from aipo_mp.convert.hf_io import HFWeights
     from aipo_mp.models import get_family
     from aipo_mp.models.base import build_model, load_hf_weights
-    from aipo_mp.models.hf_build import save_hf_model
+    from aipo_mp.runtime import platform
+    from aipo_mp.testing.hf_build import save_hf_model
+    from aipo_mp.training.forward import model_forward
 
     arch = tiny_llama()
     hf_dir = save_hf_model(arch, work / "parity_hf", seed=7)
@@ -119,10 +119,10 @@ def check_resume(work: Path) -> dict:
     import torch
 
     from aipo_mp.config import load_config
-    from aipo_mp.models.hf_build import save_hf_model
-    from aipo_mp.synthetic import marker_pairs, write_jsonl
-    from aipo_mp.tiny import build_tiny_tokenizer
-    from aipo_mp.trainer import train
+    from aipo_mp.testing.hf_build import save_hf_model
+    from aipo_mp.testing.synthetic import marker_pairs, write_jsonl
+    from aipo_mp.testing.tiny import build_tiny_tokenizer
+    from aipo_mp.training.loop import train
 
     tok = build_tiny_tokenizer(work / "tokenizer_512", vocab_size=512)
     model = save_hf_model(tiny_llama(), work / "resume_hf", seed=3, tokenizer_dir=tok)
@@ -163,12 +163,13 @@ def check_resume(work: Path) -> dict:
 
 def check_slice(args, work: Path) -> dict:
     import torch
+    import train_step as bench  # benchmarks/train_step.py: slice, data, FLOPs and GPU lookup
     from transformers import AutoTokenizer
 
-    import train_step as bench  # benchmarks/train_step.py: slice, data, FLOPs and GPU lookup
-    from aipo_mp import planner, platform
+    from aipo_mp import planner
     from aipo_mp.config import config_from_dict
-    from aipo_mp.trainer import compute_reference, setup, train_step
+    from aipo_mp.runtime import platform
+    from aipo_mp.training.loop import compute_reference, setup, train_step
 
     arch = bench.load_arch(args.model_config, args.layers, args.scale)
     log(f"slice: {arch.num_layers} layers, hidden {arch.hidden_size}, FFN {arch.intermediate_size}, heads "
@@ -260,7 +261,7 @@ def main() -> int:
         print("error: no CUDA device visible to torch; this check needs one GPU (or --allow-cpu to test the script)",
               file=sys.stderr)
         return 2
-    from aipo_mp import platform
+    from aipo_mp.runtime import platform
 
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)

@@ -79,8 +79,8 @@ def load_arch(path: str, layers: int, scale: float):
 
 
 def build_checkpoint(arch, work: Path) -> Path:
-    from aipo_mp.models.hf_build import save_hf_model
-    from aipo_mp.tiny import build_tiny_tokenizer
+    from aipo_mp.testing.hf_build import save_hf_model
+    from aipo_mp.testing.tiny import build_tiny_tokenizer
 
     t0 = time.perf_counter()
     tok = build_tiny_tokenizer(work / f"tokenizer_{arch.vocab_size}", vocab_size=arch.vocab_size)
@@ -96,8 +96,8 @@ def chat_records(n: int, tokenizer, max_len: int, seed: int) -> list[dict]:
     """Random-word text whose token counts follow aipo_mp.data.pairs.synthetic_chat_lengths
     (prompt + response clipped to max_len, so nothing is truncated)."""
     from aipo_mp.data.pairs import synthetic_chat_lengths
-    from aipo_mp.synthetic import WORDS
-    from aipo_mp.tiny import COMMON_WORDS
+    from aipo_mp.testing.synthetic import WORDS
+    from aipo_mp.testing.tiny import COMMON_WORDS
 
     words = sorted(set(WORDS) | set(COMMON_WORDS))
     cost = dict(zip(words, map(len, tokenizer(words, add_special_tokens=False)["input_ids"])))
@@ -121,7 +121,7 @@ def chat_records(n: int, tokenizer, max_len: int, seed: int) -> list[dict]:
 def write_pairs(args, tokenizer, path: Path, max_len: int):
     """Writes the pairs JSONL; returns the pairs as the trainer will tokenize them."""
     from aipo_mp.data.pairs import DataStats, tokenize_pairs
-    from aipo_mp.synthetic import marker_pairs, write_jsonl
+    from aipo_mp.testing.synthetic import marker_pairs, write_jsonl
 
     n = args.steps * args.global_batch_pairs  # one epoch: every pair trained on once
     rows = chat_records(n, tokenizer, max_len, args.seed) if args.pairs_dist == "chat" else marker_pairs(n, args.seed)

@@ -17,7 +17,7 @@ import sys
 def run_cli(args: list[str], tool: bool = False) -> dict:
     """`aipo-mp ARGS`, or with tool=True `python -m checkpoint_tools ARGS`."""
     if tool:
-        from checkpoint_tools.__main__ import main
+        from aipo_mp.convert.cli import main
     else:
         from aipo_mp.cli import main
 

@@ -25,7 +25,7 @@ def tiny_arch(name: str):
 
 @pytest.fixture(scope="session")
 def tiny_hf_dirs(tmp_path_factory) -> dict[str, Path]:
-    from aipo_mp.models.hf_build import save_hf_model
+    from aipo_mp.testing.hf_build import save_hf_model
 
     base = tmp_path_factory.mktemp("tiny_hf")
     return {f: save_hf_model(tiny_arch(f), base / f, seed=11) for f in FAMILIES + NEW_MODELS}

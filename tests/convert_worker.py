@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from checkpoint_tools.__main__ import main
+from aipo_mp.convert.cli import main
 
 
 def run() -> int:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from aipo_mp.platform import free_port
+from aipo_mp.runtime.platform import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,8 +7,8 @@ import sys
 
 import torch
 
-from aipo_mp import platform
-from aipo_mp.logprobs import padded_segment_ids, sequence_logprobs, token_logprobs
+from aipo_mp.runtime import platform
+from aipo_mp.training.logprobs import padded_segment_ids, sequence_logprobs, token_logprobs
 
 
 def check(tp: int, shape: tuple, vocab: int = 64) -> dict:

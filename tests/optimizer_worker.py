@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from aipo_mp import platform
 from aipo_mp.config import load_config
-from aipo_mp.trainer import train
+from aipo_mp.runtime import platform
+from aipo_mp.training.loop import train
 from tests.train_worker import gathered_params
 
 TENSOR_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
@@ -75,7 +75,7 @@ def install_collective_checks(calls: dict, violations: list) -> None:
 
 
 def run_collectives(overrides: list[str], out: Path, rank: int) -> None:
-    from aipo_mp.checkpoint import on_rank0_then_agree
+    from aipo_mp.training.checkpoint import on_rank0_then_agree
 
     calls, violations = {}, []
     install_collective_checks(calls, violations)

@@ -12,13 +12,13 @@ import sys
 
 import torch
 
-from aipo_mp import platform
 from aipo_mp.config import ParallelConfig, PrecisionConfig
-from aipo_mp.engine import forward_only
-from aipo_mp.hf_io import HFWeights
-from aipo_mp.logprobs import gather_vocab_parallel
+from aipo_mp.convert.hf_io import HFWeights
 from aipo_mp.models import arch_from_dir, get_family
 from aipo_mp.models.base import build_model, load_hf_weights
+from aipo_mp.runtime import platform
+from aipo_mp.training.forward import forward_only
+from aipo_mp.training.logprobs import gather_vocab_parallel
 
 
 def run_case(case: dict, ref: dict) -> float:

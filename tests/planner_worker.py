@@ -13,11 +13,11 @@ import sys
 
 import torch
 
-from aipo_mp import platform
 from aipo_mp.config import load_config
-from aipo_mp.trainer import compute_reference, row_batch, setup, step_rows, train_step
-from aipo_mp.engine import model_forward
-from aipo_mp.optim import optimizer_state_bytes
+from aipo_mp.runtime import platform
+from aipo_mp.training.forward import model_forward
+from aipo_mp.training.loop import compute_reference, row_batch, setup, step_rows, train_step
+from aipo_mp.training.optim import optimizer_state_bytes
 
 
 def saved_activation_bytes(state) -> int:

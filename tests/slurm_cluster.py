@@ -297,7 +297,7 @@ def _allreduce_main(out_dir: str, seconds: float = 0.0) -> int:
         signal.signal(sig, lambda s, _f: got.append(signal.Signals(s).name))
     import torch
 
-    from aipo_mp.platform import init_distributed, read_dist_env
+    from aipo_mp.runtime.platform import init_distributed, read_dist_env
 
     env = init_distributed(timeout_minutes=2)
     if env.rank == 0:

@@ -29,9 +29,9 @@ def cut_file(path: Path, keep: float = 0.6) -> None:
 
 def build_corpus(base: Path) -> dict[str, Path]:
     """name -> a damaged copy of a good tiny model directory (or data file)."""
-    from aipo_mp.models.hf_build import save_hf_model
-    from aipo_mp.synthetic import marker_pairs, write_jsonl
-    from aipo_mp.tiny import build_tiny_tokenizer
+    from aipo_mp.testing.hf_build import save_hf_model
+    from aipo_mp.testing.synthetic import marker_pairs, write_jsonl
+    from aipo_mp.testing.tiny import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer(base / "tok", vocab_size=512)
     good = save_hf_model(tiny_arch("llama"), base / "good", seed=3, tokenizer_dir=tok)
@@ -163,11 +163,11 @@ def test_conversion_workers_die_with_a_killed_parent(tmp_path):
 
     import psutil
 
-    from aipo_mp.models.hf_build import save_hf_model
+    from aipo_mp.testing.hf_build import save_hf_model
 
     hf = save_hf_model(tiny_arch("llama"), tmp_path / "hf", seed=3)
     out = tmp_path / "mcore"
-    before = set(glob.glob("/tmp/checkpoint_tools.*"))
+    before = set(glob.glob("/tmp/aipo_mp-convert.*"))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     parent = subprocess.Popen([sys.executable, "-m", "checkpoint_tools", "hf-to-mcore", "--hf", str(hf), "--out",
                                str(out), "--tp", "2"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -188,7 +188,7 @@ def test_conversion_workers_die_with_a_killed_parent(tmp_path):
         p.kill()
     assert not alive, f"workers {[p.pid for p in alive]} outlived their killed parent"
     assert not out.exists(), "a worker published the output after its parent was killed"
-    assert set(glob.glob("/tmp/checkpoint_tools.*")) - before == set()
+    assert set(glob.glob("/tmp/aipo_mp-convert.*")) - before == set()
 
 
 def test_plan_accepts_an_hf_directory(results):
@@ -200,7 +200,7 @@ def test_plan_accepts_an_hf_directory(results):
 def test_reward_rule_is_checked_before_any_stage_and_scores_agree_with_pairs():
     """`aipo-mp run` imports the rule and checks its signature up front; a rule returning a bool
     or a numeric string is refused by the reward stage, as the pairs stage refuses it."""
-    from aipo_mp.config import ConfigError
+    from aipo_mp.errors import ConfigError
     from aipo_mp.rounds.rewards import check_rule, finite_score
 
     assert check_rule("tests.rules:no_such_rule") and "has no function" in check_rule("tests.rules:no_such_rule")[0]

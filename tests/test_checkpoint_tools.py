@@ -36,7 +36,7 @@ TOL = 1e-4
 
 def run_main(*argv) -> tuple[int, str, str]:
     """The CLI in this process (single-rank jobs run here); returns (exit code, stdout, stderr)."""
-    from checkpoint_tools.__main__ import main
+    from aipo_mp.convert.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -85,7 +85,7 @@ def max_diff(stdout: str) -> float:
 
 def assert_same_weights(a: Path, b: Path, dtype=None) -> int:
     """Every tensor of HF dir `a` equals the one in `b` (same names, dtype, values)."""
-    from aipo_mp.hf_io import HFWeights
+    from aipo_mp.convert.hf_io import HFWeights
 
     wa, wb = HFWeights(a), HFWeights(b)
     assert sorted(wa.names()) == sorted(wb.names())
@@ -207,7 +207,7 @@ def test_bf16_and_pickled_sources(tiny_hf_dirs, work):
     pickled = work / "llama_bin"
     pickled.mkdir()
     shutil.copy(tiny_hf_dirs["llama"] / "config.json", pickled)
-    from aipo_mp.hf_io import HFWeights
+    from aipo_mp.convert.hf_io import HFWeights
 
     w = HFWeights(tiny_hf_dirs["llama"])
     torch.save({n: w.get(n) for n in w.names()}, pickled / "pytorch_model.bin")
@@ -221,10 +221,10 @@ def test_bf16_and_pickled_sources(tiny_hf_dirs, work):
 def test_row_map_agrees_with_the_mapping_functions():
     """The row blocks both converters copy by are the table's to_megatron + tp_slice, at every
     TP rank (TP=1 and 2), for every rule of every family."""
+    from aipo_mp.convert.common import expected_hf_shapes
+    from aipo_mp.convert.row_map import row_blocks
     from aipo_mp.models import get_family
-    from aipo_mp.models.base import tp_slice, to_megatron
-    from checkpoint_tools.common import expected_hf_shapes
-    from checkpoint_tools.row_map import row_blocks
+    from aipo_mp.models.base import to_megatron, tp_slice
     from tests.conftest import tiny_arch
 
     g = torch.Generator().manual_seed(0)
@@ -314,8 +314,9 @@ def test_cli_process_prints_one_line_and_exits_2(tiny_hf_dirs, work):
 
 
 def test_interruption_and_full_disk_leave_nothing(tiny_hf_dirs, tp1, work, monkeypatch):
-    import checkpoint_tools.tensor_io
     from megatron.core import dist_checkpointing
+
+    import aipo_mp.convert.tensor_io
 
     llama, mc = tiny_hf_dirs["llama"], tp1["llama"][0]
     # Ctrl-C / SIGTERM in the middle of writing the checkpoint (after some files exist).
@@ -337,7 +338,7 @@ def test_interruption_and_full_disk_leave_nothing(tiny_hf_dirs, tp1, work, monke
         f.write(b"x" * 100)
         raise OSError(errno.ENOSPC, "No space left on device", f.name)
 
-    monkeypatch.setattr(checkpoint_tools.tensor_io, "write_bytes", full)
+    monkeypatch.setattr(aipo_mp.convert.tensor_io, "write_bytes", full)
     out = work / "full_disk"
     assert_user_error(run_main("mcore-to-hf", "--ckpt", mc, "--out", out), "no space left on device", out)
     monkeypatch.undo()
@@ -453,7 +454,7 @@ def test_new_families_round_trip_bit_exact_at_tp2_pp2(tiny_hf_dirs, work):
 def check_vllm_logprobs(dirs: list[Path], work: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from aipo_mp.tiny import build_tiny_tokenizer
+    from aipo_mp.testing.tiny import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer(work / "tok", vocab_size=512, seed=0)
     for d in dirs:  # vLLM loads the tokenizer from the model directory

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from aipo_mp.config import ConfigError, load_config, validate
-from aipo_mp.platform import first_slurm_host, read_dist_env
+from aipo_mp.config import load_config, validate
+from aipo_mp.errors import ConfigError
+from aipo_mp.runtime.platform import first_slurm_host, read_dist_env
 from tests.conftest import ROOT
 
 TINY = str(ROOT / "configs" / "models" / "tiny_llama.yaml")  # 4 heads, 2 query groups, 4 layers
@@ -133,9 +134,9 @@ def test_a_default_shrinks_to_fit_with_a_note(capsys):
 def model_dirs(tmp_path_factory):
     import shutil
 
-    from aipo_mp.models.hf_build import save_hf_model
-    from aipo_mp.synthetic import marker_pairs, write_jsonl
-    from aipo_mp.tiny import build_tiny_tokenizer
+    from aipo_mp.testing.hf_build import save_hf_model
+    from aipo_mp.testing.synthetic import marker_pairs, write_jsonl
+    from aipo_mp.testing.tiny import build_tiny_tokenizer
     from tests.conftest import tiny_arch
 
     base = tmp_path_factory.mktemp("check_data")

@@ -23,7 +23,7 @@ from aipo_mp.data.pairs import (
     synthetic_chat_pairs,
     tokenize_pairs,
 )
-from aipo_mp.tiny import STAMP_NAME, build_tiny_tokenizer
+from aipo_mp.testing.tiny import STAMP_NAME, build_tiny_tokenizer
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"}]
 LONG_TEXT = " ".join(f"word{i} of the long answer" for i in range(60))

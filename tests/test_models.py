@@ -11,10 +11,12 @@ import types
 import pytest
 import torch
 
-from aipo_mp.config import ConfigError, ModelArch, config_from_dict, validate
+from aipo_mp.config import ModelArch, config_from_dict, validate
+from aipo_mp.errors import ConfigError
 from aipo_mp.models import FAMILIES, arch_from_hf_config, get_family, hf_config_for
 from aipo_mp.models.base import NONE, SpecOptions, te_layer_spec
-from tests.conftest import FAMILIES as OLD_FAMILIES, NEW_MODELS, tiny_arch
+from tests.conftest import FAMILIES as OLD_FAMILIES
+from tests.conftest import NEW_MODELS, tiny_arch
 
 LLAMA31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
            "original_max_position_embeddings": 8192}
@@ -207,7 +209,7 @@ def test_te_aliases_add_no_hf_tensors():
 
 @pytest.mark.parametrize("name", NEW_MODELS)
 def test_new_families_parameter_count_and_names_equal_transformers(name):
-    from aipo_mp.models.hf_build import hf_model_from_arch
+    from aipo_mp.testing.hf_build import hf_model_from_arch
 
     arch = tiny_arch(name)
     model = hf_model_from_arch(arch)

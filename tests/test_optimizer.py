@@ -129,7 +129,7 @@ def test_resume_across_layouts_and_device_collectives(policy_dirs, tmp_path):  #
 
     expected = collective_sites([ROOT / "aipo_mp" / "checkpoint.py", ROOT / "aipo_mp" / "trainer.py",
                                  ROOT / "aipo_mp" / "optim.py"])
-    assert {"aipo_mp.checkpoint.on_rank0_then_agree", "aipo_mp.trainer.world_sum"} <= expected, expected
+    assert {"aipo_mp.training.checkpoint.on_rank0_then_agree", "aipo_mp.training.loop.world_sum"} <= expected, expected
     for rank in range(2):
         seen = json.loads((tmp_path / f"collectives_rank{rank}.json").read_text())
         assert seen["violations"] == [], seen["violations"]

@@ -11,8 +11,8 @@ import json
 import pytest
 import torch
 
+from aipo_mp.convert.verify import make_reference
 from aipo_mp.models import arch_from_dir
-from checkpoint_tools import make_reference
 from tests.conftest import FAMILIES, NEW_MODELS
 from tests.launch import run_ranks
 

@@ -10,10 +10,18 @@ import random
 
 import pytest
 
-from aipo_mp.config import ConfigError, RewardConfig
-from aipo_mp.rounds.pairs_builder import build_pairs
-from aipo_mp.rounds.rankers import (PairwiseClassifier, bradley_terry, compare_answers, copeland, rank_samples,
-                                    reward_errors, symmetric_preferences)
+from aipo_mp.config import RewardConfig
+from aipo_mp.errors import ConfigError
+from aipo_mp.rounds.pairs import build_pairs
+from aipo_mp.rounds.rankers import (
+    PairwiseClassifier,
+    bradley_terry,
+    compare_answers,
+    copeland,
+    rank_samples,
+    reward_errors,
+    symmetric_preferences,
+)
 from aipo_mp.rounds.report import sigmoid
 
 
@@ -109,7 +117,7 @@ def test_compare_answers_both_orders():
 
 @pytest.fixture(scope="module")
 def pairwise_dir(tmp_path_factory):
-    from aipo_mp.tiny import build_tiny_classifier, build_tiny_tokenizer
+    from aipo_mp.testing.tiny import build_tiny_classifier, build_tiny_tokenizer
 
     base = tmp_path_factory.mktemp("pairwise")
     return build_tiny_classifier(base / "ranker", build_tiny_tokenizer(base / "tokenizer"), seed=5)

@@ -20,8 +20,8 @@ TEMPLATE = "Question: {prompt}\nAnswer A: {a}\nAnswer B: {b}\nThe better answer 
 
 @pytest.fixture(scope="module")
 def judge(tmp_path_factory):
-    from aipo_mp.models.hf_build import save_hf_model
-    from aipo_mp.tiny import build_tiny_tokenizer
+    from aipo_mp.testing.hf_build import save_hf_model
+    from aipo_mp.testing.tiny import build_tiny_tokenizer
 
     base = tmp_path_factory.mktemp("judge")
     model_dir = save_hf_model(tiny_arch("llama"), base / "judge", seed=7, tokenizer_dir=build_tiny_tokenizer(base / "tok"))

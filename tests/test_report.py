@@ -10,8 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from aipo_mp.rounds.report import (judgments_from_scores, length_controlled_win_rate, make_figure, percentile,
-                                   round_rows, sigmoid, write_report)
+from aipo_mp.rounds.report import (
+    judgments_from_scores,
+    length_controlled_win_rate,
+    make_figure,
+    percentile,
+    round_rows,
+    sigmoid,
+    write_report,
+)
 
 
 def synthetic_judgments(judge, n: int = 20000, seed: int = 0, length_shift: float = 40.0) -> list[dict]:

@@ -14,9 +14,19 @@ from pathlib import Path
 
 import pytest
 
-from aipo_mp.config import ConfigError
-from aipo_mp.rounds import (SamplingSpec, build_pairs, check_reward_model, logprobs_of, read_prompts, reload_weights,
-                            sample, score_with_model, score_with_rule, start_engine)
+from aipo_mp.errors import ConfigError
+from aipo_mp.rounds import (
+    SamplingSpec,
+    build_pairs,
+    check_reward_model,
+    logprobs_of,
+    read_prompts,
+    reload_weights,
+    sample,
+    score_with_model,
+    score_with_rule,
+    start_engine,
+)
 from aipo_mp.rounds.sampling import close_engine, encode_prompt, generate_records, prompt_seed, shard_bounds
 from tests.conftest import tiny_arch
 
@@ -189,8 +199,8 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-    from aipo_mp.models.hf_build import save_hf_model
-    from aipo_mp.tiny import build_tiny_tokenizer
+    from aipo_mp.testing.hf_build import save_hf_model
+    from aipo_mp.testing.tiny import build_tiny_tokenizer
 
     base = tmp_path_factory.mktemp("rounds")
     tok_dir = build_tiny_tokenizer(base / "tokenizer")

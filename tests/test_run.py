@@ -21,9 +21,9 @@ RECIPE = ROOT / "configs" / "recipes" / "aipo_tiny.yaml"
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict:
-    from aipo_mp import demo_task
-    from aipo_mp.models.hf_build import save_hf_model
-    from aipo_mp.tiny import build_tiny_tokenizer
+    from aipo_mp.demo import task as demo_task
+    from aipo_mp.testing.hf_build import save_hf_model
+    from aipo_mp.testing.tiny import build_tiny_tokenizer
 
     base = tmp_path_factory.mktemp("run_assets")
     tok = build_tiny_tokenizer(base / "tokenizer", vocab_size=512)

@@ -20,7 +20,7 @@ TINY = str(ROOT / "configs" / "models" / "tiny_llama.yaml")
 BASE = ["train.global_batch_pairs=4", "train.seq_length=128", "train.lr=1e-3", "train.warmup_steps=0",
         "train.schedule=constant", "train.seed=5", "output.tensorboard=false"]
 FORMATS = ("trl_conversational_implicit", "ultrafeedback_style", "parquet", "save_to_disk", "jsonl_gz", "fields")
-HOLD_LOCK = ("import sys, time; from aipo_mp.locks import Lock; Lock(sys.argv[1], 'holder test').acquire(); "
+HOLD_LOCK = ("import sys, time; from aipo_mp.runtime.locks import Lock; Lock(sys.argv[1], 'holder test').acquire(); "
              "print('held', flush=True); time.sleep(120)")
 
 
@@ -82,9 +82,9 @@ def mount_tmpfs(path: Path, size: str) -> bool:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from aipo_mp.models.hf_build import save_hf_model
-    from aipo_mp.synthetic import marker_pairs
-    from aipo_mp.tiny import build_tiny_tokenizer
+    from aipo_mp.testing.hf_build import save_hf_model
+    from aipo_mp.testing.synthetic import marker_pairs
+    from aipo_mp.testing.tiny import build_tiny_tokenizer
 
     base = tmp_path_factory.mktemp("run_dir")
     tok = build_tiny_tokenizer(base / "tok", vocab_size=512)
@@ -243,12 +243,12 @@ def test_full_and_read_only_disk_give_one_line(runs):
 
 
 # ---------------------------------------------------------------------------------------------
-# The lock itself (aipo_mp.locks), in this process and a child
+# The lock itself (aipo_mp.runtime.locks), in this process and a child
 # ---------------------------------------------------------------------------------------------
 
 
 def test_lock_refuses_a_live_holder_and_takes_over_a_dead_ones(tmp_path):
-    from aipo_mp.locks import LockHeld, hold_lock, lock_path
+    from aipo_mp.runtime.locks import LockHeld, hold_lock, lock_path
 
     out = tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True,

@@ -18,9 +18,9 @@ RECIPE = ROOT / "configs" / "recipes" / "aipo_tiny_selfinstruct.yaml"
 
 @pytest.mark.slow
 def test_run_with_synthesize_and_pairwise_ranker(tmp_path):
-    from aipo_mp import demo_task
-    from aipo_mp.models.hf_build import save_hf_model
-    from aipo_mp.tiny import build_tiny_classifier, build_tiny_tokenizer
+    from aipo_mp.demo import task as demo_task
+    from aipo_mp.testing.hf_build import save_hf_model
+    from aipo_mp.testing.tiny import build_tiny_classifier, build_tiny_tokenizer
 
     tok = build_tiny_tokenizer(tmp_path / "tokenizer", vocab_size=512)
     policy = save_hf_model(tiny_arch("llama"), tmp_path / "policy", seed=0, tokenizer_dir=tok)

@@ -57,9 +57,9 @@ def slurm_env(slurm_cluster) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_policy(tmp_path_factory) -> dict:
-    from aipo_mp.models.hf_build import save_hf_model
-    from aipo_mp.synthetic import marker_pairs, write_jsonl
-    from aipo_mp.tiny import build_tiny_tokenizer
+    from aipo_mp.testing.hf_build import save_hf_model
+    from aipo_mp.testing.synthetic import marker_pairs, write_jsonl
+    from aipo_mp.testing.tiny import build_tiny_tokenizer
 
     base = tmp_path_factory.mktemp("slurm_policy")
     tok = build_tiny_tokenizer(base / "tokenizer", vocab_size=512)
@@ -125,7 +125,7 @@ def metrics_steps(run_dir: Path) -> list[int]:
 
 
 def test_slurm_launcher_outside_an_allocation_is_one_clear_error(monkeypatch):
-    from aipo_mp.config import ConfigError
+    from aipo_mp.errors import ConfigError
     from aipo_mp.rounds.launchers import SlurmLauncher, make_launcher
 
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
@@ -436,7 +436,7 @@ def test_sbatch_two_nodes_places_stages_resumes_unfinished_shards_and_locks(slur
     second sbatch on the same RUN_DIR fails at once with the lock message. Run files are
     created with the submitter's umask; checkpoints are pruned to train.keep_checkpoints; the
     console shows one line per stage start and end and none of vLLM's noise."""
-    from aipo_mp.demo_task import write_prompts
+    from aipo_mp.demo.task import write_prompts
 
     prompts = write_prompts(tmp_path / "prompts.jsonl", 48, seed=0)
     run_dir = tmp_path / "run"
@@ -520,15 +520,15 @@ def test_directory_lock_umask_retention_and_time_left(tmp_path):
     """A second lock on a directory fails at once naming the holder (the kernel frees it when the
     holder exits); atomic writes get the umask's mode, not mkstemp's 0600; keep_checkpoints keeps
     the newest and the one `latest` names; TimeGuard trips when a step and a save no longer fit."""
-    from aipo_mp.checkpoint import prune_checkpoints
-    from aipo_mp.io_utils import atomic_directory, atomic_write_text
-    from aipo_mp.locks import Lock, hold_lock
-    from aipo_mp.timeleft import TimeGuard
+    from aipo_mp.runtime.files import atomic_directory, atomic_write_text
+    from aipo_mp.runtime.locks import Lock, hold_lock
+    from aipo_mp.runtime.timeleft import TimeGuard
+    from aipo_mp.training.checkpoint import prune_checkpoints
 
     run_dir = tmp_path / "run"
     with hold_lock(run_dir, "aipo-mp run"):
         env = {k: v for k, v in os.environ.items() if k != "AIPO_MP_LOCKED_DIRS"}  # not a child of the holder
-        holder = subprocess.run([sys.executable, "-c", "from aipo_mp.locks import Lock; "
+        holder = subprocess.run([sys.executable, "-c", "from aipo_mp.runtime.locks import Lock; "
                                  f"Lock({str(run_dir)!r}, 'x').acquire()"], capture_output=True, text=True,
                                 env=dict(env, PYTHONPATH=str(ROOT)))
         assert holder.returncode != 0 and "LockHeld" in holder.stderr

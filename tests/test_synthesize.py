@@ -10,10 +10,21 @@ import random
 
 import pytest
 
-from aipo_mp.config import ConfigError
-from aipo_mp.rounds.synthesize import (DROP_REASONS, NearDuplicateIndex, SynthesisSettings, batch_prompts,
-                                       cluster_prompts, drop_reason, generation_prompt, parse_completion,
-                                       remove_near_duplicates, rouge_l, synthesize, word_count)
+from aipo_mp.errors import ConfigError
+from aipo_mp.rounds.synthesize import (
+    DROP_REASONS,
+    NearDuplicateIndex,
+    SynthesisSettings,
+    batch_prompts,
+    cluster_prompts,
+    drop_reason,
+    generation_prompt,
+    parse_completion,
+    remove_near_duplicates,
+    rouge_l,
+    synthesize,
+    word_count,
+)
 
 
 def test_generation_prompt_and_parser():

@@ -40,9 +40,9 @@ NEW_FAMILY_LAYOUTS = {"qwen3": ("tp2", "tp2pp2")}
 
 @pytest.fixture(scope="session")
 def policy_dirs(tmp_path_factory) -> dict:
-    from aipo_mp.models.hf_build import save_hf_model
-    from aipo_mp.synthetic import marker_pairs, write_jsonl
-    from aipo_mp.tiny import build_tiny_tokenizer
+    from aipo_mp.testing.hf_build import save_hf_model
+    from aipo_mp.testing.synthetic import marker_pairs, write_jsonl
+    from aipo_mp.testing.tiny import build_tiny_tokenizer
 
     base = tmp_path_factory.mktemp("policy")
     tok = build_tiny_tokenizer(base / "tokenizer", vocab_size=512)
@@ -130,7 +130,7 @@ def handoff_override(tmp_path: Path, name: str) -> list[str]:
 
 def check_handoff_equals_export(run: Path, export: Path) -> None:
     """Tensor for tensor (names, dtypes, values) and file for file (config, tokenizer)."""
-    from checkpoint_tools.__main__ import main
+    from aipo_mp.convert.cli import main
     from tests.test_checkpoint_tools import assert_same_weights
 
     assert main(["mcore-to-hf", "--ckpt", str(run / "checkpoints" / "step_0000003"), "--out", str(export),
@@ -150,7 +150,7 @@ def check_loss_against_transformers(model_dir: Path, first: dict) -> None:
 
     from aipo_mp import objectives
     from aipo_mp.data.pairs import read_pairs_jsonl, tokenize_pairs
-    from aipo_mp.trainer import global_batch_indices
+    from aipo_mp.training.loop import global_batch_indices
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     records, stats = read_pairs_jsonl(Path(model_dir).parent / "pairs.jsonl")

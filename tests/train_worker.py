@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from aipo_mp import platform
 from aipo_mp.config import load_config
 from aipo_mp.models.base import global_param_names, tp_merge
-from aipo_mp.trainer import train
+from aipo_mp.runtime import platform
+from aipo_mp.training.loop import train
 
 
 def gathered_params(state) -> dict[str, torch.Tensor]:

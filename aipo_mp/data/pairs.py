@@ -24,13 +24,10 @@ from pathlib import Path
 
 import torch
 
+from aipo_mp.errors import DataError
+
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 ON_ERROR_MODES = ("error", "skip")
-
-
-class DataError(ValueError):
-    """A problem with the user's data or data settings. The message is one line that names the
-    file (and line) and says how to fix it."""
 
 
 @dataclass

@@ -19,7 +19,7 @@ def effective_max_length(cfg) -> int:
 def prepare_pairs(cfg, tokenizer, vocab_size: int | None = None) -> tuple[list[TokenizedPair], DataStats, list[dict]]:
     """(tokenized pairs, stats, the normalized records) of cfg.data.train; DataError/ConfigError
     when nothing usable is left, or when the tokenizer does not fit the model's vocabulary."""
-    from aipo_mp.config import ConfigError
+    from aipo_mp.errors import ConfigError
 
     if vocab_size is not None:
         check_vocabulary(tokenizer, vocab_size, cfg.model.path)
@@ -42,7 +42,7 @@ def prepare_pairs(cfg, tokenizer, vocab_size: int | None = None) -> tuple[list[T
 def check_vocabulary(tokenizer, vocab_size: int, model_path) -> None:
     """A tokenizer with ids past the embedding table would fail deep inside the first forward
     (an index error), or on GPUs read garbage: refuse it up front."""
-    from aipo_mp.config import ConfigError
+    from aipo_mp.errors import ConfigError
 
     size = len(tokenizer)
     if size > vocab_size:
@@ -59,7 +59,7 @@ def report_lines(stats: DataStats, cfg) -> list[str]:
 
 
 def save_stats(stats: DataStats, out_dir: str | Path) -> Path:
-    from aipo_mp.io_utils import atomic_write_json
+    from aipo_mp.runtime.files import atomic_write_json
 
     path = Path(out_dir) / STATS_FILE
     atomic_write_json(path, stats.to_dict())

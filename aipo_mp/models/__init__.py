@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from aipo_mp.config import ConfigError, ModelArch
+from aipo_mp.config import ModelArch
+from aipo_mp.errors import CHECKPOINT_META as MEGATRON_META
+from aipo_mp.errors import ConfigError
 from aipo_mp.models import gemma2, llama, mistral, qwen2, qwen3
 from aipo_mp.models.base import Family
 from aipo_mp.models.rope import rope_scaling_errors
@@ -17,8 +19,6 @@ FAMILIES: dict[str, Family] = {
     f.name: f for f in (llama.FAMILY, mistral.FAMILY, gemma2.FAMILY, qwen2.FAMILY, qwen3.FAMILY)
 }
 
-# Written beside a Megatron checkpoint by aipo_mp; holds the HF config it came from.
-MEGATRON_META = "aipo_checkpoint.json"
 
 
 def supported_architectures() -> list[str]:

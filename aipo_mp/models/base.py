@@ -14,9 +14,9 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from aipo_mp.config import ConfigError, ModelArch, ParallelConfig, PrecisionConfig
+from aipo_mp.config import ModelArch, ParallelConfig, PrecisionConfig
+from aipo_mp.errors import ConfigError
 from aipo_mp.models.rope import apply_rope_scaling, rope_scaling_of, rope_theta_of
-
 
 # ---------------------------------------------------------------------------------------------
 # Parameter mapping
@@ -305,7 +305,7 @@ def transformer_config(arch: ModelArch, par: ParallelConfig, prec: PrecisionConf
                        recompute: str = "none", extra: Optional[dict] = None):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from aipo_mp import platform
+    from aipo_mp.runtime import platform
 
     dtype = torch.bfloat16 if prec.dtype == "bf16" else torch.float32
     kwargs = dict(

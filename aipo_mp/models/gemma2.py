@@ -13,10 +13,15 @@ from functools import partial
 import torch.nn.functional as F
 
 from aipo_mp.config import ModelArch
-from aipo_mp.models.rope import hf_rope_fields
 from aipo_mp.models.base import (
-    Family, Rule, SpecOptions, common_arch_fields, decoder_rules, output_rule,
+    Family,
+    Rule,
+    SpecOptions,
+    common_arch_fields,
+    decoder_rules,
+    output_rule,
 )
+from aipo_mp.models.rope import hf_rope_fields
 
 
 def default_layer_types(num_layers: int) -> list[str]:

@@ -6,7 +6,8 @@ Qwen2's optional sliding window (`use_sliding_window`, off in every released Qwe
 refused rather than ignored.
 """
 
-from aipo_mp.config import ConfigError, ModelArch
+from aipo_mp.config import ModelArch
+from aipo_mp.errors import ConfigError
 from aipo_mp.models import llama
 from aipo_mp.models.base import QKV_BIAS_RULE, Family, SpecOptions, common_arch_fields, decoder_rules, output_rule
 

@@ -4,7 +4,8 @@ and key head before RoPE (q_norm, k_norm), mapped to megatron's `qk_layernorm`
 (Qwen3-32B: 128 while hidden / heads = 80); no biases.
 """
 
-from aipo_mp.config import ConfigError, ModelArch
+from aipo_mp.config import ModelArch
+from aipo_mp.errors import ConfigError
 from aipo_mp.models import llama
 from aipo_mp.models.base import QK_NORM_RULES, Family, SpecOptions, common_arch_fields, decoder_rules, output_rule
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from aipo_mp.config import ConfigError
+from aipo_mp.errors import ConfigError
 
 LLAMA3 = "llama3"
 LLAMA3_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")

@@ -7,10 +7,17 @@ so importing this package is cheap.
     pairs, stats = build_pairs(scored, min_gap=0.1, out_dir="r0")        # pairs.jsonl, pairs_stats.json
 """
 
-from aipo_mp.rounds.pairs_builder import PAIR_DROP_REASONS, build_pairs
+from aipo_mp.rounds.pairs import PAIR_DROP_REASONS, build_pairs
 from aipo_mp.rounds.rewards import check_reward_model, score_with_model, score_with_rule
-from aipo_mp.rounds.sampling import (SamplingSpec, logprobs_of, read_prompts, read_jsonl, reload_weights, sample,
-                                     start_engine)
+from aipo_mp.rounds.sampling import (
+                                     SamplingSpec,
+                                     logprobs_of,
+                                     read_jsonl,
+                                     read_prompts,
+                                     reload_weights,
+                                     sample,
+                                     start_engine,
+)
 
 __all__ = [
     "PAIR_DROP_REASONS", "SamplingSpec", "build_pairs", "check_reward_model", "logprobs_of", "read_jsonl",

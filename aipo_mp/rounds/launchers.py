@@ -40,12 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Optional, Protocol
 
-from aipo_mp.config import ConfigError
+from aipo_mp.errors import EXIT_STOPPED, EXIT_TIMED_OUT, STOP_MARKER, ConfigError
 from aipo_mp.rounds.placement import Placement
 
-EXIT_STOPPED = 75  # EX_TEMPFAIL, = aipo_mp.platform.EXIT_STOPPED (that module imports torch; the driver must not)
-EXIT_TIMED_OUT = 124  # a local stage ran past its wall-clock limit
-STOP_MARKER = b"stopped by signal"  # what the trainer prints when it saved and stopped on a signal
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                  "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID")
@@ -523,7 +520,7 @@ class SlurmLauncher(_Base):
             return stopped
         cmd, step_env = self.command(name, argv, placement, log_path, time_limit_min)
         if self.job_end is None:
-            from aipo_mp.timeleft import slurm_job_end
+            from aipo_mp.runtime.timeleft import slurm_job_end
 
             self.job_end = slurm_job_end(self.job_id, self.environ) or 0.0
         if self.job_end:  # the trainer saves and stops before the job's time runs out

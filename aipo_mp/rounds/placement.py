@@ -24,7 +24,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from aipo_mp.config import Config, ConfigError
+from aipo_mp.config import Config
+from aipo_mp.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from aipo_mp.config import ConfigError
+from aipo_mp.errors import ConfigError
 from aipo_mp.rounds.rewards import load_samples, plain_prompt_text
 from aipo_mp.rounds.sampling import write_jsonl
 
@@ -127,7 +127,7 @@ def check_probabilities(values: list[float], expected: int, name: str) -> list[f
 def rank_samples(samples, comparator: Comparator, aggregate: str = "bradley_terry", kind: str = "pairwise",
                  out_path: Optional[str | Path] = None) -> list[dict]:
     """Every sample with "score", "rank" and "ranker" (see the module docstring), in input order."""
-    from aipo_mp.rounds.pairs_builder import group_by_prompt
+    from aipo_mp.rounds.pairs import group_by_prompt
 
     if aggregate not in AGGREGATIONS:
         raise ConfigError(f"reward.aggregate={aggregate!r}: choose one of {', '.join(AGGREGATIONS)}")
@@ -321,8 +321,8 @@ class JudgeReplicas:
 
 def judge_shard_main(argv: list[str]) -> int:
     """One judge replica: verdicts of the items of a shard (a child of JudgeReplicas)."""
-    from aipo_mp.io_utils import atomic_write_text
     from aipo_mp.rounds.sampling import close_engine, pin_to_assigned_cores, read_jsonl, start_engine
+    from aipo_mp.runtime.files import atomic_write_text
 
     parser = argparse.ArgumentParser(prog="python -m aipo_mp.rounds.rankers judge-shard")
     for name in ("--model", "--items", "--options", "--out"):

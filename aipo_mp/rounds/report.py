@@ -35,7 +35,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from aipo_mp.io_utils import atomic_write_json, atomic_write_text
+from aipo_mp.runtime.files import atomic_write_json, atomic_write_text
 
 KL_SAMPLES = 64  # samples per round used for the KL estimate
 JUDGMENTS_NAME = "judgments_vs_round0.jsonl"

@@ -33,10 +33,21 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from aipo_mp.config import ConfigError
-from aipo_mp.io_utils import atomic_write_text
-from aipo_mp.rounds.sampling import (as_token_list, check_model_dir, close_engine, engine_in_use, has_chat_template,
-                                     is_engine, load_records, read_jsonl, run_children, start_engine, write_jsonl)
+from aipo_mp.errors import ConfigError
+from aipo_mp.rounds.sampling import (
+    as_token_list,
+    check_model_dir,
+    close_engine,
+    engine_in_use,
+    has_chat_template,
+    is_engine,
+    load_records,
+    read_jsonl,
+    run_children,
+    start_engine,
+    write_jsonl,
+)
+from aipo_mp.runtime.files import atomic_write_text
 
 SAMPLE_FIELDS = ("prompt_id", "prompt", "sample_index", "text")
 
@@ -248,8 +259,14 @@ def reward_task(samples, shard_root: str | Path, stop, rule: Optional[str] = Non
     """One task of a placed reward stage (`aipo-mp reward --shard-dir`): score this task's shard
     of the samples (by SLURM_PROCID / RANK) with the rule or its own reward engine; the driver
     merges the shards. Returns 0, or 75 when a stop signal came before its shard was scored."""
-    from aipo_mp.rounds.shards import (ShardDir, claim_engine_devices, run_shard_task, shard_bounds, shard_count,
-                                       task_identity)
+    from aipo_mp.rounds.shards import (
+        ShardDir,
+        claim_engine_devices,
+        run_shard_task,
+        shard_bounds,
+        shard_count,
+        task_identity,
+    )
 
     rank, world, local_rank, local_world = task_identity()
     records = load_samples(samples)

@@ -37,14 +37,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from aipo_mp.config import Config, ConfigError, dump_config, validate
-from aipo_mp.io_utils import atomic_write_json
-from aipo_mp.rounds.launchers import EXIT_STOPPED, rank_log_dir
+from aipo_mp.config import Config, dump_config, validate
+from aipo_mp.errors import CHECKPOINT_META, EXIT_STOPPED, LATEST, ConfigError, StageFailed
+from aipo_mp.rounds.launchers import rank_log_dir
 from aipo_mp.rounds.placement import Placement, check_placement, stage_kind, stage_placement
 from aipo_mp.rounds.shards import ShardDir, shard_count
-
-CHECKPOINT_META = "aipo_checkpoint.json"  # = aipo_mp.models.MEGATRON_META (that package imports torch)
-LATEST = "latest"  # = aipo_mp.trainer.LATEST
+from aipo_mp.runtime.files import atomic_write_json
 
 STAGES = ("export", "synthesize", "sample", "reward", "compare", "pairs", "train")
 FINAL_STAGES = ("export", "sample", "reward", "compare")
@@ -70,10 +68,6 @@ class RunState:
     def set_policy(self, round_idx: int, path: str) -> None:
         self.data["policies"][str(round_idx)] = path
         atomic_write_json(self.path, self.data)
-
-
-class StageFailed(RuntimeError):
-    pass
 
 
 class Stopped(Exception):
@@ -382,8 +376,8 @@ def baseline_samples(answers_path: str, prompts_path: str, policy: str) -> list[
     the starting policy's tokens (plus EOS, as the sampler counts a finished answer)."""
     from transformers import AutoTokenizer
 
-    from aipo_mp.checkpoint import is_megatron_checkpoint
     from aipo_mp.rounds.sampling import read_jsonl, read_prompts
+    from aipo_mp.training.checkpoint import is_megatron_checkpoint
 
     prompts = {json.dumps(p["id"]): p for p in read_prompts(prompts_path)}
     tokenizer = AutoTokenizer.from_pretrained(str(Path(policy) / "hf_extra") if is_megatron_checkpoint(policy) else policy)
@@ -464,8 +458,8 @@ def check_layout(cfg: Config, world_size: int, plan: bool = False) -> None:
 def run_rounds(cfg: Config, launcher_kind: str, world_size: int) -> int:
     """Entry of `aipo-mp run`. Returns 0 when done, 75 when stopped by a signal (requeue me).
     Needs no torch or GPU itself: every stage is a child command."""
-    from aipo_mp.locks import hold_lock
     from aipo_mp.rounds.launchers import make_launcher
+    from aipo_mp.runtime.locks import hold_lock
 
     run_dir = Path(cfg.output.dir).absolute()
     with hold_lock(run_dir, "aipo-mp run"):  # first: a second run on RUN_DIR is the problem to report

@@ -51,9 +51,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from aipo_mp.config import ConfigError
-from aipo_mp.io_utils import atomic_write_text
+from aipo_mp.errors import ConfigError
 from aipo_mp.rounds.shards import ShardDir, StopFlag, run_shard_task, shard_bounds, shard_count, task_identity
+from aipo_mp.runtime.files import atomic_write_text
 
 GIB = 1 << 30
 FINISH_REASONS = ("stop", "length")

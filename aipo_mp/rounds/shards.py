@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from aipo_mp.io_utils import atomic_write_json
+from aipo_mp.runtime.files import atomic_write_json
 
 
 def task_identity(environ: Optional[dict] = None) -> tuple[int, int, int, int]:

@@ -43,9 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from aipo_mp.config import ConfigError
-from aipo_mp.io_utils import atomic_write_json
+from aipo_mp.errors import ConfigError
 from aipo_mp.rounds.sampling import read_jsonl, read_prompts, write_jsonl
+from aipo_mp.runtime.files import atomic_write_json
 
 DROP_REASONS = ("truncated", "empty", "too_short", "too_long", "unservable", "write_a_program",
                 "leading_punctuation", "non_ascii", "over_per_prompt", "exact_duplicate", "near_duplicate")

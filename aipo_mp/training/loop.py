@@ -20,18 +20,19 @@ from typing import Optional
 
 import torch
 
-from aipo_mp import guards, objectives, optim, platform, resume, run_identity
-from aipo_mp.config import Config, ConfigError, ModelArch, dump_config, validate
+from aipo_mp import objectives
+from aipo_mp.config import Config, ModelArch, dump_config, validate
 from aipo_mp.data import prepare
 from aipo_mp.data.pairs import PackedRow, pack_pairs
-from aipo_mp.engine import forward_only, model_forward
-from aipo_mp.io_utils import atomic_write_json, atomic_write_text
-from aipo_mp.logprobs import sequence_logprobs, token_logprobs
+from aipo_mp.errors import LATEST, ConfigError
 from aipo_mp.models import get_family, read_hf_config
 from aipo_mp.models.base import BuiltModel, build_model, load_hf_weights
-
-LATEST = "latest"
-
+from aipo_mp.runtime import platform
+from aipo_mp.runtime.files import atomic_write_json, atomic_write_text
+from aipo_mp.training import guards, optim, resume
+from aipo_mp.training import identity as run_identity
+from aipo_mp.training.forward import forward_only, model_forward
+from aipo_mp.training.logprobs import sequence_logprobs, token_logprobs
 
 # ---------------------------------------------------------------------------------------------
 # Data order and batching: pure functions of (step, seed) so resume needs only the step
@@ -202,7 +203,7 @@ def checkpoint_root(cfg: Config) -> Path:
 
 
 def latest_checkpoint(cfg: Config) -> Optional[Path]:
-    """The newest complete checkpoint (see aipo_mp.resume)."""
+    """The newest complete checkpoint (see aipo_mp.training.resume)."""
     found, _ = resume_candidates(cfg)
     return found[0] if found else None
 
@@ -221,7 +222,7 @@ def save_checkpoint(state: "RunState", step: int) -> Path:
     """Model and optimizer (megatron dist checkpoints; any TP/PP/VPP/DP layout loads them), the
     RNG state per rank, progress; `latest` is written last, atomically, so a partial checkpoint
     is never used."""
-    from aipo_mp.checkpoint import save_model
+    from aipo_mp.training.checkpoint import save_model
 
     cfg = state.cfg
     optim.sync_weights(state.chunks)
@@ -234,7 +235,7 @@ def save_checkpoint(state: "RunState", step: int) -> Path:
     try:
         torch.save({"torch_rng": torch.get_rng_state()}, tmp)
     except BaseException as e:
-        from aipo_mp.checkpoint import disk_is_full
+        from aipo_mp.training.checkpoint import disk_is_full
 
         full = isinstance(e, RuntimeError) and disk_is_full(rng_dir)  # torch reports a short write, not ENOSPC
         tmp.unlink(missing_ok=True)  # no half-written file; the step gets no manifest, so no resume uses it
@@ -262,7 +263,7 @@ def load_checkpoint(state: "RunState", path: Path) -> int:
     """Weights and optimizer state at this run's layout, whatever layout saved them (resharded by
     dist_checkpointing); the RNG state only where the same rank existed (dropout is 0 in every
     shipped config: the data order is a pure function of the step)."""
-    from aipo_mp.checkpoint import load_model, load_optimizer
+    from aipo_mp.training.checkpoint import load_model, load_optimizer
 
     load_model(state.built, path)
     load_optimizer(state.optimizer, state.built, path)
@@ -305,8 +306,8 @@ def tokenizer_dir_of(model_path: str) -> str:
 
 
 def load_policy_weights(built: BuiltModel, path: str) -> None:
-    from aipo_mp.checkpoint import is_megatron_checkpoint, load_model
-    from aipo_mp.hf_io import HFWeights
+    from aipo_mp.convert.hf_io import HFWeights
+    from aipo_mp.training.checkpoint import is_megatron_checkpoint, load_model
 
     if is_megatron_checkpoint(path):
         load_model(built, path)
@@ -316,7 +317,7 @@ def load_policy_weights(built: BuiltModel, path: str) -> None:
 
 def prepare_data(cfg: Config, tokenizer_dir: str, vocab_size: Optional[int] = None):
     """(pairs, stats, normalized records) of data.train (see aipo_mp.data.prepare)."""
-    from aipo_mp.hf_io import load_tokenizer
+    from aipo_mp.convert.hf_io import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir, cfg.model.trust_remote_code)
     return prepare.prepare_pairs(cfg, tok, vocab_size)
@@ -563,7 +564,7 @@ def stop_agreed(state: RunState) -> bool:
 def train(cfg: Config, stop: Optional[platform.StopSignal] = None) -> RunState:
     """Train on this rank; returns the run state (model; last metrics in state.stats["last"];
     state.stats["stopped"] when a signal ended the run early, progress saved)."""
-    from aipo_mp.locks import Lock
+    from aipo_mp.runtime.locks import Lock
 
     stop = stop or platform.StopSignal().install()
     platform.init_distributed(cfg.cluster.master_port or None)  # (setup's call is then a no-op)
@@ -590,7 +591,7 @@ def rank0_then_agree(fn):
         except ConfigError as e:
             message = [str(e)]
         except OSError as e:  # a read-only or full output directory
-            from aipo_mp.io_utils import disk_error_line
+            from aipo_mp.runtime.files import disk_error_line
 
             if disk_error_line(e) is None:
                 raise
@@ -706,7 +707,7 @@ class StepClock:
     """Durations of the last step and save, checked against the Slurm job's end (aipo_mp/timeleft.py)."""
 
     def __init__(self):
-        from aipo_mp.timeleft import TimeGuard
+        from aipo_mp.runtime.timeleft import TimeGuard
 
         self.guard = TimeGuard()
         self.seconds = {"step": 0.0, "save": 0.0}
@@ -724,14 +725,14 @@ class StepClock:
 def keep_newest_checkpoints(cfg: Config, rank0: bool) -> None:
     """train.keep_checkpoints: rank 0 deletes older step checkpoints after a complete save."""
     if rank0:
-        from aipo_mp.checkpoint import prune_checkpoints
+        from aipo_mp.training.checkpoint import prune_checkpoints
 
         prune_checkpoints(checkpoint_root(cfg), cfg.train.keep_checkpoints, LATEST)
 
 
 def write_handoff(state: RunState) -> None:
-    """The final policy as an HF directory for the next round's vLLM engines (aipo_mp.handoff)."""
-    from aipo_mp.handoff import write_policy_hf
+    """The final policy as an HF directory for the next round's vLLM engines (aipo_mp.convert.handoff)."""
+    from aipo_mp.convert.handoff import write_policy_hf
 
     path = write_policy_hf(state.built, state.cfg.output.hf_dir, state.hf_config, state.tokenizer_dir,
                            state.cfg.precision.dtype)

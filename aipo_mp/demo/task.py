@@ -13,7 +13,7 @@ import json
 import random
 from pathlib import Path
 
-from aipo_mp.synthetic import WORDS
+from aipo_mp.testing.synthetic import WORDS
 
 COLORS = {"green", "silver", "orange", "yellow", "purple"}
 ASKS = ("Name some colors.", "List a few colors.", "Which colors do you like?", "Say some colors.",
@@ -34,7 +34,7 @@ def reward(prompt, response: str) -> float:
 
 
 def write_prompts(path: Path, n: int, seed: int) -> Path:
-    from aipo_mp.io_utils import atomic_write_text
+    from aipo_mp.runtime.files import atomic_write_text
 
     rng = random.Random(seed)
     lines = [json.dumps({"id": i, "prompt": [{"role": "user", "content": make_prompt(rng).strip()}]})

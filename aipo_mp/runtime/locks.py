@@ -20,13 +20,9 @@ import socket
 import time
 from pathlib import Path
 
-from aipo_mp.config import ConfigError
+from aipo_mp.errors import LockHeld
 
 HELD_ENV = "AIPO_MP_LOCKED_DIRS"
-
-
-class LockHeld(ConfigError):
-    """Another live process holds the directory."""
 
 
 def lock_path(directory: str | Path) -> Path:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import datetime
 import os
-import sys
-import warnings
 import re
 import signal
 import socket
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -323,7 +323,6 @@ class StopSignal:
         self.requested = True
 
 
-EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal with progress saved; requeue / rerun to resume
 
 
 def shutdown() -> None:

@@ -15,7 +15,7 @@ import random
 import tempfile
 from pathlib import Path
 
-from aipo_mp.io_utils import atomic_directory
+from aipo_mp.runtime.files import atomic_directory
 
 STAMP_NAME = "aipo_tiny_tokenizer.json"
 BUILD_VERSION = 1  # bump when the corpus, training options or template change
@@ -50,7 +50,7 @@ OPENERS = ("Sure!", "Thanks.", "Hmm, okay:", "Good question.", "Here is an examp
 def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0) -> Path:
     """Train, convert and save the tiny tokenizer into `out_dir` (cached by a stamp file)."""
     out_dir = Path(out_dir)
-    stamp = {"builder": "aipo_mp.tiny", "version": BUILD_VERSION, "vocab_size": vocab_size, "seed": seed}
+    stamp = {"builder": "aipo_mp.testing.tiny", "version": BUILD_VERSION, "vocab_size": vocab_size, "seed": seed}
     if read_stamp(out_dir) == stamp:
         return out_dir
     tokenizer = hf_tokenizer_from_spm(train_sentencepiece(vocab_size, seed))

@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".cache" / "demo"
 RECIPE = ROOT / "configs" / "recipes" / "aipo_tiny.yaml"
 SELFINSTRUCT_RECIPE = ROOT / "configs" / "recipes" / "aipo_tiny_selfinstruct.yaml"
@@ -24,11 +24,11 @@ SELFINSTRUCT_RECIPE = ROOT / "configs" / "recipes" / "aipo_tiny_selfinstruct.yam
 
 def build_assets(cache: Path = CACHE) -> dict:
     """Tokenizer, pre-trained tiny policy and prompts; each rebuilt only when missing."""
-    from aipo_mp import demo_task
     from aipo_mp.config import load_config
-    from aipo_mp.io_utils import atomic_directory
-    from aipo_mp.models.hf_build import save_hf_model
-    from aipo_mp.tiny import build_tiny_tokenizer
+    from aipo_mp.demo import task as demo_task
+    from aipo_mp.runtime.files import atomic_directory
+    from aipo_mp.testing.hf_build import save_hf_model
+    from aipo_mp.testing.tiny import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer(cache / "tokenizer", vocab_size=512)
     policy = cache / "policy"
@@ -48,10 +48,10 @@ def build_assets(cache: Path = CACHE) -> dict:
 
 def build_pairwise_ranker(tokenizer: Path, cache: Path = CACHE) -> Path:
     """A tiny pairwise classifier taught the colour rule (aipo_mp/demo_task.py), built once."""
-    from aipo_mp import demo_task
     from aipo_mp.config import load_config
-    from aipo_mp.io_utils import atomic_directory
-    from aipo_mp.tiny import build_tiny_classifier
+    from aipo_mp.demo import task as demo_task
+    from aipo_mp.runtime.files import atomic_directory
+    from aipo_mp.testing.tiny import build_tiny_classifier
 
     ranker = cache / "pairwise_ranker"
     if not (ranker / "aipo_pretrained.json").exists():

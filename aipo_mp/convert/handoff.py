@@ -24,10 +24,15 @@ def write_policy_hf(built, directory: str | Path, hf_config: dict, extra_files_f
     """Collective over all ranks. Writes `directory` atomically (replacing an existing one)."""
     from megatron.core import parallel_state as ps
 
-    from aipo_mp.checkpoint import (
-        DTYPES, on_rank0_then_agree, partial_path, prepare_partial, publish_partial, remove_partial,
+    from aipo_mp.convert.tensor_io import IOStats, finalize_hf_dir
+    from aipo_mp.training.checkpoint import (
+        DTYPES,
+        on_rank0_then_agree,
+        partial_path,
+        prepare_partial,
+        publish_partial,
+        remove_partial,
     )
-    from checkpoint_tools.tensor_io import IOStats, finalize_hf_dir
 
     final = Path(directory).absolute()
     on_rank0_then_agree(lambda: prepare_partial(final, overwrite=True))
@@ -50,7 +55,7 @@ def write_policy_hf(built, directory: str | Path, hf_config: dict, extra_files_f
 def stage_units(built, tp_size: int, out_dtype: torch.dtype) -> list[tuple]:
     """(parameter, rule, layer, HF entries) of this rank's chunks, in order; the tied output
     layer is left out (the embedding is the HF tensor)."""
-    from checkpoint_tools.tensor_io import Entry
+    from aipo_mp.convert.tensor_io import Entry
 
     grow = {COLUMN: 0, GLU_COLUMN: 0, ROW: 1}
     units = []
@@ -74,7 +79,7 @@ def write_stage(built, directory: Path, out_dtype: torch.dtype, max_bytes: int, 
     """This pipeline stage's part: every TP rank takes part in the gathers, TP rank 0 writes."""
     from megatron.core import parallel_state as ps
 
-    from checkpoint_tools.tensor_io import write_part_files, plan_files
+    from aipo_mp.convert.tensor_io import plan_files, write_part_files
 
     group = ps.get_tensor_model_parallel_group()
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()

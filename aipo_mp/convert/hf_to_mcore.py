@@ -14,12 +14,18 @@ import time
 
 import torch
 
-from aipo_mp.config import ConfigError
-from checkpoint_tools.common import (
-    BYTES_PER, build_for_conversion, check_layout, choose_dtype, hf_source, rank_stats, setup_parallel,
+from aipo_mp.convert.common import (
+    BYTES_PER,
+    build_for_conversion,
+    check_layout,
+    choose_dtype,
+    hf_source,
+    rank_stats,
+    setup_parallel,
 )
-from checkpoint_tools.row_map import row_blocks
-from checkpoint_tools.tensor_io import IOStats, SafetensorsSource, save_lazily
+from aipo_mp.convert.row_map import row_blocks
+from aipo_mp.convert.tensor_io import IOStats, SafetensorsSource, save_lazily
+from aipo_mp.errors import ConfigError
 
 
 class ShardMaker:
@@ -78,7 +84,7 @@ class ShardMaker:
 
 
 def hf_to_mcore_rank(args) -> dict:
-    from aipo_mp.checkpoint import save_model
+    from aipo_mp.training.checkpoint import save_model
 
     t0 = time.perf_counter()
     src = hf_source(args.hf, args.allow_pickle)

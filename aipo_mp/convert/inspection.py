@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aipo_mp.config import ConfigError, ModelArch
-from checkpoint_tools.common import hf_source, human_bytes, human_count
+from aipo_mp.config import ModelArch
+from aipo_mp.convert.common import hf_source, human_bytes, human_count
+from aipo_mp.errors import ConfigError
 
 
 def dir_bytes(d: Path) -> int:
@@ -33,8 +34,8 @@ def megatron_tensor_count(model_dir: Path) -> int:
 
 
 def inspect_dir(path: str | Path, allow_pickle: bool = False) -> dict:
-    from aipo_mp.checkpoint import is_megatron_checkpoint, read_meta
     from aipo_mp.models import arch_from_hf_config, family_for_hf_config
+    from aipo_mp.training.checkpoint import is_megatron_checkpoint, read_meta
 
     d = Path(path)
     if not d.is_dir():

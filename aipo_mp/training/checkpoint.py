@@ -31,9 +31,10 @@ from typing import Callable, Optional
 
 import torch
 
-from aipo_mp import platform
-from aipo_mp.config import ConfigError, ModelArch
-from aipo_mp.models import MEGATRON_META
+from aipo_mp.config import ModelArch
+from aipo_mp.errors import CHECKPOINT_META as MEGATRON_META
+from aipo_mp.errors import ConfigError
+from aipo_mp.runtime import platform
 
 FORMAT = "aipo_mp.megatron.v1"
 MODEL_SUBDIR = "model"
@@ -173,7 +174,7 @@ def prepare_partial(final: Path, overwrite: bool) -> Path:
 
 def publish_partial(final: Path) -> None:
     """(rank 0) rename the temporary sibling to `final`, replacing an existing one."""
-    from aipo_mp.io_utils import replace_directory
+    from aipo_mp.runtime.files import replace_directory
 
     replace_directory(partial_path(final), final)
 

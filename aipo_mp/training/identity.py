@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from aipo_mp.config import ConfigError
+from aipo_mp.errors import ConfigError
 
 IDENTITY_FILE = "run_identity.json"
 SMALL_FILE_BYTES = 1 << 20  # hashed whole; larger files: size and their first 64 KiB (headers)
@@ -116,7 +116,7 @@ def check_identity(out_dir: str | Path, identity: dict) -> bool:
 
 
 def record_identity(out_dir: str | Path, identity: dict) -> None:
-    from aipo_mp.io_utils import atomic_write_json
+    from aipo_mp.runtime.files import atomic_write_json
 
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_json(Path(out_dir) / IDENTITY_FILE, identity)

@@ -18,13 +18,18 @@ from typing import Optional
 
 import torch
 
-from aipo_mp.config import ConfigError
-from aipo_mp.models.base import GLU
-from checkpoint_tools.common import BYTES_PER, is_enospc, parse_size, peak_rss_bytes
-from checkpoint_tools.row_map import checkpoint_key, hf_rows, layer_keys_map, row_blocks
-from checkpoint_tools.tensor_io import (
-    DistCheckpointReader, Entry, IOStats, finalize_hf_dir, plan_files, write_part_files,
+from aipo_mp.convert.common import BYTES_PER, is_enospc, parse_size, peak_rss_bytes
+from aipo_mp.convert.row_map import checkpoint_key, hf_rows, layer_keys_map, row_blocks
+from aipo_mp.convert.tensor_io import (
+    DistCheckpointReader,
+    Entry,
+    IOStats,
+    finalize_hf_dir,
+    plan_files,
+    write_part_files,
 )
+from aipo_mp.errors import ConfigError
+from aipo_mp.models.base import GLU
 
 
 class Unit:
@@ -104,11 +109,19 @@ def split_evenly(units: list[Unit], rank: int, world: int) -> list[Unit]:
 
 
 def mcore_to_hf_rank(args) -> dict:
-    from aipo_mp.checkpoint import (
-        DTYPES, EXTRA_SUBDIR, MODEL_SUBDIR, disk_is_full, on_rank0_then_agree, partial_path, prepare_partial,
-        publish_partial, read_meta, remove_partial,
-    )
     from aipo_mp.models import arch_from_hf_config, family_for_hf_config
+    from aipo_mp.training.checkpoint import (
+        DTYPES,
+        EXTRA_SUBDIR,
+        MODEL_SUBDIR,
+        disk_is_full,
+        on_rank0_then_agree,
+        partial_path,
+        prepare_partial,
+        publish_partial,
+        read_meta,
+        remove_partial,
+    )
 
     t0 = time.perf_counter()
     ckpt = Path(args.ckpt).absolute()

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from aipo_mp.config import ConfigError, ModelArch, ParallelConfig, layout_errors
+from aipo_mp.config import ModelArch, ParallelConfig, layout_errors
+from aipo_mp.errors import ConfigError
 
 # torch (and megatron) are imported inside the functions, so importing this package is cheap:
 # usage errors answer at once, and any `spawn`ed helper process re-importing it stays light.
@@ -162,7 +163,7 @@ def check_layout(arch: ModelArch, tp: int, pp: int, vpp: int) -> None:
 
 def check_weight_files(directory: Path, allow_pickle: bool) -> None:
     """Refuse pickled weights (they can run code) before anything loads them."""
-    from aipo_mp.hf_io import check_index_files
+    from aipo_mp.convert.hf_io import check_index_files
 
     check_index_files(directory)  # shards the index names must all be there
     if any(directory.glob("*.safetensors")):
@@ -183,7 +184,7 @@ class HFSource:
     hf_config: dict
     family: object  # aipo_mp.models.base.Family
     arch: ModelArch
-    weights: object  # aipo_mp.hf_io.HFWeights
+    weights: object  # aipo_mp.convert.hf_io.HFWeights
     dtype: str  # fp32 | bf16 | fp16 ...
     num_params: int
     num_bytes: int
@@ -237,7 +238,7 @@ def tensor_dtype(weights, name: str) -> str:
 
 def hf_source(directory: str | Path, allow_pickle: bool = False) -> HFSource:
     """Open an HF directory and check it completely (names, shapes) without reading weights."""
-    from aipo_mp.hf_io import HFWeights
+    from aipo_mp.convert.hf_io import HFWeights
 
     d = Path(directory)
     hf, family, arch = hf_config_and_arch(d)
@@ -287,7 +288,7 @@ def choose_dtype(requested: Optional[str], source: str, what: str) -> str:
 
 
 def setup_parallel(tp: int, pp: int, vpp: int) -> None:
-    from aipo_mp import platform
+    from aipo_mp.runtime import platform
 
     platform.initialize_model_parallel(tp, pp, vpp)
     platform.seed_model_parallel_rng(0)
@@ -308,7 +309,6 @@ def build_for_conversion(family, arch: ModelArch, tp: int, pp: int, vpp: int, dt
 
 def rank_stats(**extra) -> dict:
     import torch
-
     from megatron.core import parallel_state as ps
 
     return dict(rank=torch.distributed.get_rank(), tp_rank=ps.get_tensor_model_parallel_rank(),

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from aipo_mp.config import ConfigError, ModelArch
+from aipo_mp.config import ModelArch
+from aipo_mp.errors import ConfigError
 from aipo_mp.models.base import COPY, GLU, NONE, QKV, ROW, Rule
 
 

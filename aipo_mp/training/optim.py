@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from aipo_mp import platform
 from aipo_mp.config import Config
+from aipo_mp.runtime import platform
 
 
 def overlap_enabled(cfg: Config) -> bool:

@@ -5,17 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from aipo_mp.config import ModelArch
-from checkpoint_tools.common import build_for_conversion, check_layout, rank_stats, setup_parallel
+from aipo_mp.convert.common import build_for_conversion, check_layout, rank_stats, setup_parallel
 
 
 def verify_rank(args) -> dict:
     import torch
 
-    from aipo_mp import platform
-    from aipo_mp.checkpoint import load_model, read_meta
-    from aipo_mp.engine import forward_only
-    from aipo_mp.logprobs import gather_vocab_parallel
     from aipo_mp.models import arch_from_hf_config, family_for_hf_config
+    from aipo_mp.runtime import platform
+    from aipo_mp.training.checkpoint import load_model, read_meta
+    from aipo_mp.training.forward import forward_only
+    from aipo_mp.training.logprobs import gather_vocab_parallel
 
     meta = read_meta(args.ckpt)
     family, arch = family_for_hf_config(meta["hf_config"]), arch_from_hf_config(meta["hf_config"])
@@ -55,7 +55,6 @@ def make_reference(hf_dir: str | Path, out_path: str | Path, arch: ModelArch, se
     """A packed row of three random sequences of different lengths (plus padding) and
     transformers' fp32 logits of each sequence run alone."""
     import torch
-
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 

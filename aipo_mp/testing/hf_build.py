@@ -10,8 +10,8 @@ from typing import Optional
 import torch
 
 from aipo_mp.config import ModelArch
-from aipo_mp.io_utils import atomic_directory
 from aipo_mp.models import hf_config_for
+from aipo_mp.runtime.files import atomic_directory
 
 
 def hf_model_from_arch(arch: ModelArch, seed: int = 0, noise: float = 0.02, dtype=torch.float32):

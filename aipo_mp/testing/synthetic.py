@@ -26,7 +26,7 @@ def marker_pairs(n: int, seed: int = 0, marker: str = "yes", other: str = "no") 
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
-    from aipo_mp.io_utils import atomic_write_text
+    from aipo_mp.runtime.files import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return Path(path)

@@ -30,7 +30,7 @@ def step_dirs(root: Path) -> list[Path]:
 
 def write_manifest(step_dir: Path) -> None:
     """Every file of the checkpoint with its size (rank 0, after all ranks wrote theirs)."""
-    from aipo_mp.io_utils import atomic_write_json
+    from aipo_mp.runtime.files import atomic_write_json
 
     files = {str(f.relative_to(step_dir)): f.stat().st_size for f in sorted(step_dir.rglob("*"))
              if f.is_file() and f.name != MANIFEST}

@@ -9,7 +9,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from aipo_mp.config import ConfigError
+from aipo_mp.errors import ConfigError
 
 INDEX = "model.safetensors.index.json"
 

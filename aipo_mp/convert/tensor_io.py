@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 import torch
 
-from checkpoint_tools.common import INDEX
+from aipo_mp.convert.common import INDEX
 
 ST_DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16, "F64": torch.float64}
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
@@ -83,7 +83,7 @@ class SafetensorsSource:
     weights (`HFWeights` with allow_pickle) are served from memory instead."""
 
     def __init__(self, weights):
-        self.weights = weights  # aipo_mp.hf_io.HFWeights (already checked)
+        self.weights = weights  # aipo_mp.convert.hf_io.HFWeights (already checked)
         self._maps: dict[str, tuple[torch.Tensor, dict, int]] = {}
         self._lock = threading.Lock()
 
@@ -339,11 +339,14 @@ def save_lazily(sharded_state_dict: dict, directory: Path, make: Callable[[torch
 
 def _lazy_strategy(make, threads: int, stats: IOStats):
     from megatron.core.dist_checkpointing.strategies.filesystem_async import (
-        FileSystemWriterAsync, _split_by_size_and_type,
+        FileSystemWriterAsync,
+        _split_by_size_and_type,
     )
     from megatron.core.dist_checkpointing.strategies.state_dict_saver import save_state_dict_async_plan
     from megatron.core.dist_checkpointing.strategies.torch import (
-        MCoreSavePlanner, TorchDistSaveShardedStrategy, _replace_state_dict_keys_with_sharded_keys,
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
         mcore_to_pyt_state_dict,
     )
     from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, SerializationFormat, _write_item
@@ -438,7 +441,7 @@ def finalize_hf_dir(tmp: Path, extra_from: Optional[Path], hf_config: dict, out_
                     expected_names: list[str]) -> dict:
     """(global rank 0) name the parts model-0000i-of-0000n.safetensors (in part order), write
     the index, config.json, generation_config.json and the tokenizer files."""
-    from aipo_mp.checkpoint import HF_DTYPE_NAMES, copy_extra_files
+    from aipo_mp.training.checkpoint import HF_DTYPE_NAMES, copy_extra_files
 
     parts = sorted(tmp.glob("part*.json"))
     files = [f for p in parts for f in json.loads(p.read_text())]

@@ -10,11 +10,7 @@ import math
 
 import torch
 
-from aipo_mp.config import ConfigError
-
-
-class NonFiniteError(ConfigError):
-    """Training produced NaN or inf; one line naming the step and what to check."""
+from aipo_mp.errors import NonFiniteError
 
 
 def check_step(step: int, what: str, value: float) -> None:

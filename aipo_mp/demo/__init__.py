@@ -1,0 +1,1 @@
+"""`make demo`: the tiny built-in job (`python -m aipo_mp.demo`)."""

@@ -1,0 +1,1 @@
+"""Tiny tokenizers, models and synthetic data for tests and the demo (not the core)."""
