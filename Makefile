@@ -5,7 +5,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-fast demo clean gpu-wheels
+.PHONY: setup lint test test-unit test-dist test-e2e demo clean gpu-wheels
 
 setup: $(STAMP)
 
@@ -21,11 +21,23 @@ $(STAMP): pyproject.toml requirements-cpu.txt
 	$(BIN)/python -c "import torch, megatron.core, transformers, vllm" >/dev/null 2>&1 || { echo "error: the environment in $(VENV) does not import; delete $(VENV) and rerun make setup"; exit 1; }
 	touch $(STAMP)
 
-test: setup
-	$(BIN)/python -m pytest -q -x --durations=15 tests
+# The tiers (tests/README.md): unit (pure, single process, under a minute), dist (gloo process
+# groups), e2e (vLLM, conversion, Slurm on localhost). `make test` runs ruff, then all three, unit first.
+PYTEST := $(BIN)/python -m pytest -q -x -p no:cacheprovider
 
-test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow" tests
+lint: setup
+	$(BIN)/ruff check aipo_mp checkpoint_tools tests benchmarks
+
+test-unit: setup
+	$(PYTEST) tests/unit
+
+test-dist: setup
+	$(PYTEST) --durations=10 tests/dist
+
+test-e2e: setup
+	$(PYTEST) --durations=10 tests/e2e
+
+test: lint test-unit test-dist test-e2e
 
 demo: setup
 	$(BIN)/python -m aipo_mp.demo

@@ -9,21 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-USER_ERRORS: tuple = ()
-
-
-def user_error_types() -> tuple:
-    from aipo_mp.data.pairs import DataError
-    from aipo_mp.errors import ConfigError
-    from aipo_mp.objectives import ObjectiveError
-
-    return (ConfigError, DataError, ObjectiveError, FileExistsError)
-
-
-def print_errors(exc: BaseException) -> None:
-    lines = getattr(exc, "errors", None) or str(exc).splitlines() or [type(exc).__name__]
-    for line in lines:
-        print(f"error: {line}", file=sys.stderr)
+from aipo_mp.models import num_params
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -33,16 +19,19 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_check(args) -> int:
     """Validate a config (and the layout for --world-size) without starting any process group."""
-    from aipo_mp.config import load_config, validate
+    from aipo_mp.config import load_config
+    from aipo_mp.validate import PLACEMENT, RECIPE, TRAIN, validate
 
     cfg = load_config(args.config, args.overrides)
     print_notes(cfg)
-    arch = validate(cfg, world_size=args.world_size)
+    # A recipe of `aipo-mp run` (it names rounds.prompts) is checked as `run` checks it.
+    stages = (TRAIN, RECIPE, PLACEMENT) if cfg.rounds.prompts else (TRAIN,)
+    arch = validate(cfg, world_size=args.world_size, stages=stages)
     par = cfg.parallel
     dp = args.world_size // (par.tp * par.pp * par.cp) if args.world_size else None
     if cfg.data.train:
         check_data(cfg, arch.vocab_size)
-    print(f"ok: {arch.family} {arch.num_params() / 1e9:.3f}B params, tp={par.tp} pp={par.pp} vpp={par.vpp} "
+    print(f"ok: {arch.family} {num_params(arch) / 1e9:.3f}B params, tp={par.tp} pp={par.pp} vpp={par.vpp} "
           f"cp={par.cp} sp={par.sequence_parallel}" + (f" dp={dp}" if dp else "")
           + f", objective {cfg.objective.name}")
     return 0
@@ -53,7 +42,7 @@ def check_data(cfg, vocab_size: int) -> None:
     from aipo_mp.data import prepare
 
     if not cfg.model.path:
-        print(f"note: data.train not read (it is tokenized with model.path's tokenizer, and model.path is unset)")
+        print("note: data.train not read (it is tokenized with model.path's tokenizer, and model.path is unset)")
         return
     from aipo_mp.convert.hf_io import load_tokenizer
     from aipo_mp.training.loop import tokenizer_dir_of
@@ -76,7 +65,8 @@ def cmd_train(args) -> int:
     from aipo_mp.runtime.platform import StopSignal
 
     stop = StopSignal().install()  # before the slow imports: an early preemption signal is not fatal
-    from aipo_mp.config import load_config, validate
+    from aipo_mp.config import load_config
+    from aipo_mp.validate import validate
 
     cfg = load_config(args.config, args.overrides)
     if args.nproc_per_node and "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
@@ -122,13 +112,10 @@ def cmd_sample(args) -> int:
 
     stop = StopFlag() if args.shard_dir else None  # a placed task: before the slow imports
     from aipo_mp.errors import ConfigError
-    from aipo_mp.rounds.sampling import SamplingSpec, sample, sample_task
+    from aipo_mp.rounds.sampling import sample, sample_task
 
     cfg = stage_config(args)
-    s = cfg.sampling
-    spec = SamplingSpec(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, stop=list(s.stop),
-                        seed=s.seed, tensor_parallel=s.tensor_parallel, replicas=s.replicas,
-                        kv_cache_gib=s.kv_cache_gib, max_model_len=s.max_model_len)
+    spec = cfg.sampling
     if args.shard_dir:  # one task of `aipo-mp run`'s sample stage: this task's shards only
         return sample_task(args.model, args.prompts or cfg.rounds.prompts, spec, args.shard_dir, stop,
                            shard_prompts=args.shard_prompts)
@@ -282,20 +269,52 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="per-round table and plots of a run directory")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
-    # `plan` parses its own arguments (aipo_mp.planner.main); listed here for --help.
-    sub.add_parser("plan", help="rank parallel layouts of a model for a GPU count: memory, step time, MFU",
-                   add_help=False)
+    parser.subcommands = sub  # main() adds the commands that parse their own arguments
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    quiet_library_warnings()
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["plan"]:
+def passthrough_commands() -> dict:
+    """Subcommands that parse their own arguments: name -> (help, main(argv) -> exit code)."""
+
+    def plan(argv):
         from aipo_mp import planner
 
-        sys.exit(planner.main(argv[1:]))
+        return planner.main(argv)
+
+    def convert(argv):
+        from aipo_mp.convert.cli import main as convert_main
+
+        return convert_main(argv)
+
+    def compare(argv):
+        from aipo_mp.rounds.rankers import compare_main
+
+        return compare_main(argv)
+
+    def kl(argv):
+        from aipo_mp.rounds.report import main as report_main
+
+        return report_main(["kl", *argv])
+
+    return {
+        "plan": ("rank parallel layouts of a model for a GPU count: memory, step time, MFU", plan),
+        "convert": ("hf-to-mcore | mcore-to-hf | verify | inspect: HF <-> Megatron checkpoints", convert),
+        "compare": ("rankers: judge one round's answers against another's (both orders)", compare),
+        "kl": ("sampled KL(policy_r || initial policy) of the rounds of a run", kl),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from aipo_mp.errors import run_main
+
+    quiet_library_warnings()
+    argv = sys.argv[1:] if argv is None else argv
+    passthrough = passthrough_commands()
+    if argv[:1] and argv[0] in passthrough:
+        sys.exit(run_main(lambda: passthrough[argv[0]][1](argv[1:])))
     parser = build_parser()
+    for name, (text, _) in passthrough.items():
+        parser.subcommands.add_parser(name, help=text, add_help=False)
     args, extra = parser.parse_known_args(argv)
     # `aipo-mp run R --launcher slurm a.b=1`: overrides may also follow an option
     late = [x for x in extra if "=" in x and not x.startswith("-")]
@@ -303,23 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if late:
         args.overrides = list(args.overrides) + late
-    try:
-        code = args.func(args)
-    except user_error_types() as e:
-        print_errors(e)
-        code = 2
-    except OSError as e:
-        from aipo_mp.runtime.files import disk_error_line
-
-        line = disk_error_line(e)
-        if line is None:
-            raise
-        print(f"error: {line}", file=sys.stderr)
-        code = 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        code = 130
-    sys.exit(code)
+    sys.exit(run_main(lambda: args.func(args)))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Typed run configuration: YAML files with `defaults:` includes, `key.sub=value` overrides, and
-validation that runs before any process group or weight exists.
+"""Typed run configuration: the schema (one dataclass per section), YAML files with `defaults:`
+includes, and `key.sub=value` overrides. Schema and loading only, no torch: every cross-field check
+(layout, objective, recipe, placement) is in aipo_mp/validate.py.
 
-A config file is a mapping of sections (model, parallel, precision, objective, train, data,
-reference, output, rounds, cluster). A file may start with `defaults: [other.yaml, ...]`
+Each field declares its own constraint next to it (`setting(default, ge=..., choices=...)`); the
+loader refuses a wrong value with one line naming the key and the allowed range, for every section
+alike. A config file is a mapping of sections; it may start with `defaults: [other.yaml, ...]`
 (paths relative to the file); later entries and the file itself override earlier ones.
 """
 
@@ -23,6 +25,63 @@ import yaml
 from aipo_mp.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------
+# Per-field constraints
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    """The values a field accepts: a numeric range (open or closed ends) or a set of choices."""
+
+    ge: Optional[float] = None
+    gt: Optional[float] = None
+    le: Optional[float] = None
+    lt: Optional[float] = None
+    choices: Optional[tuple] = None
+    items: Optional[str] = None  # "nonempty_str": a list of non-empty strings
+
+    def problem(self, value) -> Optional[str]:
+        """None when `value` is allowed, else what is allowed (for the one error line)."""
+        if value is None:
+            return None  # Optional fields: None means "not set"
+        if self.choices is not None:
+            return None if value in self.choices else "choose one of " + ", ".join(str(c) for c in self.choices)
+        if self.items == "nonempty_str":
+            ok = isinstance(value, list) and all(isinstance(s, str) and s for s in value)
+            return None if ok else "must be a list of non-empty strings"
+        ok = ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+              and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+        return None if ok else self.describe()
+
+    def describe(self) -> str:
+        lo, hi = (self.ge, "[") if self.ge is not None else (self.gt, "(")
+        up, close = (self.le, "]") if self.le is not None else (self.lt, ")")
+        if lo is not None and up is not None:
+            return f"must be in {hi}{lo:g}, {up:g}{close}"
+        if lo is not None:
+            return f"must be {'>=' if hi == '[' else '>'} {lo:g}"
+        return f"must be {'<=' if close == ']' else '<'} {up:g}"
+
+
+def setting(default=None, *, factory=None, **check) -> Any:
+    """A config field with its default and its constraint (see Check)."""
+    meta = {"check": Check(**{k: tuple(v) if k == "choices" else v for k, v in check.items()})} if check else {}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def count(default: int, at_least: int = 1) -> Any:
+    """An integer setting >= `at_least`."""
+    return setting(default, ge=at_least)
+
+
+def share(default: float) -> Any:
+    """A fraction in [0, 1]."""
+    return setting(default, ge=0, le=1)
+
+
+# ---------------------------------------------------------------------------------------------
 # Sections
 # ---------------------------------------------------------------------------------------------
 
@@ -32,17 +91,17 @@ class ModelArch:
     """Architecture values of a supported family (the fields of its HF config.json we use)."""
 
     family: str = "llama"
-    hidden_size: int = 0
-    intermediate_size: int = 0
-    num_layers: int = 0
-    num_attention_heads: int = 0
-    num_key_value_heads: int = 0
-    head_dim: int = 0
-    vocab_size: int = 0
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-5
+    hidden_size: int = count(0, 0)
+    intermediate_size: int = count(0, 0)
+    num_layers: int = count(0, 0)
+    num_attention_heads: int = count(0, 0)
+    num_key_value_heads: int = count(0, 0)
+    head_dim: int = count(0, 0)
+    vocab_size: int = count(0, 0)
+    rope_theta: float = setting(10000.0, gt=0)
+    rms_norm_eps: float = setting(1e-5, gt=0)
     tie_embeddings: bool = False
-    max_position_embeddings: int = 4096
+    max_position_embeddings: int = count(4096)
     # Gemma-2 only (None elsewhere).
     query_pre_attn_scalar: Optional[float] = None
     attn_logit_softcapping: Optional[float] = None
@@ -55,18 +114,6 @@ class ModelArch:
     qkv_bias: bool = False  # Qwen2: bias on the q, k and v projections
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on every query and key head, before RoPE
 
-    def num_params(self) -> int:
-        """Parameter count of the whole model (embeddings, layers, final norm, output layer)."""
-        h, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
-        qkv_features = (self.num_attention_heads + 2 * self.num_key_value_heads) * hd
-        attn = h * qkv_features + self.num_attention_heads * hd * h
-        attn += qkv_features if self.qkv_bias else 0
-        attn += 2 * hd if self.qk_norm else 0
-        norms = (4 if self.family == "gemma2" else 2) * h
-        layer = attn + 3 * h * f + norms
-        emb = self.vocab_size * h
-        return self.num_layers * layer + emb + h + (0 if self.tie_embeddings else emb)
-
 
 @dataclass
 class ModelConfig:
@@ -77,67 +124,67 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
-    vpp: int = 1  # virtual pipeline stages per pipeline rank (interleaved schedule when > 1)
-    cp: int = 1
+    tp: int = count(1)
+    pp: int = count(1)
+    vpp: int = count(1)  # virtual pipeline stages per pipeline rank (interleaved schedule when > 1)
+    cp: int = count(1)
     sequence_parallel: bool = False
 
 
 @dataclass
 class PrecisionConfig:
-    dtype: str = "fp32"  # fp32 | bf16
-    fp8: Optional[str] = None  # None | e4m3 | hybrid (Transformer Engine only)
-    fp8_recipe: str = "delayed"  # delayed | tensorwise | mxfp8 (handed to Transformer Engine)
-    backend: str = "auto"  # auto | local | te
+    dtype: str = setting("fp32", choices=("fp32", "bf16"))
+    fp8: Optional[str] = setting(None, choices=(None, "e4m3", "hybrid"))  # Transformer Engine only
+    fp8_recipe: str = setting("delayed", choices=("delayed", "tensorwise", "mxfp8"))  # handed to TE
+    backend: str = setting("auto", choices=("auto", "local", "te"))
 
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "aipo"
+    name: str = "aipo"  # a name of the objectives registry (checked by aipo_mp/validate.py)
     params: dict = field(default_factory=dict)  # hyperparameters, validated by the registry
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 0  # 0: one epoch over the pairs
-    global_batch_pairs: int = 32
-    micro_batch_pairs: int = 0  # max pairs packed in one micro-batch row; 0: as many as fit
-    seq_length: int = 2560
-    lr: float = 5e-7
-    min_lr: float = 0.0
-    schedule: str = "cosine"  # cosine | linear | constant
-    warmup_ratio: float = 0.1
-    warmup_steps: int = -1  # >= 0 overrides warmup_ratio
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    seed: int = 1234
-    save_every: int = 0  # 0: only at the end
-    keep_checkpoints: int = 2  # step checkpoints kept per train dir (the newest; 0: all); each round's final stays
-    log_every: int = 1
-    recompute: str = "none"  # none | selective | full
+    steps: int = count(0, 0)  # 0: one epoch over the pairs
+    global_batch_pairs: int = count(32)
+    micro_batch_pairs: int = count(0, 0)  # max pairs packed in one micro-batch row; 0: as many as fit
+    seq_length: int = count(2560, 8)
+    lr: float = setting(5e-7, ge=0)
+    min_lr: float = setting(0.0, ge=0)
+    schedule: str = setting("cosine", choices=("cosine", "linear", "constant"))
+    warmup_ratio: float = share(0.1)
+    warmup_steps: int = count(-1, -1)  # >= 0 overrides warmup_ratio
+    weight_decay: float = setting(0.0, ge=0)
+    adam_beta1: float = setting(0.9, ge=0, lt=1)
+    adam_beta2: float = setting(0.95, ge=0, lt=1)
+    adam_eps: float = setting(1e-8, gt=0)
+    clip_grad: float = setting(1.0, ge=0)  # 0: no clipping
+    seed: int = count(1234, 0)
+    save_every: int = count(0, 0)  # 0: only at the end
+    keep_checkpoints: int = count(2, 0)  # step checkpoints kept per train dir (the newest; 0: all); each round's final stays
+    log_every: int = count(1)
+    recompute: str = setting("none", choices=("none", "selective", "full"))
     use_distributed_optimizer: bool = True  # megatron's: fp32 main weights + Adam moments sharded over DP
     overlap_comm: Optional[bool] = None  # overlap DP grad reduce-scatter / param all-gather; None: with CUDA
-    threads: int = 0  # CPU threads per rank (0: torch default)
+    threads: int = count(0, 0)  # CPU threads per rank (0: torch default)
 
 
 @dataclass
 class DataConfig:
     train: Optional[str] = None  # pairs: JSONL, .jsonl.gz, Parquet, or a datasets.save_to_disk directory
     fields: dict = field(default_factory=dict)  # other key names: {prompt: KEY, chosen: KEY, rejected: KEY}
-    max_length: int = 0  # per sequence (prompt + response); 0: train.seq_length // 2
-    max_prompt_length: int = 512
-    on_error: str = "error"  # error | skip
+    max_length: int = count(0, 0)  # per sequence (prompt + response); 0: train.seq_length // 2
+    max_prompt_length: int = count(512)
+    on_error: str = setting("error", choices=("error", "skip"))
     shuffle: bool = True
-    warn_truncated_share: float = 0.05  # a warning line when more than this share of pairs is truncated
+    warn_truncated_share: float = share(0.05)  # a warning line when more than this share of pairs is truncated
 
 
 @dataclass
 class ReferenceConfig:
-    mode: str = "initial"  # initial | model
+    mode: str = setting("initial", choices=("initial", "model"))
     path: Optional[str] = None
     precompute: bool = True
 
@@ -156,27 +203,27 @@ class SynthesizeConfig:
     pipeline and Self-Instruct's filters)."""
 
     enabled: bool = False
-    num_clusters: int = 256  # TF-IDF + k-means clusters of the seed prompts
-    examples_per_prompt: int = 8  # instructions of one cluster shown in each generation prompt
-    new_per_prompt: int = 2  # at most this many new instructions kept from one completion
-    total: int = 1000  # new instructions to collect per round
-    temperature: float = 0.5
-    top_p: float = 0.9
-    min_tokens: int = 4  # an instruction's length bounds (policy tokens)
-    max_tokens: int = 512
-    max_similarity: float = 0.7  # drop a new instruction whose ROUGE-L to a kept one is >= this
-    generation_max_tokens: int = 1024  # tokens generated per completion
-    seed_share: float = 1.0  # share of the seed prompts kept in each round's prompt file
+    num_clusters: int = count(256)  # TF-IDF + k-means clusters of the seed prompts
+    examples_per_prompt: int = count(8)  # instructions of one cluster shown in each generation prompt
+    new_per_prompt: int = count(2)  # at most this many new instructions kept from one completion
+    total: int = count(1000)  # new instructions to collect per round
+    temperature: float = setting(0.5, ge=0)
+    top_p: float = setting(0.9, gt=0, le=1)
+    min_tokens: int = count(4)  # an instruction's length bounds (policy tokens)
+    max_tokens: int = count(512)
+    max_similarity: float = setting(0.7, gt=0, le=1)  # drop a new instruction whose ROUGE-L to a kept one is >= this
+    generation_max_tokens: int = count(1024)  # tokens generated per completion
+    seed_share: float = share(1.0)  # share of the seed prompts kept in each round's prompt file
     include_previous: bool = False  # previous rounds' new prompts join the seeds
-    max_batches: int = 8  # generation batches per round before giving up on reaching `total`
-    seed: int = 0
+    max_batches: int = count(8)  # generation batches per round before giving up on reaching `total`
+    seed: int = count(0, 0)
 
 
 @dataclass
 class RoundsConfig:
-    num_rounds: int = 3
+    num_rounds: int = count(3)
     prompts: Optional[str] = None  # prompts JSONL: {"id"?: ..., "prompt": str or chat messages}
-    reference: str = "previous"  # previous (AIPO: the policy the round starts from) | initial
+    reference: str = setting("previous", choices=("previous", "initial"))  # previous: AIPO (the round's start)
     evaluate_final: bool = True  # sample and score the final policy too (round R, no training)
     kl_estimate: bool = True  # sampled KL(policy_r || initial policy) in the report
     synthesize: SynthesizeConfig = field(default_factory=SynthesizeConfig)
@@ -185,57 +232,73 @@ class RoundsConfig:
 
 @dataclass
 class SamplingConfig:
-    """vLLM sampling of each round (defaults: the AIPO authors' recipe)."""
+    """vLLM sampling of each round (defaults: the AIPO authors' recipe). Also the settings of any
+    sampling call (`aipo_mp.rounds.sampling.sample`)."""
 
-    n: int = 5
-    temperature: float = 0.4
-    top_p: float = 1.0
-    max_tokens: int = 2048
-    stop: list = field(default_factory=list)
-    seed: int = 0
-    tensor_parallel: int = 1
-    replicas: int = 1
-    kv_cache_gib: float = 1.0  # CPU only
-    max_model_len: Optional[int] = None
-    shard_prompts: int = 0  # prompts per resumable shard of the sample stage (0: one shard per replica)
+    n: int = count(5)  # samples per prompt
+    temperature: float = setting(0.4, ge=0)  # 0 is greedy
+    top_p: float = setting(1.0, gt=0, le=1)
+    max_tokens: int = count(2048)
+    stop: list = setting(factory=list, items="nonempty_str")  # stop strings (EOS always stops)
+    seed: int = count(0, 0)
+    chat_template: bool = True  # wrap string prompts as one user message (chat prompts always use it)
+    tensor_parallel: int = count(1)  # GPUs (or CPU core groups) per engine
+    replicas: int = count(1)  # data-parallel engines, each in its own task (or process)
+    kv_cache_gib: float = setting(1.0, gt=0)  # CPU only (on GPUs vLLM sizes it from gpu_memory_utilization)
+    max_model_len: Optional[int] = setting(None, ge=2)  # None: the model's max_position_embeddings
+    dtype: Optional[str] = setting(None, choices=(None, "auto", "float32", "bfloat16", "float16"))  # None: fp32 on CPU, "auto" on GPUs
+    gpu_memory_utilization: float = setting(0.9, gt=0, le=1)  # GPUs only
+    shard_prompts: int = count(0, 0)  # prompts per resumable shard of the sample stage (0: one shard per replica)
+
+
+REWARD_KINDS = ("model", "rule", "pairwise", "judge")
+RANKER_KINDS = ("pairwise", "judge")
 
 
 @dataclass
 class RewardConfig:
-    kind: str = ""  # model | rule | pairwise | judge; empty: rule when reward.rule is set, else model
+    kind: str = setting("", choices=("", *REWARD_KINDS))  # empty: rule when reward.rule is set, else model
     rule: Optional[str] = None  # "module:function(prompt, response) -> float"
     model: Optional[str] = None  # model: a one-label classifier; pairwise: a P(A > B) classifier; judge: an LLM
     # Rankers (pairwise, judge; aipo_mp/rounds/rankers.py)
     template: Optional[str] = None  # with {prompt}, {a}, {b}; None: the ranker's default
-    aggregate: str = "bradley_terry"  # bradley_terry | copeland
-    judge_answers: list = field(default_factory=lambda: [" A", " B"])  # verdict strings read from log-probs
+    aggregate: str = setting("bradley_terry", choices=("bradley_terry", "copeland"))
+    judge_answers: list = setting(factory=lambda: [" A", " B"], items="nonempty_str")  # verdicts read from log-probs
     chat_template: bool = False  # judge: wrap the judge prompt in the judge's chat template
-    batch_size: int = 16  # pairwise classifier batch
-    tensor_parallel: int = 1  # GPUs per reward engine (reward.model, the judge)
+    batch_size: int = count(16)  # pairwise classifier batch
+    tensor_parallel: int = count(1)  # GPUs per reward engine (reward.model, the judge)
     # model, rule: reward tasks, each scoring its shard of the samples; judge: engines in child
     # processes of the one ranking task (data parallel, like sampling.replicas)
-    replicas: int = 1
-    kv_cache_gib: float = 1.0  # judge engine, CPU only
-    max_model_len: Optional[int] = None  # judge engine
+    replicas: int = count(1)
+    kv_cache_gib: float = setting(1.0, gt=0)  # judge engine, CPU only
+    max_model_len: Optional[int] = setting(None, ge=2)  # judge engine
+
+
+def reward_kind(reward: RewardConfig) -> str:
+    """reward.kind, or (unset) rule when reward.rule is given, else model."""
+    return reward.kind or ("rule" if reward.rule else "model")
 
 
 @dataclass
 class PairsConfig:
-    min_gap: float = 0.0
+    min_gap: float = setting(0.0, ge=0)
     allow_truncated: bool = False
-    mode: str = "best_worst"  # best_worst | ranked
-    max_pairs_per_prompt: int = 0  # ranked mode; 0: all
-    min_rank_gap: int = 0  # rankers: rejected rank - chosen rank must be >= this (0: no check)
+    mode: str = setting("best_worst", choices=("best_worst", "ranked"))
+    max_pairs_per_prompt: int = count(0, 0)  # ranked mode; 0: all
+    min_rank_gap: int = count(0, 0)  # rankers: rejected rank - chosen rank must be >= this (0: no check)
+
+
+STAGE_KINDS = ("export", "synthesize", "sample", "reward", "compare", "pairs", "train", "kl")
 
 
 @dataclass
 class ClusterConfig:
-    launcher: str = "local"  # local | slurm
-    nproc_per_node: int = 1
-    nodes: int = 1
-    master_port: int = 0  # 0: torchrun's or a Slurm-job-derived default
+    launcher: str = setting("local", choices=("local", "slurm"))
+    nproc_per_node: int = count(1)
+    nodes: int = count(1)
+    master_port: int = setting(0, ge=0, le=65535)  # 0: torchrun's or a Slurm-job-derived default
     stage_minutes: dict = field(default_factory=dict)  # wall-clock limit per stage kind, e.g. {sample: 120}
-    task_wait_s: int = 900  # srun --wait: end a step this long after its first task exited
+    task_wait_s: int = count(900, 0)  # srun --wait: end a step this long after its first task exited (0: no limit)
 
 
 @dataclass
@@ -366,6 +429,7 @@ def finite(value: float, key: str, errors: list[str]) -> float:
 def _build(cls, data: dict, prefix: str, errors: list[str]):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    checks = {f.name: f.metadata["check"] for f in dataclasses.fields(cls) if "check" in f.metadata}
     kwargs = {}
     for key, value in data.items():
         if cls is ObjectiveConfig and key != "name":
@@ -374,8 +438,28 @@ def _build(cls, data: dict, prefix: str, errors: list[str]):
         if key not in names:
             errors.append(unknown_key_message(prefix + key, [prefix + n for n in names]))
             continue
+        n_errors = len(errors)
         kwargs[key] = _coerce(value, hints[key], prefix + key, errors)
+        check = checks.get(key)
+        problem = check.problem(kwargs[key]) if check is not None and len(errors) == n_errors else None
+        if problem:
+            errors.append(f"{prefix}{key}={value!r}: {problem}")
     return cls(**{k: v for k, v in kwargs.items() if v is not None or k in data})
+
+
+def build_section(cls, data: dict, prefix: str):
+    """One section (e.g. SamplingConfig) from a mapping, with the same type and range checks as a
+    whole config; raises ConfigError listing every problem."""
+    errors: list[str] = []
+    section = _build(cls, data, prefix, errors)
+    if errors:
+        raise ConfigError(errors)
+    return section
+
+
+def check_section(section, prefix: str) -> None:
+    """Check a section built in code (not loaded) by the same rules as a loaded one."""
+    build_section(type(section), dataclasses.asdict(section), prefix)
 
 
 def unknown_key_message(key: str, valid: list[str]) -> str:
@@ -417,183 +501,6 @@ def fit_defaults(cfg: Config, explicit: set[str]) -> list[str]:
         notes.append(f"note: data.max_prompt_length (default {default}) leaves no room for a response in "
                      f"data.max_length={max_len}; using {cfg.data.max_prompt_length} (set it to choose)")
     return notes
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation (no process group, no weights: only arithmetic on the config and the model's config.json)
-# ---------------------------------------------------------------------------------------------
-
-CHOICES = {
-    "precision.dtype": ("fp32", "bf16"),
-    "precision.backend": ("auto", "local", "te"),
-    "precision.fp8": (None, "e4m3", "hybrid"),
-    "train.schedule": ("cosine", "linear", "constant"),
-    "train.recompute": ("none", "selective", "full"),
-    "data.on_error": ("error", "skip"),
-    "reference.mode": ("initial", "model"),
-    "rounds.reference": ("previous", "initial"),
-    "cluster.launcher": ("local", "slurm"),
-    "pairs.mode": ("best_worst", "ranked"),
-}
-
-
-def _get(cfg: Config, dotted: str):
-    node = cfg
-    for p in dotted.split("."):
-        node = getattr(node, p)
-    return node
-
-
-def resolve_arch(cfg: Config) -> ModelArch:
-    """The model architecture: from model.path's config.json when given, else model.arch."""
-    if cfg.model.path:
-        from aipo_mp.models import arch_from_dir
-
-        return arch_from_dir(cfg.model.path)
-    if cfg.model.arch is None:
-        raise ConfigError("model: set model.path (an HF or aipo_mp checkpoint directory) or model.arch")
-    return cfg.model.arch
-
-
-def layout_errors(arch: ModelArch, par: ParallelConfig, world_size: Optional[int] = None) -> list[str]:
-    errors = []
-    tp, pp, vpp, cp = par.tp, par.pp, par.vpp, par.cp
-    for name, val in (("parallel.tp", tp), ("parallel.pp", pp), ("parallel.vpp", vpp), ("parallel.cp", cp)):
-        if val < 1:
-            errors.append(f"{name}={val}: must be >= 1")
-    if errors:
-        return errors
-    choices = divisors(arch.num_attention_heads, arch.num_key_value_heads)
-    heads, groups = arch.num_attention_heads, arch.num_key_value_heads
-    if heads % tp:
-        also = f" nor the {groups} query groups" if groups % tp else ""
-        errors.append(f"parallel.tp={tp} does not divide the {heads} attention heads{also}; choose tp from {choices}")
-    elif groups % tp:
-        errors.append(f"parallel.tp={tp} does not divide the {groups} query groups (key/value heads); "
-                      f"choose tp from {choices}")
-    elif arch.vocab_size % tp:
-        errors.append(f"parallel.tp={tp} does not divide the vocabulary ({arch.vocab_size}); choose another tp")
-    if arch.num_layers % (pp * vpp):
-        what = f"pp x vpp = {pp} x {vpp}" if vpp > 1 else f"parallel.pp={pp}"
-        errors.append(f"{what} does not divide the {arch.num_layers} layers; choose pp (x vpp) from {divisors(arch.num_layers)}")
-    if vpp > 1 and pp < 2:
-        errors.append(f"parallel.vpp={vpp} needs parallel.pp > 1 (interleaving splits pipeline stages)")
-    if par.sequence_parallel and tp < 2:
-        errors.append("parallel.sequence_parallel needs parallel.tp > 1; set parallel.sequence_parallel=false or raise tp")
-    if world_size is not None and world_size % (tp * pp * cp):
-        errors.append(
-            f"world size {world_size} is not a multiple of tp x pp x cp = {tp * pp * cp}; "
-            f"launch a multiple of {tp * pp * cp} processes or change the layout"
-        )
-    return errors
-
-
-def arch_errors(arch: ModelArch) -> list[str]:
-    """Architecture values a family cannot build (RoPE scaling it does not implement, ...)."""
-    from aipo_mp.models import arch_problems
-
-    return arch_problems(arch)
-
-
-def divisors(*ns: int) -> list[int]:
-    g = 0
-    for n in ns:
-        g = _gcd(g, n)
-    return [d for d in range(1, g + 1) if g % d == 0] if g else [1]
-
-
-def _gcd(a: int, b: int) -> int:
-    while b:
-        a, b = b, a % b
-    return a
-
-
-def validate(cfg: Config, world_size: Optional[int] = None, arch: Optional[ModelArch] = None) -> ModelArch:
-    """Every check that needs no process group. Returns the resolved architecture."""
-    errors = []
-    for key, allowed in CHOICES.items():
-        val = _get(cfg, key)
-        if val not in allowed:
-            errors.append(f"{key}={val!r}: choose one of {', '.join(str(a) for a in allowed)}")
-    if arch is None:
-        try:
-            arch = resolve_arch(cfg)
-        except ConfigError as e:
-            raise ConfigError(errors + e.errors)
-    errors += layout_errors(arch, cfg.parallel, world_size)
-    errors += arch_errors(arch)
-    errors += training_errors(cfg, arch, world_size)
-    errors += objective_errors(cfg)
-    if errors:
-        raise ConfigError(errors)
-    return arch
-
-
-def training_errors(cfg: Config, arch: ModelArch, world_size: Optional[int]) -> list[str]:
-    errors = []
-    t, par = cfg.train, cfg.parallel
-    if par.cp > 1 and cfg.precision.backend == "local":
-        errors.append("parallel.cp > 1 needs the Transformer Engine backend (precision.backend=te)")
-    if cfg.precision.fp8 and cfg.precision.backend == "local":
-        errors.append("precision.fp8 needs the Transformer Engine backend (precision.backend=te or auto on a GPU)")
-    if cfg.precision.fp8 and cfg.precision.dtype != "bf16":
-        errors.append("precision.fp8 needs precision.dtype=bf16")
-    if t.seq_length < 8:
-        errors.append(f"train.seq_length={t.seq_length}: must be >= 8")
-    if par.sequence_parallel and t.seq_length % par.tp:
-        errors.append(f"train.seq_length={t.seq_length} must be a multiple of parallel.tp={par.tp} with sequence parallel")
-    if t.global_batch_pairs < 1:
-        errors.append(f"train.global_batch_pairs={t.global_batch_pairs}: must be >= 1")
-    if world_size is not None and par.tp * par.pp * par.cp and world_size % (par.tp * par.pp * par.cp) == 0:
-        dp = world_size // (par.tp * par.pp * par.cp)
-        if t.global_batch_pairs % dp:
-            errors.append(
-                f"train.global_batch_pairs={t.global_batch_pairs} is not divisible by the data-parallel size {dp}; "
-                f"use a multiple of {dp}"
-            )
-    if t.micro_batch_pairs < 0:
-        errors.append(f"train.micro_batch_pairs={t.micro_batch_pairs}: must be >= 0 (0 = as many as fit)")
-    if t.lr < 0 or t.min_lr < 0 or t.min_lr > t.lr:
-        errors.append(f"train.lr={t.lr}, train.min_lr={t.min_lr}: need 0 <= min_lr <= lr")
-    if not 0 <= t.warmup_ratio <= 1:
-        errors.append(f"train.warmup_ratio={t.warmup_ratio}: must be in [0, 1]")
-    max_len = cfg.data.max_length or t.seq_length // 2
-    if cfg.data.max_prompt_length >= max_len:
-        errors.append(
-            f"data.max_prompt_length={cfg.data.max_prompt_length} leaves no room for a response in "
-            f"data.max_length={max_len}; lower it or raise train.seq_length"
-        )
-    if 2 * max_len > t.seq_length:
-        errors.append(
-            f"data.max_length={max_len}: a pair (two sequences) must fit in train.seq_length={t.seq_length}; "
-            f"use data.max_length <= {t.seq_length // 2}"
-        )
-    if not cfg.reference.precompute:
-        errors.append("reference.precompute=false (reference log-probs per global batch) is not supported yet; "
-                      "set reference.precompute=true (one pass before training)")
-    if cfg.reference.mode == "model" and not cfg.reference.path:
-        errors.append("reference.mode=model needs reference.path (a checkpoint directory)")
-    return errors
-
-
-def objective_errors(cfg: Config) -> list[str]:
-    """Hyperparameters must belong to the chosen objective. Keys of *other* objectives are
-    tolerated with a warning, so `objective.name=dpo` can override a recipe written for aipo."""
-    import warnings
-
-    from aipo_mp import objectives
-
-    try:
-        valid = objectives.get_objective(cfg.objective.name).defaults
-        others = objectives.all_hyperparameter_names() - set(valid)
-        ignored = sorted(k for k in cfg.objective.params if k in others)
-        if ignored:
-            warnings.warn(f"objective '{cfg.objective.name}' ignores {', '.join(ignored)} (used by other objectives)")
-        own = {k: v for k, v in cfg.objective.params.items() if k not in others}
-        objectives.resolve_params(cfg.objective.name, own)
-    except objectives.ObjectiveError as e:
-        return [f"objective: {e}"]
-    return []
 
 
 def dump_config(cfg: Config, path: Path) -> None:

@@ -102,8 +102,10 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from aipo_mp.config import ModelArch, ParallelConfig, layout_errors
+from aipo_mp.config import ModelArch, ParallelConfig
 from aipo_mp.errors import ConfigError
+from aipo_mp.models import get_family, num_params
+from aipo_mp.validate import layout_errors
 
 GiB = 1024**3
 
@@ -268,8 +270,13 @@ def layer_params(arch: ModelArch, tp: int = 1) -> tuple[int, int]:
     return qkv + proj + fc1 + fc2, norms_per_layer(arch) * h + qk_norms
 
 
+def spec_of(arch: ModelArch):
+    """The family's layer-spec facts (post-norms, zero-centred norms, TE fused attention)."""
+    return get_family(arch.family).spec_options(arch)
+
+
 def norms_per_layer(arch: ModelArch) -> int:
-    return 4 if arch.family == "gemma2" else 2
+    return spec_of(arch).norms_per_layer
 
 
 def param_counts(arch: ModelArch, tp: int = 1, pp: int = 1, vpp: int = 1) -> ParamCounts:
@@ -304,7 +311,7 @@ def chunk_param_numels(arch: ModelArch, tp: int, pp: int, vpp: int, stage: int, 
     (megatron gives them their own gradient bucket)."""
     h, f, d = arch.hidden_size, arch.intermediate_size, arch.head_dim
     a, g = arch.num_attention_heads, arch.num_key_value_heads
-    post = arch.family == "gemma2"
+    post = spec_of(arch).post_norms
     qkv = [(a + 2 * g) * d // tp * h, *([(a + 2 * g) * d // tp] if arch.qkv_bias else []),
            *([d, d] if arch.qk_norm else [])]  # Qwen2's fused q/k/v bias; Qwen3's q and k norms
     layer = [h, *qkv, h * (a * d // tp), *([h] if post else []), h, 2 * f // tp * h,
@@ -371,7 +378,7 @@ def ddp_bucket_size(dp: int, overlap_grad_reduce: bool) -> Optional[int]:
 def compute_params(arch: ModelArch) -> int:
     """N for the FLOPs count: all parameters but the input embedding (the output GEMM counted once)."""
     emb = arch.vocab_size * arch.hidden_size
-    return arch.num_params() - emb + (emb if arch.tie_embeddings else 0)
+    return num_params(arch) - emb + (emb if arch.tie_embeddings else 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,7 +389,7 @@ def compute_params(arch: ModelArch) -> int:
 def uses_flash_attention(arch: ModelArch, backend: str = "te") -> bool:
     """Transformer Engine's fused attention, except for Gemma-2 (soft-capping, sliding window,
     post-norms), which keeps this repo's unfused attention and local norms on every backend."""
-    return backend == "te" and arch.family != "gemma2"
+    return backend == "te" and spec_of(arch).te_fused_attention
 
 
 def _norm_bytes(arch: ModelArch, e: int, fused: bool) -> int:
@@ -390,7 +397,7 @@ def _norm_bytes(arch: ModelArch, e: int, fused: bool) -> int:
     if fused:
         return e
     fp32_input = 4
-    normed = 4 if arch.family == "gemma2" else e  # (1 + w) in fp32 vs w · normed.to(dtype)
+    normed = 4 if spec_of(arch).zero_centered_norm else e  # (1 + w) in fp32 vs w · normed.to(dtype)
     return fp32_input + normed
 
 
@@ -406,7 +413,7 @@ def layer_activation_bytes(arch: ModelArch, seq_length: int, rows: int = 1, tp: 
     if recompute == "full":
         return s * b * e * h / rep_div
     flash = uses_flash_attention(arch, backend)
-    fused_norms = backend == "te" and arch.family != "gemma2"
+    fused_norms = uses_flash_attention(arch, backend)
     n_norm = norms_per_layer(arch)
     replicated = n_norm * _norm_bytes(arch, e, fused_norms) * h + 2 * e * h
     sharded = e * (2 * hq + 2 * hkv) + e * 5 * f
@@ -864,7 +871,7 @@ def format_plan(rows: list[PlanRow], top: int = 10) -> str:
     st = rows[0].settings
     arch = st.arch
     lines = [
-        f"plan: {st.model_name or arch.family} ({arch.num_params() / 1e9:.1f}B params) on {st.gpus} x {st.gpu.name} "
+        f"plan: {st.model_name or arch.family} ({num_params(arch) / 1e9:.1f}B params) on {st.gpus} x {st.gpu.name} "
         f"({_g(st.gpu.memory_bytes)} GiB, {st.gpu.peak_tflops:.0f} TFLOP/s bf16), seq {st.seq_length}, "
         f"global batch {st.global_batch_pairs} pairs, {st.gpus_per_node} GPUs/node, {st.dtype}, "
         f"reference={st.reference_mode}, {'distributed' if st.distributed_optimizer else 'plain'} optimizer",
@@ -936,7 +943,8 @@ def build_parser(prog: str = "aipo-mp plan") -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from aipo_mp.config import load_config, resolve_arch
+    from aipo_mp.config import load_config
+    from aipo_mp.validate import resolve_arch
 
     for name in ("gpus", "seq_length", "global_batch_pairs", "gpus_per_node", "top"):
         if getattr(args, name) < 1:

@@ -34,6 +34,8 @@ import time
 import types
 from pathlib import Path
 
+from aipo_mp.models import num_params
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -63,7 +65,7 @@ def check_parity(work: Path, tol: float) -> dict:
     from aipo_mp.config import ParallelConfig, PrecisionConfig
     from aipo_mp.convert.hf_io import HFWeights
     from aipo_mp.models import get_family
-    from aipo_mp.models.base import build_model, load_hf_weights
+    from aipo_mp.models.build import build_model, load_hf_weights
     from aipo_mp.runtime import platform
     from aipo_mp.testing.hf_build import save_hf_model
     from aipo_mp.training.forward import model_forward
@@ -174,7 +176,7 @@ def check_slice(args, work: Path) -> dict:
     arch = bench.load_arch(args.model_config, args.layers, args.scale)
     log(f"slice: {arch.num_layers} layers, hidden {arch.hidden_size}, FFN {arch.intermediate_size}, heads "
         f"{arch.num_attention_heads}/{arch.num_key_value_heads} x {arch.head_dim}, vocab {arch.vocab_size}: "
-        f"{arch.num_params() / 1e9:.3f}B parameters")
+        f"{num_params(arch) / 1e9:.3f}B parameters")
     est = planner.memory_per_gpu(arch, planner.Layout(), dtype="bf16", seq_length=args.seq_length,
                                  recompute="none", distributed_optimizer=True, reference_mode="initial",
                                  num_microbatches_in_flight=1, backend="local")
@@ -211,7 +213,7 @@ def check_slice(args, work: Path) -> dict:
     tflops = 3 * f_fwd * tps / 1e12
     gpu_name, gpu_spec = bench.detect_gpu(args.gpu)
     out = {
-        "arch": dataclasses.asdict(arch), "params": arch.num_params(), "seq_length": args.seq_length,
+        "arch": dataclasses.asdict(arch), "params": num_params(arch), "seq_length": args.seq_length,
         "global_batch_pairs": args.global_batch_pairs, "steps": args.steps, "warmup_steps": args.warmup_steps,
         "device": gpu_name or "cpu", "tokens_per_s": tps,
         "step_time_s": statistics.median(r["step_time_s"] for r in timed),

@@ -44,6 +44,8 @@ import threading
 import time
 from pathlib import Path
 
+from aipo_mp.models import num_params
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -295,7 +297,7 @@ def main() -> int:
     arch = load_arch(args.model_config, args.layers, args.scale)
     print(f"model: {arch.family} {arch.num_layers} layers, hidden {arch.hidden_size}, FFN {arch.intermediate_size}, "
           f"heads {arch.num_attention_heads}/{arch.num_key_value_heads} x {arch.head_dim}, vocab {arch.vocab_size}: "
-          f"{arch.num_params() / 1e9:.3f}B params", flush=True)
+          f"{num_params(arch) / 1e9:.3f}B params", flush=True)
     model = build_checkpoint(arch, work)
 
     max_len = args.seq_length // 2
@@ -319,7 +321,7 @@ def main() -> int:
     mfu = tflops / (args.nproc * gpu_spec.peak_tflops) if gpu_spec else None
     dp = args.nproc // (args.tp * args.pp)
     summary = {
-        "model_config": args.model_config, "arch": dataclasses.asdict(arch), "params": arch.num_params(),
+        "model_config": args.model_config, "arch": dataclasses.asdict(arch), "params": num_params(arch),
         "flops_params": compute_params(arch), "device": gpu_name or "cpu", "dtype": dtype,
         "tp": args.tp, "pp": args.pp, "dp": dp, "nproc": args.nproc, "seq_length": args.seq_length,
         "global_batch_pairs": args.global_batch_pairs, "pairs_dist": args.pairs_dist,

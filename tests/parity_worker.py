@@ -15,7 +15,7 @@ import torch
 from aipo_mp.config import ParallelConfig, PrecisionConfig
 from aipo_mp.convert.hf_io import HFWeights
 from aipo_mp.models import arch_from_dir, get_family
-from aipo_mp.models.base import build_model, load_hf_weights
+from aipo_mp.models.build import build_model, load_hf_weights
 from aipo_mp.runtime import platform
 from aipo_mp.training.forward import forward_only
 from aipo_mp.training.logprobs import gather_vocab_parallel

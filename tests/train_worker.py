@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from aipo_mp.config import load_config
-from aipo_mp.models.base import global_param_names, tp_merge
+from aipo_mp.models.build import global_param_names, tp_merge
 from aipo_mp.runtime import platform
 from aipo_mp.training.loop import train
 

@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+from aipo_mp.models import num_params
 from aipo_mp.runtime.spawn import die_with_parent
 
 RUN_DIR_ENV = "CHECKPOINT_TOOLS_RUN_DIR"  # set by the parent for the workers it starts
@@ -329,7 +330,7 @@ def cmd_mcore_to_hf(args, argv) -> int:
         raise ct.ConfigError("--out must differ from --ckpt")
     out_dtype = args.dtype or meta["dtype"]
     if not args.skip_space_check:
-        ct.check_free_space(out, arch.num_params() * ct.BYTES_PER[out_dtype], "the HF safetensors")
+        ct.check_free_space(out, num_params(arch) * ct.BYTES_PER[out_dtype], "the HF safetensors")
     lay = meta["layout"]
     t0 = time.perf_counter()
     with cleanup_on_failure(out):

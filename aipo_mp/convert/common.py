@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from aipo_mp.config import ModelArch, ParallelConfig, layout_errors
+from aipo_mp.config import ModelArch, ParallelConfig
 from aipo_mp.errors import ConfigError
+from aipo_mp.validate import layout_errors
 
 # torch (and megatron) are imported inside the functions, so importing this package is cheap:
 # usage errors answer at once, and any `spawn`ed helper process re-importing it stays light.
@@ -182,7 +183,7 @@ def check_weight_files(directory: Path, allow_pickle: bool) -> None:
 class HFSource:
     dir: Path
     hf_config: dict
-    family: object  # aipo_mp.models.base.Family
+    family: object  # aipo_mp.models.family.Family
     arch: ModelArch
     weights: object  # aipo_mp.convert.hf_io.HFWeights
     dtype: str  # fp32 | bf16 | fp16 ...
@@ -296,7 +297,7 @@ def setup_parallel(tp: int, pp: int, vpp: int) -> None:
 
 def build_for_conversion(family, arch: ModelArch, tp: int, pp: int, vpp: int, dtype: str):
     from aipo_mp.config import PrecisionConfig
-    from aipo_mp.models.base import build_model
+    from aipo_mp.models.build import build_model
 
     # Every weight is overwritten by the conversion: skip megatron's (full-size, per-rank) init.
     built = build_model(family, arch, ParallelConfig(tp=tp, pp=pp, vpp=vpp),

@@ -16,7 +16,8 @@ from typing import Optional
 
 import torch
 
-from aipo_mp.models.base import COLUMN, GLU_COLUMN, NONE, ROW, global_param_names, to_hf
+from aipo_mp.models.build import global_param_names, to_hf
+from aipo_mp.models.family import COLUMN, GLU_COLUMN, NONE, ROW
 
 
 def write_policy_hf(built, directory: str | Path, hf_config: dict, extra_files_from: Optional[str | Path],
@@ -107,7 +108,7 @@ def receive_merged(t: torch.Tensor, rule, group, tp_rank: int, tp_size: int) -> 
     """Merge the TP shards of one parameter on TP rank 0, receiving one shard at a time into a
     reused buffer and copying it straight into place: the merged tensor plus one shard is all
     that is ever held. Returns [merged] (or [gate, up] for the gated MLP, which is never fused)
-    on TP rank 0, None elsewhere. Same layout as aipo_mp.models.base.tp_merge."""
+    on TP rank 0, None elsewhere. Same layout as aipo_mp.models.build.tp_merge."""
     dist = torch.distributed
     if tp_rank != 0:
         dist.send(t.contiguous(), dst=dist.get_global_rank(group, 0), group=group)

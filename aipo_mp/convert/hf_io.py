@@ -43,7 +43,6 @@ class HFWeights:
             return check_index_files(self.dir)
         files = sorted(self.dir.glob("*.safetensors"))
         out = {}
-        from safetensors import safe_open
 
         for f in files:
             with open_safetensors(f) as h:

@@ -32,7 +32,7 @@ class ShardMaker:
     """view of a (never filled) parameter -> a new tensor with that view's rows, read from HF."""
 
     def __init__(self, built, source: SafetensorsSource):
-        from aipo_mp.models.base import global_param_names
+        from aipo_mp.models.build import global_param_names
         from aipo_mp.models.layers import tp_rank_and_size
 
         self.built, self.source = built, source

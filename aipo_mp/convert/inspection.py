@@ -7,6 +7,7 @@ from pathlib import Path
 from aipo_mp.config import ModelArch
 from aipo_mp.convert.common import hf_source, human_bytes, human_count
 from aipo_mp.errors import ConfigError
+from aipo_mp.models import num_params
 
 
 def dir_bytes(d: Path) -> int:
@@ -52,7 +53,7 @@ def inspect_dir(path: str | Path, allow_pickle: bool = False) -> dict:
     files_bytes = sum(f.stat().st_size for pat in ("*.safetensors", "*.bin") for f in d.glob(pat))
     return dict(path=str(d), kind="hf", format="safetensors" if src.weights._pickled is None else "pickle",
                 family=src.family.name, architecture=(src.hf_config.get("architectures") or [None])[0],
-                layout=None, dtype=src.dtype, num_params=src.num_params, num_params_config=src.arch.num_params(),
+                layout=None, dtype=src.dtype, num_params=src.num_params, num_params_config=num_params(src.arch),
                 bytes=files_bytes, arch=shape_summary(src.arch))
 
 

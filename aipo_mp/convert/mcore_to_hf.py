@@ -29,7 +29,8 @@ from aipo_mp.convert.tensor_io import (
     write_part_files,
 )
 from aipo_mp.errors import ConfigError
-from aipo_mp.models.base import GLU
+from aipo_mp.models import num_params
+from aipo_mp.models.family import GLU
 
 
 class Unit:
@@ -170,7 +171,7 @@ def mcore_to_hf_rank(args) -> dict:
             remove_partial(final)
         raise
     return dict(rank=rank, peak_rss_bytes=peak_rss_bytes(), build_s=t_plan - t0, convert_s=t_done - t_plan, total_s=t_done - t0, threads=threads,
-                family=family.name, dtype=out_dtype, num_params=arch.num_params(),
-                model_bytes=arch.num_params() * BYTES_PER[out_dtype], layout=meta["layout"],
+                family=family.name, dtype=out_dtype, num_params=num_params(arch),
+                model_bytes=num_params(arch) * BYTES_PER[out_dtype], layout=meta["layout"],
                 shards=(done or {}).get("files"), files=written["files"],
                 largest_tensor_bytes=max((e.nbytes for u in units for e in u.entries), default=0), **stats.as_dict())

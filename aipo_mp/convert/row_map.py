@@ -1,11 +1,11 @@
 """Where the rows of a Megatron tensor come from in the HF tensors, derived from a mapping
-rule (`aipo_mp.models.base.Rule`: its transform and its tensor-parallel split).
+rule (`aipo_mp.models.family.Rule`: its transform and its tensor-parallel split).
 
 A rule's Megatron tensor, on TP rank `rank` of `size`, is a stack of row blocks, each a run of
 rows of one HF tensor (for a row-parallel split, a column range of it). Both directions use this
 one description: hf-to-mcore copies each block from the HF file into the Megatron shard being
 written, mcore-to-hf copies each block of the stored (global, size 1) tensor into its HF tensor.
-The description agrees with `to_megatron` / `tp_slice` of aipo_mp.models.base (tested).
+The description agrees with `to_megatron` / `tp_slice` of aipo_mp.models.build (tested).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 from aipo_mp.config import ModelArch
 from aipo_mp.errors import ConfigError
-from aipo_mp.models.base import COPY, GLU, NONE, QKV, ROW, Rule
+from aipo_mp.models.family import COPY, GLU, NONE, QKV, ROW, Rule
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,6 @@ def layer_keys_map(family, arch: ModelArch) -> dict[str, str]:
     """The local layer spec's `sharded_state_dict_keys_map` (the checkpoint keys are the same
     for the Transformer Engine spec, whose parameters already carry the fused names); a
     constant, so mcore-to-hf needs no megatron import."""
-    from aipo_mp.models.base import CHECKPOINT_KEYS_MAP
+    from aipo_mp.models.family import CHECKPOINT_KEYS_MAP
 
     return dict(CHECKPOINT_KEYS_MAP)

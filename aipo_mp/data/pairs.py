@@ -16,15 +16,15 @@ Tokenization contract:
 
 from __future__ import annotations
 
-import json
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from aipo_mp.errors import DataError
+from aipo_mp.tokenization import encode_prompts, encode_responses
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 ON_ERROR_MODES = ("error", "skip")
@@ -349,46 +349,6 @@ def keep_by_text(record: dict, stats: DataStats) -> bool:
     return True
 
 
-def encode_prompts(prompts: list, tokenizer) -> list[list[int]]:
-    """Chat prompts through the chat template, string prompts in one batched call."""
-    encoded: list = [None] * len(prompts)
-    string_positions = [i for i, p in enumerate(prompts) if isinstance(p, str)]
-    if string_positions:
-        batch = tokenizer([prompts[i] for i in string_positions])["input_ids"]
-        for i, ids in zip(string_positions, batch):
-            encoded[i] = list(ids)
-    for i, prompt in enumerate(prompts):
-        if encoded[i] is None:
-            encoded[i] = encode_chat_prompt(prompt, tokenizer, i)
-    return encoded
-
-
-def encode_chat_prompt(messages: list[dict], tokenizer, position: int) -> list[int]:
-    try:
-        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    except Exception as e:  # a missing template or a template that rejects the roles
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(f"data.train pair {position}: the tokenizer's chat template failed on a message prompt "
-                        f"({reason}); use string prompts or a tokenizer with a suitable chat_template") from None
-    return as_token_list(encoded)
-
-
-def as_token_list(encoded) -> list[int]:
-    """apply_chat_template returns a BatchEncoding in transformers 5 and a list in 4.x."""
-    if isinstance(encoded, Mapping):
-        encoded = encoded["input_ids"]
-    if hasattr(encoded, "tolist"):
-        encoded = encoded.tolist()
-    if encoded and isinstance(encoded[0], Sequence):  # a batch of one
-        encoded = encoded[0]
-    return [int(t) for t in encoded]
-
-
-def encode_responses(responses: list[str], tokenizer, eos_id: int) -> list[list[int]]:
-    if not responses:
-        return []
-    batch = tokenizer(responses, add_special_tokens=False)["input_ids"]
-    return [list(ids) + [eos_id] for ids in batch]
 
 
 def fit_pair(position: int, prompt: list[int], chosen: list[int], rejected: list[int], max_length: int,

@@ -12,7 +12,7 @@ from aipo_mp.config import ModelArch
 from aipo_mp.errors import CHECKPOINT_META as MEGATRON_META
 from aipo_mp.errors import ConfigError
 from aipo_mp.models import gemma2, llama, mistral, qwen2, qwen3
-from aipo_mp.models.base import Family
+from aipo_mp.models.family import Family
 from aipo_mp.models.rope import rope_scaling_errors
 
 FAMILIES: dict[str, Family] = {
@@ -69,18 +69,27 @@ def arch_from_dir(directory: str | Path) -> ModelArch:
     return arch_from_hf_config(read_hf_config(directory))
 
 
-# Shape flags a family always has (ModelArch from YAML must say so, as config.json implies it).
-FAMILY_FLAGS = {"qwen2": {"qkv_bias": True, "qk_norm": False}, "qwen3": {"qkv_bias": False, "qk_norm": True}}
-
-
 def arch_problems(arch: ModelArch) -> list[str]:
     """What a ModelArch (e.g. from configs/models/*.yaml) holds that its family cannot build."""
     if arch.family not in FAMILIES:
         return [f"model.arch.family={arch.family!r}: unknown; supported: {', '.join(FAMILIES)}"]
-    want = FAMILY_FLAGS.get(arch.family, {"qkv_bias": False, "qk_norm": False})
+    want = dict(FAMILIES[arch.family].arch_flags)
     errors = [f"model.arch.{k}={getattr(arch, k)} does not fit family {arch.family}; set {k}: {str(v).lower()}"
               for k, v in want.items() if getattr(arch, k) != v]
     return errors + rope_scaling_errors(arch.rope_scaling)
+
+
+def num_params(arch: ModelArch) -> int:
+    """Parameter count of the whole model (embeddings, layers, final norm, output layer)."""
+    h, f, hd = arch.hidden_size, arch.intermediate_size, arch.head_dim
+    qkv_features = (arch.num_attention_heads + 2 * arch.num_key_value_heads) * hd
+    attn = h * qkv_features + arch.num_attention_heads * hd * h
+    attn += qkv_features if arch.qkv_bias else 0
+    attn += 2 * hd if arch.qk_norm else 0
+    norms = get_family(arch.family).spec_options(arch).norms_per_layer * h
+    layer = attn + 3 * h * f + norms
+    emb = arch.vocab_size * h
+    return arch.num_layers * layer + emb + h + (0 if arch.tie_embeddings else emb)
 
 
 def hf_config_for(arch: ModelArch) -> dict:

@@ -8,19 +8,9 @@
 """
 
 import math
-from functools import partial
-
-import torch.nn.functional as F
 
 from aipo_mp.config import ModelArch
-from aipo_mp.models.base import (
-    Family,
-    Rule,
-    SpecOptions,
-    common_arch_fields,
-    decoder_rules,
-    output_rule,
-)
+from aipo_mp.models.family import Family, Rule, SpecOptions, common_arch_fields, decoder_rules, output_rule
 from aipo_mp.models.rope import hf_rope_fields
 
 
@@ -71,7 +61,7 @@ def spec_options(arch: ModelArch) -> SpecOptions:
     return SpecOptions(
         zero_centered_norm=True,
         post_norms=True,
-        activation=partial(F.gelu, approximate="tanh"),
+        activation="gelu_tanh",
         attn_logit_softcapping=arch.attn_logit_softcapping,
         window_size=arch.sliding_window,
         sliding_layers=tuple(i + 1 for i, t in enumerate(types) if t == "sliding_attention"),

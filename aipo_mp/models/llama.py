@@ -2,7 +2,7 @@
 RoPE; from 3.1 on with the `llama3` RoPE scaling (aipo_mp/models/rope.py)."""
 
 from aipo_mp.config import ModelArch
-from aipo_mp.models.base import Family, SpecOptions, common_arch_fields, decoder_rules, output_rule
+from aipo_mp.models.family import Family, SpecOptions, common_arch_fields, decoder_rules, output_rule
 from aipo_mp.models.rope import hf_rope_fields
 
 

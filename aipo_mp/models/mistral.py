@@ -3,7 +3,7 @@ Mistral-Large-2407. Same layers as Llama; an optional sliding window applies to 
 
 from aipo_mp.config import ModelArch
 from aipo_mp.models import llama
-from aipo_mp.models.base import Family, SpecOptions, common_arch_fields, decoder_rules, output_rule
+from aipo_mp.models.family import Family, SpecOptions, common_arch_fields, decoder_rules, output_rule
 
 
 def arch_from_hf(hf: dict) -> ModelArch:

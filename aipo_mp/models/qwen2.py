@@ -9,7 +9,7 @@ refused rather than ignored.
 from aipo_mp.config import ModelArch
 from aipo_mp.errors import ConfigError
 from aipo_mp.models import llama
-from aipo_mp.models.base import QKV_BIAS_RULE, Family, SpecOptions, common_arch_fields, decoder_rules, output_rule
+from aipo_mp.models.family import QKV_BIAS_RULE, Family, SpecOptions, common_arch_fields, decoder_rules, output_rule
 
 
 def arch_from_hf(hf: dict) -> ModelArch:
@@ -37,5 +37,6 @@ FAMILY = Family(
     arch_from_hf=arch_from_hf,
     hf_config=hf_config,
     spec_options=lambda arch: SpecOptions(),
+    arch_flags=(("qkv_bias", True), ("qk_norm", False)),
     rules=rules,
 )

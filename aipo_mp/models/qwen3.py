@@ -7,7 +7,7 @@ and key head before RoPE (q_norm, k_norm), mapped to megatron's `qk_layernorm`
 from aipo_mp.config import ModelArch
 from aipo_mp.errors import ConfigError
 from aipo_mp.models import llama
-from aipo_mp.models.base import QK_NORM_RULES, Family, SpecOptions, common_arch_fields, decoder_rules, output_rule
+from aipo_mp.models.family import QK_NORM_RULES, Family, SpecOptions, common_arch_fields, decoder_rules, output_rule
 
 HF_DEFAULT_HEAD_DIM = 128  # transformers' Qwen3Config default when config.json omits head_dim
 
@@ -40,4 +40,5 @@ FAMILY = Family(
     hf_config=hf_config,
     spec_options=lambda arch: SpecOptions(qk_norm=True),
     rules=rules,
+    arch_flags=(("qkv_bias", False), ("qk_norm", True)),
 )

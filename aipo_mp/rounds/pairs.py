@@ -37,9 +37,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
+from aipo_mp.data.records import load_records, write_jsonl
 from aipo_mp.errors import ConfigError
-from aipo_mp.rounds.sampling import load_records, training_prompt, write_jsonl
 from aipo_mp.runtime.files import atomic_write_json
+from aipo_mp.tokenization import training_prompt
 
 MODES = ("best_worst", "ranked")
 PAIR_DROP_REASONS = ("too_few_samples", "truncated", "identical_texts", "small_gap", "small_rank_gap")

@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from aipo_mp.config import Config
-from aipo_mp.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -86,53 +85,6 @@ def stage_placement(kind: str, cfg: Config, nodes: int, gpus_per_node: int,
     if kind == "pairs":
         return cpu_placement()
     raise ValueError(f"unknown stage kind {kind!r}")
-
-
-def _engine_errors(section: str, replicas: int, tp: int, nodes: int, gpus_per_node: int) -> list[str]:
-    total = nodes * gpus_per_node
-    if tp > gpus_per_node:
-        return [f"{section}.tensor_parallel={tp} is more than the {gpus_per_node} GPUs of one node (a TP group must "
-                f"stay inside a node): use {section}.tensor_parallel <= {gpus_per_node}"]
-    if replicas * tp > total:
-        return [f"{section}.replicas={replicas} x {section}.tensor_parallel={tp} needs {replicas * tp} GPUs; the "
-                f"allocation has {nodes} node(s) x {gpus_per_node} GPUs = {total}: use {section}.replicas <= "
-                f"{total // tp} or more nodes"]
-    return []
-
-
-def placement_errors(cfg: Config, nodes: int, gpus_per_node: int) -> list[str]:
-    """Every stage must fit the allocation: checked before any stage starts."""
-    errors = []
-    for key in ("sampling.replicas", "sampling.tensor_parallel", "reward.replicas", "reward.tensor_parallel"):
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            errors.append(f"{key}={value!r}: must be an integer >= 1")
-    if nodes < 1 or gpus_per_node < 1:
-        errors.append(f"allocation of {nodes} node(s) x {gpus_per_node} GPUs: need at least 1 x 1 "
-                      "(cluster.nodes, cluster.nproc_per_node)")
-    if errors:
-        return errors
-    errors += _engine_errors("sampling", cfg.sampling.replicas, cfg.sampling.tensor_parallel, nodes, gpus_per_node)
-    reward_tp = cfg.reward.tensor_parallel if cfg.reward.model else 1
-    errors += _engine_errors("reward", cfg.reward.replicas, reward_tp, nodes, gpus_per_node)
-    for kind, minutes in (cfg.cluster.stage_minutes or {}).items():
-        if kind not in STAGE_KINDS:
-            errors.append(f"cluster.stage_minutes.{kind}: unknown stage; use {', '.join(STAGE_KINDS)}")
-        elif not isinstance(minutes, (int, float)) or isinstance(minutes, bool) or minutes <= 0:
-            errors.append(f"cluster.stage_minutes.{kind}={minutes!r}: must be a number of minutes > 0")
-    if not isinstance(cfg.cluster.task_wait_s, int) or cfg.cluster.task_wait_s < 0:
-        errors.append(f"cluster.task_wait_s={cfg.cluster.task_wait_s!r}: must be an integer >= 0 (0: no limit)")
-    return errors
-
-
-def check_placement(cfg: Config, nodes: int, gpus_per_node: int) -> None:
-    errors = placement_errors(cfg, nodes, gpus_per_node)
-    if errors:
-        raise ConfigError(errors)
-
-
-STAGE_KINDS = ("export", "synthesize", "sample", "reward", "compare", "pairs", "train", "kl")
 
 
 def stage_kind(name: str) -> str:

@@ -38,12 +38,12 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from aipo_mp.config import RANKER_KINDS, REWARD_KINDS, reward_kind  # noqa: F401 - RANKER_KINDS: the rankers' API
+from aipo_mp.data.records import write_jsonl
 from aipo_mp.errors import ConfigError
 from aipo_mp.rounds.rewards import load_samples, plain_prompt_text
-from aipo_mp.rounds.sampling import write_jsonl
+from aipo_mp.validate import check_template, reward_errors
 
-KINDS = ("model", "rule", "pairwise", "judge")
-RANKER_KINDS = ("pairwise", "judge")
 DEFAULT_PAIRWISE_TEMPLATE = "{prompt}\nResponse A: {a}\nResponse B: {b}"
 DEFAULT_JUDGE_TEMPLATE = ("Which answer to the question is better?\n\nQuestion: {prompt}\n\nAnswer A: {a}\n\n"
                           "Answer B: {b}\n\nThe better answer is")
@@ -182,17 +182,6 @@ def fill_template(template: str, prompt, a: str, b: str) -> str:
     return template.format(prompt=plain_prompt_text(prompt).strip(), a=a, b=b)
 
 
-def check_template(template: str, what: str) -> None:
-    try:
-        filled = template.format(prompt="\0p", a="\0a", b="\0b")
-    except (KeyError, IndexError, ValueError) as e:
-        raise ConfigError(f"reward.template for the {what}: {type(e).__name__} {e}; use only the fields "
-                          "{prompt}, {a} and {b} (write {{ and }} for literal braces)") from None
-    missing = [f for f in ("\0p", "\0a", "\0b") if f not in filled]
-    if missing:
-        raise ConfigError(f"reward.template for the {what} must contain {{prompt}}, {{a}} and {{b}}")
-
-
 # ---------------------------------------------------------------------------------------------
 # The pairwise classifier (transformers)
 # ---------------------------------------------------------------------------------------------
@@ -267,14 +256,14 @@ class JudgeComparator:
             raise ConfigError(f"reward.judge_answers={list(answers)!r}: an answer encodes to no tokens")
 
     def prompt_ids(self, item: tuple) -> list[int]:
-        from aipo_mp.rounds.sampling import encode_prompt
+        from aipo_mp.tokenization import encode_prompt
 
         ids, _ = encode_prompt(self.llm.get_tokenizer(), fill_template(self.template, *item), self.chat_template,
                                "judge prompt")
         return ids
 
     def __call__(self, items: Sequence[tuple]) -> list[float]:
-        from aipo_mp.rounds.sampling import logprobs_of
+        from aipo_mp.rounds.engines import logprobs_of
 
         lists, prompt_lengths = [], []
         for item in items:
@@ -301,7 +290,8 @@ class JudgeReplicas:
     def __call__(self, items: Sequence[tuple]) -> list[float]:
         import tempfile
 
-        from aipo_mp.rounds.sampling import replica_env, run_children, shard_bounds
+        from aipo_mp.rounds.engines import replica_env
+        from aipo_mp.rounds.sampling import run_children, shard_bounds
 
         if not items:
             return []
@@ -321,7 +311,8 @@ class JudgeReplicas:
 
 def judge_shard_main(argv: list[str]) -> int:
     """One judge replica: verdicts of the items of a shard (a child of JudgeReplicas)."""
-    from aipo_mp.rounds.sampling import close_engine, pin_to_assigned_cores, read_jsonl, start_engine
+    from aipo_mp.data.records import read_jsonl
+    from aipo_mp.rounds.engines import close_engine, pin_to_assigned_cores, start_engine
     from aipo_mp.runtime.files import atomic_write_text
 
     parser = argparse.ArgumentParser(prog="python -m aipo_mp.rounds.rankers judge-shard")
@@ -350,44 +341,12 @@ def judge_shard_main(argv: list[str]) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def reward_kind(reward) -> str:
-    """reward.kind, or (unset) rule when reward.rule is given, else model."""
-    return reward.kind or ("rule" if reward.rule else "model")
-
-
-def reward_errors(reward) -> list[str]:
-    """Problems of the `reward` section (a RewardConfig), one line each."""
-    kind = reward_kind(reward)
-    if kind not in KINDS:
-        return [f"reward.kind={reward.kind!r}: choose one of {', '.join(KINDS)}"]
-    errors = []
-    if kind == "rule":
-        if not reward.rule or reward.model:
-            errors.append("reward.kind=rule: set reward.rule (module:function) and not reward.model")
-    elif not reward.model or reward.rule:
-        what = {"model": "a one-label classifier dir", "pairwise": "a one-label pairwise classifier dir (P(A > B))",
-                "judge": "an instruction model dir served by vLLM"}[kind]
-        errors.append(f"reward.kind={kind}: set reward.model ({what}) and not reward.rule")
-    if reward.aggregate not in AGGREGATIONS:
-        errors.append(f"reward.aggregate={reward.aggregate!r}: choose one of {', '.join(AGGREGATIONS)}")
-    if reward.template is not None:
-        try:
-            check_template(reward.template, kind)
-        except ConfigError as e:
-            errors += e.errors
-    for name in ("tensor_parallel", "replicas"):
-        value = getattr(reward, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            errors.append(f"reward.{name}={value!r}: must be an integer >= 1")
-    return errors
-
-
 def open_comparator(reward, model=None):
     """(comparator, close) for a ranker kind. `model` may be a live vLLM engine for the judge."""
     kind = reward_kind(reward)
     if kind == "pairwise":
         return PairwiseClassifier(model or reward.model, reward.template, reward.batch_size), lambda: None
-    from aipo_mp.rounds.sampling import close_engine, is_engine, start_engine
+    from aipo_mp.rounds.engines import close_engine, is_engine, start_engine
 
     if model is not None and is_engine(model):
         return JudgeComparator(model, reward.template, reward.judge_answers, reward.chat_template), lambda: None

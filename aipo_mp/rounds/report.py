@@ -352,7 +352,7 @@ def write_report(run_dir: str | Path) -> list[Path]:
 
 def sample_token_lists(samples: list[dict], tokenizer) -> list[tuple[list[int], int]]:
     """(prompt + response ids, number of prompt ids), tokenized as the sampler saw them."""
-    from aipo_mp.rounds.sampling import encode_prompt
+    from aipo_mp.tokenization import encode_prompt
 
     out = []
     for s in samples:
@@ -366,7 +366,7 @@ def sample_token_lists(samples: list[dict], tokenizer) -> list[tuple[list[int], 
 
 def response_logprob_sums(model_dir: str, token_lists: list[tuple[list[int], int]],
                           tensor_parallel: int = 1) -> list[float]:
-    from aipo_mp.rounds.sampling import logprobs_of
+    from aipo_mp.rounds.engines import logprobs_of
 
     per_token = logprobs_of(model_dir, [ids for ids, _ in token_lists], tensor_parallel=tensor_parallel)
     # logprobs_of gives L-1 values: position t is log p(ids[t+1] | ids[:t+1]).

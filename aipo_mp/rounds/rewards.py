@@ -33,21 +33,12 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+from aipo_mp.data.records import load_records, read_jsonl, write_jsonl
 from aipo_mp.errors import ConfigError
-from aipo_mp.rounds.sampling import (
-    as_token_list,
-    check_model_dir,
-    close_engine,
-    engine_in_use,
-    has_chat_template,
-    is_engine,
-    load_records,
-    read_jsonl,
-    run_children,
-    start_engine,
-    write_jsonl,
-)
+from aipo_mp.rounds.engines import check_model_dir, close_engine, engine_in_use, is_engine, start_engine
+from aipo_mp.rounds.sampling import run_children
 from aipo_mp.runtime.files import atomic_write_text
+from aipo_mp.tokenization import as_token_list, has_chat_template
 
 SAMPLE_FIELDS = ("prompt_id", "prompt", "sample_index", "text")
 

@@ -37,12 +37,13 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from aipo_mp.config import Config, dump_config, validate
+from aipo_mp.config import RANKER_KINDS, Config, dump_config, reward_kind
 from aipo_mp.errors import CHECKPOINT_META, EXIT_STOPPED, LATEST, ConfigError, StageFailed
 from aipo_mp.rounds.launchers import rank_log_dir
-from aipo_mp.rounds.placement import Placement, check_placement, stage_kind, stage_placement
+from aipo_mp.rounds.placement import Placement, stage_kind, stage_placement
 from aipo_mp.rounds.shards import ShardDir, shard_count
 from aipo_mp.runtime.files import atomic_write_json
+from aipo_mp.validate import PLACEMENT, RECIPE, TRAIN, validate
 
 STAGES = ("export", "synthesize", "sample", "reward", "compare", "pairs", "train")
 FINAL_STAGES = ("export", "sample", "reward", "compare")
@@ -184,7 +185,7 @@ class RoundRunner:
         # One converter rank per stored TP x PP shard, packed per node (a plan: the trainer's layout).
         shards = layout["tp"] * layout["pp"] if layout else self.cfg.parallel.tp * self.cfg.parallel.pp
         name = f"round{r}-export"
-        self.launch(name, ["checkpoint_tools", "mcore-to-hf", "--ckpt", policy, "--out", str(out),
+        self.launch(name, ["aipo_mp.cli", "convert", "mcore-to-hf", "--ckpt", policy, "--out", str(out),
                            "--dtype", self.cfg.precision.dtype, "--overwrite"], self.placement(name, shards))
         return {"hf_dir": str(out)}
 
@@ -195,7 +196,7 @@ class RoundRunner:
 
     def merge_shards(self, root: Path, total: int, world: int, out: Path, per_shard: int = 0) -> list[dict]:
         """Write the finished shards of a placed stage to `out` in order; returns their markers."""
-        from aipo_mp.rounds.sampling import write_jsonl
+        from aipo_mp.data.records import write_jsonl
 
         if self.plan_only:
             return []
@@ -218,7 +219,7 @@ class RoundRunner:
         return {"prompts": str(rd / "prompts.jsonl")}
 
     def sample(self, r: int) -> dict:
-        from aipo_mp.rounds.sampling import read_prompts
+        from aipo_mp.data.records import read_prompts
 
         rd = self.round_dir(r)
         out, shard_root = rd / "samples.jsonl", rd / "shards" / "sample"
@@ -238,7 +239,6 @@ class RoundRunner:
     def compare(self, r: int) -> dict:
         """Rankers: judge round r's answers against round 0's (and the baseline answers) directly,
         for the report's win rates (a ranker's scores do not compare across rounds)."""
-        from aipo_mp.rounds.rankers import RANKER_KINDS, reward_kind
         from aipo_mp.rounds.report import BASELINE_JUDGMENTS_NAME, JUDGMENTS_NAME
 
         against = []
@@ -250,15 +250,14 @@ class RoundRunner:
         if not against or reward_kind(self.cfg.reward) not in RANKER_KINDS:
             return {"skipped": "scalar rewards compare rounds by score"}
         name = f"round{r}-compare"
-        self.launch(name, ["aipo_mp.rounds.rankers", "compare", "--config", str(self.config_path),
+        self.launch(name, ["aipo_mp.cli", "compare", "--config", str(self.config_path),
                            "--samples", str(self.round_dir(r) / "samples.jsonl"), *against], self.placement(name))
         return {"judgments": against[2::3]}
 
     def baseline(self, r: int) -> dict:
         """rounds.baseline_answers as samples of the seed prompts (RUN_DIR/baseline/samples.jsonl),
         scored by a scalar reward (baseline/scored.jsonl); rankers judge them in the compare stage."""
-        from aipo_mp.rounds.rankers import RANKER_KINDS, reward_kind
-        from aipo_mp.rounds.sampling import write_jsonl
+        from aipo_mp.data.records import write_jsonl
 
         if not self.cfg.rounds.baseline_answers:
             return {"skipped": "no rounds.baseline_answers"}
@@ -273,8 +272,7 @@ class RoundRunner:
         return {"samples": str(out / "samples.jsonl")}
 
     def reward(self, r: int) -> dict:
-        from aipo_mp.rounds.rankers import RANKER_KINDS, reward_kind
-        from aipo_mp.rounds.sampling import read_jsonl
+        from aipo_mp.data.records import read_jsonl
 
         rd = self.round_dir(r)
         out, shard_root = rd / "scored.jsonl", rd / "shards" / "reward"
@@ -352,7 +350,7 @@ class RoundRunner:
         rounds = [r for r in range(last + 1) if self.state.done(r, "sample") or self.plan_only]
         placement = self.placement("kl")
         self.plan_shards(shard_root, placement.ntasks, placement.ntasks)
-        args = ["aipo_mp.rounds.report", "kl", "--run-dir", str(self.run_dir), "--shard-dir", str(shard_root),
+        args = ["aipo_mp.cli", "kl", "--run-dir", str(self.run_dir), "--shard-dir", str(shard_root),
                 "--tensor-parallel", str(self.cfg.sampling.tensor_parallel), "--initial", self.policy_hf_dir(0),
                 *[f"{r}={self.policy_hf_dir(r)}" for r in rounds]]
         self.launch("kl", args, placement)
@@ -376,7 +374,7 @@ def baseline_samples(answers_path: str, prompts_path: str, policy: str) -> list[
     the starting policy's tokens (plus EOS, as the sampler counts a finished answer)."""
     from transformers import AutoTokenizer
 
-    from aipo_mp.rounds.sampling import read_jsonl, read_prompts
+    from aipo_mp.data.records import read_jsonl, read_prompts
     from aipo_mp.training.checkpoint import is_megatron_checkpoint
 
     prompts = {json.dumps(p["id"]): p for p in read_prompts(prompts_path)}
@@ -409,52 +407,6 @@ def last_error_line(log: Path) -> str:
     return errors[-1][len("error: "):] if errors else ""
 
 
-def check_recipe(cfg: Config) -> None:
-    errors = []
-    if not cfg.model.path:
-        errors.append("model.path: set the starting policy (an HF directory or an aipo_mp checkpoint)")
-    if not cfg.rounds.prompts:
-        errors.append("rounds.prompts: set the prompts JSONL the policy samples from each round")
-    else:
-        from aipo_mp.rounds.sampling import read_prompts
-
-        try:
-            read_prompts(cfg.rounds.prompts)  # empty or malformed files fail here, before any stage
-        except ConfigError as e:
-            errors += [f"rounds.prompts: {line}" for line in e.errors]
-    from aipo_mp.rounds.rankers import reward_errors
-    from aipo_mp.rounds.synthesize import synthesize_errors
-
-    if not cfg.reward.kind and bool(cfg.reward.rule) == bool(cfg.reward.model):
-        errors.append("reward: set exactly one of reward.rule (module:function) or reward.model (a classifier dir)")
-    else:
-        errors += reward_errors(cfg.reward)
-    if cfg.reward.rule and not errors:
-        from aipo_mp.rounds.rewards import check_rule
-
-        errors += check_rule(cfg.reward.rule)  # import and signature, before any stage runs
-    if cfg.pairs.min_rank_gap and cfg.reward.kind not in ("pairwise", "judge"):
-        errors.append("pairs.min_rank_gap needs ranks: set reward.kind to pairwise or judge, or pairs.min_rank_gap=0")
-    if cfg.rounds.synthesize.enabled:
-        errors += synthesize_errors(cfg.rounds.synthesize)
-    if cfg.rounds.num_rounds < 1:
-        errors.append(f"rounds.num_rounds={cfg.rounds.num_rounds}: must be >= 1")
-    if errors:
-        raise ConfigError(errors)
-
-
-def check_layout(cfg: Config, world_size: int, plan: bool = False) -> None:
-    """The training layout and every stage's placement fit the allocation (before any stage).
-    A plan may name a model.path that exists only on the cluster: then the recipe's model.arch."""
-    nodes = max(1, cfg.cluster.nodes)
-    if world_size % nodes:
-        raise ConfigError(f"{world_size} training ranks do not split evenly over cluster.nodes={nodes}; "
-                          "use a multiple of the node count")
-    arch = cfg.model.arch if plan and cfg.model.arch and not Path(cfg.model.path or "").exists() else None
-    validate(cfg, world_size=world_size, arch=arch)
-    check_placement(cfg, nodes, world_size // nodes)
-
-
 def run_rounds(cfg: Config, launcher_kind: str, world_size: int) -> int:
     """Entry of `aipo-mp run`. Returns 0 when done, 75 when stopped by a signal (requeue me).
     Needs no torch or GPU itself: every stage is a child command."""
@@ -463,8 +415,7 @@ def run_rounds(cfg: Config, launcher_kind: str, world_size: int) -> int:
 
     run_dir = Path(cfg.output.dir).absolute()
     with hold_lock(run_dir, "aipo-mp run"):  # first: a second run on RUN_DIR is the problem to report
-        check_recipe(cfg)
-        check_layout(cfg, world_size)
+        validate(cfg, world_size, stages=(TRAIN, RECIPE, PLACEMENT))
         config_path = run_dir / "config.yaml"
         dump_config(cfg, config_path)
         launcher = make_launcher(launcher_kind, task_wait_s=cfg.cluster.task_wait_s)
@@ -474,8 +425,6 @@ def run_rounds(cfg: Config, launcher_kind: str, world_size: int) -> int:
         except Stopped as s:
             print(f"[aipo-mp run] stopped by a signal during {s}; rerun the same command to resume", flush=True)
             return EXIT_STOPPED
-        except StageFailed as e:
-            raise ConfigError(str(e))
     return 0
 
 
@@ -487,7 +436,7 @@ def dry_run(cfg: Config, launcher_kind: str, as_json: bool = False) -> int:
 
     nodes, gpus_per_node = max(1, cfg.cluster.nodes), max(1, cfg.cluster.nproc_per_node)
     world = nodes * gpus_per_node
-    check_layout(cfg, world, plan=True)
+    validate(cfg, world, stages=(TRAIN, RECIPE, PLACEMENT), plan=True)
     if launcher_kind == "slurm":
         launcher = SlurmLauncher.for_plan(nodes, task_wait_s=cfg.cluster.task_wait_s)
     else:

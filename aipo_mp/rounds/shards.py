@@ -62,7 +62,7 @@ def claim_engine_devices(local_rank: int, local_world: int, tensor_parallel: int
             os.sched_setaffinity(0, set(cores))
         os.environ["OMP_NUM_THREADS"] = str(max(1, len(cores) // tensor_parallel))
         if tensor_parallel > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-            from aipo_mp.rounds.sampling import cpu_bind_string
+            from aipo_mp.rounds.engines import cpu_bind_string
 
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_string(cores, tensor_parallel)
     if "VLLM_PORT" not in os.environ:  # engines on one node must not share vLLM's ports
@@ -132,7 +132,7 @@ class ShardDir:
             return self.todo()
 
     def write(self, k: int, records: Sequence[dict], info: dict) -> None:
-        from aipo_mp.rounds.sampling import write_jsonl
+        from aipo_mp.data.records import write_jsonl
 
         write_jsonl(self.data(k), records)
         atomic_write_json(self.marker(k), {**info, "records": len(records)})
@@ -142,7 +142,7 @@ class ShardDir:
 
     def merge(self) -> list[dict]:
         """Every shard's records in shard order; raises when a shard is missing."""
-        from aipo_mp.rounds.sampling import read_jsonl
+        from aipo_mp.data.records import read_jsonl
 
         missing = self.todo()
         if missing:

@@ -32,6 +32,7 @@ prompts as an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -39,13 +40,14 @@ import random
 import re
 import string
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from aipo_mp.config import SynthesizeConfig, check_section
+from aipo_mp.data.records import read_jsonl, read_prompts, write_jsonl
 from aipo_mp.errors import ConfigError
-from aipo_mp.rounds.sampling import read_jsonl, read_prompts, write_jsonl
 from aipo_mp.runtime.files import atomic_write_json
+from aipo_mp.validate import synthesize_errors
 
 DROP_REASONS = ("truncated", "empty", "too_short", "too_long", "unservable", "write_a_program",
                 "leading_punctuation", "non_ascii", "over_per_prompt", "exact_duplicate", "near_duplicate")
@@ -57,52 +59,6 @@ ITEM_SPLIT = re.compile(r"(?:^|\n)\s*\d+\s*\.\s*")
 ANSWER_PART = re.compile(r"\s*\b(?:Answer|Output)\s*:", re.IGNORECASE)
 UNSERVABLE = re.compile(r"\b(?:" + "|".join(re.escape(k) for k in UNSERVABLE_KEYWORDS) + r")\b", re.IGNORECASE)
 MAX_BATCH_PROMPTS = 4096
-
-
-@dataclass
-class SynthesisSettings:
-    """The rounds.synthesize keys that shape the prompts (aipo_mp.config.SynthesizeConfig)."""
-
-    num_clusters: int = 256
-    examples_per_prompt: int = 8
-    new_per_prompt: int = 2
-    total: int = 1000
-    min_tokens: int = 4
-    max_tokens: int = 512
-    max_similarity: float = 0.7
-    seed_share: float = 1.0
-    max_batches: int = 8
-    seed: int = 0
-
-    @classmethod
-    def from_config(cls, synth) -> "SynthesisSettings":
-        return cls(**{k: getattr(synth, k) for k in cls.__dataclass_fields__})
-
-    def errors(self) -> list[str]:
-        errors = []
-        for name in ("num_clusters", "examples_per_prompt", "new_per_prompt", "total", "min_tokens", "max_batches"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                errors.append(f"rounds.synthesize.{name}={value!r}: must be an integer >= 1")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < self.min_tokens:
-            errors.append(f"rounds.synthesize.max_tokens={self.max_tokens!r}: must be >= min_tokens ({self.min_tokens})")
-        if not 0 < self.max_similarity <= 1:
-            errors.append(f"rounds.synthesize.max_similarity={self.max_similarity!r}: must be in (0, 1]")
-        if not 0 <= self.seed_share <= 1:
-            errors.append(f"rounds.synthesize.seed_share={self.seed_share!r}: must be in [0, 1]")
-        return errors
-
-
-def synthesize_errors(synth) -> list[str]:
-    """Problems of a rounds.synthesize section (SynthesizeConfig), one line each."""
-    errors = SynthesisSettings.from_config(synth).errors()
-    if not isinstance(synth.temperature, (int, float)) or synth.temperature < 0:
-        errors.append(f"rounds.synthesize.temperature={synth.temperature!r}: must be >= 0")
-    if not isinstance(synth.top_p, (int, float)) or not 0 < synth.top_p <= 1:
-        errors.append(f"rounds.synthesize.top_p={synth.top_p!r}: must be in (0, 1]")
-    if not isinstance(synth.generation_max_tokens, int) or synth.generation_max_tokens < 1:
-        errors.append(f"rounds.synthesize.generation_max_tokens={synth.generation_max_tokens!r}: must be >= 1")
-    return errors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,7 +299,7 @@ def seed_kept(prompt_id, share: float) -> bool:
 class Filter:
     """The deterministic pass over completions: parse, filter, deduplicate, count."""
 
-    def __init__(self, settings: SynthesisSettings, seeds: Sequence[str], count_tokens: Callable[[str], int]):
+    def __init__(self, settings: SynthesizeConfig, seeds: Sequence[str], count_tokens: Callable[[str], int]):
         self.settings = settings
         self.count_tokens = count_tokens
         self.index = NearDuplicateIndex(settings.max_similarity, Counter(t for s in seeds for t in set(rouge_tokens(s))))
@@ -381,10 +337,11 @@ class Filter:
 
 
 def synthesize(seed_records: list[dict], generate: Generator, count_tokens: Callable[[str], int],
-               settings: SynthesisSettings, out_dir: str | Path, round_idx: int = 0,
+               settings: SynthesizeConfig, out_dir: str | Path, round_idx: int = 0,
                extra_seeds: Sequence[str] = ()) -> tuple[list[dict], dict]:
     """Run the stage into `out_dir` (see the module docstring); returns (prompt records, stats)."""
-    errors = settings.errors()
+    check_section(settings, "rounds.synthesize.")
+    errors = synthesize_errors(settings)
     if errors:
         raise ConfigError(errors)
     out_dir = Path(out_dir)
@@ -436,14 +393,12 @@ def synthesize(seed_records: list[dict], generate: Generator, count_tokens: Call
 def vllm_generator(model, synth, sampling, round_idx: int) -> Generator:
     """Completions by the policy with vLLM on the sampling layout (tensor parallel, replicas).
     `model` is an HF directory or a live engine."""
-    from aipo_mp.rounds.sampling import SamplingSpec, sample
+    from aipo_mp.rounds.sampling import sample
 
     def generate(prompts: list[str], batch: int) -> list[tuple[str, str]]:
-        spec = SamplingSpec(n=1, temperature=synth.temperature, top_p=synth.top_p,
-                            max_tokens=synth.generation_max_tokens, seed=synth.seed + 1000 * round_idx + batch,
-                            chat_template=False, tensor_parallel=sampling.tensor_parallel,
-                            replicas=sampling.replicas, kv_cache_gib=sampling.kv_cache_gib,
-                            max_model_len=sampling.max_model_len)
+        spec = dataclasses.replace(sampling, n=1, temperature=synth.temperature, top_p=synth.top_p,
+                                   max_tokens=synth.generation_max_tokens, stop=[], chat_template=False,
+                                   seed=synth.seed + 1000 * round_idx + batch)
         records = sample(model, [{"id": k, "prompt": p} for k, p in enumerate(prompts)], spec)
         by_id = {r["prompt_id"]: r for r in records}
         return [(by_id[k]["text"], by_id[k]["finish_reason"]) for k in range(len(prompts))]
@@ -472,9 +427,6 @@ def run_stage(cfg, model_dir: str, seeds_path: str, out_dir: str | Path, round_i
               extra_seeds: Sequence[str] = ()) -> tuple[list[dict], dict]:
     """`aipo-mp synthesize` / the run's stage, from a Config."""
     synth = cfg.rounds.synthesize
-    errors = synthesize_errors(synth)
-    if errors:
-        raise ConfigError(errors)
     seeds = read_prompts(seeds_path)
     return synthesize(seeds, vllm_generator(model_dir, synth, cfg.sampling, round_idx), token_counter(model_dir),
-                      SynthesisSettings.from_config(synth), out_dir, round_idx, extra_seeds)
+                      synth, out_dir, round_idx, extra_seeds)

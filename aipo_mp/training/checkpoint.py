@@ -34,6 +34,7 @@ import torch
 from aipo_mp.config import ModelArch
 from aipo_mp.errors import CHECKPOINT_META as MEGATRON_META
 from aipo_mp.errors import ConfigError
+from aipo_mp.models import num_params
 from aipo_mp.runtime import platform
 
 FORMAT = "aipo_mp.megatron.v1"
@@ -248,7 +249,7 @@ def save_model(built, directory: str | Path, hf_config: dict, extra_files_from: 
                 "hf_config": hf_config,
                 "layout": current_layout(built),
                 "dtype": dtype or dtype_name(built),
-                "num_params": built.arch.num_params(),
+                "num_params": num_params(built.arch),
                 "arch": dataclasses.asdict(built.arch),
             }
             copy_extra_files(extra_files_from, tmp / EXTRA_SUBDIR)

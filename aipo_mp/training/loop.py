@@ -21,18 +21,19 @@ from typing import Optional
 import torch
 
 from aipo_mp import objectives
-from aipo_mp.config import Config, ModelArch, dump_config, validate
+from aipo_mp.config import Config, ModelArch, dump_config
 from aipo_mp.data import prepare
 from aipo_mp.data.pairs import PackedRow, pack_pairs
 from aipo_mp.errors import LATEST, ConfigError
 from aipo_mp.models import get_family, read_hf_config
-from aipo_mp.models.base import BuiltModel, build_model, load_hf_weights
+from aipo_mp.models.build import BuiltModel, build_model, load_hf_weights
 from aipo_mp.runtime import platform
 from aipo_mp.runtime.files import atomic_write_json, atomic_write_text
 from aipo_mp.training import guards, optim, resume
 from aipo_mp.training import identity as run_identity
 from aipo_mp.training.forward import forward_only, model_forward
 from aipo_mp.training.logprobs import sequence_logprobs, token_logprobs
+from aipo_mp.validate import validate
 
 # ---------------------------------------------------------------------------------------------
 # Data order and batching: pure functions of (step, seed) so resume needs only the step
@@ -646,7 +647,7 @@ def resume_from_checkpoint(state: RunState) -> int:
 
 
 def run_loop(state: RunState) -> RunState:
-    cfg, stop = state.cfg, state.stop
+    cfg = state.cfg
     rank0 = torch.distributed.get_rank() == 0
     if state.needs_reference:  # before resuming: the weights are still the initial policy's
         optim.sync_weights(state.chunks)

@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
-from aipo_mp.config import load_config, validate
+from aipo_mp.config import load_config
 from aipo_mp.errors import ConfigError
 from aipo_mp.runtime.platform import first_slurm_host, read_dist_env
+from aipo_mp.validate import validate
 from tests.conftest import ROOT
 
 TINY = str(ROOT / "configs" / "models" / "tiny_llama.yaml")  # 4 heads, 2 query groups, 4 layers

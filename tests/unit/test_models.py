@@ -11,10 +11,12 @@ import types
 import pytest
 import torch
 
-from aipo_mp.config import ModelArch, config_from_dict, validate
+from aipo_mp.config import ModelArch, config_from_dict
 from aipo_mp.errors import ConfigError
-from aipo_mp.models import FAMILIES, arch_from_hf_config, get_family, hf_config_for
-from aipo_mp.models.base import NONE, SpecOptions, te_layer_spec
+from aipo_mp.models import FAMILIES, arch_from_hf_config, get_family, hf_config_for, num_params
+from aipo_mp.models.build import te_layer_spec
+from aipo_mp.models.family import NONE, SpecOptions
+from aipo_mp.validate import validate
 from tests.conftest import FAMILIES as OLD_FAMILIES
 from tests.conftest import NEW_MODELS, tiny_arch
 
@@ -213,7 +215,7 @@ def test_new_families_parameter_count_and_names_equal_transformers(name):
 
     arch = tiny_arch(name)
     model = hf_model_from_arch(arch)
-    assert arch.num_params() == sum(p.numel() for p in model.parameters())
+    assert num_params(arch) == sum(p.numel() for p in model.parameters())
     held = set(model.state_dict()) - ({"lm_head.weight"} if arch.tie_embeddings else set())
     assert set(get_family(arch.family).hf_names(arch)) == held
     assert arch_from_hf_config(hf_config_for(arch)) == arch
@@ -261,4 +263,4 @@ def test_405b_needs_a_pipeline_depth_that_divides_126_layers():
     ("llama3_1_405b", 405.9), ("llama3_3_70b", 70.6), ("qwen2_5_72b", 72.7), ("qwen3_32b", 32.8)])
 def test_published_parameter_counts(name, published_billions):
     """The model cards' parameter counts (rounded to 0.1B) follow from the configs' shapes."""
-    assert abs(_model_arch(name).num_params() / 1e9 - published_billions) < 0.05
+    assert abs(num_params(_model_arch(name)) / 1e9 - published_billions) < 0.05

@@ -14,7 +14,6 @@ from aipo_mp.data.pairs import (
     DataError,
     DataStats,
     TokenizedPair,
-    as_token_list,
     pack_pairs,
     packed_utilization,
     padded_utilization,
@@ -24,6 +23,7 @@ from aipo_mp.data.pairs import (
     tokenize_pairs,
 )
 from aipo_mp.testing.tiny import STAMP_NAME, build_tiny_tokenizer
+from aipo_mp.tokenization import as_token_list
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"}]
 LONG_TEXT = " ".join(f"word{i} of the long answer" for i in range(60))
@@ -453,7 +453,7 @@ def test_prompts_read_from_parquet(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from aipo_mp.rounds.sampling import read_prompts
+    from aipo_mp.data.records import read_prompts
 
     path = tmp_path / "prompts.parquet"
     pq.write_table(pa.Table.from_pylist([{"prompt": "Hello", "answer": "4"}, {"prompt": "Bye", "answer": "5"}]), path)

@@ -224,7 +224,7 @@ def test_row_map_agrees_with_the_mapping_functions():
     from aipo_mp.convert.common import expected_hf_shapes
     from aipo_mp.convert.row_map import row_blocks
     from aipo_mp.models import get_family
-    from aipo_mp.models.base import to_megatron, tp_slice
+    from aipo_mp.models.build import to_megatron, tp_slice
     from tests.conftest import tiny_arch
 
     g = torch.Generator().manual_seed(0)
@@ -418,7 +418,7 @@ def test_sigterm_stops_workers_and_removes_partial_output(tiny_hf_dirs, work):
 
 VLLM_LOGPROBS = """
 import json, sys
-from aipo_mp.rounds.sampling import logprobs_of
+from aipo_mp.rounds.engines import logprobs_of
 dirs, tokens = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 print("RESULT" + json.dumps([logprobs_of(d, tokens) for d in dirs]))
 """

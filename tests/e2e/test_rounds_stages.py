@@ -14,20 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from aipo_mp.config import SamplingConfig, build_section, check_section
+from aipo_mp.data.records import read_prompts
 from aipo_mp.errors import ConfigError
-from aipo_mp.rounds import (
-    SamplingSpec,
-    build_pairs,
-    check_reward_model,
-    logprobs_of,
-    read_prompts,
-    reload_weights,
-    sample,
-    score_with_model,
-    score_with_rule,
-    start_engine,
-)
-from aipo_mp.rounds.sampling import close_engine, encode_prompt, generate_records, prompt_seed, shard_bounds
+from aipo_mp.rounds.engines import close_engine, logprobs_of, reload_weights, start_engine
+from aipo_mp.rounds.pairs import build_pairs
+from aipo_mp.rounds.rewards import check_reward_model, score_with_model, score_with_rule
+from aipo_mp.rounds.sampling import generate_records, prompt_seed, sample, shard_bounds
+from aipo_mp.tokenization import encode_prompt
 from tests.conftest import tiny_arch
 
 TOL = 1e-4  # fp32 vLLM vs transformers
@@ -86,10 +80,10 @@ def test_read_prompts(tmp_path):
 
 def test_sampling_spec_and_seeds():
     with pytest.raises(ConfigError) as e:
-        SamplingSpec(n=0, top_p=0.0, temperature=-1).validate()
+        check_section(SamplingConfig(n=0, top_p=0.0, temperature=-1), "sampling.")
     assert len(e.value.errors) == 3
-    with pytest.raises(ConfigError, match="unknown sampling setting"):
-        SamplingSpec.from_dict({"n": 2, "temprature": 1.0})
+    with pytest.raises(ConfigError, match="unknown config key sampling.temprature; did you mean sampling.temperature"):
+        build_section(SamplingConfig, {"n": 2, "temprature": 1.0}, "sampling.")
     assert shard_bounds(7, 3) == [(0, 3), (3, 5), (5, 7)]
     seeds = {prompt_seed(s, i, 5) for s in range(3) for i in range(100)}
     assert len(seeds) == 300 and max(seeds) < 2**31 - 5
@@ -108,16 +102,16 @@ def fake_samples():
 
 def test_rule_rewards(tmp_path):
     samples = fake_samples()
-    scored = score_with_rule(samples, "tests.test_rounds_stages:length_rule", tmp_path / "scored.jsonl")
+    scored = score_with_rule(samples, "tests.e2e.test_rounds_stages:length_rule", tmp_path / "scored.jsonl")
     assert [s["score"] for s in scored] == [float(len(s["text"])) for s in samples]
     assert [json.loads(line) for line in (tmp_path / "scored.jsonl").read_text().splitlines()] == scored
 
     with pytest.raises(ConfigError, match=r"raised ValueError: cannot grade this on prompt_id=0 sample_index=0; make"):
-        score_with_rule(samples, "tests.test_rounds_stages:raising_rule")
+        score_with_rule(samples, "tests.e2e.test_rounds_stages:raising_rule")
     with pytest.raises(ConfigError, match=r"non-finite score \(nan\) for prompt_id=0 sample_index=0"):
-        score_with_rule(samples, "tests.test_rounds_stages:nan_rule")
+        score_with_rule(samples, "tests.e2e.test_rounds_stages:nan_rule")
     with pytest.raises(ConfigError, match="has no function missing"):
-        score_with_rule(samples, "tests.test_rounds_stages:missing")
+        score_with_rule(samples, "tests.e2e.test_rounds_stages:missing")
     with pytest.raises(ConfigError, match="cannot import"):
         score_with_rule(samples, "no_such_module_xyz:f")
     with pytest.raises(ConfigError, match="must look like"):
@@ -125,7 +119,7 @@ def test_rule_rewards(tmp_path):
     assert not (tmp_path / "scored2.jsonl").exists()
 
     with_meta = [{**s, "meta": {"answer": "answer 0-1!"}} for s in samples[:3]]
-    assert [s["score"] for s in score_with_rule(with_meta, "tests.test_rounds_stages:reference_rule")] == [0, 1, 0]
+    assert [s["score"] for s in score_with_rule(with_meta, "tests.e2e.test_rounds_stages:reference_rule")] == [0, 1, 0]
 
 
 def scored_record(pid, k, text, score, finish="stop", tokens=10):
@@ -257,7 +251,7 @@ SPEC = dict(n=4, temperature=1.0, max_tokens=24, seed=7)
 def samples(policy_llm, tmp_path_factory):
     out = tmp_path_factory.mktemp("samples") / "samples.jsonl"
     start = time.perf_counter()
-    records = sample(policy_llm, PROMPTS, SamplingSpec(**SPEC), out)
+    records = sample(policy_llm, PROMPTS, SamplingConfig(**SPEC), out)
     print(f"\nsampling {len(PROMPTS)} prompts x {SPEC['n']}: {time.perf_counter() - start:.2f} s")
     assert [json.loads(line) for line in out.read_text().splitlines()] == records
     return records
@@ -290,12 +284,12 @@ DIRECTORY_RUN: dict = {}  # sampled from a model directory before any module eng
 def test_sample_from_directory_in_process(tiny, tmp_path):
     """A directory and no live engine: the engine starts here and is shut down on return (this
     test runs before the module's engines start, in file order)."""
-    from aipo_mp.rounds.sampling import engine_in_use
+    from aipo_mp.rounds.engines import engine_in_use
 
     if engine_in_use():
         pytest.skip("an engine of this module is already alive (tests reordered)")
     start = time.perf_counter()
-    records = sample(tiny["policy"], PROMPTS, SamplingSpec(**SPEC), tmp_path / "samples.jsonl")
+    records = sample(tiny["policy"], PROMPTS, SamplingConfig(**SPEC), tmp_path / "samples.jsonl")
     print(f"\nsample() from a directory (engine start, sampling, shutdown): {time.perf_counter() - start:.1f} s")
     assert len(records) == len(PROMPTS) * SPEC["n"] and not engine_in_use()
     DIRECTORY_RUN["samples"] = records
@@ -303,7 +297,7 @@ def test_sample_from_directory_in_process(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_sampling_fields_and_determinism(policy_llm, samples):
-    spec = SamplingSpec(**SPEC)
+    spec = SamplingConfig(**SPEC)
     assert len(samples) == len(PROMPTS) * spec.n
     for k, record in enumerate(samples):
         prompt = PROMPTS[k // spec.n]
@@ -317,7 +311,7 @@ def test_sampling_fields_and_determinism(policy_llm, samples):
     assert len({r["text"] for r in samples}) > len(samples) // 2  # temperature 1 on a random model: diverse
 
     assert sample(policy_llm, PROMPTS, spec) == samples  # same seed, same samples
-    assert sample(policy_llm, PROMPTS, SamplingSpec(**{**SPEC, "seed": 8})) != samples
+    assert sample(policy_llm, PROMPTS, SamplingConfig(**{**SPEC, "seed": 8})) != samples
     # A prompt's samples depend on its position only, not on the batch it is in.
     assert generate_records(policy_llm, PROMPTS[3:], spec, index_offset=3) == samples[3 * spec.n:]
 
@@ -338,14 +332,14 @@ def test_chat_prompts_use_the_template(policy_llm, samples):
                                                 tokenize=False)
     assert is_chat and ids == tokenizer(one_message, add_special_tokens=False).input_ids
     assert encode_prompt(tokenizer, text, chat_template=False) == (tokenizer(text).input_ids, False)
-    plain = sample(policy_llm, PROMPTS[:1], SamplingSpec(**{**SPEC, "chat_template": False}))
+    plain = sample(policy_llm, PROMPTS[:1], SamplingConfig(**{**SPEC, "chat_template": False}))
     assert {r["chat_format"] for r in plain} == {False}
     assert plain[0]["num_prompt_tokens"] == len(tokenizer(text).input_ids)
 
     # The pairs file carries the prompt so that the trainer's tokenization reproduces these ids.
-    from aipo_mp.data.pairs import encode_prompts
+    from aipo_mp.tokenization import encode_prompts
 
-    scored = score_with_rule(samples, "tests.test_rounds_stages:length_rule")
+    scored = score_with_rule(samples, "tests.e2e.test_rounds_stages:length_rule")
     pairs, _ = build_pairs(scored, allow_truncated=True)
     by_id = {r["prompt_id"]: r["num_prompt_tokens"] for r in samples}
     assert [len(ids) for ids in encode_prompts([p["prompt"] for p in pairs], tokenizer)] == \
@@ -367,7 +361,7 @@ def test_replicas_match_one_engine(tiny, samples, tmp_path):
     file equals the single-engine samples (per-prompt seeds)."""
     start = time.perf_counter()
     out = tmp_path / "samples.jsonl"
-    merged = sample(tiny["policy"], PROMPTS, SamplingSpec(**SPEC, replicas=2), out)
+    merged = sample(tiny["policy"], PROMPTS, SamplingConfig(**SPEC, replicas=2), out)
     print(f"\n2 replicas (2 processes): {time.perf_counter() - start:.1f} s")
     assert merged == samples
     if "samples" in DIRECTORY_RUN:  # the in-process run from a directory gave the same samples
@@ -434,11 +428,11 @@ def test_reload_weights_on_live_engine(policy_llm, tiny, samples):
         print(f"log-probs after reload vs transformers on the new weights: max |diff| = {diff:.2e}; "
               f"vs the old weights: {max_diff(after, before):.2f}")
         assert diff < TOL and max_diff(after, before) > 0.1
-        assert sample(policy_llm, PROMPTS, SamplingSpec(**SPEC)) != samples  # new weights, new answers
+        assert sample(policy_llm, PROMPTS, SamplingConfig(**SPEC)) != samples  # new weights, new answers
     finally:
         reload_weights(policy_llm, tiny["policy"])
     assert max_diff(logprobs_of(policy_llm, ids), before) < 1e-6
-    assert sample(policy_llm, PROMPTS, SamplingSpec(**SPEC)) == samples
+    assert sample(policy_llm, PROMPTS, SamplingConfig(**SPEC)) == samples
     with pytest.raises(ConfigError, match="no \\*.safetensors"):
         reload_weights(policy_llm, tiny["tokenizer"])
 

@@ -10,11 +10,11 @@ import random
 
 import pytest
 
+from aipo_mp.config import SynthesizeConfig
 from aipo_mp.errors import ConfigError
 from aipo_mp.rounds.synthesize import (
     DROP_REASONS,
     NearDuplicateIndex,
-    SynthesisSettings,
     batch_prompts,
     cluster_prompts,
     drop_reason,
@@ -94,7 +94,7 @@ SEEDS = [{"id": k, "prompt": [{"role": "user", "content": t}]} for k, t in enume
 
 
 def test_synthesize_counts_resumes_and_merges(tmp_path):
-    settings = SynthesisSettings(num_clusters=3, examples_per_prompt=3, new_per_prompt=2, total=12, min_tokens=4,
+    settings = SynthesizeConfig(num_clusters=3, examples_per_prompt=3, new_per_prompt=2, total=12, min_tokens=4,
                                  max_tokens=30, max_similarity=0.7, seed_share=0.5, max_batches=6, seed=3)
     calls: list = []
     records, stats = synthesize(SEEDS, scripted_generator(calls), word_count, settings, tmp_path / "straight", 1)
@@ -133,7 +133,7 @@ def test_synthesize_counts_resumes_and_merges(tmp_path):
     assert again == records and calls2 and 0 not in calls2
 
     with pytest.raises(ConfigError, match="max_similarity"):
-        synthesize(SEEDS, real, word_count, SynthesisSettings(max_similarity=1.5), tmp_path / "bad", 1)
+        synthesize(SEEDS, real, word_count, SynthesizeConfig(max_similarity=1.5), tmp_path / "bad", 1)
 
 
 def test_near_duplicates_dropped_distinct_kept():

@@ -171,30 +171,35 @@ def test_min_rank_gap_and_reward_validation(tmp_path):
     assert reward_errors(RewardConfig(rule="m:f")) == []
     assert reward_errors(RewardConfig(kind="pairwise", model="dir")) == []
     assert "reward.kind=pairwise: set reward.model" in reward_errors(RewardConfig(kind="pairwise"))[0]
-    assert "choose one of" in reward_errors(RewardConfig(kind="oracle", model="d"))[0]
+    from aipo_mp.config import config_from_dict
+
+    with pytest.raises(ConfigError, match="reward.kind='oracle': choose one of"):
+        config_from_dict({"reward": {"kind": "oracle", "model": "d"}})
     assert any("{prompt}, {a} and {b}" in e for e in reward_errors(RewardConfig(kind="judge", model="d",
                                                                               template="{prompt} {a}")))
-    assert any("bradley_terry" in e for e in reward_errors(RewardConfig(kind="judge", model="d", aggregate="elo")))
+    with pytest.raises(ConfigError, match="reward.aggregate='elo': choose one of bradley_terry"):
+        config_from_dict({"reward": {"kind": "judge", "model": "d", "aggregate": "elo"}})
 
 
 def test_recipe_checks_and_cli_errors(tmp_path, capsys):
     from aipo_mp.cli import main
     from aipo_mp.config import config_from_dict
-    from aipo_mp.rounds.run import check_recipe
+    from aipo_mp.validate import recipe_errors
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "hi"}\n')
+    with pytest.raises(ConfigError, match=r"rounds.synthesize.max_similarity=2.0: must be in \(0, 1\]"):
+        config_from_dict({"rounds": {"synthesize": {"enabled": True, "max_similarity": 2.0}}})
     cfg = config_from_dict({"model": {"path": "x"}, "rounds": {"prompts": str(prompts),
-                                                               "synthesize": {"enabled": True, "max_similarity": 2.0}},
+                                                               "synthesize": {"enabled": True, "min_tokens": 9,
+                                                                              "max_tokens": 8}},
                             "reward": {"kind": "pairwise"}})
-    with pytest.raises(ConfigError) as e:
-        check_recipe(cfg)
-    assert any("reward.kind=pairwise: set reward.model" in l for l in e.value.errors)
-    assert any("rounds.synthesize.max_similarity=2.0" in l for l in e.value.errors)
+    errors = recipe_errors(cfg)
+    assert any("reward.kind=pairwise: set reward.model" in l for l in errors)
+    assert any("rounds.synthesize.max_tokens=8: must be >= min_tokens (9)" in l for l in errors)
     cfg = config_from_dict({"model": {"path": "x"}, "rounds": {"prompts": str(prompts)}, "reward": {"rule": "m:f"},
                             "pairs": {"min_rank_gap": 1}})
-    with pytest.raises(ConfigError, match="min_rank_gap needs ranks"):
-        check_recipe(cfg)
+    assert any("min_rank_gap needs ranks" in l for l in recipe_errors(cfg))
 
     with pytest.raises(SystemExit) as exit_code:
         main(["synthesize", "--model", str(tmp_path), "--seeds", str(tmp_path / "missing.jsonl"),

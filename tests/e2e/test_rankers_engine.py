@@ -10,9 +10,9 @@ import math
 import pytest
 
 from aipo_mp.config import SamplingConfig, SynthesizeConfig
+from aipo_mp.rounds.engines import close_engine, start_engine
 from aipo_mp.rounds.rankers import JudgeComparator, rank_samples
-from aipo_mp.rounds.sampling import close_engine, start_engine
-from aipo_mp.rounds.synthesize import SynthesisSettings, synthesize, token_counter, vllm_generator
+from aipo_mp.rounds.synthesize import synthesize, token_counter, vllm_generator
 from tests.conftest import tiny_arch
 
 TEMPLATE = "Question: {prompt}\nAnswer A: {a}\nAnswer B: {b}\nThe better answer is"
@@ -74,7 +74,7 @@ def test_synthesize_with_vllm_stopped_and_rerun(judge, tmp_path):
         "Give a word that rhymes with cat.", "Say hello in French.", "Count from one to five."])]
     synth = SynthesizeConfig(enabled=True, temperature=1.0, top_p=0.9, generation_max_tokens=16)
     sampling = SamplingConfig(kv_cache_gib=0.25)
-    settings = SynthesisSettings(num_clusters=2, examples_per_prompt=3, new_per_prompt=2, total=40, min_tokens=1,
+    settings = SynthesizeConfig(num_clusters=2, examples_per_prompt=3, new_per_prompt=2, total=40, min_tokens=1,
                                  max_tokens=64, max_batches=2, seed=5)
     generate = vllm_generator(judge["llm"], synth, sampling, round_idx=2)
     count = token_counter(judge["dir"])

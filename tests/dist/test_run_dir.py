@@ -109,7 +109,7 @@ def runs(tmp_path_factory):
         {"name": "new_objective", "cli": train("run1", "train.steps=3", "objective.beta=0.2")},
         {"name": "finished_same", "cli": train("run1", "train.steps=3", "train.save_every=1")},
         {"exec": f"import shutil; shutil.copytree('{run1}', '{base}/run2')\n"
-                 f"from tests.test_run_dir import damage_checkpoints; from pathlib import Path; "
+                 f"from tests.dist.test_run_dir import damage_checkpoints; from pathlib import Path; "
                  f"damage_checkpoints(Path('{base}/run2'))"},
         {"name": "fallback", "cli": train("run2", "train.steps=4")},
         *[{"name": f"fmt_{f}", "cli": train(f"fmt_{f}", "train.steps=1", data=formats[f],

@@ -106,7 +106,7 @@ def test_run_kill_and_resume_matches_uninterrupted(assets, tmp_path):
 
 VLLM_LOGPROBS = """
 import json, sys
-from aipo_mp.rounds.sampling import logprobs_of
+from aipo_mp.rounds.engines import logprobs_of
 print("RESULT" + json.dumps(logprobs_of(sys.argv[1], json.loads(sys.argv[2]))))
 """
 

@@ -15,7 +15,7 @@ import torch
 
 from tests.conftest import ROOT
 from tests.launch import run_ranks
-from tests.test_trainer import COMMON, metrics, policy_dirs, relative_param_diff, run_overrides  # noqa: F401
+from tests.dist.test_trainer import COMMON, metrics, policy_dirs, relative_param_diff, run_overrides  # noqa: F401
 
 BF16_STEPS = 50
 

@@ -131,7 +131,7 @@ def handoff_override(tmp_path: Path, name: str) -> list[str]:
 def check_handoff_equals_export(run: Path, export: Path) -> None:
     """Tensor for tensor (names, dtypes, values) and file for file (config, tokenizer)."""
     from aipo_mp.convert.cli import main
-    from tests.test_checkpoint_tools import assert_same_weights
+    from tests.e2e.test_checkpoint_tools import assert_same_weights
 
     assert main(["mcore-to-hf", "--ckpt", str(run / "checkpoints" / "step_0000003"), "--out", str(export),
                  "--ranks", "1"]) == 0

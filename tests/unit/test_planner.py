@@ -9,6 +9,7 @@ import pytest
 
 from aipo_mp import planner
 from aipo_mp.config import load_config
+from aipo_mp.models import num_params
 from aipo_mp.planner import Layout, memory_per_gpu, param_counts, plan, step_time
 from tests.conftest import ROOT
 
@@ -95,7 +96,7 @@ def valid_layouts():
 
 @pytest.mark.parametrize("name,tp,pp", list(valid_layouts()))
 def test_shards_add_up_to_the_model(name, tp, pp):
-    assert param_counts(arch_of(name), tp, pp).model_total == arch_of(name).num_params()
+    assert param_counts(arch_of(name), tp, pp).model_total == num_params(arch_of(name))
 
 
 def test_mistral_large_total():
@@ -104,8 +105,8 @@ def test_mistral_large_total():
     layer = 12288 * (96 + 2 * 8) * 128 + 12288 * 96 * 128 + 3 * 12288 * 28672 + 2 * 12288
     assert layer == 1_384_144_896
     by_hand = 88 * layer + 2 * 32768 * 12288 + 12288  # layers, embedding + output layer, final norm
-    assert counts.model_total == arch.num_params() == by_hand == 122_610_069_504
-    assert abs(arch.num_params() / 1e9 - 122.6) < 0.05
+    assert counts.model_total == num_params(arch) == by_hand == 122_610_069_504
+    assert abs(num_params(arch) / 1e9 - 122.6) < 0.05
     assert abs(param_counts(arch).per_layer / 1e9 - 1.38) < 0.01  # MODELS.md: ~1.38B per layer
     # Stage 0 holds the embedding, the last stage the final norm and the output layer.
     assert counts.stages[0].embedding == counts.stages[-1].output_layer == 32768 // 8 * 12288
@@ -213,7 +214,7 @@ def test_sampling_memory():
 
 def test_flops_and_mfu():
     arch = arch_of("llama3_8b")
-    n = arch.num_params() - arch.vocab_size * arch.hidden_size
+    n = num_params(arch) - arch.vocab_size * arch.hidden_size
     f = planner.forward_flops_per_token(arch, 2048)
     assert f == 2 * n + 4 * 32 * 4096 * 1024  # attention within one sequence of 2048 / 2
     # No pipeline, no data parallelism: MFU is exactly the assumed efficiency.

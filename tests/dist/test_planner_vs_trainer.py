@@ -13,7 +13,7 @@ import pytest
 from aipo_mp import planner
 from tests.conftest import tiny_arch
 from tests.launch import run_ranks
-from tests.test_trainer import policy_dirs, run_overrides  # noqa: F401  (fixture)
+from tests.dist.test_trainer import policy_dirs, run_overrides  # noqa: F401  (fixture)
 
 SEQ = 128
 LAYOUTS = {"tp1": (1, 1, False), "tp2sp": (2, 1, True), "pp2": (1, 2, False)}
