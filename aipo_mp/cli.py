@@ -25,10 +25,12 @@ def cmd_check(args) -> int:
     cfg = load_config(args.config, args.overrides)
     print_notes(cfg)
     # A recipe of `aipo-mp run` (it names rounds.prompts) is checked as `run` checks it.
-    stages = (TRAIN, RECIPE, PLACEMENT) if cfg.rounds.prompts else (TRAIN,)
-    arch = validate(cfg, world_size=args.world_size, stages=stages)
+    recipe = bool(cfg.rounds.prompts)
+    stages = (TRAIN, RECIPE, PLACEMENT) if recipe else (TRAIN,)
+    world = args.world_size or (cfg.cluster.nodes * cfg.cluster.nproc_per_node if recipe else None)
+    arch = validate(cfg, world_size=world, stages=stages)
     par = cfg.parallel
-    dp = args.world_size // (par.tp * par.pp * par.cp) if args.world_size else None
+    dp = world // (par.tp * par.pp * par.cp) if world else None
     if cfg.data.train:
         check_data(cfg, arch.vocab_size)
     print(f"ok: {arch.family} {num_params(arch) / 1e9:.3f}B params, tp={par.tp} pp={par.pp} vpp={par.vpp} "

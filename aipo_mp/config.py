@@ -443,7 +443,8 @@ def _build(cls, data: dict, prefix: str, errors: list[str]):
         check = checks.get(key)
         problem = check.problem(kwargs[key]) if check is not None and len(errors) == n_errors else None
         if problem:
-            errors.append(f"{prefix}{key}={value!r}: {problem}")
+            shown = value if isinstance(value, (int, float)) and not isinstance(value, bool) else kwargs[key]
+            errors.append(f"{prefix}{key}={shown!r}: {problem}")
     return cls(**{k: v for k, v in kwargs.items() if v is not None or k in data})
 
 

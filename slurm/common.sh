@@ -38,7 +38,7 @@
 # after GraceTime) behaves the same here; Slurm itself requeues the job for PreemptMode=REQUEUE,
 # and the run then resumes from its finished stages, shards and last checkpoint.
 
-AIPO_EXIT_STOPPED=75  # must equal aipo_mp.rounds.launchers.EXIT_STOPPED
+AIPO_EXIT_STOPPED=75  # must equal aipo_mp.errors.EXIT_STOPPED
 
 aipo_log() { printf '[%s aipo] %s\n' "$(date '+%F %T')" "$*"; }
 

@@ -450,9 +450,9 @@ class cleanup_on_failure:
 def error_line(exc: BaseException) -> Optional[str]:
     """The one line for a user-facing failure, or None for an internal error."""
     from aipo_mp.convert import common as ct
-    from aipo_mp.errors import ConfigError
+    from aipo_mp.errors import UserError
 
-    if isinstance(exc, ConfigError):
+    if isinstance(exc, UserError):
         return "; ".join(e.strip() for e in exc.errors if e.strip())
     if ct.is_enospc(exc):
         where = getattr(exc, "filename", None)

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Optional
 
 from aipo_mp.config import RANKER_KINDS, Config, dump_config, reward_kind
-from aipo_mp.errors import CHECKPOINT_META, EXIT_STOPPED, LATEST, ConfigError, StageFailed
+from aipo_mp.errors import CHECKPOINT_META, EXIT_STOPPED, LATEST, RUN_STATE, ConfigError, StageFailed
 from aipo_mp.rounds.launchers import rank_log_dir
 from aipo_mp.rounds.placement import Placement, stage_kind, stage_placement
 from aipo_mp.rounds.shards import ShardDir, shard_count
@@ -53,7 +53,7 @@ class RunState:
     """run_state.json: {"rounds": {"0": {"export": {...}, ...}}, "policies": {"0": path}}."""
 
     def __init__(self, run_dir: Path):
-        self.path = run_dir / "run_state.json"
+        self.path = run_dir / RUN_STATE
         self.data = json.loads(self.path.read_text()) if self.path.exists() else {"rounds": {}, "policies": {}}
 
     def done(self, round_idx: int, stage: str) -> bool:

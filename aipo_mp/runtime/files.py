@@ -81,21 +81,3 @@ def replace_directory(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-
-
-DISK_ERRNOS = {"ENOSPC": "the disk is full", "EDQUOT": "the disk quota is exceeded", "EROFS": "the file system is "
-               "read-only", "EACCES": "permission denied", "EPERM": "permission denied", "EFBIG": "the file is "
-               "larger than allowed (file size limit)"}
-
-
-def disk_error_line(e: OSError) -> str | None:
-    """A write that failed for a reason outside the program (full disk, read-only or forbidden
-    path): one line naming the path and the fix, not a traceback."""
-    import errno
-
-    name = errno.errorcode.get(e.errno or 0, "")
-    if name not in DISK_ERRNOS:
-        return None
-    where = e.filename or "the output directory"
-    return (f"cannot write {where}: {DISK_ERRNOS[name]}; free space or choose a writable output directory "
-            "(output.dir / --out), then rerun (completed steps are kept)")

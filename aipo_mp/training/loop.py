@@ -24,7 +24,7 @@ from aipo_mp import objectives
 from aipo_mp.config import Config, ModelArch, dump_config
 from aipo_mp.data import prepare
 from aipo_mp.data.pairs import PackedRow, pack_pairs
-from aipo_mp.errors import LATEST, ConfigError
+from aipo_mp.errors import LATEST, TRAIN_STATE, ConfigError
 from aipo_mp.models import get_family, read_hf_config
 from aipo_mp.models.build import BuiltModel, build_model, load_hf_weights
 from aipo_mp.runtime import platform
@@ -246,7 +246,7 @@ def save_checkpoint(state: "RunState", step: int) -> Path:
     tmp.replace(rng_dir / rng_state_name())
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
-        atomic_write_json(path / "train_state.json", {"step": step, "layout": layout_dict(cfg),
+        atomic_write_json(path / TRAIN_STATE, {"step": step, "layout": layout_dict(cfg),
                                                      "world_size": torch.distributed.get_world_size()})
         dump_config(cfg, path / "config.yaml")
         resume.write_manifest(path)  # last before `latest`: a checkpoint with a manifest is complete
@@ -271,7 +271,7 @@ def load_checkpoint(state: "RunState", path: Path) -> int:
     rng = path / "rng" / rng_state_name()
     if rng.is_file():
         torch.set_rng_state(torch.load(rng, map_location="cpu", weights_only=True)["torch_rng"])
-    info = json.loads((path / "train_state.json").read_text())
+    info = json.loads((path / TRAIN_STATE).read_text())
     return int(info["step"])
 
 
@@ -592,7 +592,7 @@ def rank0_then_agree(fn):
         except ConfigError as e:
             message = [str(e)]
         except OSError as e:  # a read-only or full output directory
-            from aipo_mp.runtime.files import disk_error_line
+            from aipo_mp.errors import disk_error_line
 
             if disk_error_line(e) is None:
                 raise

@@ -15,9 +15,11 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from aipo_mp.errors import CHECKPOINT_META, TRAIN_STATE
+
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
-REQUIRED = ("train_state.json", "aipo_checkpoint.json", "model/.metadata")
+REQUIRED = (TRAIN_STATE, CHECKPOINT_META, "model/.metadata")
 
 
 def step_dirs(root: Path) -> list[Path]:
@@ -59,7 +61,7 @@ def problem_with(step_dir: Path, legacy_ok: bool) -> Optional[str]:
     if list(step_dir.rglob("*.tmp")):
         return "holds unfinished *.tmp files"
     try:
-        json.loads((step_dir / "train_state.json").read_text())["step"]
+        json.loads((step_dir / TRAIN_STATE).read_text())["step"]
     except (OSError, ValueError, KeyError):
         return "train_state.json is damaged"
     return None
