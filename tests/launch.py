@@ -1,31 +1,22 @@
 """Start N gloo ranks of a Python module as subprocesses (like torchrun, without its agent) and
-report their exit codes and output. Used by the distributed tests."""
+report their exit codes and output. Used by the distributed tests (through aipo_mp's one spawner)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-from aipo_mp.runtime.platform import free_port
+from aipo_mp.runtime import spawn
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_ranks(world_size: int, module: str, args: list[str], timeout: int = 600, env_extra: dict | None = None):
-    port = free_port()
-    procs = []
-    for rank in range(world_size):
-        env = dict(os.environ)
-        env.update(
-            RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-            PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}",
-        )
-        env.update(env_extra or {})
-        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=env, cwd=ROOT,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    port = spawn.free_port()
+    procs = [spawn.start(spawn.module_command(module, args),
+                         spawn.rank_env(rank, world_size, port, {"OMP_NUM_THREADS": "1", **(env_extra or {})},
+                                        checkout_on_path=True), pipe=True, cwd=ROOT)
+             for rank in range(world_size)]
     outputs = []
     for p in procs:
         try:

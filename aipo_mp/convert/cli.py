@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 from aipo_mp.models import num_params
-from aipo_mp.runtime.spawn import die_with_parent
+from aipo_mp.runtime import spawn
 
 RUN_DIR_ENV = "CHECKPOINT_TOOLS_RUN_DIR"  # set by the parent for the workers it starts
 PARENT_PID_ENV = "CHECKPOINT_TOOLS_PARENT_PID"
@@ -166,44 +166,26 @@ def spawn_ranks(world: int, argv: list[str], run_dir: Path) -> list[dict]:
     """Start `world` local ranks of `python -m aipo_mp.convert.cli argv`. If one fails, stop the
     others and raise its one-line error (ConfigError) or a WorkerCrash with its log."""
     from aipo_mp.errors import ConfigError
-    from aipo_mp.runtime.platform import free_port
 
-    port = free_port()
-    threads = str(max(1, (os.cpu_count() or 1) // world))
-    procs, logs = [], []
-    for rank in range(world):
-        env = dict(os.environ)
-        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **{RUN_DIR_ENV: str(run_dir)},
-                   PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}")
-        env.setdefault("OMP_NUM_THREADS", threads)
-        log = open(run_dir / f"rank{rank}.log", "w")
-        logs.append(log)
-        env[PARENT_PID_ENV] = str(os.getpid())
-        procs.append(subprocess.Popen([sys.executable, "-m", "aipo_mp.convert.cli", *argv], env=env, stdout=log,
-                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                      preexec_fn=die_with_parent()))  # never outlive a killed parent
+    port = spawn.free_port()
+    extra = {RUN_DIR_ENV: str(run_dir), PARENT_PID_ENV: str(os.getpid())}
+    procs = []
     failed: Optional[int] = None
     try:
-        while True:
-            codes = [p.poll() for p in procs]
-            bad = [r for r, c in enumerate(codes) if c not in (None, 0)]
-            if bad:
-                failed = bad[0]
-                # Give the other ranks a moment to report their own error (rank 0 often holds
-                # the real cause while another rank only learns that rank 0 failed).
-                grace = time.time() + 3
-                while time.time() < grace and any(p.poll() is None for p in procs):
-                    time.sleep(0.1)
-                break
-            if all(c == 0 for c in codes):
-                break
-            time.sleep(0.1)
+        for rank in range(world):  # own session (Ctrl-C reaches us, then we stop them), never outliving us
+            procs.append(spawn.start(spawn.module_command("aipo_mp.convert.cli", argv),
+                                     spawn.rank_env(rank, world, port, extra, checkout_on_path=True),
+                                     run_dir / f"rank{rank}.log", own_session=True, tied_to_parent=True))
+        failed, _ = spawn.wait_for_first_failure(procs)
+        if failed is not None:
+            # Give the other ranks a moment to report their own error (rank 0 often holds
+            # the real cause while another rank only learns that rank 0 failed).
+            grace = time.time() + 3
+            while time.time() < grace and any(p.poll() is None for p in procs):
+                time.sleep(0.1)
     finally:
         if failed is not None or any(p.poll() is None for p in procs):
             stop_all(procs)
-        for log in logs:
-            log.close()
     if failed is None:
         return json.loads((run_dir / "result.json").read_text())
     # A worker's own one-line error wins (lowest rank first); others died because we stopped them.

@@ -42,6 +42,7 @@ from typing import IO, Optional, Protocol
 
 from aipo_mp.errors import EXIT_STOPPED, EXIT_TIMED_OUT, STOP_MARKER, ConfigError
 from aipo_mp.rounds.placement import Placement
+from aipo_mp.runtime import spawn
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
@@ -254,12 +255,6 @@ class _Tee:
             self.log.close()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _header(name: str, cmd: list[str], placement: Placement, tee: _Tee) -> None:
     tee.note(f"[launcher] {name}: {placement.ntasks} task(s): {shlex.join(cmd)}")
 
@@ -284,7 +279,7 @@ class LocalLauncher(_Base):
         if stopped:
             return stopped
         cmd = stage_command(argv)
-        port = free_port()
+        port = spawn.free_port()
         tee = self._tee = _Tee(log_path, console=False)
         _header(name, cmd, placement, tee)
         rank_dir = rank_log_dir(log_path) if log_path is not None else None
@@ -295,20 +290,10 @@ class LocalLauncher(_Base):
         ntasks = placement.ntasks
         try:
             for rank in range(ntasks):
-                child_env = dict(os.environ)
                 # Always torchrun-style, even for one task: inside a Slurm batch step the inherited
                 # SLURM_PROCID/SLURM_NTASKS would otherwise describe the whole job.
-                child_env.update(RANK=str(rank), WORLD_SIZE=str(ntasks), LOCAL_RANK=str(rank),
-                                 LOCAL_WORLD_SIZE=str(ntasks), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-                child_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ntasks)))
-                child_env.update(env or {})
-                out = open(rank_dir / f"rank{rank}.log", "ab") if rank_dir is not None else None
-                try:
-                    p = subprocess.Popen(cmd, env=child_env, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT if out else None)
-                finally:
-                    if out:
-                        out.close()
+                log = rank_dir / f"rank{rank}.log" if rank_dir is not None else None
+                p = spawn.start(cmd, spawn.rank_env(rank, ntasks, port, extra=env), log)
                 procs.append(p)
                 self._children.append(p)
             if self.stop_requested:  # a signal arrived while the ranks were starting

@@ -41,7 +41,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -61,6 +60,7 @@ from aipo_mp.rounds.engines import (
     start_engine,
 )
 from aipo_mp.rounds.shards import ShardDir, StopFlag, run_shard_task, shard_bounds, shard_count, task_identity
+from aipo_mp.runtime import spawn
 from aipo_mp.runtime.files import atomic_write_text
 from aipo_mp.tokenization import encode_prompt
 
@@ -154,15 +154,11 @@ def generate_records(llm, prompts: list[dict], spec: SamplingConfig, index_offse
 def run_children(module: str, jobs: list[tuple[list[str], dict]], workdir: Path) -> None:
     """Run `python -m module args` for every (args, env) job in parallel; raise on any failure.
     A child that hit a ConfigError writes it to its `--out` path + '.error' and exits 2."""
-    procs = []
-    for k, (args, env) in enumerate(jobs):
-        log = open(workdir / f"child{k}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, "-m", module, *args], env=env, stdout=log,
-                                       stderr=subprocess.STDOUT), log, args))
+    procs = [(spawn.start(spawn.module_command(module, args), env, workdir / f"child{k}.log"), args)
+             for k, (args, env) in enumerate(jobs)]
     failures = []
-    for k, (proc, log, args) in enumerate(procs):
+    for k, (proc, args) in enumerate(procs):
         rc = proc.wait()
-        log.close()
         if rc == 0:
             continue
         error_file = Path(args[args.index("--out") + 1] + ".error")

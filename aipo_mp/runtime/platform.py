@@ -8,7 +8,6 @@ import datetime
 import os
 import re
 import signal
-import socket
 import sys
 import warnings
 from dataclasses import dataclass
@@ -75,10 +74,7 @@ def read_dist_env(port: Optional[int] = None, environ: Optional[dict] = None) ->
     return DistEnv(0, 1, 0, "127.0.0.1", port or free_port(), "single")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from aipo_mp.runtime.spawn import free_port  # noqa: E402,F401 - platform's API since the first release
 
 
 def has_cuda() -> bool:

@@ -1,4 +1,11 @@
-"""Child processes that die with their parent.
+"""The one process spawner: every child process of aipo_mp (the local launcher's ranks, the
+converters' ranks, vLLM replica children, the tests' gloo ranks) is started and watched here.
+
+- `rank_env`: the torchrun-style environment of one of `world` ranks (RANK, WORLD_SIZE,
+  LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) on top of ours.
+- `start`: `python -m module args` (or any command) with its output to a log file or a pipe.
+- `wait_for_first_failure`: poll children until all ended, one failed, or a deadline passed.
+- `die_with_parent`: a child that never outlives its parent (below).
 
 A worker started in its own session (so a terminal's Ctrl-C reaches only the parent, which then
 stops the workers in order) would otherwise outlive a parent killed with SIGKILL, finish and
@@ -10,6 +17,71 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: children import this copy of aipo_mp
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rank_env(rank: int, world: int, port: int, extra: Optional[dict] = None, threads: Optional[int] = None,
+             checkout_on_path: bool = False) -> dict[str, str]:
+    """Our environment plus rank `rank` of `world` local ranks (torchrun's variables),
+    OMP_NUM_THREADS (unless set: the cores split over the ranks), optionally this checkout on
+    PYTHONPATH (workers of a command run from the source tree), and `extra` last."""
+    env = dict(os.environ)
+    env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if checkout_on_path:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("OMP_NUM_THREADS", str(threads or max(1, (os.cpu_count() or 1) // world)))
+    env.update(extra or {})
+    return env
+
+
+def module_command(module: str, args: Sequence[str] = ()) -> list[str]:
+    return [sys.executable, "-m", module, *map(str, args)]
+
+
+def start(cmd: Sequence[str], env: dict, log: Optional[Path] = None, *, pipe: bool = False,
+          own_session: bool = False, tied_to_parent: bool = False, cwd: Optional[Path] = None) -> subprocess.Popen:
+    """Start one child: stdout and stderr to `log` (appended), to a pipe (`pipe`), or inherited.
+    `own_session`: Ctrl-C of a terminal reaches only us; `tied_to_parent`: SIGTERM when we die."""
+    out: Optional[IO] = open(log, "ab") if log is not None else None
+    try:
+        return subprocess.Popen(list(cmd), env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                                stdout=out if out else (subprocess.PIPE if pipe else None),
+                                stderr=subprocess.STDOUT if (out or pipe) else None, text=pipe and not out,
+                                start_new_session=own_session,
+                                preexec_fn=die_with_parent() if tied_to_parent else None)
+    finally:
+        if out:
+            out.close()
+
+
+def wait_for_first_failure(procs: Sequence[subprocess.Popen], deadline: Optional[float] = None,
+                           poll_s: float = 0.1) -> tuple[Optional[int], bool]:
+    """Poll until every child ended (None, False), one exited non-zero (its index, False), or the
+    monotonic `deadline` passed (None, True). The caller decides how to stop the others."""
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [k for k, c in enumerate(codes) if c not in (None, 0)]
+        if failed:
+            return failed[0], False
+        if all(c is not None for c in codes):
+            return None, False
+        if deadline is not None and time.monotonic() > deadline:
+            return None, True
+        time.sleep(poll_s)
 
 PR_SET_PDEATHSIG = 1
 
