@@ -46,6 +46,24 @@ from aipo_mp.runtime.files import atomic_write_json
 from aipo_mp.validate import PLACEMENT, RECIPE, TRAIN, validate
 
 STAGES = ("export", "synthesize", "sample", "reward", "compare", "pairs", "train")
+
+# The stage table: each stage kind runs one `aipo-mp` subcommand (stage_placement in
+# aipo_mp/rounds/placement.py says where; the RoundRunner method of the same name, with what).
+STAGE_COMMANDS = {
+    "export": ("convert", "mcore-to-hf"),
+    "synthesize": ("synthesize",),
+    "sample": ("sample",),
+    "reward": ("reward",),
+    "compare": ("compare",),
+    "pairs": ("pairs",),
+    "train": ("train",),
+    "kl": ("kl",),
+}
+
+
+def stage_argv(name: str, args: list[str]) -> list[str]:
+    """The command of stage `name` (e.g. round2-sample): `python -m aipo_mp.cli SUBCOMMAND args...`."""
+    return ["aipo_mp.cli", *STAGE_COMMANDS[stage_kind(name)], *args]
 FINAL_STAGES = ("export", "sample", "reward", "compare")
 
 
@@ -113,9 +131,10 @@ class RoundRunner:
     def placement(self, name: str, export_shards: Optional[int] = None) -> Placement:
         return stage_placement(stage_kind(name), self.cfg, self.nodes, self.gpus_per_node, export_shards)
 
-    def launch(self, name: str, argv: list[str], placement: Placement) -> None:
-        """Run one stage; one console line when it starts and one when it ends (its output goes
-        to RUN_DIR/logs/NAME.log and logs/NAME/rank<K>.log)."""
+    def launch(self, name: str, args: list[str], placement: Placement) -> None:
+        """Run one stage (its subcommand from STAGE_COMMANDS, with `args`); one console line when
+        it starts and one when it ends (its output goes to RUN_DIR/logs/NAME.log and logs/NAME/rank<K>.log)."""
+        argv = stage_argv(name, args)
         log = self.run_dir / "logs" / f"{name}.log"
         limit = (self.cfg.cluster.stage_minutes or {}).get(stage_kind(name))
         if self.plan_only:
@@ -185,7 +204,7 @@ class RoundRunner:
         # One converter rank per stored TP x PP shard, packed per node (a plan: the trainer's layout).
         shards = layout["tp"] * layout["pp"] if layout else self.cfg.parallel.tp * self.cfg.parallel.pp
         name = f"round{r}-export"
-        self.launch(name, ["aipo_mp.cli", "convert", "mcore-to-hf", "--ckpt", policy, "--out", str(out),
+        self.launch(name, ["--ckpt", policy, "--out", str(out),
                            "--dtype", self.cfg.precision.dtype, "--overwrite"], self.placement(name, shards))
         return {"hf_dir": str(out)}
 
@@ -213,7 +232,7 @@ class RoundRunner:
             return {"skipped": "rounds.synthesize.enabled is false"}
         rd = self.round_dir(r)
         name = f"round{r}-synthesize"
-        self.launch(name, ["aipo_mp.cli", "synthesize", "--config", str(self.config_path),
+        self.launch(name, ["--config", str(self.config_path),
                            "--model", self.policy_hf_dir(r), "--out-dir", str(rd),
                            "--round", str(r), "--run-dir", str(self.run_dir)], self.placement(name))
         return {"prompts": str(rd / "prompts.jsonl")}
@@ -229,7 +248,7 @@ class RoundRunner:
         prompts = str(rd / "prompts.jsonl") if self.synthesized(r) else self.cfg.rounds.prompts
         total = 0 if self.plan_only else len(read_prompts(prompts))
         self.plan_shards(shard_root, total, placement.ntasks, per_shard)
-        self.launch(name, ["aipo_mp.cli", "sample", "--config", str(self.config_path),
+        self.launch(name, ["--config", str(self.config_path),
                            "--model", self.policy_hf_dir(r), "--prompts", prompts, "--shard-dir", str(shard_root),
                            "--shard-prompts", str(per_shard), f"sampling.seed={self.cfg.sampling.seed + 1000 * r}"],
                     placement)
@@ -250,7 +269,7 @@ class RoundRunner:
         if not against or reward_kind(self.cfg.reward) not in RANKER_KINDS:
             return {"skipped": "scalar rewards compare rounds by score"}
         name = f"round{r}-compare"
-        self.launch(name, ["aipo_mp.cli", "compare", "--config", str(self.config_path),
+        self.launch(name, ["--config", str(self.config_path),
                            "--samples", str(self.round_dir(r) / "samples.jsonl"), *against], self.placement(name))
         return {"judgments": against[2::3]}
 
@@ -266,7 +285,7 @@ class RoundRunner:
                                                             self.state.policy(0)))
         if reward_kind(self.cfg.reward) not in RANKER_KINDS:
             one_task = dataclasses.replace(self.placement("baseline-reward"), ntasks=1, nodes=1, ntasks_per_node=1)
-            self.launch("baseline-reward", ["aipo_mp.cli", "reward", "--config", str(self.config_path),
+            self.launch("baseline-reward", ["--config", str(self.config_path),
                                             "--samples", str(out / "samples.jsonl"), "--out", str(out / "scored.jsonl")],
                         one_task)
         return {"samples": str(out / "samples.jsonl")}
@@ -279,12 +298,12 @@ class RoundRunner:
         name = f"round{r}-reward"
         placement = self.placement(name)
         if reward_kind(self.cfg.reward) in RANKER_KINDS:  # a prompt's candidates are ranked together: one task
-            self.launch(name, ["aipo_mp.cli", "reward", "--config", str(self.config_path),
+            self.launch(name, ["--config", str(self.config_path),
                                "--samples", str(rd / "samples.jsonl"), "--out", str(out)], placement)
             return {"scored": str(out)}
         total = 0 if self.plan_only else len(read_jsonl(rd / "samples.jsonl"))
         self.plan_shards(shard_root, total, placement.ntasks)
-        self.launch(name, ["aipo_mp.cli", "reward", "--config", str(self.config_path),
+        self.launch(name, ["--config", str(self.config_path),
                            "--samples", str(rd / "samples.jsonl"), "--shard-dir", str(shard_root)], placement)
         markers = self.merge_shards(shard_root, total, placement.ntasks, out)
         return {"scored": str(out), "nodes": sorted({m["node"] for m in markers})}
@@ -292,7 +311,7 @@ class RoundRunner:
     def pairs(self, r: int) -> dict:
         rd = self.round_dir(r)
         name = f"round{r}-pairs"
-        self.launch(name, ["aipo_mp.cli", "pairs", "--config", str(self.config_path),
+        self.launch(name, ["--config", str(self.config_path),
                            "--scored", str(rd / "scored.jsonl"), "--out-dir", str(rd)], self.placement(name))
         if self.plan_only:
             return {}
@@ -313,7 +332,7 @@ class RoundRunner:
         else:  # AIPO: the reference is the policy this round starts from
             overrides += ["reference.mode=initial"]
         name = f"round{r}-train"
-        self.launch(name, ["aipo_mp.cli", "train", str(self.config_path), *overrides], self.placement(name))
+        self.launch(name, [str(self.config_path), *overrides], self.placement(name))
         if self.plan_only:
             return {}
         latest = (out / "checkpoints" / LATEST).read_text().strip()
@@ -350,7 +369,7 @@ class RoundRunner:
         rounds = [r for r in range(last + 1) if self.state.done(r, "sample") or self.plan_only]
         placement = self.placement("kl")
         self.plan_shards(shard_root, placement.ntasks, placement.ntasks)
-        args = ["aipo_mp.cli", "kl", "--run-dir", str(self.run_dir), "--shard-dir", str(shard_root),
+        args = ["--run-dir", str(self.run_dir), "--shard-dir", str(shard_root),
                 "--tensor-parallel", str(self.cfg.sampling.tensor_parallel), "--initial", self.policy_hf_dir(0),
                 *[f"{r}={self.policy_hf_dir(r)}" for r in rounds]]
         self.launch("kl", args, placement)
