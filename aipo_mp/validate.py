@@ -24,7 +24,7 @@ from aipo_mp.config import (
     SynthesizeConfig,
     reward_kind,
 )
-from aipo_mp.errors import ConfigError
+from aipo_mp.errors import ConfigError, UserError
 from aipo_mp.models import arch_from_dir, arch_problems
 
 TRAIN, RECIPE, PLACEMENT = "train", "recipe", "placement"
@@ -49,8 +49,8 @@ def validate(cfg: Config, world_size: Optional[int] = None, stages: Sequence[str
         else:
             try:
                 arch = resolve_arch(cfg)
-            except ConfigError as e:
-                raise ConfigError(errors + e.errors) from None
+            except UserError as e:
+                raise type(e)(errors + e.errors) from None
     if TRAIN in stages or PLACEMENT in stages:
         errors += layout_errors(arch, cfg.parallel, world_size)
         errors += arch_problems(arch)
@@ -199,7 +199,7 @@ def recipe_errors(cfg: Config, plan: bool = False) -> list[str]:
 
         try:
             read_prompts(cfg.rounds.prompts)  # empty or malformed files fail here, before any stage
-        except ConfigError as e:
+        except UserError as e:
             errors += [f"rounds.prompts: {line}" for line in e.errors]
     errors += reward_errors(cfg.reward)
     if cfg.reward.rule and not errors and not plan:

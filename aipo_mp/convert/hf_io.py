@@ -9,7 +9,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from aipo_mp.errors import ConfigError
+from aipo_mp.errors import CheckpointError
 
 INDEX = "model.safetensors.index.json"
 
@@ -25,10 +25,10 @@ class HFWeights:
         if not self.files:
             bins = sorted(self.dir.glob("*.bin"))
             if not bins:
-                raise ConfigError(f"{self.dir}: no *.safetensors weights found")
+                raise CheckpointError(f"{self.dir}: no *.safetensors weights found")
             if not allow_pickle:
                 how = f" or pass {pickle_flag} if you trust the source" if pickle_flag else ""
-                raise ConfigError(
+                raise CheckpointError(
                     f"{self.dir}: holds only pickled .bin weights, which can run code when loaded; "
                     f"convert them to safetensors (e.g. save_pretrained(safe_serialization=True)){how}"
                 )
@@ -60,14 +60,14 @@ class HFWeights:
     def get(self, name: str) -> torch.Tensor:
         if self._pickled is not None:
             if name not in self._pickled:
-                raise ConfigError(f"{self.dir}: tensor {name} is missing from the checkpoint")
+                raise CheckpointError(f"{self.dir}: tensor {name} is missing from the checkpoint")
             return self._pickled[name]
         if name not in self.files:
-            raise ConfigError(f"{self.dir}: tensor {name} is missing from the checkpoint")
+            raise CheckpointError(f"{self.dir}: tensor {name} is missing from the checkpoint")
         try:
             return self._handle(self.files[name]).get_tensor(name)
         except Exception as e:  # safetensors raises its own error type for bytes past the end
-            raise ConfigError(f"{self.dir / self.files[name]}: cannot read tensor {name} ({first_line(e)}); the file "
+            raise CheckpointError(f"{self.dir / self.files[name]}: cannot read tensor {name} ({first_line(e)}); the file "
                               "is truncated or damaged: copy or convert it again") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -86,10 +86,10 @@ def check_index_files(directory: str | Path) -> dict[str, str]:
     try:
         weight_map = dict(json.loads(index.read_text())["weight_map"])
     except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{index}: not a valid safetensors index ({first_line(e)}); re-save the model") from None
+        raise CheckpointError(f"{index}: not a valid safetensors index ({first_line(e)}); re-save the model") from None
     missing = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
     if missing:
-        raise ConfigError(f"{index} names {len(missing)} missing file(s): {', '.join(missing[:3])}"
+        raise CheckpointError(f"{index} names {len(missing)} missing file(s): {', '.join(missing[:3])}"
                           f"{' ...' if len(missing) > 3 else ''}; the model directory is incomplete: copy every shard")
     return weight_map
 
@@ -103,9 +103,9 @@ def open_safetensors(path: Path):
     try:
         handle = safe_open(str(path), framework="pt")
     except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found (named by {INDEX}); the checkpoint is incomplete") from None
+        raise CheckpointError(f"{path}: file not found (named by {INDEX}); the checkpoint is incomplete") from None
     except Exception as e:
-        raise ConfigError(f"{path}: not a readable safetensors file ({first_line(e)}); the file is truncated or "
+        raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(e)}); the file is truncated or "
                           "damaged: copy or convert it again") from None
     check_safetensors_size(path, handle)
     return handle
@@ -123,7 +123,7 @@ def check_safetensors_size(path: Path, handle) -> None:
     expected = 8 + header_len + end
     actual = path.stat().st_size
     if actual < expected:
-        raise ConfigError(f"{path}: truncated ({actual} bytes, its header describes {expected}); copy or convert "
+        raise CheckpointError(f"{path}: truncated ({actual} bytes, its header describes {expected}); copy or convert "
                           "it again")
 
 
@@ -141,12 +141,12 @@ def load_tokenizer(directory: str | Path, trust_remote_code: bool = False, what:
 
     directory = Path(directory)
     if not any((directory / f).is_file() for f in TOKENIZER_FILES):
-        raise ConfigError(f"{what}={directory} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}); copy the "
+        raise CheckpointError(f"{what}={directory} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}); copy the "
                           "model's tokenizer into that directory")
     try:
         return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise ConfigError(f"{what}={directory}: the tokenizer does not load ({first_line(e)}); fix or replace its "
+        raise CheckpointError(f"{what}={directory}: the tokenizer does not load ({first_line(e)}); fix or replace its "
                           "tokenizer files") from None
 
 
@@ -156,6 +156,6 @@ def check_tensor_names(weights: HFWeights, expected: Iterable[str]) -> None:
     missing = [n for n in expected if n not in have]
     unexpected = sorted(have - set(expected))
     if missing:
-        raise ConfigError(f"{weights.dir}: missing tensors: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+        raise CheckpointError(f"{weights.dir}: missing tensors: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
     if unexpected:
-        raise ConfigError(f"{weights.dir}: unexpected tensors: {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
+        raise CheckpointError(f"{weights.dir}: unexpected tensors: {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from aipo_mp.errors import ConfigError
+from aipo_mp.errors import DataError
 from aipo_mp.runtime.files import atomic_write_text
 
 PROMPT_HINT = 'each line needs a JSON object {"id"?: str|int, "prompt": str or [{"role": str, "content": str}, ...]}'
@@ -28,20 +28,20 @@ def read_prompts(path: str | Path) -> list[dict]:
         for where, index, obj in rows:
             problem = obj.problem if isinstance(obj, BadRow) else prompt_record_problem(obj)
             if problem:
-                raise ConfigError(f"{where}: {problem}; {PROMPT_HINT}")
+                raise DataError(f"{where}: {problem}; {PROMPT_HINT}")
             record = prompt_record(obj, index)
             key = json.dumps(record["id"])
             if key in seen:
-                raise ConfigError(f"{where}: prompt id {key} already used on {seen[key]}; give every prompt "
+                raise DataError(f"{where}: prompt id {key} already used on {seen[key]}; give every prompt "
                                   "a unique id (or none: a missing id becomes the line index)")
             seen[key] = f"{unit} {index + 1}"
             records.append(record)
     except DataFormatError as e:
-        raise ConfigError(str(e)) from None
+        raise DataError(str(e)) from None
     except OSError as e:
-        raise ConfigError(f"cannot read prompts file {path}: {e.strerror or e}") from None
+        raise DataError(f"cannot read prompts file {path}: {e.strerror or e}") from None
     if not records:
-        raise ConfigError(f"prompts file {path} contains no prompts; {PROMPT_HINT}")
+        raise DataError(f"prompts file {path} contains no prompts; {PROMPT_HINT}")
     return records
 
 
@@ -86,15 +86,15 @@ def normalize_prompts(prompts) -> list[dict]:
     for index, obj in enumerate(prompts):
         problem = prompt_record_problem(obj)
         if problem:
-            raise ConfigError(f"prompt {index}: {problem}")
+            raise DataError(f"prompt {index}: {problem}")
         record = prompt_record(obj, index)
         key = json.dumps(record["id"])
         if key in seen:
-            raise ConfigError(f"prompt {index}: id {key} is used twice; prompt ids must be unique")
+            raise DataError(f"prompt {index}: id {key} is used twice; prompt ids must be unique")
         seen.add(key)
         out.append(record)
     if not out:
-        raise ConfigError("no prompts to sample from")
+        raise DataError("no prompts to sample from")
     return out
 
 
@@ -104,7 +104,7 @@ def load_records(source, fields: Sequence[str], what: str, fix: str) -> list[dic
     for k, record in enumerate(records):
         missing = [f for f in fields if not isinstance(record, dict) or f not in record]
         if missing:
-            raise ConfigError(f"{what} {k} lacks field(s) {', '.join(missing)}; {fix}")
+            raise DataError(f"{what} {k} lacks field(s) {', '.join(missing)}; {fix}")
     return records
 
 
@@ -114,13 +114,13 @@ def read_jsonl(path: str | Path) -> list[dict]:
     try:
         text = path.read_text()
     except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
     for lineno, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
     return records
 
 

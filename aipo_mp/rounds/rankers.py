@@ -40,7 +40,7 @@ from typing import Callable, Optional, Sequence
 
 from aipo_mp.config import RANKER_KINDS, REWARD_KINDS, reward_kind  # noqa: F401 - RANKER_KINDS: the rankers' API
 from aipo_mp.data.records import write_jsonl
-from aipo_mp.errors import ConfigError
+from aipo_mp.errors import ConfigError, UserError
 from aipo_mp.rounds.rewards import load_samples, plain_prompt_text
 from aipo_mp.validate import check_template, reward_errors
 
@@ -329,7 +329,7 @@ def judge_shard_main(argv: list[str]) -> int:
             verdicts = judge([(r["prompt"], r["a"], r["b"]) for r in read_jsonl(args.items)])
         finally:
             close_engine(llm)
-    except ConfigError as e:
+    except UserError as e:
         atomic_write_text(args.out + ".error", str(e) + "\n")
         return 2
     atomic_write_text(args.out, json.dumps(verdicts))
@@ -398,7 +398,7 @@ def compare_main(argv: Optional[list[str]] = None) -> int:
                       f"{sum(wins) / max(1, len(wins)):.4f}")
         finally:
             close()
-    except ConfigError as e:
+    except UserError as e:
         for line in e.errors:
             print(f"error: {line}", file=sys.stderr)
         return 2

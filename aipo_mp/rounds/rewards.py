@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from aipo_mp.data.records import load_records, read_jsonl, write_jsonl
-from aipo_mp.errors import ConfigError
+from aipo_mp.errors import ConfigError, UserError
 from aipo_mp.rounds.engines import check_model_dir, close_engine, engine_in_use, is_engine, start_engine
 from aipo_mp.rounds.sampling import run_children
 from aipo_mp.runtime.files import atomic_write_text
@@ -94,7 +94,7 @@ def check_rule(rule: str) -> list[str]:
     this before any stage, so a typo does not surface only after sampling."""
     try:
         function = load_rule(rule)
-    except ConfigError as e:
+    except UserError as e:
         return e.errors
     try:
         signature = inspect.signature(function)
@@ -281,7 +281,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         score_with_model(args.samples, args.model, args.out, **json.loads(Path(args.options).read_text()))
-    except ConfigError as e:
+    except UserError as e:
         atomic_write_text(args.out + ".error", str(e) + "\n")
         return 2
     return 0

@@ -48,7 +48,7 @@ from typing import Optional
 
 from aipo_mp.config import SamplingConfig, build_section, check_section
 from aipo_mp.data.records import normalize_prompts, read_jsonl, write_jsonl
-from aipo_mp.errors import ConfigError
+from aipo_mp.errors import ConfigError, UserError
 from aipo_mp.rounds.engines import (
     check_model_dir,
     close_engine,
@@ -246,7 +246,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             records = generate_records(llm, prompts, spec, index_offset=args.index_offset)
         finally:
             close_engine(llm)
-    except ConfigError as e:
+    except UserError as e:
         atomic_write_text(args.out + ".error", str(e) + "\n")
         return 2
     write_jsonl(args.out, records)

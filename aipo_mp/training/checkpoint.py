@@ -33,7 +33,7 @@ import torch
 
 from aipo_mp.config import ModelArch
 from aipo_mp.errors import CHECKPOINT_META as MEGATRON_META
-from aipo_mp.errors import ConfigError
+from aipo_mp.errors import CheckpointError
 from aipo_mp.models import num_params
 from aipo_mp.runtime import platform
 
@@ -77,17 +77,17 @@ def read_meta(directory: str | Path) -> dict:
     d = Path(directory)
     meta_file = d / MEGATRON_META
     if not meta_file.is_file():
-        raise ConfigError(f"{d} is not an aipo_mp Megatron checkpoint (no {MEGATRON_META}); "
+        raise CheckpointError(f"{d} is not an aipo_mp Megatron checkpoint (no {MEGATRON_META}); "
                           "convert an HF directory with `python -m checkpoint_tools hf-to-mcore`")
     try:
         meta = json.loads(meta_file.read_text())
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{meta_file}: not valid JSON ({e.msg} at line {e.lineno}); the checkpoint is damaged")
+        raise CheckpointError(f"{meta_file}: not valid JSON ({e.msg} at line {e.lineno}); the checkpoint is damaged")
     if meta.get("format") != FORMAT:
-        raise ConfigError(f"{meta_file}: format {meta.get('format')!r} is not {FORMAT!r}; "
+        raise CheckpointError(f"{meta_file}: format {meta.get('format')!r} is not {FORMAT!r}; "
                           "re-convert the checkpoint with this version of checkpoint_tools")
     if not (d / MODEL_SUBDIR).is_dir():
-        raise ConfigError(f"{d} lacks its {MODEL_SUBDIR}/ directory; the checkpoint is incomplete")
+        raise CheckpointError(f"{d} lacks its {MODEL_SUBDIR}/ directory; the checkpoint is incomplete")
     return meta
 
 
@@ -164,7 +164,7 @@ def on_rank0_then_agree(fn: Callable[[], object]):
 def prepare_partial(final: Path, overwrite: bool) -> Path:
     """(rank 0, inside on_rank0_then_agree) an empty temporary sibling of `final`."""
     if final.exists() and not overwrite:
-        raise ConfigError(f"{final} already exists; pass --overwrite or choose another destination")
+        raise CheckpointError(f"{final} already exists; pass --overwrite or choose another destination")
     tmp = partial_path(final)
     if tmp.exists():  # left by an interrupted earlier attempt: ours to remove
         shutil.rmtree(tmp)
@@ -303,11 +303,11 @@ def check_compatible(built, meta: dict, directory: Path) -> None:
     from aipo_mp.models import arch_from_hf_config
 
     if meta.get("family") != built.family.name:
-        raise ConfigError(f"{directory} holds a {meta.get('family')} model, not {built.family.name}; "
+        raise CheckpointError(f"{directory} holds a {meta.get('family')} model, not {built.family.name}; "
                           "point to a checkpoint of the configured model")
     diffs = arch_differences(arch_from_hf_config(meta["hf_config"]), built.arch)
     if diffs:
-        raise ConfigError(f"{directory} holds a different {built.family.name} model ({'; '.join(diffs)}; "
+        raise CheckpointError(f"{directory} holds a different {built.family.name} model ({'; '.join(diffs)}; "
                           "checkpoint vs configured); point to a checkpoint of the configured model")
 
 
@@ -327,7 +327,7 @@ def load_model(built, directory: str | Path) -> dict:
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{d / MODEL_SUBDIR}: cannot load the model weights ({type(e).__name__}: {first[:300]}); "
+        raise CheckpointError(f"{d / MODEL_SUBDIR}: cannot load the model weights ({type(e).__name__}: {first[:300]}); "
                           "the checkpoint is incomplete or damaged: re-create it") from e
     for i, chunk in enumerate(built.chunks):
         prefix = f"chunk{i}."
@@ -343,7 +343,7 @@ def load_optimizer(optimizer, built, directory: str | Path) -> None:
 
     d = Path(directory) / OPTIMIZER_SUBDIR
     if not d.is_dir():
-        raise ConfigError(f"{directory} holds no optimizer state ({OPTIMIZER_SUBDIR}/ missing): it is a weights-only "
+        raise CheckpointError(f"{directory} holds no optimizer state ({OPTIMIZER_SUBDIR}/ missing): it is a weights-only "
                           f"checkpoint; start a new run from it with model.path={directory}")
     sharded = optimizer.sharded_state_dict(model_sharded_state_dict(built), is_loading=True,
                                            metadata=OPTIMIZER_METADATA)
@@ -353,7 +353,7 @@ def load_optimizer(optimizer, built, directory: str | Path) -> None:
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{d}: cannot load the optimizer state ({type(e).__name__}: {first[:300]}); "
+        raise CheckpointError(f"{d}: cannot load the optimizer state ({type(e).__name__}: {first[:300]}); "
                           "the checkpoint is incomplete or damaged, or was saved with other optimizer settings") from e
     optimizer.load_state_dict(loaded)
 

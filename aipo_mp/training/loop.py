@@ -20,11 +20,11 @@ from typing import Optional
 
 import torch
 
-from aipo_mp import objectives
+from aipo_mp import errors, objectives
 from aipo_mp.config import Config, ModelArch, dump_config
 from aipo_mp.data import prepare
 from aipo_mp.data.pairs import PackedRow, pack_pairs
-from aipo_mp.errors import LATEST, TRAIN_STATE, ConfigError
+from aipo_mp.errors import LATEST, TRAIN_STATE, ConfigError, UserError
 from aipo_mp.models import get_family, read_hf_config
 from aipo_mp.models.build import BuiltModel, build_model, load_hf_weights
 from aipo_mp.runtime import platform
@@ -589,18 +589,19 @@ def rank0_then_agree(fn):
     if rank0:
         try:
             result = fn()
-        except ConfigError as e:
-            message = [str(e)]
+        except UserError as e:
+            message = [(type(e).__name__, e.errors)]
         except OSError as e:  # a read-only or full output directory
             from aipo_mp.errors import disk_error_line
 
             if disk_error_line(e) is None:
                 raise
-            message = [disk_error_line(e)]
+            message = [("UserError", [disk_error_line(e)])]
     if torch.distributed.get_world_size() > 1:
         torch.distributed.broadcast_object_list(message, src=0, device=platform.device())
     if message[0] is not None:
-        raise ConfigError(message[0].splitlines())
+        name, lines = message[0]
+        raise getattr(errors, name, UserError)(lines)
     return result
 
 
@@ -629,7 +630,7 @@ def resume_from_checkpoint(state: RunState) -> int:
     for path in found:
         try:
             start = load_checkpoint(state, path)
-        except ConfigError:
+        except UserError:
             raise
         except Exception as e:  # damaged contents the manifest cannot see (same size, bad bytes)
             warnings.append(f"warning: checkpoint {path} does not load ({type(e).__name__}: "

@@ -16,7 +16,7 @@ import pytest
 
 from aipo_mp.config import SamplingConfig, build_section, check_section
 from aipo_mp.data.records import read_prompts
-from aipo_mp.errors import ConfigError
+from aipo_mp.errors import ConfigError, DataError
 from aipo_mp.rounds.engines import close_engine, logprobs_of, reload_weights, start_engine
 from aipo_mp.rounds.pairs import build_pairs
 from aipo_mp.rounds.rewards import check_reward_model, score_with_model, score_with_rule
@@ -67,14 +67,14 @@ def test_read_prompts(tmp_path):
                          ('{"prompt": [{"role": "user"}]}', "message 0"), ('{"text": "x"}', "missing field 'prompt'"),
                          ('{"id": 1.5, "prompt": "x"}', "field 'id'")]:
         bad.write_text('{"prompt": "fine"}\n' + line + "\n")
-        with pytest.raises(ConfigError, match=f"{bad}:2: .*{needle}"):
+        with pytest.raises(DataError, match=f"{bad}:2: .*{needle}"):
             read_prompts(bad)
     bad.write_text('{"id": 1, "prompt": "x"}\n{"id": 1, "prompt": "y"}\n')
-    with pytest.raises(ConfigError, match="already used on line 1"):
+    with pytest.raises(DataError, match="already used on line 1"):
         read_prompts(bad)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n  \n")
-    with pytest.raises(ConfigError, match="contains no prompts"):
+    with pytest.raises(DataError, match="contains no prompts"):
         read_prompts(empty)
 
 
