@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT
 
 PACKAGE = ROOT / "aipo_mp"
@@ -117,3 +119,21 @@ def test_every_stage_the_runner_starts_is_an_aipo_mp_subcommand():
     # The table is the only place the runner names a command: no module path elsewhere in run.py.
     source = (PACKAGE / "rounds" / "run.py").read_text()
     assert source.count('"aipo_mp.') == 1 and "checkpoint_tools" not in source
+
+
+def test_convert_is_reached_by_aipo_mp_and_by_the_checkpoint_tools_shim(tiny_hf_dirs, capsys):
+    """`aipo-mp convert inspect DIR` and `python -m checkpoint_tools inspect DIR` print the same."""
+    from aipo_mp.cli import main
+
+    directory = str(tiny_hf_dirs["llama"])
+    with pytest.raises(SystemExit) as code:
+        main(["convert", "inspect", directory, "--json"])
+    via_cli = capsys.readouterr().out
+    assert code.value.code == 0 and '"family": "llama"' in via_cli
+    shim = subprocess.run([sys.executable, "-m", "checkpoint_tools", "inspect", directory, "--json"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert shim.returncode == 0, shim.stderr
+    assert shim.stdout == via_cli
+    bad = subprocess.run([sys.executable, "-m", "checkpoint_tools", "inspect", "/nonexistent-dir"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.splitlines()) == 1
