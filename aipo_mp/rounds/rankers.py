@@ -373,11 +373,11 @@ def rank_with_config(samples, reward, out_path: Optional[str | Path] = None) -> 
 
 
 def compare_main(argv: Optional[list[str]] = None) -> int:
-    """`python -m aipo_mp.rounds.rankers compare --config RECIPE --samples S --against BASELINE OUT ...`:
+    """`aipo-mp compare --config RECIPE --samples S --against BASELINE OUT ...`:
     one comparator, every (baseline answers, judgments file) pair."""
     from aipo_mp.config import load_config
 
-    parser = argparse.ArgumentParser(prog="python -m aipo_mp.rounds.rankers compare")
+    parser = argparse.ArgumentParser(prog="aipo-mp compare")
     parser.add_argument("--config", required=True)
     parser.add_argument("--samples", required=True, help="the round's samples.jsonl (or scored.jsonl)")
     parser.add_argument("--against", nargs=2, action="append", required=True, metavar=("BASELINE", "OUT"),

@@ -421,7 +421,7 @@ def kl_main(args) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m aipo_mp.rounds.report")
+    parser = argparse.ArgumentParser(prog="aipo-mp")
     sub = parser.add_subparsers(dest="cmd", required=True)
     k = sub.add_parser("kl")
     k.add_argument("--run-dir", required=True)
