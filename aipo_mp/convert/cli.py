@@ -525,5 +525,19 @@ def _main(args, argv: list[str]) -> int:
         return EXIT_USER
 
 
+def exit_worker(code: int) -> None:
+    """End a spawned rank without interpreter teardown. Its work is written and its process group
+    destroyed; what is left are C++ threads (checkpoint readers, gloo) whose destructors can
+    abort the process ("terminate called without an active exception", exit -6) while Python
+    unwinds, turning a finished conversion into a failed one."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if os.environ.get(RUN_DIR_ENV):
+        exit_worker(code)
+    sys.exit(code)
