@@ -47,7 +47,7 @@ def check_data(cfg, vocab_size: int) -> None:
         print("note: data.train not read (it is tokenized with model.path's tokenizer, and model.path is unset)")
         return
     from aipo_mp.convert.hf_io import load_tokenizer
-    from aipo_mp.training.loop import tokenizer_dir_of
+    from aipo_mp.training.state import tokenizer_dir_of
 
     tokenizer = load_tokenizer(tokenizer_dir_of(cfg.model.path), cfg.model.trust_remote_code)
     pairs, stats, _ = prepare.prepare_pairs(cfg, tokenizer, vocab_size)

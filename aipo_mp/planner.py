@@ -103,7 +103,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from aipo_mp.config import ModelArch, ParallelConfig
-from aipo_mp.errors import ConfigError
+from aipo_mp.errors import ConfigError, UserError
 from aipo_mp.models import get_family, num_params
 from aipo_mp.validate import layout_errors
 
@@ -984,7 +984,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run(build_parser().parse_args(argv))
     except SystemExit as e:  # --help
         return int(e.code or 0)
-    except (PlanError, ConfigError) as e:
+    except UserError as e:  # PlanError, ConfigError, a damaged model dir
         msg = "; ".join(getattr(e, "errors", None) or [str(e)])
         print(f"error: {msg}", file=sys.stderr)
         return 2

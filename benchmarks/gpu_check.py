@@ -171,7 +171,9 @@ def check_slice(args, work: Path) -> dict:
     from aipo_mp import planner
     from aipo_mp.config import config_from_dict
     from aipo_mp.runtime import platform
-    from aipo_mp.training.loop import compute_reference, setup, train_step
+    from aipo_mp.training.loop import train_step
+    from aipo_mp.training.reference import compute_reference
+    from aipo_mp.training.state import setup
 
     arch = bench.load_arch(args.model_config, args.layers, args.scale)
     log(f"slice: {arch.num_layers} layers, hidden {arch.hidden_size}, FFN {arch.intermediate_size}, heads "

@@ -15,9 +15,12 @@ import torch
 
 from aipo_mp.config import load_config
 from aipo_mp.runtime import platform
+from aipo_mp.training.batches import row_batch, step_rows
 from aipo_mp.training.forward import model_forward
-from aipo_mp.training.loop import compute_reference, row_batch, setup, step_rows, train_step
+from aipo_mp.training.loop import train_step
 from aipo_mp.training.optim import optimizer_state_bytes
+from aipo_mp.training.reference import compute_reference
+from aipo_mp.training.state import setup
 
 
 def saved_activation_bytes(state) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from aipo_mp.config import ModelArch, ParallelConfig
-from aipo_mp.errors import ConfigError
+from aipo_mp.errors import CheckpointError, ConfigError
 from aipo_mp.validate import layout_errors
 
 # torch (and megatron) are imported inside the functions, so importing this package is cheap:
@@ -171,12 +171,12 @@ def check_weight_files(directory: Path, allow_pickle: bool) -> None:
         return
     if any(directory.glob("*.bin")) or any(directory.glob("*.pt")) or any(directory.glob("*.pth")):
         if not allow_pickle:
-            raise ConfigError(
+            raise CheckpointError(
                 f"{directory}: holds only pickled .bin weights, which can run code when loaded; convert "
                 "them to safetensors or pass --allow-pickle if you trust the source"
             )
         return
-    raise ConfigError(f"{directory}: no *.safetensors weights found")
+    raise CheckpointError(f"{directory}: no *.safetensors weights found")
 
 
 @dataclass
@@ -196,14 +196,14 @@ def hf_config_and_arch(directory: str | Path):
 
     d = Path(directory)
     if not d.is_dir():
-        raise ConfigError(f"HF directory not found: {d}")
+        raise CheckpointError(f"HF directory not found: {d}")
     cfg_file = d / "config.json"
     if not cfg_file.is_file():
-        raise ConfigError(f"{d} has no config.json; point --hf to a Hugging Face model directory")
+        raise CheckpointError(f"{d} has no config.json; point --hf to a Hugging Face model directory")
     try:
         hf = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{cfg_file}: not valid JSON ({e.msg} at line {e.lineno})")
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e.msg} at line {e.lineno})")
     family = family_for_hf_config(hf)  # unsupported architecture -> ConfigError listing the supported ones
     return hf, family, arch_from_hf_config(hf)
 
@@ -254,11 +254,11 @@ def hf_source(directory: str | Path, allow_pickle: bool = False) -> HFSource:
     unexpected = sorted(have - set(expected) - ignorable)
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise ConfigError(f"{d}: missing tensors {', '.join(missing[:5])}{more}; the checkpoint is incomplete "
+        raise CheckpointError(f"{d}: missing tensors {', '.join(missing[:5])}{more}; the checkpoint is incomplete "
                           f"or does not match its config.json ({family.name}, {arch.num_layers} layers)")
     if unexpected:
         more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
-        raise ConfigError(f"{d}: unexpected tensors {', '.join(unexpected[:5])}{more}; they do not belong to a "
+        raise CheckpointError(f"{d}: unexpected tensors {', '.join(unexpected[:5])}{more}; they do not belong to a "
                           f"{family.name} model as its config.json describes it; fix the config or the weights")
     shapes = expected_hf_shapes(arch, expected)
     num_params = num_bytes = 0
@@ -267,7 +267,7 @@ def hf_source(directory: str | Path, allow_pickle: bool = False) -> HFSource:
         got = tuple(weights.shape(name))
         want = shapes.get(name)
         if want is not None and got != want:
-            raise ConfigError(f"{d}: tensor {name} has shape {got} but config.json implies {want}; "
+            raise CheckpointError(f"{d}: tensor {name} has shape {got} but config.json implies {want}; "
                               "the weights do not match config.json")
         n = 1
         for s in got:

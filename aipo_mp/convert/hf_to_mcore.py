@@ -25,7 +25,7 @@ from aipo_mp.convert.common import (
 )
 from aipo_mp.convert.row_map import row_blocks
 from aipo_mp.convert.tensor_io import IOStats, SafetensorsSource, save_lazily
-from aipo_mp.errors import ConfigError
+from aipo_mp.errors import CheckpointError
 
 
 class ShardMaker:
@@ -79,7 +79,7 @@ class ShardMaker:
     @staticmethod
     def _mismatch(gname, rule, layer, got, want):
         hf_names = ", ".join(n.format(i=layer) for n in rule.hf)
-        raise ConfigError(f"shape mismatch for {gname} (from {hf_names}): tp shard {got}, model expects {want}; "
+        raise CheckpointError(f"shape mismatch for {gname} (from {hf_names}): tp shard {got}, model expects {want}; "
                           "the weights do not match config.json")
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from aipo_mp.config import ModelArch
 from aipo_mp.convert.common import hf_source, human_bytes, human_count
-from aipo_mp.errors import ConfigError
+from aipo_mp.errors import CheckpointError, ConfigError
 from aipo_mp.models import num_params
 
 
@@ -22,7 +22,7 @@ def megatron_tensor_count(model_dir: Path) -> int:
     try:
         md = FileSystemReader(str(model_dir)).read_metadata()
     except Exception as e:  # noqa: BLE001 - a damaged checkpoint is a user-facing condition
-        raise ConfigError(f"{model_dir}: cannot read the checkpoint metadata ({type(e).__name__}: {e}); "
+        raise CheckpointError(f"{model_dir}: cannot read the checkpoint metadata ({type(e).__name__}: {e}); "
                           "the checkpoint is incomplete or damaged")
     total = 0
     for value in md.state_dict_metadata.values():

@@ -28,7 +28,7 @@ from aipo_mp.convert.tensor_io import (
     plan_files,
     write_part_files,
 )
-from aipo_mp.errors import ConfigError
+from aipo_mp.errors import CheckpointError
 from aipo_mp.models import num_params
 from aipo_mp.models.family import GLU
 
@@ -85,7 +85,7 @@ def export_units(family, arch, reader: DistCheckpointReader, out_dtype: torch.dt
             continue  # the embedding is the HF tensor
         key, stacked = checkpoint_key(rule.megatron, keys_map)
         if key not in reader.keys():
-            raise ConfigError(f"{reader.dir}: the checkpoint has no tensor {key}; it is incomplete or not a "
+            raise CheckpointError(f"{reader.dir}: the checkpoint has no tensor {key}; it is incomplete or not a "
                               f"{family.name} checkpoint of this shape: re-create it")
         if stacked:
             layers.append((rule, key))
@@ -135,7 +135,7 @@ def mcore_to_hf_rank(args) -> dict:
     try:
         reader = DistCheckpointReader(ckpt / MODEL_SUBDIR)
     except Exception as e:  # noqa: BLE001 - a damaged checkpoint is a user-facing condition
-        raise ConfigError(f"{ckpt / MODEL_SUBDIR}: cannot read the checkpoint metadata ({type(e).__name__}: {e}); "
+        raise CheckpointError(f"{ckpt / MODEL_SUBDIR}: cannot read the checkpoint metadata ({type(e).__name__}: {e}); "
                           "the checkpoint is incomplete or damaged: re-create it")
     units = split_evenly(export_units(family, arch, reader, DTYPES[out_dtype]), rank, world)
     by_first = {u.entries[0].name: u for u in units}
@@ -158,7 +158,7 @@ def mcore_to_hf_rank(args) -> dict:
                 raise OSError(errno.ENOSPC, "No space left on device", str(final)) from e
             if isinstance(e, (RuntimeError, EOFError, OSError)) and not is_enospc(e) and "internal error" not in str(e):
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ConfigError(f"{ckpt / MODEL_SUBDIR}: cannot read the model weights ({type(e).__name__}: "
+                raise CheckpointError(f"{ckpt / MODEL_SUBDIR}: cannot read the model weights ({type(e).__name__}: "
                                   f"{first[:300]}); the checkpoint is incomplete or damaged: re-create it") from e
             raise
         torch.distributed.barrier()

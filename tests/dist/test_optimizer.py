@@ -128,8 +128,8 @@ def test_resume_across_layouts_and_device_collectives(policy_dirs, tmp_path):  #
         assert diff <= 1e-5, (name, diff)
 
     training = ROOT / "aipo_mp" / "training"
-    expected = collective_sites([training / "checkpoint.py", training / "loop.py", training / "optim.py"])
-    assert {"aipo_mp.training.checkpoint.on_rank0_then_agree", "aipo_mp.training.loop.world_sum"} <= expected, expected
+    expected = collective_sites([training / name for name in ("checkpoint.py", "loop.py", "optim.py", "state.py")])
+    assert {"aipo_mp.training.checkpoint.on_rank0_then_agree", "aipo_mp.training.state.world_sum"} <= expected, expected
     for rank in range(2):
         seen = json.loads((tmp_path / f"collectives_rank{rank}.json").read_text())
         assert seen["violations"] == [], seen["violations"]

@@ -150,7 +150,7 @@ def check_loss_against_transformers(model_dir: Path, first: dict) -> None:
 
     from aipo_mp import objectives
     from aipo_mp.data.pairs import read_pairs_jsonl, tokenize_pairs
-    from aipo_mp.training.loop import global_batch_indices
+    from aipo_mp.training.batches import global_batch_indices
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     records, stats = read_pairs_jsonl(Path(model_dir).parent / "pairs.jsonl")

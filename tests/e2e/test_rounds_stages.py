@@ -16,7 +16,7 @@ import pytest
 
 from aipo_mp.config import SamplingConfig, build_section, check_section
 from aipo_mp.data.records import read_prompts
-from aipo_mp.errors import ConfigError, DataError
+from aipo_mp.errors import CheckpointError, ConfigError, DataError
 from aipo_mp.rounds.engines import close_engine, logprobs_of, reload_weights, start_engine
 from aipo_mp.rounds.pairs import build_pairs
 from aipo_mp.rounds.rewards import check_reward_model, score_with_model, score_with_rule
@@ -433,7 +433,7 @@ def test_reload_weights_on_live_engine(policy_llm, tiny, samples):
         reload_weights(policy_llm, tiny["policy"])
     assert max_diff(logprobs_of(policy_llm, ids), before) < 1e-6
     assert sample(policy_llm, PROMPTS, SamplingConfig(**SPEC)) == samples
-    with pytest.raises(ConfigError, match="no \\*.safetensors"):
+    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
         reload_weights(policy_llm, tiny["tokenizer"])
 
 

@@ -1,0 +1,130 @@
+"""What one rank trains with: its place in the layout, the run state, and set-up (process
+groups, data, the policy's weights, the optimizer)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from aipo_mp import objectives
+from aipo_mp.config import Config, ModelArch
+from aipo_mp.data import prepare
+from aipo_mp.models import get_family, read_hf_config
+from aipo_mp.models.build import BuiltModel, build_model, load_hf_weights
+from aipo_mp.runtime import platform
+from aipo_mp.training import identity as run_identity
+from aipo_mp.training import optim
+from aipo_mp.validate import validate
+
+
+@dataclass
+class Layout:
+    tp_rank: int
+    dp_rank: int
+    dp_size: int
+    last_stage: bool
+
+    @staticmethod
+    def current() -> "Layout":
+        from megatron.core import parallel_state as ps
+
+        return Layout(ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank(),
+                      ps.get_data_parallel_world_size(), ps.is_pipeline_last_stage(ignore_virtual=True))
+
+    @property
+    def reports(self) -> bool:
+        """One rank per data-parallel replica contributes reported sums (TP ranks agree)."""
+        return self.last_stage and self.tp_rank == 0
+
+
+def world_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over all ranks (on the accelerator when there is one: NCCL reduces device tensors)."""
+    on_device = t.to(platform.device())
+    torch.distributed.all_reduce(on_device)
+    if on_device is not t:
+        t.copy_(on_device)
+    return t
+
+
+@dataclass
+class RunState:
+    cfg: Config
+    arch: ModelArch
+    built: BuiltModel
+    chunks: list
+    optimizer: object  # megatron MegatronOptimizer (see optim.py)
+    params: list
+    pairs: list
+    ref_table: Optional[torch.Tensor]
+    hf_config: dict
+    tokenizer_dir: Optional[str]
+    objective_params: dict
+    layout: Layout
+    total_steps: int
+    needs_reference: bool = True
+    stop: platform.StopSignal = field(default_factory=platform.StopSignal)
+    stats: dict = field(default_factory=dict)
+
+
+def tokenizer_dir_of(model_path: str) -> str:
+    """HF dirs hold their tokenizer; aipo_mp checkpoints keep it under hf_extra/."""
+    extra = Path(model_path) / "hf_extra"
+    return str(extra if extra.is_dir() else model_path)
+
+
+def load_policy_weights(built: BuiltModel, path: str) -> None:
+    from aipo_mp.convert.hf_io import HFWeights
+    from aipo_mp.training.checkpoint import is_megatron_checkpoint, load_model
+
+    if is_megatron_checkpoint(path):
+        load_model(built, path)
+    else:
+        load_hf_weights(built, HFWeights(path, pickle_flag=None).get)  # train has no --allow-pickle
+
+
+def prepare_data(cfg: Config, tokenizer_dir: str, vocab_size: Optional[int] = None):
+    """(pairs, stats, normalized records) of data.train (see aipo_mp.data.prepare)."""
+    from aipo_mp.convert.hf_io import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir, cfg.model.trust_remote_code)
+    return prepare.prepare_pairs(cfg, tok, vocab_size)
+
+
+def setup(cfg: Config) -> RunState:
+    env = platform.init_distributed(cfg.cluster.master_port or None)
+    arch = validate(cfg, world_size=env.world_size)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    par = cfg.parallel
+    platform.initialize_model_parallel(par.tp, par.pp, par.vpp, par.cp)
+    platform.seed_model_parallel_rng(cfg.train.seed)
+    lay = Layout.current()
+    tokenizer_dir = tokenizer_dir_of(cfg.model.path)
+    pairs, data_stats, records = prepare_data(cfg, tokenizer_dir, arch.vocab_size)
+    built = build_model(get_family(arch.family), arch, par, cfg.precision, cfg.train.recompute, initialize=False)
+    load_policy_weights(built, cfg.model.path)
+    objective = objectives.get_objective(cfg.objective.name)
+    obj_params = objectives.resolve_params(cfg.objective.name, known_params(cfg))
+    total = cfg.train.steps or max(1, len(pairs) // cfg.train.global_batch_pairs)
+    chunks = optim.wrap_ddp(built, cfg)
+    params = trainable_params(chunks)
+    state = RunState(cfg, arch, built, chunks, optim.build_optimizer(chunks, cfg), params, pairs, None,
+                     read_hf_config(cfg.model.path), tokenizer_dir, obj_params, lay, total)
+    state.stats["data"] = data_stats
+    state.stats["identity"] = run_identity.run_identity(cfg, records, obj_params)
+    state.needs_reference = objective.needs_reference
+    return state
+
+
+def known_params(cfg: Config) -> dict:
+    """Hyperparameters of the chosen objective; keys that belong only to other objectives are
+    ignored (config validation has warned about them)."""
+    valid = objectives.get_objective(cfg.objective.name).defaults
+    return {k: v for k, v in cfg.objective.params.items() if k in valid}
+
+
+def trainable_params(chunks) -> list[torch.nn.Parameter]:
+    return [p for c in chunks for p in c.parameters() if p.requires_grad]
