@@ -1,7 +1,8 @@
 """The vLLM engine lifecycle: environment and CPU binding (set here only), model-directory checks,
-starting and closing an in-process engine, teacher-forced log-probs, and weight reload. Every stage
-that runs an engine (sampling, the reward model, the judge, self-instruct, the KL stage) starts it here.
-vLLM is imported only when an engine starts."""
+starting and closing an in-process engine, teacher-forced log-probs, weight reload, and replica
+children (one engine per child process). Every stage that runs an engine (sampling, the reward
+model, the judge, self-instruct, the KL stage) starts it here. vLLM is imported only when an
+engine starts."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any, Optional, Sequence
 
 from aipo_mp.config import SamplingConfig
 from aipo_mp.errors import ConfigError
+from aipo_mp.runtime import spawn
 
 GIB = 1 << 30
 
@@ -197,3 +199,22 @@ def pin_to_assigned_cores() -> None:
             os.sched_setaffinity(0, {int(c) for c in cores.split(",")})
         except OSError:
             pass
+
+
+def run_children(module: str, jobs: list[tuple[list[str], dict]], workdir: Path) -> None:
+    """Run `python -m module args` for every (args, env) job in parallel; raise on any failure.
+    A child that hit a ConfigError writes it to its `--out` path + '.error' and exits 2."""
+    procs = [(spawn.start(spawn.module_command(module, args), env, workdir / f"child{k}.log"), args)
+             for k, (args, env) in enumerate(jobs)]
+    failures = []
+    for k, (proc, args) in enumerate(procs):
+        rc = proc.wait()
+        if rc == 0:
+            continue
+        error_file = Path(args[args.index("--out") + 1] + ".error")
+        if error_file.exists():
+            raise ConfigError(error_file.read_text().strip())
+        tail = (workdir / f"child{k}.log").read_text().strip().splitlines()[-25:]
+        failures.append(f"{module} child {k} exited with {rc}:\n" + "\n".join(tail))
+    if failures:
+        raise RuntimeError("\n\n".join(failures))

@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from aipo_mp.config import RANKER_KINDS, REWARD_KINDS, reward_kind  # noqa: F401 - RANKER_KINDS: the rankers' API
+from aipo_mp.config import reward_kind
 from aipo_mp.data.records import write_jsonl
 from aipo_mp.errors import ConfigError, UserError
 from aipo_mp.rounds.rewards import load_samples, plain_prompt_text
@@ -290,8 +290,8 @@ class JudgeReplicas:
     def __call__(self, items: Sequence[tuple]) -> list[float]:
         import tempfile
 
-        from aipo_mp.rounds.engines import replica_env
-        from aipo_mp.rounds.sampling import run_children, shard_bounds
+        from aipo_mp.rounds.engines import replica_env, run_children
+        from aipo_mp.rounds.shards import shard_bounds
 
         if not items:
             return []

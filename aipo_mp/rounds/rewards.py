@@ -35,8 +35,7 @@ from typing import Callable, Optional
 
 from aipo_mp.data.records import load_records, read_jsonl, write_jsonl
 from aipo_mp.errors import ConfigError, UserError
-from aipo_mp.rounds.engines import check_model_dir, close_engine, engine_in_use, is_engine, start_engine
-from aipo_mp.rounds.sampling import run_children
+from aipo_mp.rounds.engines import check_model_dir, close_engine, engine_in_use, is_engine, run_children, start_engine
 from aipo_mp.runtime.files import atomic_write_text
 from aipo_mp.tokenization import as_token_list, has_chat_template
 

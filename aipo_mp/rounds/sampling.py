@@ -57,10 +57,10 @@ from aipo_mp.rounds.engines import (
     is_engine,
     pin_to_assigned_cores,
     replica_env,
+    run_children,
     start_engine,
 )
 from aipo_mp.rounds.shards import ShardDir, StopFlag, run_shard_task, shard_bounds, shard_count, task_identity
-from aipo_mp.runtime import spawn
 from aipo_mp.runtime.files import atomic_write_text
 from aipo_mp.tokenization import encode_prompt
 
@@ -149,25 +149,6 @@ def generate_records(llm, prompts: list[dict], spec: SamplingConfig, index_offse
                 line["meta"] = record["meta"]
             records.append(line)
     return records
-
-
-def run_children(module: str, jobs: list[tuple[list[str], dict]], workdir: Path) -> None:
-    """Run `python -m module args` for every (args, env) job in parallel; raise on any failure.
-    A child that hit a ConfigError writes it to its `--out` path + '.error' and exits 2."""
-    procs = [(spawn.start(spawn.module_command(module, args), env, workdir / f"child{k}.log"), args)
-             for k, (args, env) in enumerate(jobs)]
-    failures = []
-    for k, (proc, args) in enumerate(procs):
-        rc = proc.wait()
-        if rc == 0:
-            continue
-        error_file = Path(args[args.index("--out") + 1] + ".error")
-        if error_file.exists():
-            raise ConfigError(error_file.read_text().strip())
-        tail = (workdir / f"child{k}.log").read_text().strip().splitlines()[-25:]
-        failures.append(f"{module} child {k} exited with {rc}:\n" + "\n".join(tail))
-    if failures:
-        raise RuntimeError("\n\n".join(failures))
 
 
 def sample_in_children(model_dir, prompts: list[dict], spec: SamplingConfig, replicas: int,

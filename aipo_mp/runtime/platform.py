@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from aipo_mp.runtime.spawn import free_port
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -72,9 +74,6 @@ def read_dist_env(port: Optional[int] = None, environ: Optional[dict] = None) ->
             launcher="slurm",
         )
     return DistEnv(0, 1, 0, "127.0.0.1", port or free_port(), "single")
-
-
-from aipo_mp.runtime.spawn import free_port  # noqa: E402,F401 - platform's API since the first release
 
 
 def has_cuda() -> bool:
