@@ -74,6 +74,28 @@ def damage_checkpoints(run: Path) -> None:
     biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
 
 
+def remount_read_only(disk: str, seconds: float = 30.0) -> None:
+    """Remount the tmpfs read-only. The kernel refuses (EBUSY) while a file on it is open for
+    writing: a checkpoint writer thread of the failed full-disk run may still be closing its file,
+    so retry for a while; a file still open after that is reported by name."""
+    import gc
+    import os
+    import time
+
+    deadline = time.time() + seconds
+    while True:
+        gc.collect()
+        done = subprocess.run(["mount", "-o", "remount,ro", disk], capture_output=True, text=True)
+        if done.returncode == 0:
+            return
+        if time.time() > deadline:
+            fds = Path("/proc/self/fd")
+            held = [os.readlink(fd) for fd in fds.iterdir() if os.path.exists(fd) and os.readlink(fd).startswith(disk)]
+            raise RuntimeError(f"cannot remount {disk} read-only ({done.stderr.strip()}); files this worker holds "
+                               f"open there: {held}")
+        time.sleep(0.5)
+
+
 def mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
@@ -126,7 +148,7 @@ def runs(tmp_path_factory):
             {"exec": f"import json; from pathlib import Path; json.dump([str(p) for p in Path('{disk}').rglob('*') "
                      f"if p.name.endswith(('.tmp', '.partial')) or p.name == 'manifest.json'], "
                      f"open('{base}/disk_left.json', 'w'))"},
-            {"exec": f"import subprocess; subprocess.run(['mount', '-o', 'remount,ro', '{disk}'], check=True)"},
+            {"exec": f"from tests.dist.test_run_dir import remount_read_only; remount_read_only('{disk}')"},
             {"name": "read_only", "cli": train("disk/run_ro", "train.steps=1")},
         ]
     spec, results = base / "steps.json", base / "results.json"
