@@ -8,14 +8,18 @@ import os
 import sys
 
 from aipo_mp.convert.cli import main
+from tests.launch import PORTS_ENV
 
 
 def run() -> int:
-    base_port = int(os.environ["MASTER_PORT"])
-    for k, argv in enumerate(json.loads(sys.argv[1])):
-        # Each command starts and ends its own process group; a fresh rendezvous port per command
-        # (re-initializing on the port of a destroyed group hangs).
-        os.environ["MASTER_PORT"] = str(base_port + 1 + k)
+    commands = json.loads(sys.argv[1])
+    # Each command starts and ends its own process group, each on a fresh rendezvous port
+    # (re-initializing on the port of a destroyed group hangs). The launcher picked ports that
+    # were free: MASTER_PORT + k could be in use by anything on the machine.
+    ports = os.environ[PORTS_ENV].split(",")
+    assert len(ports) >= len(commands), f"{len(commands)} commands need as many ports; {PORTS_ENV} has {len(ports)}"
+    for k, argv in enumerate(commands):
+        os.environ["MASTER_PORT"] = ports[k]
         rc = main(argv)
         if rc:
             print(f"checkpoint_tools {' '.join(argv)} exited with {rc}", flush=True)
