@@ -9,10 +9,8 @@ fault handler is on) lands in the assertion message."""
 from __future__ import annotations
 
 import signal
-import socket
 import tempfile
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
 from aipo_mp.runtime import spawn
@@ -21,17 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PORTS_ENV = "AIPO_TEST_PORTS"  # free ports for workers that start several process groups in a row
 
 
-def free_ports(count: int) -> list[int]:
-    """`count` distinct ports that are free now (held open together, so none is handed out twice)."""
-    with ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-
-
 def run_ranks(world_size: int, module: str, args: list[str], timeout: int = 600, env_extra: dict | None = None):
-    port, *more = free_ports(17)
+    port, *more = spawn.free_ports(17)
     extra = {"OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", PORTS_ENV: ",".join(map(str, more)),
              **(env_extra or {})}
     with tempfile.TemporaryDirectory(prefix="ranks.") as logs:

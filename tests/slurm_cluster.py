@@ -18,11 +18,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Optional
+
+from aipo_mp.runtime import spawn
 
 PACKAGES = ("slurmctld", "slurmd", "munge", "slurm-client")
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "sinfo", "scontrol", "scancel", "squeue")
@@ -56,20 +57,6 @@ def ensure_installed(timeout: int = 600) -> None:
     if r.returncode != 0 or missing_binaries():
         raise RuntimeError(f"apt-get install {' '.join(PACKAGES)} failed (exit {r.returncode}):\n"
                            f"{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-
-
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
-    finally:
-        for s in socks:
-            s.close()
-    return ports
 
 
 def sbin(name: str) -> str:
@@ -137,7 +124,7 @@ class SlurmCluster:
         if not key.exists():
             key.write_bytes(os.urandom(1024))
             os.chmod(key, 0o600)
-        ctld_port, *node_ports = free_ports(1 + len(self.node_names))
+        ctld_port, *node_ports = spawn.free_ports(1 + len(self.node_names))
         node_lines = "\n".join(NODE_LINE.format(name=name, port=port, cpus=self.cpus, memory_mb=self.memory_mb)
                                for name, port in zip(self.node_names, node_ports))
         if self.node_names == ["localhost"]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -27,10 +28,35 @@ from typing import IO, Optional, Sequence
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: children import this copy of aipo_mp
 
 
+# Local rendezvous ports come from here: below Linux's ephemeral range (32768-60999), where the
+# kernel picks the local ports of outgoing connections (gloo opens many), so a port found free
+# cannot be taken by a connection before rank 0 binds it; and apart from the Slurm stage ports
+# (20000-31999, rounds/launchers.py stage_port).
+LOCAL_PORTS = range(10000, 20000)
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports that are free now (each bound on every interface, as a rendezvous
+    server binds it). Random, so concurrent launches on one machine do not try the same ones."""
+    chooser = random.SystemRandom()
+    found: list[int] = []
+    for _ in range(100 * count):
+        port = chooser.choice(LOCAL_PORTS)
+        if port in found:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:  # in use, or in TIME_WAIT
+                continue
+        found.append(port)
+        if len(found) == count:
+            return found
+    raise OSError(f"no {count} free TCP ports in {LOCAL_PORTS.start}-{LOCAL_PORTS.stop - 1}")
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def rank_env(rank: int, world: int, port: int, extra: Optional[dict] = None, threads: Optional[int] = None,

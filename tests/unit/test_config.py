@@ -110,6 +110,25 @@ def test_dist_env_from_slurm_and_torchrun():
     assert first_slurm_host("a-b[10-12]") == "a-b10"
 
 
+def test_local_rendezvous_ports_are_free_and_below_the_ephemeral_range(monkeypatch):
+    """Ports in Linux's ephemeral range can be taken by an outgoing connection between the check
+    and rank 0's bind (a CI hang); local launches pick theirs below it, and never one in use."""
+    import socket
+
+    from aipo_mp.runtime import spawn
+
+    ports = spawn.free_ports(8)
+    assert len(set(ports)) == 8 and all(10000 <= p < 20000 for p in ports), ports
+    with socket.socket() as held:
+        held.bind(("", ports[0]))
+        held.listen()
+        monkeypatch.setattr(spawn, "LOCAL_PORTS", range(ports[0], ports[0] + 3))
+        assert ports[0] not in spawn.free_ports(2)
+        monkeypatch.setattr(spawn, "LOCAL_PORTS", range(ports[0], ports[0] + 1))
+        with pytest.raises(OSError, match="no 1 free TCP ports"):
+            spawn.free_ports(1)
+
+
 @pytest.mark.parametrize("recipe", ["aipo_mistral_large_123b", "aipo_llama3_70b", "aipo_gemma2_27b",
                                     "aipo_mistral_nemo_12b", "aipo_tiny", "aipo_llama3_3_70b", "aipo_llama3_1_405b"])
 def test_recipes_validate_at_their_world_size(recipe):
