@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from aipo_mp.config import SamplingConfig
-from aipo_mp.errors import ConfigError
+from aipo_mp.errors import CheckpointError, ConfigError
 from aipo_mp.runtime import spawn
 
 GIB = 1 << 30
@@ -187,7 +187,7 @@ def reload_weights(llm, hf_dir: str | Path) -> None:
     the prefix cache, whose KV entries were computed with the old weights."""
     hf_dir = Path(hf_dir)
     if not any(hf_dir.glob("*.safetensors")):
-        raise ConfigError(f"{hf_dir} holds no *.safetensors files; reload_weights needs an HF safetensors directory")
+        raise CheckpointError(f"{hf_dir} holds no *.safetensors files; reload_weights needs an HF safetensors directory")
     llm.collective_rpc("reload_weights", kwargs={"weights_path": str(hf_dir)})
     llm.reset_prefix_cache()
 
