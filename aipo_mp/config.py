@@ -113,6 +113,12 @@ class ModelArch:
     rope_scaling: Optional[dict] = None
     qkv_bias: bool = False  # Qwen2: bias on the q, k and v projections
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on every query and key head, before RoPE
+    # Mixture of experts (qwen3_moe, mixtral); num_experts 0 is a dense model.
+    num_experts: int = count(0, 0)
+    num_experts_per_tok: int = count(0, 0)  # top-k experts per token
+    moe_intermediate_size: int = count(0, 0)  # one expert's FFN width
+    norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1 (Mixtral: always)
+    dense_layers: list = field(default_factory=list)  # 0-based layers with a dense MLP (Qwen3-MoE mlp_only_layers)
 
 
 @dataclass
@@ -128,7 +134,23 @@ class ParallelConfig:
     pp: int = count(1)
     vpp: int = count(1)  # virtual pipeline stages per pipeline rank (interleaved schedule when > 1)
     cp: int = count(1)
-    sequence_parallel: bool = False
+    ep: int = count(1)  # expert parallel: the experts of each MoE layer are split over this many ranks
+    etp: int = count(1)  # expert tensor parallel: each expert's FFN split over this many ranks (<= tp)
+    sequence_parallel: bool = False  # MoE with tp > 1 turns it on (megatron requires it)
+
+
+@dataclass
+class MoEConfig:
+    """Router policy of mixture-of-experts policies, the same for the policy and its reference.
+
+    The load-balancing loss is off by default for preference objectives: it pushes the router
+    towards uniform expert load, a pressure unrelated to the preference signal that moves the
+    policy away from its reference (docs/moe.md). Set aux_loss_coeff (e.g. 1e-3) to opt in."""
+
+    aux_loss_coeff: float = setting(0.0, ge=0)
+    freeze_router: bool = False  # keep the router weights fixed (they get no gradient, no optimizer state)
+    capacity_factor: Optional[float] = setting(None, gt=0)  # None: no token dropping
+    dispatcher: str = setting("alltoall", choices=("alltoall", "allgather"))
 
 
 @dataclass
@@ -305,6 +327,7 @@ class ClusterConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

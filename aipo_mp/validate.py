@@ -120,6 +120,29 @@ def layout_errors(arch: ModelArch, par: ParallelConfig, world_size: Optional[int
             f"world size {world_size} is not a multiple of tp x pp x cp = {tp * pp * cp}; "
             f"launch a multiple of {tp * pp * cp} processes or change the layout"
         )
+    return errors + expert_layout_errors(arch, par, world_size)
+
+
+def expert_layout_errors(arch: ModelArch, par: ParallelConfig, world_size: Optional[int]) -> list[str]:
+    """The expert mesh (etp x ep x expert-DP per pipeline stage) must divide like the dense one."""
+    ep, etp = par.ep, par.etp
+    if not arch.num_experts:
+        return [f"parallel.ep={ep}, parallel.etp={etp}: expert parallelism needs a mixture-of-experts model; "
+                "set both to 1"] if ep * etp > 1 else []
+    errors = []
+    if arch.num_experts % ep:
+        errors.append(f"parallel.ep={ep} does not divide the {arch.num_experts} experts; choose ep from "
+                      f"{divisors(arch.num_experts)}")
+    if arch.moe_intermediate_size % etp:
+        errors.append(f"parallel.etp={etp} does not divide the experts' FFN width {arch.moe_intermediate_size}; "
+                      f"choose etp from {divisors(arch.moe_intermediate_size)}")
+    mesh = etp * ep * par.pp
+    if world_size is not None and world_size % mesh:
+        errors.append(f"world size {world_size} is not a multiple of etp x ep x pp = {mesh}; launch a multiple "
+                      f"of {mesh} processes or change parallel.ep / parallel.etp")
+    if par.tp > 1 and not par.sequence_parallel:
+        errors.append(f"a mixture-of-experts model with parallel.tp={par.tp} needs sequence parallelism "
+                      "(megatron dispatches tokens per TP rank); set parallel.sequence_parallel=true")
     return errors
 
 

@@ -1,6 +1,6 @@
 """One rank of the Megatron-vs-HF logits parity check. argv: spec.json results.json.
 
-spec.json: {"cases": [{"family", "hf_dir", "tp", "pp", "vpp", "sp"}], "reference": path of a
+spec.json: {"cases": [{"family", "hf_dir", "tp", "pp", "vpp", "sp", "ep", "etp"}], "reference": path of a
 torch file {family: {"rows": [[tokens...]...], "seqs": [[...]...], "logits": [tensor...]}}}.
 Each case packs several sequences of different lengths into one row (plus padding); the logits
 of each sequence must equal HF's logits of that sequence alone."""
@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from aipo_mp.config import ParallelConfig, PrecisionConfig
+from aipo_mp.config import MoEConfig, ParallelConfig, PrecisionConfig
 from aipo_mp.convert.hf_io import HFWeights
 from aipo_mp.models import arch_from_dir, get_family
 from aipo_mp.models.build import build_model, load_hf_weights
@@ -22,11 +22,13 @@ from aipo_mp.training.logprobs import gather_vocab_parallel
 
 
 def run_case(case: dict, ref: dict) -> float:
-    par = ParallelConfig(tp=case["tp"], pp=case["pp"], vpp=case.get("vpp", 1), sequence_parallel=case.get("sp", False))
-    platform.initialize_model_parallel(par.tp, par.pp, par.vpp)
+    par = ParallelConfig(tp=case["tp"], pp=case["pp"], vpp=case.get("vpp", 1), sequence_parallel=case.get("sp", False),
+                         ep=case.get("ep", 1), etp=case.get("etp", 1))
+    platform.initialize_model_parallel(par.tp, par.pp, par.vpp, ep=par.ep, etp=par.etp)
     platform.seed_model_parallel_rng(0)
     arch = arch_from_dir(case["hf_dir"])
-    built = build_model(get_family(arch.family), arch, par, PrecisionConfig(backend="local"))
+    moe = MoEConfig(dispatcher=case.get("dispatcher", "alltoall"))
+    built = build_model(get_family(arch.family), arch, par, PrecisionConfig(backend="local"), moe=moe)
     for chunk in built.chunks:
         chunk.eval()
     load_hf_weights(built, HFWeights(case["hf_dir"]).get)

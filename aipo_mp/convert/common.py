@@ -220,9 +220,15 @@ def expected_hf_shapes(arch: ModelArch, names: list[str]) -> dict[str, tuple[int
         ("q_proj.weight", (q, h)), ("k_proj.weight", (kv, h)), ("v_proj.weight", (kv, h)), ("o_proj.weight", (h, q)),
         ("gate_proj.weight", (f, h)), ("up_proj.weight", (f, h)), ("down_proj.weight", (h, f)),
     )
+    e, i = arch.num_experts, arch.moe_intermediate_size
+    experts = (("gate_proj.weight", (i, h)), ("up_proj.weight", (i, h)), ("down_proj.weight", (h, i)),
+               ("w1.weight", (i, h)), ("w3.weight", (i, h)), ("w2.weight", (h, i)))
     out = {}
     for name in names:
-        for suffix, shape in table:
+        if name.endswith(".gate.weight"):  # an MoE router (Qwen3-MoE mlp.gate, Mixtral block_sparse_moe.gate)
+            out[name] = (e, h)
+            continue
+        for suffix, shape in experts if ".experts." in name else table:
             if name.endswith(suffix):
                 out[name] = shape
                 break

@@ -54,7 +54,7 @@ def write_policy_hf(built, directory: str | Path, hf_config: dict, extra_files_f
 
 
 def stage_units(built, tp_size: int, out_dtype: torch.dtype) -> list[tuple]:
-    """(parameter, rule, layer, HF entries) of this rank's chunks, in order; the tied output
+    """(parameter, rule, index, HF entries) of this rank's chunks, in order; the tied output
     layer is left out (the embedding is the HF tensor)."""
     from aipo_mp.convert.tensor_io import Entry
 
@@ -63,7 +63,7 @@ def stage_units(built, tp_size: int, out_dtype: torch.dtype) -> list[tuple]:
     for chunk in built.chunks:
         params = dict(chunk.named_parameters())
         for local, gname in global_param_names(chunk).items():
-            rule, layer = built.family.rule_for(built.arch, gname)
+            rule, index = built.family.rule_for(built.arch, gname)
             if rule.megatron == "output_layer.weight" and built.arch.tie_embeddings:
                 continue
             p = params[local]
@@ -71,8 +71,8 @@ def stage_units(built, tp_size: int, out_dtype: torch.dtype) -> list[tuple]:
             if rule.split in grow:
                 shape[grow[rule.split]] *= tp_size
             hf = to_hf(rule, torch.empty(shape, device="meta"), built.arch)
-            entries = [Entry(n.format(i=layer), tuple(t.shape), out_dtype) for n, t in zip(rule.hf, hf)]
-            units.append((p, rule, layer, entries))
+            entries = [Entry(n, tuple(t.shape), out_dtype) for n, t in zip(rule.hf_at(index), hf)]
+            units.append((p, rule, index, entries))
     return units
 
 

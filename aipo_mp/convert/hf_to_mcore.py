@@ -33,23 +33,23 @@ class ShardMaker:
 
     def __init__(self, built, source: SafetensorsSource):
         from aipo_mp.models.build import global_param_names
-        from aipo_mp.models.layers import tp_rank_and_size
 
         self.built, self.source = built, source
-        self.rank, self.size = tp_rank_and_size()
         self.params = {}
         for chunk in built.chunks:
             params = dict(chunk.named_parameters())
             for local, gname in global_param_names(chunk).items():
-                rule, layer = built.family.rule_for(built.arch, gname)
+                rule, index = built.family.rule_for(built.arch, gname)
                 p = params[local]
-                self.params[p.untyped_storage().data_ptr()] = (p, rule, layer, gname)
+                self.params[p.untyped_storage().data_ptr()] = (p, rule, index, gname)
 
     def __call__(self, view: torch.Tensor) -> torch.Tensor:
         found = self.params.get(view.untyped_storage().data_ptr())
         if found is None:  # not a parameter (a buffer holding real data): write it as it is
             return view.detach().clone()
-        p, rule, layer, gname = found
+        from aipo_mp.models.build import parallel_rank_and_size
+
+        p, rule, index, gname = found
         row = p[0].numel() if p.dim() > 1 else 1
         start = view.storage_offset() - p.storage_offset()
         if not view.is_contiguous() or start % row or view.numel() % row:
@@ -57,9 +57,9 @@ class ShardMaker:
         a, b = start // row, (start + view.numel()) // row
         out = torch.empty(view.shape, dtype=p.dtype)
         rows = out.view(b - a, *p.shape[1:])
-        blocks = row_blocks(rule, layer, self.built.arch, self.rank, self.size, self.source.shape)
+        blocks = row_blocks(rule, index, self.built.arch, *parallel_rank_and_size(rule), self.source.shape)
         if sum(blk.n for blk in blocks) != p.shape[0]:
-            self._mismatch(gname, rule, layer, (sum(blk.n for blk in blocks),), tuple(p.shape))
+            self._mismatch(gname, rule, index, (sum(blk.n for blk in blocks),), tuple(p.shape))
         for blk in blocks:
             lo, hi = max(a, blk.dst), min(b, blk.dst + blk.n)
             if lo >= hi:
@@ -68,7 +68,7 @@ class ShardMaker:
             if blk.cols is not None:
                 src = src.narrow(1, blk.cols[0], blk.cols[1] - blk.cols[0])
             if tuple(src.shape[1:]) != tuple(p.shape[1:]):
-                self._mismatch(gname, rule, layer, tuple(src.shape), tuple(p.shape))
+                self._mismatch(gname, rule, index, tuple(src.shape), tuple(p.shape))
             dst = rows[lo - a:hi - a]
             # The one copy, page cache -> shard: a positioned read for whole rows of the same
             # dtype, else from the mapped file (column slices; the cast happens in the copy).
@@ -77,8 +77,8 @@ class ShardMaker:
         return out
 
     @staticmethod
-    def _mismatch(gname, rule, layer, got, want):
-        hf_names = ", ".join(n.format(i=layer) for n in rule.hf)
+    def _mismatch(gname, rule, index, got, want):
+        hf_names = ", ".join(rule.hf_at(index))
         raise CheckpointError(f"shape mismatch for {gname} (from {hf_names}): tp shard {got}, model expects {want}; "
                           "the weights do not match config.json")
 

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from aipo_mp.convert.common import BYTES_PER, is_enospc, parse_size, peak_rss_bytes
-from aipo_mp.convert.row_map import checkpoint_key, hf_rows, layer_keys_map, row_blocks
+from aipo_mp.convert.row_map import checkpoint_key, hf_rows, row_blocks
 from aipo_mp.convert.tensor_io import (
     DistCheckpointReader,
     Entry,
@@ -30,22 +30,21 @@ from aipo_mp.convert.tensor_io import (
 )
 from aipo_mp.errors import CheckpointError
 from aipo_mp.models import num_params
-from aipo_mp.models.family import GLU
+from aipo_mp.models.family import GLU, rule_indices
 
 
 class Unit:
     """One Megatron tensor of one layer (or a non-layer tensor) and the HF tensors it becomes."""
 
-    def __init__(self, rule, layer: Optional[int], key: str, stacked: bool, reader: DistCheckpointReader, arch,
+    def __init__(self, rule, index: dict, key: str, prefix: tuple[int, ...], reader: DistCheckpointReader, arch,
                  out_dtype: torch.dtype):
-        self.rule, self.layer, self.key = rule, layer, key
-        self.prefix = (layer,) if stacked else ()
+        self.rule, self.index, self.key, self.prefix = rule, index, key, prefix
         full = reader.global_shape(key)
         self.shape = tuple(full[len(self.prefix):])
-        names = [n.format(i=layer) for n in rule.hf]
+        names = rule.hf_at(index)
         # The HF shape a copy or gate/up rule implies (the fused QKV needs none: the arch has it).
         hf_shape = (self.shape[0] // 2, *self.shape[1:]) if rule.transform == GLU else self.shape
-        blocks = row_blocks(rule, layer, arch, 0, 1, lambda name: hf_shape)
+        blocks = row_blocks(rule, index, arch, 0, 1, lambda name: hf_shape)
         self.blocks = {n: hf_rows(blocks, n) for n in names}
         self.entries = [Entry(n, (sum(b.n for b in self.blocks[n]), *self.shape[1:]), out_dtype) for n in names]
 
@@ -75,26 +74,24 @@ class Unit:
 
 
 def export_units(family, arch, reader: DistCheckpointReader, out_dtype: torch.dtype) -> list[Unit]:
-    """The checkpoint's tensors in HF order (embedding, layer 0, 1, ..., the rest)."""
-    keys_map = layer_keys_map(family, arch)
-    first, layers, last = [], [], []
+    """The checkpoint's tensors in HF order (embedding, layer 0 with its experts, 1, ..., the rest)."""
+    first, layers, last = [], {}, []
     for rule in family.rules(arch):
         if rule.te_alias:
             continue  # the TE spec's name of a tensor its local-spec rule already exports (same checkpoint key)
         if rule.megatron == "output_layer.weight" and arch.tie_embeddings:
             continue  # the embedding is the HF tensor
-        key, stacked = checkpoint_key(rule.megatron, keys_map)
-        if key not in reader.keys():
-            raise CheckpointError(f"{reader.dir}: the checkpoint has no tensor {key}; it is incomplete or not a "
-                              f"{family.name} checkpoint of this shape: re-create it")
-        if stacked:
-            layers.append((rule, key))
-        else:
-            (first if rule.megatron.startswith("embedding.") else last).append((rule, key))
-    units = [Unit(r, None, k, False, reader, arch, out_dtype) for r, k in first]
-    for i in range(arch.num_layers):
-        units += [Unit(r, i, k, True, reader, arch, out_dtype) for r, k in layers]
-    return units + [Unit(r, None, k, False, reader, arch, out_dtype) for r, k in last]
+        for index in rule_indices(rule, arch):
+            key, prefix = checkpoint_key(rule.megatron, index, arch)
+            if key not in reader.keys():
+                raise CheckpointError(f"{reader.dir}: the checkpoint has no tensor {key}; it is incomplete or not a "
+                                      f"{family.name} checkpoint of this shape: re-create it")
+            unit = Unit(rule, index, key, prefix, reader, arch, out_dtype)
+            if prefix:
+                layers.setdefault(index["i"], []).append(unit)
+            else:
+                (first if rule.megatron.startswith("embedding.") else last).append(unit)
+    return first + [u for i in sorted(layers) for u in layers[i]] + last
 
 
 def split_evenly(units: list[Unit], rank: int, world: int) -> list[Unit]:

@@ -27,10 +27,11 @@ class Block:
     cols: Optional[tuple[int, int]] = None  # column range of the HF tensor (row-parallel split)
 
 
-def row_blocks(rule: Rule, layer: Optional[int], arch: ModelArch, rank: int, size: int,
+def row_blocks(rule: Rule, index: dict, arch: ModelArch, rank: int, size: int,
                hf_shape: Callable[[str], tuple[int, ...]]) -> list[Block]:
-    """The blocks of this TP rank's Megatron tensor of `rule` (size 1: the whole tensor)."""
-    names = [n.format(i=layer) for n in rule.hf]
+    """The blocks of this TP rank's Megatron tensor of `rule` at `index` ({"i": layer, "e": expert}
+    as the rule has them; size 1: the whole tensor)."""
+    names = rule.hf_at(index)
     if rule.split == NONE:
         rank, size = 0, 1
     if rule.transform == COPY:
@@ -71,25 +72,26 @@ def hf_rows(blocks: list[Block], name: str) -> list[Block]:
     return [b for b in blocks if b.hf_name == name]
 
 
-def checkpoint_key(megatron_name: str, keys_map: dict[str, str]) -> tuple[str, bool]:
-    """The key under which dist_checkpointing stores a rule's tensor, and whether the layers are
-    stacked along a leading axis: `decoder.layers.{i}.input_layernorm.weight` ->
-    `decoder.layers.self_attention.linear_qkv.layer_norm_weight` (the layer spec's keys map)."""
-    prefix = "decoder.layers.{i}."
-    if not megatron_name.startswith(prefix):
-        return megatron_name, False
-    rest = megatron_name[len(prefix):]
-    for old, new in keys_map.items():
-        if rest.startswith(old):
-            rest = new + rest[len(old):]
-            break
-    return "decoder.layers." + rest, True
+LAYER_PREFIX, EXPERT_PART = "decoder.layers.{i}.", "local_experts.{e}."
 
 
-def layer_keys_map(family, arch: ModelArch) -> dict[str, str]:
-    """The local layer spec's `sharded_state_dict_keys_map` (the checkpoint keys are the same
-    for the Transformer Engine spec, whose parameters already carry the fused names); a
-    constant, so mcore-to-hf needs no megatron import."""
+def checkpoint_key(megatron_name: str, index: dict, arch: ModelArch) -> tuple[str, tuple[int, ...]]:
+    """The key under which dist_checkpointing stores a rule's tensor at `index`, and the tensor's
+    position on the stacked leading axes: layers (`decoder.layers.{i}.input_layernorm.weight` ->
+    `decoder.layers.self_attention.linear_qkv.layer_norm_weight`, position (i,), by the layer
+    spec's keys map), then experts (`...local_experts.{e}.linear_fc1.weight` ->
+    `...local_experts.linear_fc1.weight`, position (i, e)). The keys are the Transformer Engine
+    spec's too (its parameters carry the fused names; its grouped experts save per expert)."""
     from aipo_mp.models.family import CHECKPOINT_KEYS_MAP
 
-    return dict(CHECKPOINT_KEYS_MAP)
+    if not megatron_name.startswith(LAYER_PREFIX):
+        return megatron_name, ()
+    rest = megatron_name[len(LAYER_PREFIX):]
+    moe_layer = bool(arch.num_experts) and index["i"] not in arch.dense_layers
+    for old, new in CHECKPOINT_KEYS_MAP.items():
+        if rest.startswith(old) and not (moe_layer and old == "pre_mlp_layernorm."):
+            rest = new + rest[len(old):]
+            break
+    if EXPERT_PART in rest:
+        return "decoder.layers." + rest.replace(EXPERT_PART, "local_experts."), (index["i"], index["e"])
+    return "decoder.layers." + rest, (index["i"],)

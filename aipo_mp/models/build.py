@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from aipo_mp.config import ModelArch, ParallelConfig, PrecisionConfig
+from aipo_mp.config import ModelArch, MoEConfig, ParallelConfig, PrecisionConfig
 from aipo_mp.errors import ConfigError
 from aipo_mp.models.family import (
     CHECKPOINT_KEYS_MAP,
@@ -105,7 +105,9 @@ def choose_backend(requested: str) -> str:
     return requested
 
 
-def local_layer_spec(opts: SpecOptions):
+def local_layer_spec(opts: SpecOptions, num_experts: int = 0):
+    """The local (torch) layer; num_experts > 0: a mixture-of-experts MLP (megatron's MoELayer
+    with one MLP per expert), whose pre-MLP norm keeps its own checkpoint key as under TE."""
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -148,25 +150,64 @@ def local_layer_spec(opts: SpecOptions):
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=norm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=out_proj)),
+            mlp=moe_mlp_spec(num_experts, use_te=False) if num_experts else ModuleSpec(
+                module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=out_proj)),
             mlp_bda=get_bias_dropout_add,
-            sharded_state_dict_keys_map=dict(CHECKPOINT_KEYS_MAP),
+            sharded_state_dict_keys_map=checkpoint_keys_map(moe=bool(num_experts)),
         ),
     )
 
 
-def te_layer_spec(opts: SpecOptions):
+def moe_mlp_spec(num_experts: int, use_te: bool):
+    """megatron's MoELayer: per-expert MLPs (SequentialMLP) locally, TE's grouped GEMM on GPUs."""
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+
+    return get_moe_module_spec(use_te=use_te, num_experts=num_experts, moe_grouped_gemm=use_te)
+
+
+def checkpoint_keys_map(moe: bool) -> dict:
+    """The local spec's norm keys renamed to the TE spec's; a TE MoE layer keeps pre_mlp_layernorm."""
+    return {k: v for k, v in CHECKPOINT_KEYS_MAP.items() if not (moe and k == "pre_mlp_layernorm.")}
+
+
+def te_layer_spec(opts: SpecOptions, num_experts: int = 0):
     """Transformer Engine layers (FP8-capable). Gemma-2's soft-capping and post-norms are not in
     TE's fused attention, so Gemma-2 keeps the local attention and norms on this backend."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
     if not opts.te_fused_attention:
-        return local_layer_spec(opts)
-    return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=opts.qk_norm)
+        return local_layer_spec(opts, num_experts)
+    return get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts or None, moe_grouped_gemm=bool(num_experts),
+                                                      qk_layernorm=opts.qk_norm)
+
+
+def moe_settings(arch: ModelArch, par: ParallelConfig, moe: MoEConfig, backend: str) -> dict:
+    """TransformerConfig's MoE fields. The router reproduces transformers: softmax scores, top-k,
+    renormalised (norm_topk_prob) = softmax over the top-k logits (pre_softmax off); without
+    renormalisation the top-k of the full softmax (pre_softmax on)."""
+    if not arch.num_experts:
+        return {}
+    return dict(
+        num_moe_experts=arch.num_experts,
+        moe_ffn_hidden_size=arch.moe_intermediate_size,
+        moe_router_topk=arch.num_experts_per_tok,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not arch.norm_topk_prob,
+        moe_layer_freq=[0 if i in arch.dense_layers else 1 for i in range(arch.num_layers)],
+        moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff else "none",
+        moe_aux_loss_coeff=moe.aux_loss_coeff,
+        moe_token_dispatcher_type=moe.dispatcher,
+        moe_expert_capacity_factor=moe.capacity_factor,
+        moe_grouped_gemm=backend == "te",
+        moe_permute_fusion=False,
+        expert_model_parallel_size=par.ep,
+        expert_tensor_parallel_size=par.etp,
+    )
 
 
 def transformer_config(arch: ModelArch, par: ParallelConfig, prec: PrecisionConfig, opts: SpecOptions,
-                       recompute: str = "none", extra: Optional[dict] = None):
+                       recompute: str = "none", extra: Optional[dict] = None, moe: Optional[MoEConfig] = None,
+                       backend: str = "local"):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from aipo_mp.runtime import platform
@@ -215,6 +256,7 @@ def transformer_config(arch: ModelArch, par: ParallelConfig, prec: PrecisionConf
             kwargs.update(recompute_method="uniform", recompute_num_layers=1)
     if prec.fp8:
         kwargs.update(fp8=prec.fp8, fp8_recipe=prec.fp8_recipe)
+    kwargs.update(moe_settings(arch, par, moe or MoEConfig(), backend))
     kwargs.update(extra or {})
     return TransformerConfig(**kwargs)
 
@@ -231,7 +273,7 @@ class BuiltModel:
 
 
 def build_model(family: Family, arch: ModelArch, par: ParallelConfig, prec: PrecisionConfig,
-                recompute: str = "none", initialize: bool = True) -> BuiltModel:
+                recompute: str = "none", initialize: bool = True, moe: Optional[MoEConfig] = None) -> BuiltModel:
     """GPTModel chunks for this rank. Needs initialize_model_parallel() first.
 
     initialize=False skips random initialization when every weight is loaded afterwards (with
@@ -239,19 +281,25 @@ def build_model(family: Family, arch: ModelArch, par: ParallelConfig, prec: Prec
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     from aipo_mp.models.layers import rms_norm_builder
 
     opts = family.spec_options(arch)
     backend = choose_backend(prec.backend)
-    config = transformer_config(arch, par, prec, opts, recompute, extra={"perform_initialization": initialize})
-    layer = te_layer_spec(opts) if backend == "te" else local_layer_spec(opts)
+    config = transformer_config(arch, par, prec, opts, recompute, extra={"perform_initialization": initialize},
+                                moe=moe, backend=backend)
+    layer_spec = te_layer_spec if backend == "te" else local_layer_spec
+    dense, sparse = layer_spec(opts), (layer_spec(opts, arch.num_experts) if arch.num_experts else None)
     vpp = par.vpp if par.vpp > 1 else None
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
+        first = get_transformer_layer_offset(config, vp_stage=stage)
+        count = get_num_layers_to_build(config, vp_stage=stage)
         spec = TransformerBlockSubmodules(
-            layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=stage),
+            layer_specs=[dense if sparse is None or i in arch.dense_layers else sparse
+                         for i in range(first, first + count)],
             layer_norm=rms_norm_builder(opts.zero_centered_norm),
         )
         model = GPTModel(
@@ -319,36 +367,55 @@ def attach_family_hooks(model, opts: SpecOptions) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+LOCAL_EXPERT = re.compile(r"^(mlp\.experts\.local_experts\.)(\d+)(\..*)$|^(mlp\.experts\.linear_fc[12]\.weight)(\d+)()$")
+
+
 def global_param_names(chunk) -> dict[str, str]:
-    """Local parameter name -> global name (layer index across pipeline/virtual stages)."""
+    """Local parameter name -> global name: the layer index across pipeline/virtual stages, and
+    the expert index across expert-parallel ranks (rank r holds experts r*E/EP ... (r+1)*E/EP-1)."""
     out = {}
     layers = chunk.decoder.layers
     for name, _ in chunk.named_parameters():
         m = re.match(r"^decoder\.layers\.(\d+)\.(.*)$", name)
-        if m:
-            global_idx = layers[int(m.group(1))].layer_number - 1
-            out[name] = f"decoder.layers.{global_idx}.{m.group(2)}"
-        else:
+        if not m:
             out[name] = name
+            continue
+        layer = layers[int(m.group(1))]
+        rest = m.group(2)
+        e = LOCAL_EXPERT.match(rest)
+        if e:
+            head, local, tail = (e.group(1), e.group(2), e.group(3)) if e.group(1) else e.group(4, 5, 6)
+            experts = layer.mlp.experts
+            rest = f"{head}{experts.ep_group.rank() * experts.num_local_experts + int(local)}{tail}"
+        out[name] = f"decoder.layers.{layer.layer_number - 1}.{rest}"
     return out
+
+
+def parallel_rank_and_size(rule: Rule) -> tuple[int, int]:
+    """The group a rule's tensor is split over: expert-TP for experts, TP for the rest."""
+    from megatron.core import parallel_state
+
+    from aipo_mp.models.layers import tp_rank_and_size
+
+    if rule.expert:
+        return (parallel_state.get_expert_tensor_parallel_rank(),
+                parallel_state.get_expert_tensor_parallel_world_size())
+    return tp_rank_and_size()
 
 
 def load_hf_weights(built: BuiltModel, read: Callable[[str], torch.Tensor]) -> None:
     """Fill every parameter of this rank from HF tensors given by `read(name)`."""
-    from aipo_mp.models.layers import tp_rank_and_size
-
-    rank, size = tp_rank_and_size()
     for chunk in built.chunks:
         params = dict(chunk.named_parameters())
         for local, gname in global_param_names(chunk).items():
-            rule, layer = built.family.rule_for(built.arch, gname)
-            hf = [read(n.format(i=layer)) for n in rule.hf]
+            rule, index = built.family.rule_for(built.arch, gname)
+            hf = [read(n) for n in rule.hf_at(index)]
             full = to_megatron(rule, hf, built.arch)
-            shard = tp_slice(full, rule.split, rank, size)
+            shard = tp_slice(full, rule.split, *parallel_rank_and_size(rule))
             param = params[local]
             if tuple(shard.shape) != tuple(param.shape):
                 raise ConfigError(
-                    f"shape mismatch for {gname} (from {', '.join(n.format(i=layer) for n in rule.hf)}): "
+                    f"shape mismatch for {gname} (from {', '.join(rule.hf_at(index))}): "
                     f"checkpoint gives {tuple(full.shape)} -> shard {tuple(shard.shape)}, model expects {tuple(param.shape)}"
                 )
             with torch.no_grad():
@@ -359,9 +426,9 @@ def megatron_state_to_hf(built: BuiltModel, gathered: dict[str, torch.Tensor]) -
     """Global (TP-merged) Megatron tensors -> HF tensors."""
     out = {}
     for gname, tensor in gathered.items():
-        rule, layer = built.family.rule_for(built.arch, gname)
+        rule, index = built.family.rule_for(built.arch, gname)
         if rule.megatron == "output_layer.weight" and built.arch.tie_embeddings:
             continue
-        for n, t in zip(rule.hf, to_hf(rule, tensor, built.arch)):
-            out[n.format(i=layer)] = t
+        for n, t in zip(rule.hf_at(index), to_hf(rule, tensor, built.arch)):
+            out[n] = t
     return out

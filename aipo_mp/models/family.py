@@ -21,17 +21,22 @@ from aipo_mp.models.rope import rope_scaling_of, rope_theta_of
 
 COPY, QKV, GLU = "copy", "qkv", "glu"
 NONE, COLUMN, ROW, GLU_COLUMN = "none", "column", "row", "glu_column"
+ALL_LAYERS, MOE_LAYERS, DENSE_LAYERS = "all", "moe", "dense"
 
 
 @dataclass(frozen=True)
 class Rule:
-    """One Megatron parameter and the HF tensor(s) it is made of. `{i}` is the global layer index.
+    """One Megatron parameter and the HF tensor(s) it is made of. `{i}` is the global layer index,
+    `{e}` the global expert index (expert rules).
 
     transform: copy | qkv (q, k, v fused per query group; weights and biases) | glu (gate and up stacked)
     split: how tensor parallelism slices the Megatron tensor: none | column (dim 0) | row (dim 1)
            | glu_column (each rank holds [gate shard; up shard])
     te_alias: the Transformer Engine spec's name of a tensor the local spec names otherwise (TE fuses
            the input norms into the linears); `hf_names` skips it, the local rule lists the HF tensor.
+    layers: which layers hold the tensor: all | moe | dense (MoE models may keep dense-MLP layers).
+    expert: one tensor per expert; expert parallelism picks a rank's experts and the split applies
+           over the expert-tensor-parallel group instead of the tensor-parallel one.
     """
 
     megatron: str
@@ -39,23 +44,38 @@ class Rule:
     transform: str = COPY
     split: str = NONE
     te_alias: bool = False
+    layers: str = ALL_LAYERS
+    expert: bool = False
 
     def pattern(self) -> re.Pattern:
-        return re.compile("^" + re.escape(self.megatron).replace(r"\{i\}", r"(\d+)") + "$")
+        escaped = re.escape(self.megatron).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
+        return re.compile("^" + escaped + "$")
+
+    def hf_at(self, index: dict) -> list[str]:
+        """The HF names at one layer (and expert): index is {"i": layer, "e": expert} or part of it."""
+        return [n.format(**index) for n in self.hf]
+
+    def held_by(self, arch: ModelArch, layer: int) -> bool:
+        if self.layers == ALL_LAYERS:
+            return True
+        return (layer in arch.dense_layers) == (self.layers == DENSE_LAYERS)
 
 
-def decoder_rules(pre_mlp_norm: str = "post_attention_layernorm", extra: tuple[Rule, ...] = ()) -> list[Rule]:
-    """The Llama-style table shared by all three families. `pre_mlp_norm` is the HF name of the
-    norm before the MLP (Llama calls it post_attention_layernorm); Gemma-2 adds its norms in `extra`."""
+def decoder_rules(pre_mlp_norm: str = "post_attention_layernorm", extra: tuple[Rule, ...] = (),
+                  mlp_layers: str = ALL_LAYERS) -> list[Rule]:
+    """The Llama-style table shared by all families. `pre_mlp_norm` is the HF name of the norm
+    before the MLP (Llama calls it post_attention_layernorm); Gemma-2 adds its norms in `extra`.
+    `mlp_layers`: the layers with a dense MLP (MoE families: only their dense layers)."""
     L, H = "decoder.layers.{i}.", "model.layers.{i}."
     return [
         Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), split=COLUMN),
         Rule(L + "input_layernorm.weight", (H + "input_layernorm.weight",)),
         Rule(L + "pre_mlp_layernorm.weight", (f"{H}{pre_mlp_norm}.weight",)),
         # Transformer Engine spec: the same norms, fused into the following linears (replicated
-        # over TP, tagged sequence_parallel by TE).
+        # over TP, tagged sequence_parallel by TE). MoE layers keep a separate pre-MLP norm there.
         Rule(L + "self_attention.linear_qkv.layer_norm_weight", (H + "input_layernorm.weight",), te_alias=True),
-        Rule(L + "mlp.linear_fc1.layer_norm_weight", (f"{H}{pre_mlp_norm}.weight",), te_alias=True),
+        Rule(L + "mlp.linear_fc1.layer_norm_weight", (f"{H}{pre_mlp_norm}.weight",), te_alias=True,
+             layers=mlp_layers),
         Rule(
             L + "self_attention.linear_qkv.weight",
             tuple(f"{H}self_attn.{p}_proj.weight" for p in "qkv"),
@@ -63,10 +83,29 @@ def decoder_rules(pre_mlp_norm: str = "post_attention_layernorm", extra: tuple[R
             COLUMN,
         ),
         Rule(L + "self_attention.linear_proj.weight", (H + "self_attn.o_proj.weight",), split=ROW),
-        Rule(L + "mlp.linear_fc1.weight", (H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight"), GLU, GLU_COLUMN),
-        Rule(L + "mlp.linear_fc2.weight", (H + "mlp.down_proj.weight",), split=ROW),
+        Rule(L + "mlp.linear_fc1.weight", (H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight"), GLU, GLU_COLUMN,
+             layers=mlp_layers),
+        Rule(L + "mlp.linear_fc2.weight", (H + "mlp.down_proj.weight",), split=ROW, layers=mlp_layers),
         Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
         *extra,
+    ]
+
+
+def moe_rules(router: str, experts: str, gate_up_down: tuple[str, str, str]) -> list[Rule]:
+    """MoE layers: the router (replicated) and every expert's gated MLP. `router` and `experts`
+    are the HF module paths inside a layer (Qwen3-MoE: mlp.gate, mlp.experts; Mixtral:
+    block_sparse_moe.gate, block_sparse_moe.experts); `gate_up_down` the projections' names.
+    Megatron names carry the global expert index: the local spec's SequentialMLP and TE's grouped
+    GEMM (`linear_fc1.weight{e}`) number a rank's experts from 0 (aipo_mp.models.build maps them)."""
+    L, H = "decoder.layers.{i}.mlp.", "model.layers.{i}."
+    gate, up, down = (f"{H}{experts}.{{e}}.{name}.weight" for name in gate_up_down)
+    expert = dict(layers=MOE_LAYERS, expert=True)
+    return [
+        Rule(L + "router.weight", (f"{H}{router}.weight",), layers=MOE_LAYERS),
+        Rule(L + "experts.local_experts.{e}.linear_fc1.weight", (gate, up), GLU, GLU_COLUMN, **expert),
+        Rule(L + "experts.local_experts.{e}.linear_fc2.weight", (down,), split=ROW, **expert),
+        Rule(L + "experts.linear_fc1.weight{e}", (gate, up), GLU, GLU_COLUMN, te_alias=True, **expert),
+        Rule(L + "experts.linear_fc2.weight{e}", (down,), split=ROW, te_alias=True, **expert),
     ]
 
 
@@ -128,23 +167,34 @@ class Family:
     notes: str = ""
     # Shape flags every model of the family has (a model.arch from YAML must say so, as config.json implies it).
     arch_flags: tuple[tuple[str, bool], ...] = (("qkv_bias", False), ("qk_norm", False))
+    moe: bool = False  # a mixture-of-experts family: model.arch must give num_experts and the router's top-k
 
-    def rule_for(self, arch: ModelArch, megatron_name: str) -> tuple[Rule, Optional[int]]:
+    def rule_for(self, arch: ModelArch, megatron_name: str) -> tuple[Rule, dict]:
+        """The rule of a global Megatron name and its index ({"i": layer, "e": expert}, as present)."""
         for rule in self.rules(arch):
             m = rule.pattern().match(megatron_name)
             if m:
-                return rule, (int(m.group(1)) if m.groups() else None)
+                return rule, {k: int(v) for k, v in m.groupdict().items()}
         raise KeyError(f"no {self.name} mapping for Megatron parameter {megatron_name}")
 
     def hf_names(self, arch: ModelArch) -> list[str]:
-        """Every HF tensor name a checkpoint of this architecture holds."""
+        """Every HF tensor name a checkpoint of this architecture holds (per-expert layout)."""
         names = []
         for rule in self.rules(arch):
             if rule.te_alias or (rule.megatron == "output_layer.weight" and arch.tie_embeddings):
                 continue
-            layers = range(arch.num_layers) if "{i}" in rule.megatron else [None]
-            names += [n.format(i=i) for i in layers for n in rule.hf]
+            names += [n for index in rule_indices(rule, arch) for n in rule.hf_at(index)]
         return names
+
+
+def rule_indices(rule: Rule, arch: ModelArch) -> list[dict]:
+    """Every (layer, expert) index a rule's tensors exist at, in HF order."""
+    if "{i}" not in rule.megatron:
+        return [{}]
+    layers = [i for i in range(arch.num_layers) if rule.held_by(arch, i)]
+    if not rule.expert:
+        return [{"i": i} for i in layers]
+    return [{"i": i, "e": e} for i in layers for e in range(arch.num_experts)]
 
 
 def common_arch_fields(hf: dict, family: str) -> dict:

@@ -169,7 +169,47 @@ def apply_cpu_shims() -> None:
     warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf Tensor")
     _CPU_MODE = _CudaToCpuMode()
     _CPU_MODE.__enter__()
+    apply_moe_cpu_shims()
     _SHIMS_APPLIED = True
+
+
+def apply_moe_cpu_shims() -> None:
+    """megatron's MoE layers on CPU/gloo (see ../shared/FACTS-style notes in docs/moe.md):
+    1. moe_utils names `te_general_gemm` only when TE imports; the router asks for it anyway.
+    2. the all-to-all dispatcher copies its split sizes to the host on a side CUDA stream; on CPU
+       they are turned into host arrays directly, which is all that copy was for.
+    3. expert-TP > 1 all-gathers uneven token counts; gloo's list all_gather needs even sizes:
+       pad to the largest, gather, trim."""
+    from megatron.core.tensor_parallel import mappings
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    dispatcher = token_dispatcher.MoEAlltoAllTokenDispatcher
+    dispatcher.cuda_dtoh_stream = "cpu"  # never used as a stream: _maybe_dtoh_and_synchronize is replaced
+
+    def host_splits(self, point, tokens_per_expert=None):
+        if self.drop_and_pad or point != self.cuda_dtoh_point:
+            return tokens_per_expert
+        for name in ("input_splits", "output_splits", "output_splits_tp"):
+            value = getattr(self, name)
+            setattr(self, name, value.numpy() if torch.is_tensor(value) else value)
+        return tokens_per_expert
+
+    dispatcher._maybe_dtoh_and_synchronize = host_splits
+    even_gather = mappings._gather_along_first_dim
+
+    def gather_uneven(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1 or len(set(output_split_sizes)) == 1:
+            return even_gather(input_, group, output_split_sizes, use_global_buffer)
+        longest = max(output_split_sizes)
+        padded = input_.new_zeros((longest, *input_.shape[1:]))
+        padded[:input_.shape[0]] = input_
+        parts = [torch.empty_like(padded) for _ in output_split_sizes]
+        torch.distributed.all_gather(parts, padded.contiguous(), group=group)
+        return torch.cat([part[:n] for part, n in zip(parts, output_split_sizes)])
+
+    mappings._gather_along_first_dim = gather_uneven
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,7 +290,10 @@ def seed_model_parallel_rng(seed: int) -> None:
         )
 
 
-def initialize_model_parallel(tp: int, pp: int, vpp: Optional[int] = None, cp: int = 1) -> None:
+def initialize_model_parallel(tp: int, pp: int, vpp: Optional[int] = None, cp: int = 1, ep: int = 1,
+                              etp: Optional[int] = None) -> None:
+    """megatron's process groups; ep/etp build the expert mesh (etp x ep x expert-DP per pipeline
+    stage) beside the dense one, over the same ranks."""
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
@@ -260,6 +303,8 @@ def initialize_model_parallel(tp: int, pp: int, vpp: Optional[int] = None, cp: i
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
         context_parallel_size=cp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp or 1,
     )
 
 

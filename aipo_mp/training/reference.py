@@ -72,7 +72,8 @@ def compute_reference(state: RunState) -> torch.Tensor:
         if ref_arch != state.arch:
             raise ConfigError(f"reference.path={cfg.reference.path} has a different architecture from the policy; "
                               "the reference must be the same model family and size")
-        ref = build_model(get_family(ref_arch.family), ref_arch, cfg.parallel, cfg.precision, initialize=False)
+        ref = build_model(get_family(ref_arch.family), ref_arch, cfg.parallel, cfg.precision, initialize=False,
+                          moe=cfg.moe)
         for p in (p for c in ref.chunks for p in c.parameters()):
             p.requires_grad_(False)
         load_policy_weights(ref, cfg.reference.path)

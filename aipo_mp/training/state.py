@@ -99,12 +99,13 @@ def setup(cfg: Config) -> RunState:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     par = cfg.parallel
-    platform.initialize_model_parallel(par.tp, par.pp, par.vpp, par.cp)
+    platform.initialize_model_parallel(par.tp, par.pp, par.vpp, par.cp, ep=par.ep, etp=par.etp)
     platform.seed_model_parallel_rng(cfg.train.seed)
     lay = Layout.current()
     tokenizer_dir = tokenizer_dir_of(cfg.model.path)
     pairs, data_stats, records = prepare_data(cfg, tokenizer_dir, arch.vocab_size)
-    built = build_model(get_family(arch.family), arch, par, cfg.precision, cfg.train.recompute, initialize=False)
+    built = build_model(get_family(arch.family), arch, par, cfg.precision, cfg.train.recompute, initialize=False,
+                        moe=cfg.moe)
     load_policy_weights(built, cfg.model.path)
     objective = objectives.get_objective(cfg.objective.name)
     obj_params = objectives.resolve_params(cfg.objective.name, known_params(cfg))

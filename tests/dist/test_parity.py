@@ -13,7 +13,7 @@ import torch
 
 from aipo_mp.convert.verify import make_reference
 from aipo_mp.models import arch_from_dir
-from tests.conftest import FAMILIES, NEW_MODELS
+from tests.conftest import FAMILIES, MOE_MODELS, NEW_MODELS
 from tests.launch import run_ranks
 
 TOL = 1e-4
@@ -41,7 +41,7 @@ def run_cases(world: int, cases: list[dict], references: dict, tmp_path) -> list
 def assert_close(results: list[dict], expected_cases: int) -> None:
     assert len(results) == expected_cases
     for r in results:  # shown with `pytest -s`
-        print(f"parity {r['family']} tp={r['tp']} pp={r['pp']} vpp={r.get('vpp', 1)} sp={r.get('sp', False)}: "
+        print(f"parity {r['family']} tp={r['tp']} pp={r['pp']} ep={r.get('ep', 1)} etp={r.get('etp', 1)} vpp={r.get('vpp', 1)} sp={r.get('sp', False)}: "
               f"max |logit diff| = {r['max_abs_diff']:.1e}")
     bad = [r for r in results if not r["max_abs_diff"] <= TOL]
     assert not bad, f"logits differ beyond {TOL}: {bad}"
@@ -114,3 +114,22 @@ def test_tiny_llama3_1_scaling_really_changes_the_logits(tiny_hf_dirs):
         plain = AutoModelForCausalLM.from_pretrained(d, config=plain_cfg, dtype=torch.float32,
                                                      attn_implementation="eager").eval()(ids)
     assert (scaled.logits - plain.logits).abs().max() > 1e-2
+
+
+def moe_cases(tiny_hf_dirs, layouts: list[dict]) -> list[dict]:
+    return [dict(family=f, hf_dir=str(tiny_hf_dirs[f]), **lay) for f in MOE_MODELS for lay in layouts]
+
+
+@pytest.mark.dist
+def test_moe_parity_one_and_two_ranks(tiny_hf_dirs, references, tmp_path):
+    """Qwen3-MoE and Mixtral (4 experts, top-2) at EP1 and EP2, both token dispatchers."""
+    assert_close(run_cases(1, moe_cases(tiny_hf_dirs, [dict(tp=1, pp=1)]), references, tmp_path), 2)
+    layouts = [dict(tp=1, pp=1, ep=2), dict(tp=1, pp=1, ep=2, dispatcher="allgather"), dict(tp=1, pp=2)]
+    assert_close(run_cases(2, moe_cases(tiny_hf_dirs, layouts), references, tmp_path), 6)
+
+
+@pytest.mark.dist
+def test_moe_parity_four_ranks(tiny_hf_dirs, references, tmp_path):
+    """TP2 x EP2 (expert-TP 1 and 2) and PP2 x EP2."""
+    layouts = [dict(tp=2, pp=1, sp=True, ep=2), dict(tp=2, pp=1, sp=True, ep=2, etp=2), dict(tp=1, pp=2, ep=2)]
+    assert_close(run_cases(4, moe_cases(tiny_hf_dirs, layouts), references, tmp_path), 6)

@@ -225,6 +225,7 @@ def test_row_map_agrees_with_the_mapping_functions():
     from aipo_mp.convert.row_map import row_blocks
     from aipo_mp.models import get_family
     from aipo_mp.models.build import to_megatron, tp_slice
+    from aipo_mp.models.family import rule_indices
     from tests.conftest import tiny_arch
 
     g = torch.Generator().manual_seed(0)
@@ -234,14 +235,14 @@ def test_row_map_agrees_with_the_mapping_functions():
         shapes = expected_hf_shapes(arch, family.hf_names(arch))
         shape = lambda n: shapes.get(n, (arch.hidden_size,))  # noqa: E731 - the norms
         for rule in family.rules(arch):
-            layer = 1 if "{i}" in rule.megatron else None
-            hf = {n.format(i=layer): torch.randn(shape(n.format(i=layer)), generator=g) for n in rule.hf}
-            full = to_megatron(rule, [hf[n.format(i=layer)] for n in rule.hf], arch)
+            index = rule_indices(rule, arch)[-1]
+            hf = {n: torch.randn(shape(n), generator=g) for n in rule.hf_at(index)}
+            full = to_megatron(rule, [hf[n] for n in rule.hf_at(index)], arch)
             for size in (1, 2):
                 for rank in range(size):
                     want = tp_slice(full, rule.split, rank, size)
                     got = torch.full_like(want, float("nan"))
-                    for b in row_blocks(rule, layer, arch, rank, size, shape):
+                    for b in row_blocks(rule, index, arch, rank, size, shape):
                         src = hf[b.hf_name][b.src:b.src + b.n]
                         got[b.dst:b.dst + b.n] = src if b.cols is None else src[:, b.cols[0]:b.cols[1]]
                     assert torch.equal(got, want), (fam, rule.megatron, rank, size)

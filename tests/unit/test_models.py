@@ -18,7 +18,7 @@ from aipo_mp.models.build import te_layer_spec
 from aipo_mp.models.family import NONE, SpecOptions
 from aipo_mp.validate import validate
 from tests.conftest import FAMILIES as OLD_FAMILIES
-from tests.conftest import NEW_MODELS, tiny_arch
+from tests.conftest import NEW_MODELS, ROOT, tiny_arch
 
 LLAMA31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
            "original_max_position_embeddings": 8192}
@@ -188,8 +188,8 @@ def test_mapping_covers_every_parameter_of_the_te_layer_spec(te_spec_source, nam
     names += [f"decoder.layers.{i}.{p}" for i in range(arch.num_layers) for p in layer]
     hf_names = set(family.hf_names(arch))
     for gname in names:
-        rule, layer = family.rule_for(arch, gname)  # KeyError before this mapping had TE names
-        assert {n.format(i=layer) for n in rule.hf} <= hf_names, gname  # reads tensors a checkpoint holds
+        rule, index = family.rule_for(arch, gname)  # KeyError before this mapping had TE names
+        assert set(rule.hf_at(index)) <= hf_names, gname  # reads tensors a checkpoint holds
         if "layer_norm_weight" in gname:
             assert rule.te_alias and rule.split == NONE  # replicated over TP, like the local norms
             local = gname.replace("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight")
@@ -222,7 +222,7 @@ def test_new_families_parameter_count_and_names_equal_transformers(name):
 
 
 def test_every_family_is_registered():
-    assert set(FAMILIES) == {"llama", "mistral", "gemma2", "qwen2", "qwen3"}
+    assert set(FAMILIES) == {"llama", "mistral", "gemma2", "qwen2", "qwen3", "qwen3_moe", "mixtral"}
     assert {get_family(tiny_arch(n).family).name for n in NEW_MODELS} == {"llama", "qwen2", "qwen3"}
 
 
@@ -264,3 +264,67 @@ def test_405b_needs_a_pipeline_depth_that_divides_126_layers():
 def test_published_parameter_counts(name, published_billions):
     """The model cards' parameter counts (rounded to 0.1B) follow from the configs' shapes."""
     assert abs(num_params(_model_arch(name)) / 1e9 - published_billions) < 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixtures of experts
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
+def test_moe_parameter_counts_and_saved_names_equal_transformers(name, tmp_path):
+    """Total and active counts, and the per-expert names transformers writes, from the table."""
+    from safetensors import safe_open
+
+    from aipo_mp.testing.hf_build import hf_model_from_arch
+
+    arch = tiny_arch(name)
+    model = hf_model_from_arch(arch)
+    assert num_params(arch) == sum(p.numel() for p in model.parameters())
+    moe_layers = arch.num_layers - len(arch.dense_layers)
+    unused = (arch.num_experts - arch.num_experts_per_tok) * 3 * arch.hidden_size * arch.moe_intermediate_size
+    assert num_params(arch) - num_params(arch, active=True) == moe_layers * unused
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    assert set(get_family(arch.family).hf_names(arch)) == saved
+    assert arch_from_hf_config(hf_config_for(arch)) == arch
+
+
+def test_qwen3_moe_dense_layers_follow_transformers_rule():
+    from aipo_mp.models.qwen3_moe import dense_layers_of
+
+    assert dense_layers_of({"num_hidden_layers": 6, "decoder_sparse_step": 2, "mlp_only_layers": [3]}) == [0, 2, 3, 4]
+    assert dense_layers_of({"num_hidden_layers": 3}) == []
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["parallel.ep=3"], "parallel.ep=3 does not divide the 4 experts; choose ep from [1, 2, 4]"),
+    (["parallel.etp=5"], "parallel.etp=5 does not divide the experts' FFN width 64"),
+    (["parallel.tp=2"], "needs sequence parallelism"),
+    (["model.arch.num_experts_per_tok=5"], "model.arch.num_experts_per_tok=5: must be in [1, 4]"),
+    (["model.arch.dense_layers=[7]"], "model.arch.dense_layers: [7] are not layer indices"),
+])
+def test_moe_layouts_that_do_not_divide_are_refused(overrides, fragment):
+    from aipo_mp.config import load_config
+    from aipo_mp.errors import ConfigError
+    from aipo_mp.validate import validate
+
+    cfg = load_config(ROOT / "configs" / "models" / "tiny_qwen3_moe.yaml", overrides)
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, world_size=4)
+    assert any(fragment in line for line in e.value.errors), e.value.errors
+
+
+def test_expert_parallelism_of_a_dense_model_and_an_expert_mesh_that_does_not_fit_are_refused():
+    from aipo_mp.config import load_config
+    from aipo_mp.errors import ConfigError
+    from aipo_mp.validate import validate
+
+    dense = load_config(ROOT / "configs" / "models" / "tiny_llama.yaml", ["parallel.ep=2"])
+    with pytest.raises(ConfigError, match="expert parallelism needs a mixture-of-experts model"):
+        validate(dense, world_size=2)
+    moe = load_config(ROOT / "configs" / "models" / "tiny_mixtral.yaml", ["parallel.ep=4"])
+    with pytest.raises(ConfigError, match="world size 2 is not a multiple of etp x ep x pp = 4"):
+        validate(moe, world_size=2)
+    validate(load_config(ROOT / "configs" / "models" / "tiny_mixtral.yaml", ["parallel.ep=2"]), world_size=2)
