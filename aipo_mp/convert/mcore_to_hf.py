@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 

@@ -7,7 +7,7 @@ the config's `intermediate_size`; HF names them block_sparse_moe.experts.j.{w1, 
 from aipo_mp.config import ModelArch
 from aipo_mp.errors import ConfigError
 from aipo_mp.models import mistral
-from aipo_mp.models.family import DENSE_LAYERS, Family, SpecOptions, decoder_rules, moe_rules, output_rule
+from aipo_mp.models.family import DENSE_LAYERS, Family, decoder_rules, moe_rules, output_rule
 
 
 def arch_from_hf(hf: dict) -> ModelArch:
