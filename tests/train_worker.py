@@ -19,22 +19,26 @@ from aipo_mp.training.loop import train
 
 
 def gathered_params(state) -> dict[str, torch.Tensor]:
-    """Global tensors of all parameters, assembled on every rank (small models only)."""
+    """Global tensors of all parameters, assembled on every rank (small models only): dense ones
+    from data-parallel rank 0 (TP shards merged), experts from expert-data-parallel rank 0 of each
+    expert-parallel rank (expert-TP shards merged)."""
     from megatron.core import parallel_state as ps
 
-    tp_group = ps.get_tensor_model_parallel_group()
-    tp = torch.distributed.get_world_size(tp_group)
+    groups = {False: ps.get_tensor_model_parallel_group(), True: ps.get_expert_tensor_parallel_group()}
+    writes = {False: ps.get_data_parallel_rank() == 0, True: ps.get_expert_data_parallel_rank() == 0}
     local = {}
     for wrapped, chunk in zip(state.chunks, state.built.chunks):
         params = dict(chunk.named_parameters())
         for name, gname in global_param_names(chunk).items():
             p = params[name].detach()
             rule, _ = state.built.family.rule_for(state.built.arch, gname)
-            shards = [torch.empty_like(p) for _ in range(tp)]
-            torch.distributed.all_gather(shards, p.contiguous(), group=tp_group)
-            local[gname] = tp_merge(shards, rule.split)
+            group = groups[rule.expert]
+            shards = [torch.empty_like(p) for _ in range(torch.distributed.get_world_size(group))]
+            torch.distributed.all_gather(shards, p.contiguous(), group=group)
+            if writes[rule.expert]:
+                local[gname] = tp_merge(shards, rule.split)
     everything = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(everything, local if ps.get_data_parallel_rank() == 0 else {})
+    torch.distributed.all_gather_object(everything, local)
     merged = {}
     for part in everything:
         merged.update(part)

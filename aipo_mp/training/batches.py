@@ -68,13 +68,17 @@ def to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
     return t.to(dev)
 
 
-def row_batch(row: PackedRow) -> dict:
+def row_batch(row: PackedRow, padding_mask: bool = False) -> dict:
     """One micro-batch: every tensor the forward and the loss need, moved to the device once
-    (the loss function then never copies or syncs); `row` keeps the host-side counts."""
+    (the loss function then never copies or syncs); `row` keeps the host-side counts.
+    padding_mask: add the [1, T] mask (True: padding) megatron's MoE routers take, so padding
+    never counts in the load-balancing loss or the expert-load metrics."""
     dev = platform.device()
     batch = {"tokens": to_device(row.tokens[None], dev), "cu_seqlens": to_device(row.cu_seqlens, dev),
              "max_seqlen": row.max_seqlen, "row": row}
     batch.update({name: to_device(getattr(row, name), dev) for name in ROW_TENSORS})
+    if padding_mask:
+        batch["padding_mask"] = batch["segment_ids"][None] < 0
     return batch
 
 

@@ -22,10 +22,21 @@ def packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int) -> PackedSeqPar
     )
 
 
-def model_forward(model, tokens: torch.Tensor, cu_seqlens: Optional[torch.Tensor], max_seqlen: int = 0):
-    """tokens [1, T] -> vocab-parallel logits [1, T, V/tp] on the last stage (hidden states elsewhere)."""
+def model_forward(model, tokens: torch.Tensor, cu_seqlens: Optional[torch.Tensor], max_seqlen: int = 0,
+                  padding_mask: Optional[torch.Tensor] = None):
+    """tokens [1, T] -> vocab-parallel logits [1, T, V/tp] on the last stage (hidden states elsewhere).
+    padding_mask [1, T] (True: padding) reaches MoE routers; megatron splits it over sequence
+    parallel ranks on the first pipeline stage only, so later stages take their part here."""
     params = packed_seq_params(cu_seqlens, max_seqlen) if cu_seqlens is not None else None
-    return model(tokens, position_ids=None, attention_mask=None, packed_seq_params=params)
+    if padding_mask is None:
+        return model(tokens, position_ids=None, attention_mask=None, packed_seq_params=params)
+    inner = getattr(model, "module", model)
+    if inner.config.sequence_parallel and not inner.pre_process:
+        from megatron.core import parallel_state as ps
+
+        padding_mask = padding_mask.chunk(ps.get_tensor_model_parallel_world_size(), dim=1)[
+            ps.get_tensor_model_parallel_rank()]
+    return model(tokens, position_ids=None, attention_mask=None, packed_seq_params=params, padding_mask=padding_mask)
 
 
 def forward_only(chunks: list, batches: list[dict], collect: Callable[[torch.Tensor, dict], torch.Tensor],
@@ -34,7 +45,8 @@ def forward_only(chunks: list, batches: list[dict], collect: Callable[[torch.Ten
     gradients; `collect(logits, batch)` is called on the last stage for each micro-batch."""
     def step(data_iterator, model):
         batch = next(data_iterator)
-        out = model_forward(model, batch["tokens"], batch.get("cu_seqlens"), batch.get("max_seqlen", 0))
+        out = model_forward(model, batch["tokens"], batch.get("cu_seqlens"), batch.get("max_seqlen", 0),
+                            batch.get("padding_mask"))
 
         def loss_func(output):
             collect(output, batch)

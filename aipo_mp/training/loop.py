@@ -66,6 +66,10 @@ def run_loop(state: RunState) -> RunState:
     if state.needs_reference:  # before resuming: the weights are still the initial policy's
         optim.sync_weights(state.chunks)
         state.ref_table = compute_reference(state).to(platform.device())  # indexed on the device per row
+    if state.arch.num_experts:  # before resuming: the probe records the initial policy's routing
+        from aipo_mp.training.routing import MoEMonitor
+
+        state.moe_monitor = MoEMonitor(state)
     start = resume_from_checkpoint(state)
     log = MetricsLog(cfg, start, rank0)
     bar = progress_bar(rank0, state.total_steps, start)
@@ -132,7 +136,8 @@ def train_step(state: RunState, step: int) -> dict:
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         row = batch["row"]
-        output = model_forward(model, batch["tokens"], batch["cu_seqlens"], batch["max_seqlen"])
+        output = model_forward(model, batch["tokens"], batch["cu_seqlens"], batch["max_seqlen"],
+                               batch.get("padding_mask"))
 
         def loss_func(logits):
             if not len(row.pair_indices):
@@ -144,7 +149,7 @@ def train_step(state: RunState, step: int) -> dict:
         return output, loss_func
 
     optim.zero_grads(state.chunks, state.optimizer)
-    iters = [iter([row_batch(r) for r in rows]) for _ in state.chunks]
+    iters = [iter([row_batch(r, padding_mask=bool(state.arch.num_experts)) for r in rows]) for _ in state.chunks]
     t0 = time.perf_counter()
     get_forward_backward_func()(
         forward_step_func=forward_step,
@@ -159,7 +164,10 @@ def train_step(state: RunState, step: int) -> dict:
     optim.set_lr(state.optimizer, lr, cfg.train.weight_decay)
     _, grad_norm = optim.step(state.optimizer)
     elapsed = time.perf_counter() - t0
-    return summarize_step(state, step, sums, rows, grad_norm, lr, elapsed)
+    record = summarize_step(state, step, sums, rows, grad_norm, lr, elapsed)
+    if state.moe_monitor is not None:
+        record.update(state.moe_monitor.step_metrics(len(rows)))
+    return record
 
 
 def pair_losses(state: RunState, logits: torch.Tensor, batch: dict):

@@ -46,7 +46,8 @@ def reference_logps(built: BuiltModel, pairs, cfg: Config, lay: Layout) -> torch
     for chunk in built.chunks:
         chunk.eval()
     if rows:
-        forward_only(built.chunks, [row_batch(r) for r in rows], collect, cfg.train.seq_length, built.arch.hidden_size)
+        batches = [row_batch(r, padding_mask=bool(built.arch.num_experts)) for r in rows]
+        forward_only(built.chunks, batches, collect, cfg.train.seq_length, built.arch.hidden_size)
     for chunk in built.chunks:
         chunk.train()
     return world_sum(table).cpu()

@@ -65,6 +65,7 @@ class RunState:
     layout: Layout
     total_steps: int
     needs_reference: bool = True
+    moe_monitor: Optional[object] = None  # aipo_mp.training.routing.MoEMonitor for MoE policies
     stop: platform.StopSignal = field(default_factory=platform.StopSignal)
     stats: dict = field(default_factory=dict)
 
@@ -107,6 +108,10 @@ def setup(cfg: Config) -> RunState:
     built = build_model(get_family(arch.family), arch, par, cfg.precision, cfg.train.recompute, initialize=False,
                         moe=cfg.moe)
     load_policy_weights(built, cfg.model.path)
+    if cfg.moe.freeze_router:
+        from aipo_mp.training.routing import freeze_routers
+
+        freeze_routers(built.chunks)
     objective = objectives.get_objective(cfg.objective.name)
     obj_params = objectives.resolve_params(cfg.objective.name, known_params(cfg))
     total = cfg.train.steps or max(1, len(pairs) // cfg.train.global_batch_pairs)
