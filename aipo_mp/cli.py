@@ -33,7 +33,10 @@ def cmd_check(args) -> int:
     dp = world // (par.tp * par.pp * par.cp) if world else None
     if cfg.data.train:
         check_data(cfg, arch.vocab_size)
-    print(f"ok: {arch.family} {num_params(arch) / 1e9:.3f}B params, tp={par.tp} pp={par.pp} vpp={par.vpp} "
+    experts = (f" ({num_params(arch, active=True) / 1e9:.3f}B active, {arch.num_experts} experts top-"
+               f"{arch.num_experts_per_tok}, ep={par.ep} etp={par.etp}, router aux loss {cfg.moe.aux_loss_coeff:g}"
+               f"{', router frozen' if cfg.moe.freeze_router else ''})" if arch.num_experts else "")
+    print(f"ok: {arch.family} {num_params(arch) / 1e9:.3f}B params{experts}, tp={par.tp} pp={par.pp} vpp={par.vpp} "
           f"cp={par.cp} sp={par.sequence_parallel}" + (f" dp={dp}" if dp else "")
           + f", objective {cfg.objective.name}")
     return 0

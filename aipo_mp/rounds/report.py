@@ -220,10 +220,24 @@ def round_rows(run_dir: Path) -> list[dict]:
             "win_rate_vs_baseline": vs_base["win_rate"] if vs_base else None,
             "lc_win_rate_vs_baseline": vs_base["lc_win_rate"] if vs_base else None,
         })
+        rows[-1].update(moe_columns(metrics))
         previous = scored
         first = first if first is not None else scored
         r += 1
     return rows
+
+
+def moe_columns(metrics: list[dict]) -> dict:
+    """Routing of a mixture-of-experts policy over the round's training steps (none for dense):
+    the worst per-layer max/mean tokens per expert, the share of top-k slots dropped by the
+    capacity limit, and the share of probe tokens routed differently from the round's start."""
+    moe = [m for m in metrics if "moe/load_imbalance" in m]
+    if not moe:
+        return {}
+    return {"expert_load_imbalance": max(m["moe/load_imbalance"] for m in moe),
+            "expert_dropped_share": mean(m["moe/dropped_share"] for m in moe),
+            "routing_changed_share": moe[-1]["moe/routing_changed_share"],
+            "router_aux_loss": mean(m["moe/aux_loss"] for m in moe)}
 
 
 def fmt(v) -> str:

@@ -328,3 +328,43 @@ def test_expert_parallelism_of_a_dense_model_and_an_expert_mesh_that_does_not_fi
     with pytest.raises(ConfigError, match="world size 2 is not a multiple of etp x ep x pp = 4"):
         validate(moe, world_size=2)
     validate(load_config(ROOT / "configs" / "models" / "tiny_mixtral.yaml", ["parallel.ep=2"]), world_size=2)
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
+def test_mapping_covers_the_te_moe_layer_spec(te_spec_source, name):
+    """On GPUs an MoE layer is megatron's TE spec with grouped GEMM experts (TEGroupedMLP, one
+    `weight{e}` per local expert) and a separate pre-MLP TENorm; every such parameter maps to the
+    HF tensors the local spec's SequentialMLP maps (same checkpoint, either backend)."""
+    arch = tiny_arch(name)
+    family = get_family(arch.family)
+    spec = te_layer_spec(family.spec_options(arch), arch.num_experts)
+    moe = spec.submodules.mlp
+    assert moe.module.__name__ == "MoELayer"
+    experts = moe.submodules.experts
+    assert experts.module.__name__ == "TEGroupedMLP"
+    assert experts.submodules.linear_fc1.__name__ == "TEColumnParallelGroupedLinear"
+    assert experts.submodules.linear_fc2.__name__ == "TERowParallelGroupedLinear"
+    assert spec.submodules.pre_mlp_layernorm.__name__ == "TENorm"  # not fused into fc1 on MoE layers
+    layer = next(i for i in range(arch.num_layers) if i not in arch.dense_layers)
+    hf_names = set(family.hf_names(arch))
+    L = f"decoder.layers.{layer}."
+    for e in range(arch.num_experts):
+        for fc in (1, 2):
+            te_rule, te_index = family.rule_for(arch, f"{L}mlp.experts.linear_fc{fc}.weight{e}")
+            local_rule, local_index = family.rule_for(arch, f"{L}mlp.experts.local_experts.{e}.linear_fc{fc}.weight")
+            assert te_rule.te_alias and te_rule.expert and te_index == local_index == {"i": layer, "e": e}
+            assert te_rule.hf_at(te_index) == local_rule.hf_at(local_index)
+            assert set(te_rule.hf_at(te_index)) <= hf_names
+    for gname in (f"{L}mlp.router.weight", f"{L}pre_mlp_layernorm.weight"):
+        rule, index = family.rule_for(arch, gname)
+        assert set(rule.hf_at(index)) <= hf_names and not rule.te_alias
+
+
+def test_local_expert_names_of_both_backends_are_recognised():
+    from aipo_mp.models.build import LOCAL_EXPERT
+
+    local = LOCAL_EXPERT.match("mlp.experts.local_experts.1.linear_fc1.weight")
+    grouped = LOCAL_EXPERT.match("mlp.experts.linear_fc2.weight1")
+    assert local.group(1, 2, 3) == ("mlp.experts.local_experts.", "1", ".linear_fc1.weight")
+    assert grouped.group(4, 5, 6) == ("mlp.experts.linear_fc2.weight", "1", "")
+    assert LOCAL_EXPERT.match("mlp.linear_fc1.weight") is None and LOCAL_EXPERT.match("mlp.router.weight") is None
