@@ -75,7 +75,21 @@ def save_checkpoint(state: "RunState", step: int) -> Path:
 
 def layout_dict(cfg: Config) -> dict:
     p = cfg.parallel
-    return {"tp": p.tp, "pp": p.pp, "vpp": p.vpp, "sequence_parallel": p.sequence_parallel}
+    return {"tp": p.tp, "pp": p.pp, "vpp": p.vpp, "sequence_parallel": p.sequence_parallel, "ep": p.ep, "etp": p.etp}
+
+
+def check_expert_layout(saved: dict, cfg: Config, path: Path) -> None:
+    """With ep > 1 megatron keeps the experts' optimizer states in their own optimizer (a chained
+    pair); with ep = 1 in the one optimizer. The weights load at any ep; the optimizer state only
+    on the same side of that line."""
+    was, now = saved.get("ep", 1), cfg.parallel.ep
+    if (was > 1) != (now > 1):
+        from aipo_mp.errors import CheckpointError
+
+        raise CheckpointError(f"{path} was saved at parallel.ep={was}; its optimizer state resumes only at "
+                              f"parallel.ep {'> 1' if was > 1 else '= 1'} (megatron keeps expert optimizer states "
+                              f"apart when ep > 1): set parallel.ep accordingly, or start a new run from its weights "
+                              f"with model.path={path}")
 
 
 def load_checkpoint(state: "RunState", path: Path) -> int:
@@ -84,12 +98,13 @@ def load_checkpoint(state: "RunState", path: Path) -> int:
     shipped config: the data order is a pure function of the step)."""
     from aipo_mp.training.checkpoint import load_model, load_optimizer
 
+    info = json.loads((path / TRAIN_STATE).read_text())
+    check_expert_layout(info.get("layout", {}), state.cfg, path)
     load_model(state.built, path)
     load_optimizer(state.optimizer, state.built, path)
     rng = path / "rng" / rng_state_name()
     if rng.is_file():
         torch.set_rng_state(torch.load(rng, map_location="cpu", weights_only=True)["torch_rng"])
-    info = json.loads((path / TRAIN_STATE).read_text())
     return int(info["step"])
 
 
