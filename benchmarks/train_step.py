@@ -67,11 +67,14 @@ def load_arch(path: str, layers: int, scale: float):
         changes["num_layers"] = layers
         if arch.layer_types:
             changes["layer_types"] = (arch.layer_types * layers)[:layers]
+        changes["dense_layers"] = [i for i in arch.dense_layers if i < layers]
     if scale != 1.0:
         def scaled(v, mult):
             return max(mult, int(round(v * scale / mult)) * mult)
 
         hd = scaled(arch.head_dim, 8)
+        if arch.num_experts:
+            changes["moe_intermediate_size"] = scaled(arch.moe_intermediate_size, 64)
         changes.update(head_dim=hd, intermediate_size=scaled(arch.intermediate_size, 64),
                        hidden_size=arch.num_attention_heads * hd if arch.hidden_size == arch.num_attention_heads
                        * arch.head_dim else scaled(arch.hidden_size, 64))
@@ -88,7 +91,7 @@ def build_checkpoint(arch, work: Path) -> Path:
     tok = build_tiny_tokenizer(work / f"tokenizer_{arch.vocab_size}", vocab_size=arch.vocab_size)
     name = "_".join(str(getattr(arch, k)) for k in ("family", "num_layers", "hidden_size", "intermediate_size",
                                                      "num_attention_heads", "num_key_value_heads", "head_dim",
-                                                     "vocab_size"))
+                                                     "vocab_size", "num_experts", "moe_intermediate_size"))
     model = save_hf_model(arch, work / f"hf_{name}", tokenizer_dir=tok)
     print(f"checkpoint: {model} ({time.perf_counter() - t0:.1f} s incl. cache check)", flush=True)
     return model
@@ -223,7 +226,7 @@ def train_config(args, model: Path, data: Path, out: Path, max_len: int, dtype: 
     return {
         "model": {"path": str(model)},
         "data": {"train": str(data), "max_length": max_len, "max_prompt_length": max_len // 2, "shuffle": True},
-        "parallel": {"tp": args.tp, "pp": args.pp, "sequence_parallel": args.tp > 1},
+        "parallel": {"tp": args.tp, "pp": args.pp, "ep": args.ep, "etp": args.etp, "sequence_parallel": args.tp > 1},
         "precision": {"dtype": dtype},
         "objective": {"name": "aipo"},
         "reference": {"mode": "initial"},
@@ -268,6 +271,8 @@ def main() -> int:
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on a GPU, fp32 on CPU")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--ep", type=int, default=1, help="expert parallel (MoE configs)")
+    ap.add_argument("--etp", type=int, default=1, help="expert tensor parallel (MoE configs)")
     ap.add_argument("--nproc", type=int, default=1, help="ranks (GPUs); dp = nproc / (tp x pp)")
     ap.add_argument("--seq-length", type=int, default=2048)
     ap.add_argument("--global-batch-pairs", type=int, default=16)
@@ -297,7 +302,9 @@ def main() -> int:
     arch = load_arch(args.model_config, args.layers, args.scale)
     print(f"model: {arch.family} {arch.num_layers} layers, hidden {arch.hidden_size}, FFN {arch.intermediate_size}, "
           f"heads {arch.num_attention_heads}/{arch.num_key_value_heads} x {arch.head_dim}, vocab {arch.vocab_size}: "
-          f"{num_params(arch) / 1e9:.3f}B params", flush=True)
+          f"{num_params(arch) / 1e9:.3f}B params"
+          + (f" ({num_params(arch, active=True) / 1e9:.3f}B active: {arch.num_experts} experts of "
+             f"{arch.moe_intermediate_size}, top-{arch.num_experts_per_tok})" if arch.num_experts else ""), flush=True)
     model = build_checkpoint(arch, work)
 
     max_len = args.seq_length // 2
