@@ -43,6 +43,20 @@ def pad_rows(rows: list[PackedRow], multiple: int, seq_length: int) -> list[Pack
     return rows
 
 
+def schedule_rows(rows: list[PackedRow], cfg) -> list[PackedRow]:
+    """A rank's rows as the pipeline schedule runs them: a multiple of pp for the interleaved
+    schedule and, with expert parallelism, as many on every rank (each micro-batch's token
+    all-to-all needs every rank of the expert group, which spans data-parallel replicas whose
+    pairs pack into different row counts; a padding row carries no loss and no routed token)."""
+    par = cfg.parallel
+    rows = pad_rows(rows, par.pp if par.vpp > 1 else 1, cfg.train.seq_length)
+    if par.ep > 1:
+        most = torch.tensor(float(len(rows)), device=platform.device())
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        rows += [empty_row(cfg.train.seq_length) for _ in range(int(most) - len(rows))]
+    return rows
+
+
 def empty_row(seq_length: int) -> PackedRow:
     return PackedRow(
         tokens=torch.zeros(seq_length, dtype=torch.long),
@@ -88,4 +102,4 @@ def step_rows(state: RunState, step: int) -> list[PackedRow]:
     per_rank = len(batch) // lay.dp_size
     mine = [state.pairs[i] for i in batch[lay.dp_rank * per_rank:(lay.dp_rank + 1) * per_rank]]
     rows = pack_pairs(mine, cfg.train.seq_length, cfg.train.micro_batch_pairs)
-    return pad_rows(rows, cfg.parallel.pp if cfg.parallel.vpp > 1 else 1, cfg.train.seq_length)
+    return schedule_rows(rows, cfg)

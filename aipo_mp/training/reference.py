@@ -15,7 +15,7 @@ from aipo_mp.models.build import BuiltModel, build_model
 from aipo_mp.runtime import platform
 from aipo_mp.training import guards
 from aipo_mp.training import identity as run_identity
-from aipo_mp.training.batches import pad_rows, row_batch
+from aipo_mp.training.batches import row_batch, schedule_rows
 from aipo_mp.training.forward import forward_only
 from aipo_mp.training.logprobs import sequence_logprobs, token_logprobs
 from aipo_mp.training.state import Layout, RunState, load_policy_weights, world_sum
@@ -33,7 +33,7 @@ def reference_logps(built: BuiltModel, pairs, cfg: Config, lay: Layout) -> torch
     pairs split across data-parallel ranks; every rank receives the full table."""
     mine = [p for p in pairs if p.index % lay.dp_size == lay.dp_rank]
     rows = pack_pairs(mine, cfg.train.seq_length, cfg.train.micro_batch_pairs)
-    rows = pad_rows(rows, cfg.parallel.pp if cfg.parallel.vpp > 1 else 1, cfg.train.seq_length)
+    rows = schedule_rows(rows, cfg)
     table = torch.zeros(len(pairs), 2, dtype=torch.float32, device=platform.device())
 
     def collect(logits, batch):

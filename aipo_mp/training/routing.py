@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from aipo_mp.runtime import platform
-from aipo_mp.training.batches import pad_rows, row_batch, step_rows
+from aipo_mp.training.batches import row_batch, schedule_rows, step_rows
 from aipo_mp.training.forward import forward_only
 from aipo_mp.training.state import RunState, world_sum
 
@@ -134,7 +134,7 @@ class RoutingProbe:
         cfg = state.cfg
         self.state, self.tap = state, tap
         rows = step_rows(state, 0)[:1]
-        self.rows = pad_rows(rows, cfg.parallel.pp if cfg.parallel.vpp > 1 else 1, cfg.train.seq_length)
+        self.rows = schedule_rows(rows, cfg)
         self.initial = self.route()
 
     def route(self) -> dict[int, torch.Tensor]:

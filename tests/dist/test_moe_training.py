@@ -24,7 +24,9 @@ def moe_dirs(tmp_path_factory) -> dict:
     base = tmp_path_factory.mktemp("moe_policy")
     tok = build_tiny_tokenizer(base / "tokenizer", vocab_size=512)
     dirs = {f: save_hf_model(tiny_arch(f), base / f, seed=3, tokenizer_dir=tok) for f in MOE_MODELS}
-    dirs["pairs"] = write_jsonl(marker_pairs(96, seed=1), base / "pairs.jsonl")
+    # An odd number of pairs, one per micro-batch: the data-parallel ranks' reference passes run
+    # 48 and 47 micro-batches, which expert parallelism must even out (its all-to-all spans them).
+    dirs["pairs"] = write_jsonl(marker_pairs(95, seed=1), base / "pairs.jsonl")
     return dirs
 
 
@@ -32,7 +34,7 @@ def launch(world: int, runs: list[tuple[str, list[str]]], moe_dirs: dict, tmp_pa
     spec = tmp_path / f"spec{world}.json"
     spec.write_text(json.dumps({"config": None, "runs": [
         {"name": name, "overrides": [f"model.path={moe_dirs[name.split('-')[0]]}", f"data.train={moe_dirs['pairs']}",
-                                     *COMMON, *extra]} for name, extra in runs]}))
+                                     *COMMON, "train.micro_batch_pairs=1", *extra]} for name, extra in runs]}))
     run_ranks(world, "tests.train_worker", [str(spec), str(tmp_path)])
 
 
