@@ -7,6 +7,14 @@ split into its HF tensors and appended to a safetensors file planned beforehand.
 replicas other than the first write nothing. The result equals `python -m checkpoint_tools
 mcore-to-hf` of the checkpoint saved from the same weights, tensor for tensor, with the same
 config and tokenizer files (tested).
+
+Mixture-of-experts layers: the experts of expert-parallel rank r live on other ranks than the
+dense weights' first data-parallel replica, so expert parameters take their own path: on each
+pipeline stage, expert-data-parallel rank 0 of every EP rank gathers its experts' shards over the
+expert-tensor-parallel group on ETP rank 0, which writes them (global expert indices, HF's
+per-expert names) into a part of its own. Dense parameters (the router included) keep the path
+above. Every HF tensor is written exactly once (finalize_hf_dir checks the names; tested against
+the source HF directory at EP2, TP2 x EP2 x ETP2 with SP, and PP2 x EP2).
 """
 
 from __future__ import annotations
@@ -16,15 +24,13 @@ from typing import Optional
 
 import torch
 
-from aipo_mp.models.build import global_param_names, to_hf
+from aipo_mp.models.build import global_param_names, parallel_rank_and_size, to_hf
 from aipo_mp.models.family import COLUMN, GLU_COLUMN, NONE, ROW
 
 
 def write_policy_hf(built, directory: str | Path, hf_config: dict, extra_files_from: Optional[str | Path],
                     dtype: str, max_shard_bytes: int = 5 * 10**9) -> Path:
     """Collective over all ranks. Writes `directory` atomically (replacing an existing one)."""
-    from megatron.core import parallel_state as ps
-
     from aipo_mp.convert.tensor_io import IOStats, finalize_hf_dir
     from aipo_mp.training.checkpoint import (
         DTYPES,
@@ -39,8 +45,7 @@ def write_policy_hf(built, directory: str | Path, hf_config: dict, extra_files_f
     on_rank0_then_agree(lambda: prepare_partial(final, overwrite=True))
     tmp = partial_path(final)
     try:
-        if ps.get_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0:
-            write_stage(built, tmp, DTYPES[dtype], max_shard_bytes, IOStats())
+        write_stage(built, tmp, DTYPES[dtype], max_shard_bytes, IOStats())
         torch.distributed.barrier()
         names = built.family.hf_names(built.arch)
         on_rank0_then_agree(lambda: finalize_hf_dir(tmp, Path(extra_files_from) if extra_files_from else None,
@@ -53,9 +58,11 @@ def write_policy_hf(built, directory: str | Path, hf_config: dict, extra_files_f
     return final
 
 
-def stage_units(built, tp_size: int, out_dtype: torch.dtype) -> list[tuple]:
-    """(parameter, rule, index, HF entries) of this rank's chunks, in order; the tied output
-    layer is left out (the embedding is the HF tensor)."""
+def stage_units(built, out_dtype: torch.dtype, experts: bool = False) -> list[tuple]:
+    """(parameter, rule, index, HF entries) of this rank's chunks, in order: the dense parameters,
+    or (experts=True) the expert parameters; the tied output layer is left out (the embedding is
+    the HF tensor). Entry shapes are those of the parameter merged over its split group (TP, or
+    expert-TP for experts)."""
     from aipo_mp.convert.tensor_io import Entry
 
     grow = {COLUMN: 0, GLU_COLUMN: 0, ROW: 1}
@@ -64,12 +71,14 @@ def stage_units(built, tp_size: int, out_dtype: torch.dtype) -> list[tuple]:
         params = dict(chunk.named_parameters())
         for local, gname in global_param_names(chunk).items():
             rule, index = built.family.rule_for(built.arch, gname)
+            if rule.expert != experts:
+                continue
             if rule.megatron == "output_layer.weight" and built.arch.tie_embeddings:
                 continue
             p = params[local]
             shape = list(p.shape)
             if rule.split in grow:
-                shape[grow[rule.split]] *= tp_size
+                shape[grow[rule.split]] *= parallel_rank_and_size(rule)[1]
             hf = to_hf(rule, torch.empty(shape, device="meta"), built.arch)
             entries = [Entry(n, tuple(t.shape), out_dtype) for n, t in zip(rule.hf_at(index), hf)]
             units.append((p, rule, index, entries))
@@ -77,38 +86,54 @@ def stage_units(built, tp_size: int, out_dtype: torch.dtype) -> list[tuple]:
 
 
 def write_stage(built, directory: Path, out_dtype: torch.dtype, max_bytes: int, stats) -> None:
-    """This pipeline stage's part: every TP rank takes part in the gathers, TP rank 0 writes."""
+    """(Every rank.) This pipeline stage's part: the dense parameters from data-parallel rank 0
+    (gathered over TP), and, for MoE models, this EP rank's experts from expert-data-parallel
+    rank 0 (gathered over expert-TP), each into part files of their own."""
     from megatron.core import parallel_state as ps
 
+    stage = f"part{ps.get_pipeline_model_parallel_rank():05d}"
+    if ps.get_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0:
+        write_units(built, directory, stage, stage_units(built, out_dtype), ps.get_tensor_model_parallel_group(),
+                    ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(), out_dtype,
+                    max_bytes, stats)
+    if built.arch.num_experts and ps.get_expert_data_parallel_rank() == 0:
+        units = stage_units(built, out_dtype, experts=True)
+        if units:
+            write_units(built, directory, f"{stage}-experts{ps.get_expert_model_parallel_rank():05d}", units,
+                        ps.get_expert_tensor_parallel_group(), ps.get_expert_tensor_parallel_rank(),
+                        ps.get_expert_tensor_parallel_world_size(), out_dtype, max_bytes, stats)
+
+
+def write_units(built, directory: Path, part: str, units: list[tuple], group, rank: int, size: int,
+                out_dtype: torch.dtype, max_bytes: int, stats) -> None:
+    """Every rank of `group` takes part in the gathers of `units`; its rank 0 writes `part`."""
     from aipo_mp.convert.tensor_io import plan_files, write_part_files
 
-    group = ps.get_tensor_model_parallel_group()
-    tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-    units = stage_units(built, tp_size, out_dtype)
-    if tp_rank != 0:
+    if rank != 0:
         for p, rule, _, _ in units:
-            if tp_size > 1 and rule.split != NONE:
-                receive_merged(p.detach(), rule, group, tp_rank, tp_size)
+            if size > 1 and rule.split != NONE:
+                receive_merged(p.detach(), rule, group, rank, size)
         return
     by_first = {u[3][0].name: u for u in units}
 
     def produce(group_entries) -> list[torch.Tensor]:
         p, rule, layer, entries = by_first[group_entries[0].name]
         t = p.detach()
-        merged = receive_merged(t, rule, group, 0, tp_size) if tp_size > 1 and rule.split != NONE else [t]
+        merged = receive_merged(t, rule, group, 0, size) if size > 1 and rule.split != NONE else [t]
         hf = merged if len(merged) == len(entries) else to_hf(rule, merged[0], built.arch)
         return [x.to(device="cpu", dtype=out_dtype) for x in hf]
 
-    # One writer thread: the gathers must run in the same order on every TP rank.
+    # One writer thread: the gathers must run in the same order on every rank of the group.
     files = plan_files([u[3] for u in units], max_bytes)
-    write_part_files(directory, f"part{ps.get_pipeline_model_parallel_rank():05d}", files, produce, 1, stats)
+    write_part_files(directory, part, files, produce, 1, stats)
 
 
 def receive_merged(t: torch.Tensor, rule, group, tp_rank: int, tp_size: int) -> Optional[list]:
     """Merge the TP shards of one parameter on TP rank 0, receiving one shard at a time into a
     reused buffer and copying it straight into place: the merged tensor plus one shard is all
     that is ever held. Returns [merged] (or [gate, up] for the gated MLP, which is never fused)
-    on TP rank 0, None elsewhere. Same layout as aipo_mp.models.build.tp_merge."""
+    on TP rank 0, None elsewhere. Same layout as aipo_mp.models.build.tp_merge. `group` is the
+    group the parameter is split over (TP, or expert-TP for experts)."""
     dist = torch.distributed
     if tp_rank != 0:
         dist.send(t.contiguous(), dst=dist.get_global_rank(group, 0), group=group)
