@@ -3,7 +3,8 @@
 - `RMSNorm`: Llama-style (x̂·w) and Gemma-style (x̂·(1+w), computed in fp32) RMS norms that
   also work with sequence parallelism (megatron's WrappedTorchNorm refuses it).
 - `TorchCoreAttention`: causal attention with grouped-query heads, sliding windows, logit
-  soft-capping and packed sequences (THD layout with cumulative sequence lengths).
+  soft-capping and packed sequences (THD layout with cumulative sequence lengths), computed one
+  sequence at a time so its cost follows the sequences, not the packed row.
 - `RowParallelLinearWithPostNorm`: a row-parallel projection followed by an RMSNorm of its
   output, which is how Gemma-2's post-attention and post-feed-forward norms enter the spec.
 """
@@ -67,11 +68,26 @@ class RowParallelLinearWithPostNorm(RowParallelLinear):
 
 
 class TorchCoreAttention(MegatronModule):
-    """softmax(softcap(q·kᵀ·scale) + mask)·v for the local backend.
+    """softmax(softcap(q·kᵀ·scale) + mask)·v for the local backend, computed per sequence.
 
     Receives q [s, b, np, hn] and k, v [s, b, ng, hn] (or [t, np, hn] in the packed THD layout,
     where `packed_seq_params.cu_seqlens_q` marks sequence starts), already rotated by RoPE.
     Attention never crosses a sequence boundary; heads of a query group share their k/v.
+
+    A packed row is attended one sequence at a time, so compute and the memory kept for backward
+    follow the sum of the squared sequence lengths, not the row length squared:
+    - without soft-capping, each sequence is one `scaled_dot_product_attention` call (is_causal, or
+      a [L, L] band mask when the sliding window is shorter than the sequence; `enable_gqa` for
+      grouped k/v): torch's flash kernel on CPU and GPU, which keeps only the output and an fp32
+      log-sum-exp per head and token; with dropout torch falls back to its math kernel, still per
+      sequence;
+    - with soft-capping (Gemma-2), which no SDPA kernel expresses, the same per-sequence loop runs
+      the exact unfused computation (fp32 scores, tanh cap, mask, fp32 softmax, probs in dtype).
+    Padding costs nothing and its output is zero when it is marked: tokens after
+    `cu_seqlens_q[-1]`, and, when `cu_seqlens_q_padded` is given (megatron/TE convention: sequence
+    i's real tokens start at `cu_seqlens_q_padded[i]` and are `cu_seqlens_q[i+1] - cu_seqlens_q[i]`
+    long), every token between one sequence's real end and the next padded start. A padding
+    segment listed in `cu_seqlens_q` like a sequence is attended like one.
     """
 
     def __init__(
@@ -99,41 +115,97 @@ class TorchCoreAttention(MegatronModule):
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
-        packed = query.dim() == 3
-        if packed:  # [t, h, d] -> [t, 1, h, d]
-            query, key, value = (x.unsqueeze(1) for x in (query, key, value))
-        s, b, nq, hd = query.shape
-        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, h, s, d]
-        groups = nq // k.shape[1]
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        allowed = self._allowed(s, query.device, packed_seq_params, attention_mask)
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.softmax_scale
-        if self.logit_softcapping:
-            cap = self.logit_softcapping
-            scores = torch.tanh(scores / cap) * cap
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        if self.training and self.dropout_p > 0:
-            probs = F.dropout(probs, p=self.dropout_p)
-        context = torch.matmul(probs, v)  # [b, h, s, d]
-        context = context.permute(2, 0, 1, 3).reshape(s, b, nq * hd)
-        return context.squeeze(1) if packed else context
+        dropout_p = self.dropout_p if self.training else 0.0
+        allow = None if attention_mask is None else ~attention_mask.bool()  # megatron: True = masked out
+        if query.dim() == 4:  # [s, b, h, d]: one causal sequence per row
+            s, b, nq, hd = query.shape
+            q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, h, s, d]
+            context = self._attend(q, k, v, dropout_p, allow)
+            return context.permute(2, 0, 1, 3).reshape(s, b, nq * hd)
+        t, nq, hd = query.shape  # packed THD: [t, h, d]
+        # One split (not a slice per sequence: each slice's backward would fill a [t, h, d] zero
+        # gradient) into the sequences and the padding between and after them.
+        sizes, is_sequence, done = [], [], 0
+        for start, end in packed_spans(packed_seq_params, t):
+            if start > done:
+                sizes.append(start - done)
+                is_sequence.append(False)
+            sizes.append(end - start)
+            is_sequence.append(True)
+            done = end
+        if done < t:
+            sizes.append(t - done)
+            is_sequence.append(False)
+        pieces, start = [], 0
+        for q, k, v, length, attended in zip(query.split(sizes), key.split(sizes), value.split(sizes), sizes,
+                                             is_sequence):
+            if attended:
+                q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, h, L, d]
+                seg_allow = None if allow is None else allow[..., start:start + length, start:start + length]
+                pieces.append(self._attend(q, k, v, dropout_p, seg_allow)[0].transpose(0, 1))  # [L, h, d]
+            else:  # padding: attends nothing, output zero
+                pieces.append(query.new_zeros(length, nq, hd))
+            start += length
+        context = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return context.reshape(t, nq * hd)
 
-    def _allowed(self, s: int, device, packed_seq_params, attention_mask) -> torch.Tensor:
-        """Boolean [.., s, s]: may query i attend to key j?"""
-        pos = torch.arange(s, device=device)
-        allowed = pos[None, :] <= pos[:, None]
-        if self.window_size is not None:
-            allowed &= pos[None, :] > pos[:, None] - self.window_size
-        if packed_seq_params is not None:
-            cu = packed_seq_params.cu_seqlens_q.to(device)
-            segment = torch.searchsorted(cu[1:].contiguous(), pos, right=True)
-            allowed &= segment[None, :] == segment[:, None]
-        if attention_mask is not None:  # megatron convention: True = masked out
-            allowed = allowed & ~attention_mask.bool()
-        return allowed
+    def _attend(self, q, k, v, dropout_p: float, allow: Optional[torch.Tensor]) -> torch.Tensor:
+        """Causal attention within one sequence: q [b, np, L, d], k/v [b, ng, L, d] -> [b, np, L, d].
+        allow: an extra boolean mask broadcastable to [b, np, L, L] (True: may attend), or None."""
+        length = q.shape[-2]
+        window = self.window_size if self.window_size is not None and self.window_size < length else None
+        if window is not None or allow is not None or self.logit_softcapping:
+            pos = torch.arange(length, device=q.device)
+            band = pos[None, :] <= pos[:, None]
+            if window is not None:
+                band &= pos[None, :] > pos[:, None] - window
+            allow = band if allow is None else band & allow
+        if self.logit_softcapping:
+            return self._attend_softcapped(q, k, v, dropout_p, allow)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allow, dropout_p=dropout_p, is_causal=allow is None,
+            scale=self.softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
+
+    def _attend_softcapped(self, q, k, v, dropout_p: float, allow: torch.Tensor) -> torch.Tensor:
+        """The exact unfused computation (fp32 scores and softmax), for what SDPA cannot express."""
+        b, nq, length, hd = q.shape
+        ng = k.shape[1]
+        qg = q.float().reshape(b, ng, nq // ng, length, hd)  # the heads of a query group share k/v
+        scores = torch.matmul(qg, k.float().unsqueeze(2).transpose(-1, -2)) * self.softmax_scale
+        cap = self.logit_softcapping
+        scores = torch.tanh(scores / cap) * cap
+        scores = scores.reshape(b, nq, length, length).masked_fill(~allow, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        if dropout_p > 0:
+            probs = F.dropout(probs, p=dropout_p)
+        context = torch.matmul(probs.reshape(b, ng, nq // ng, length, length), v.unsqueeze(2))
+        return context.reshape(b, nq, length, hd)
+
+
+def packed_spans(packed_seq_params, total: int) -> list[tuple[int, int]]:
+    """[(start, end)] of each sequence's real tokens in a packed row of `total` tokens, in order;
+    tokens in no span are padding. Computed once per PackedSeqParams (one host sync per forward,
+    not one per layer) and cached on it."""
+    if packed_seq_params is None:
+        return [(0, total)]
+    cu_q, padded = packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_q_padded
+    cached = getattr(packed_seq_params, "_aipo_spans", None)
+    if cached is not None and cached[0] is cu_q and cached[1] is padded and cached[2] == total:
+        return cached[3]
+    cu = cu_q.tolist()
+    starts = padded.tolist()[:-1] if padded is not None else cu[:-1]
+    spans, done = [], 0
+    for start, a, b in zip(starts, cu[:-1], cu[1:]):
+        end = min(start + b - a, total)
+        if end <= start:
+            continue
+        if start < done:
+            raise ValueError(f"packed sequences overlap or are out of order: cu_seqlens_q={cu}"
+                             + (f", cu_seqlens_q_padded={padded.tolist()}" if padded is not None else ""))
+        spans.append((start, end))
+        done = end
+    packed_seq_params._aipo_spans = (cu_q, padded, total, spans)
+    return spans
 
 
 def tp_rank_and_size() -> tuple[int, int]:
