@@ -1,8 +1,9 @@
 """One rank of the planner-vs-trainer check. argv: spec.json out.json.
 
 For each run (overrides of a tiny training config) it builds the trainer's state, takes one
-optimizer step, and reports what this rank really holds: parameter, gradient (megatron DDP
-main_grad, fp32) and optimizer-state bytes (megatron's optimizer: fp32 main weights that are not
+optimizer step, and reports what this rank really holds: parameters (all of them, the trainable
+ones, and the expert weights megatron keeps in its expert-parallel gradient buffer), parameter,
+gradient (megatron DDP main_grad, fp32) and optimizer-state bytes (megatron's optimizer: fp32 main weights that are not
 the model's own tensors, and the Adam moments), and, for single-stage layouts, the bytes of tensors
 autograd saves for the backward of one packed row (the activation memory of a micro-batch)."""
 
@@ -26,7 +27,7 @@ from aipo_mp.training.state import setup
 def saved_activation_bytes(state) -> int:
     """Unique storage bytes autograd keeps for the backward of one row's forward."""
     seen: dict[int, int] = {}
-    params = {p.data_ptr() for p in state.params}
+    params = {p.data_ptr() for c in state.chunks for p in c.parameters()}  # frozen ones too
 
     def pack(t: torch.Tensor):
         ptr = t.untyped_storage().data_ptr()
@@ -44,12 +45,17 @@ def saved_activation_bytes(state) -> int:
 def measure(state) -> dict:
     from megatron.core import parallel_state as ps
 
+    expert = [p for c in state.chunks for p in c.parameters() if not getattr(p, "allreduce", True)]
     return {
+        "rank": torch.distributed.get_rank(),
         "tp_rank": ps.get_tensor_model_parallel_rank(),
         "pp_rank": ps.get_pipeline_model_parallel_rank(),
         "dp_rank": ps.get_data_parallel_rank(),
+        "edp_rank": ps.get_expert_data_parallel_rank(),
+        "all_params": sum(p.numel() for c in state.chunks for p in c.parameters()),
+        "expert_params": sum(p.numel() for p in expert),  # megatron's separate expert buffer (ep > 1)
         "params": sum(p.numel() for p in state.params),
-        "weight_bytes": sum(p.numel() * p.element_size() for p in state.params),
+        "weight_bytes": sum(p.numel() * p.element_size() for c in state.chunks for p in c.parameters()),
         "grad_bytes": sum(p.main_grad.numel() * p.main_grad.element_size() for p in state.params),
         "optimizer_bytes": optimizer_state_bytes(state.optimizer, state.chunks),
     }

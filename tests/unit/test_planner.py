@@ -155,11 +155,24 @@ def test_activation_formula():
     no_sp = s * (8 * h + (2 * (2 * hq + 2 * hkv) + 10 * f + 4 * a) / 8)
     assert planner.layer_activation_bytes(arch, s, 1, 8, False, "none") == pytest.approx(no_sp)
     assert planner.layer_activation_bytes(arch, s, 1, 8, True, "full") == pytest.approx(2 * s * h / 8)
-    # Unfused attention (Gemma-2) keeps s² scores; selective recomputation drops them.
+    # Unfused attention (Gemma-2's soft-capping) runs per sequence (a pair's two sequences of
+    # L = s/2 in a row): it keeps fp32 scores, bf16 probabilities and the fp32 tanh output per head,
+    # L per token, fp32 q and repeated k and the repeated v, and each sequence's [L, L] bool mask;
+    # selective recomputation drops all of it.
     g = arch_of("gemma2_27b")
-    full_scores = planner.layer_activation_bytes(g, 4096, 1, 1, False, "none")
-    selective = planner.layer_activation_bytes(g, 4096, 1, 1, False, "selective")
-    assert full_scores - selective > 32 * 4096 * 4096 * (4 + 2)
+    s, L, a, hq, hkv = 4096, 2048, 32, 32 * 128, 16 * 128
+    full_scores = planner.layer_activation_bytes(g, s, 1, 1, False, "none", backend="local")
+    selective = planner.layer_activation_bytes(g, s, 1, 1, False, "selective", backend="local")
+    unfused = 4 * hq + 4 * hq + 2 * hq - 2 * (hq + 2 * hkv)  # fp32 q, fp32 repeated k, repeated v replace q, k, v
+    assert full_scores - selective == pytest.approx(s * (unfused + L * a * (4 + 2 + 4)) + 2 * L * L)
+    # Two pairs per row: four sequences of s/4, half the scores of one pair per row.
+    two = planner.layer_activation_bytes(g, s, 1, 1, False, "none", backend="local", pairs_per_row=2)
+    assert full_scores - two == pytest.approx(s * (L - L / 2) * a * 10 + 2 * L * L - 4 * (L / 2) ** 2)
+    # Without soft-capping the local backend's per-sequence SDPA keeps only its output and an fp32
+    # log-sum-exp per head: nothing grows with the sequence length beyond the tokens.
+    llama = arch_of("llama3_8b")
+    one, double = (planner.layer_activation_bytes(llama, n, 1, 1, False, "none", backend="local") for n in (2048, 4096))
+    assert double == pytest.approx(2 * one)
 
 
 def test_microbatches_in_flight():
