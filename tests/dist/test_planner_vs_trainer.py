@@ -4,8 +4,9 @@ activation estimate is within 25% of the bytes autograd really saves for one mic
 llama and gemma2 at several layouts, and Qwen2.5 (q/k/v biases, tied embeddings) and Qwen3 (q/k
 norms) at TP=2 + SP and PP=2. The same for mixtures of experts (tiny Qwen3-MoE with a dense layer,
 tiny Mixtral; 4 experts, top-2) on 4 ranks: EP=2 (DP=4, expert-DP=2: megatron's separate expert
-buffer sharded over 2 ranks, the dense one over 4), TP=2 x EP=2 with SP (expert-DP=1), PP=2 x
-EP=2, and frozen routers (no gradient, no optimizer state)."""
+buffer sharded over 2 ranks, the dense one over 4), EP=4 (expert-DP=1), TP=2 x EP=2 with SP (DP=2,
+expert-DP=2), TP=2 x EP=2 x ETP=2 (expert-DP=1), PP=2 x EP=2, and frozen routers (no gradient, no
+optimizer state)."""
 
 from __future__ import annotations
 
@@ -90,8 +91,10 @@ def moe_dirs(tmp_path_factory) -> dict:
 # name: (family, tp, pp, sp, ep, etp, freeze_router), on 4 ranks
 MOE_LAYOUTS = {
     "qwen3_moe-ep2": ("qwen3_moe", 1, 1, False, 2, 1, False),  # DP 4, expert-DP 2
-    "qwen3_moe-tp2ep2": ("qwen3_moe", 2, 1, True, 2, 1, False),  # DP 2, expert-DP 1
+    "qwen3_moe-tp2ep2": ("qwen3_moe", 2, 1, True, 2, 1, False),  # DP 2, expert-DP 2
+    "qwen3_moe-tp2ep2etp2": ("qwen3_moe", 2, 1, True, 2, 2, False),  # DP 2, expert-DP 1
     "qwen3_moe-pp2ep2": ("qwen3_moe", 1, 2, False, 2, 1, False),  # stage 0 holds the dense layer 1
+    "mixtral-ep4": ("mixtral", 1, 1, False, 4, 1, False),  # DP 4, expert-DP 1
     "mixtral-ep2frozen": ("mixtral", 1, 1, False, 2, 1, True),
 }
 

@@ -342,3 +342,309 @@ def test_cli_missing_config(capsys, tmp_path):
     assert planner.main([str(tmp_path / "nope.yaml"), "--gpus", "8"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "config file not found" in err[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixtures of experts
+# ---------------------------------------------------------------------------------------------
+
+MOE_MODELS = ["tiny_qwen3_moe", "tiny_mixtral", "qwen3_30b_a3b", "qwen3_235b_a22b", "mixtral_8x22b"]
+
+# tiny_qwen3_moe: h=128, ffn=256 (dense layer 1 only), 4 heads, 2 KV heads, head_dim 64, vocab 512,
+# q/k norms, 4 experts of width 64, top-2. At tp=2 every layer has:
+QWEN_MOE_TP2_ATTN = [
+    (128,),  # input norm
+    (256, 128),  # linear_qkv: (4 + 2*2) * 64 / 2 rows
+    (64,), (64,),  # q and k norms (replicated)
+    (128, 128),  # linear_proj: [h, 4*64/2]
+    (128,),  # pre-MLP norm
+]
+QWEN_MOE_DENSE_MLP_TP2 = [(256, 128), (128, 128)]  # fc1 [2*256/2, h], fc2 [h, 256/2]
+ROUTER = [(4, 128)]  # [E, h], replicated over TP and EP
+
+
+def experts(local: int, width: int) -> list[tuple]:
+    """`local` experts of FFN width `width`: fc1 [2*width, h] (gate and up), fc2 [h, width]."""
+    return local * [(2 * width, 128), (128, width)]
+
+
+def test_tiny_qwen3_moe_tp2_pp2_ep2_by_hand():
+    arch = arch_of("tiny_qwen3_moe")
+    counts = param_counts(arch, tp=2, pp=2, ep=2, etp=1)
+    moe_layer = QWEN_MOE_TP2_ATTN + ROUTER + experts(2, 64)  # 4 experts / ep 2, full width with etp=1
+    dense_layer = QWEN_MOE_TP2_ATTN + QWEN_MOE_DENSE_MLP_TP2
+    first = [(256, 128)] + moe_layer + dense_layer  # embedding [512/2, h]; layers 0 (MoE) and 1 (dense)
+    last = 2 * moe_layer + [(128,), (256, 128)]  # layers 2, 3; final norm, output layer
+    assert counts.per_rank() == [numel(first), numel(last)]
+    assert [s.moe_layers for s in counts.stages] == [1, 2]
+    assert [s.experts for s in counts.stages] == [numel(experts(2, 64)), 2 * numel(experts(2, 64))]
+    # etp=2 halves each expert's width on the rank; ep=1 keeps all 4 experts.
+    etp2 = param_counts(arch, tp=2, pp=2, ep=1, etp=2)
+    assert etp2.stages[1].experts == 2 * numel(experts(4, 32))
+    assert etp2.model_total == counts.model_total == num_params(arch)
+
+
+def test_tiny_mixtral_tp1_pp4_ep4_by_hand():
+    arch = arch_of("tiny_mixtral")  # h=128, 4 heads, 2 KV heads, head_dim 48, 4 experts of width 96
+    counts = param_counts(arch, tp=1, pp=4, ep=4)
+    layer = [(128,), (384, 128), (128, 192), (128,)] + ROUTER + experts(1, 96)  # one expert per EP rank
+    assert counts.per_rank() == [numel(layer) + 512 * 128, numel(layer), numel(layer), numel(layer) + 128 + 512 * 128]
+    assert counts.per_layer == numel(layer)
+
+
+def moe_layouts():
+    for name in MOE_MODELS:
+        arch = arch_of(name)
+        for tp, pp, ep, etp in [(1, 1, 1, 1), (2, 2, 2, 1), (1, 4, 4, 1), (2, 1, 4, 2), (2, 2, 1, 2), (4, 2, 2, 4)]:
+            if arch.num_layers % pp == 0 and arch.num_key_value_heads % tp == 0:
+                yield name, tp, pp, ep, etp
+
+
+@pytest.mark.parametrize("name,tp,pp,ep,etp", list(moe_layouts()))
+def test_moe_shards_add_up_to_the_model(name, tp, pp, ep, etp):
+    arch = arch_of(name)
+    counts = param_counts(arch, tp, pp, 1, ep, etp)
+    assert counts.model_total == num_params(arch)
+    # Every MoE layer's experts are spread over exactly ep x etp ranks of each stage.
+    moe_layers = arch.num_layers - len(arch.dense_layers)
+    expert = 3 * arch.hidden_size * arch.moe_intermediate_size
+    assert sum(s.experts for s in counts.stages) * ep * etp == moe_layers * arch.num_experts * expert
+
+
+def test_expert_optimizer_shards_over_expert_dp_by_hand():
+    """tiny_mixtral, bf16, distributed optimizer, one bucket per buffer (no overlap). Every tensor
+    is a multiple of 64 elements, so megatron's buffers hold them unpadded; each buffer is padded
+    to a multiple of lcm(DP, 128) (here already) and split evenly over its DP group."""
+    arch = arch_of("tiny_mixtral")
+    # Dense buffer per TP rank at tp=1: embedding + output [512, 128], final norm, and per layer two
+    # norms, QKV [384, 128], proj [128, 192], router [4, 128].
+    layer_dense = 2 * 128 + 384 * 128 + 128 * 192 + 4 * 128
+    dense = 2 * 512 * 128 + 128 + 4 * layer_dense
+    expert = 2 * 128 * 96 + 128 * 96  # one expert: fc1 [192, 128] + fc2 [128, 96]
+    # ep=2 on 4 GPUs: DP 4 for the dense buffer, expert-DP 2 for the 2 local experts per layer.
+    mem = memory_per_gpu(arch, Layout(1, 1, 1, 4, None, 2, 1), overlap_grad_reduce=False)
+    b = mem.binding
+    assert b.optimizer_by_rank == [12 * (dense / 4 + 4 * 2 * expert / 2)] * 4
+    # tp=2 x ep=2 on 4 GPUs: the dense buffer of each TP rank over DP 2; the expert mesh is
+    # etp 1 x ep 2 x expert-DP 2 (2 full-width experts per layer, their states split in two).
+    dense_tp2 = 2 * 256 * 128 + 128 + 4 * (2 * 128 + 192 * 128 + 128 * 96 + 4 * 128)
+    tp2 = memory_per_gpu(arch, Layout(2, 1, 1, 2, True, 2, 1), overlap_grad_reduce=False)
+    assert tp2.binding.optimizer_by_rank == [12 * (dense_tp2 / 2 + 4 * 2 * expert / 2)] * 4
+    # etp=2: etp 2 x ep 2 x expert-DP 1: each rank keeps all the states of its half-width experts.
+    etp2 = memory_per_gpu(arch, Layout(2, 1, 1, 2, True, 2, 2), overlap_grad_reduce=False)
+    assert etp2.binding.optimizer_by_rank == [12 * (dense_tp2 / 2 + 4 * 2 * expert / 2)] * 4
+    assert etp2.binding.expert_weights == 2 * 4 * 2 * expert / 2  # bf16, 2 experts per layer at width 48
+    # ep=4 x etp=1 at tp=1 on 4 GPUs: expert-DP 1 while the dense DP is 4.
+    ep4 = memory_per_gpu(arch, Layout(1, 1, 1, 4, None, 4, 1), overlap_grad_reduce=False)
+    assert ep4.binding.optimizer_by_rank == [12 * (dense / 4 + 4 * expert)] * 4
+    # Frozen routers: no gradient, no optimizer state; still weights.
+    frozen = memory_per_gpu(arch, Layout(1, 1, 1, 4, None, 2, 1), overlap_grad_reduce=False, freeze_router=True)
+    assert frozen.binding.optimizer_by_rank == [12 * ((dense - 4 * 512) / 4 + 4 * expert)] * 4
+    assert frozen.binding.grads == b.grads - 4 * 4 * 512 and frozen.binding.weights == b.weights
+
+
+def test_moe_activation_bytes_by_hand():
+    """tiny_qwen3_moe, local backend, bf16, s=128, tp=2 with SP: an MoE layer replaces the dense
+    MLP's 5·e·f per token with its routing and expert terms for the 64 tokens of the rank."""
+    arch = arch_of("tiny_qwen3_moe")
+    s, t, e, h, k, E, width = 128, 2, 2, 128, 2, 4, 64
+    dense = planner.layer_activation_bytes(arch, s, 1, t, True, "none", backend="local", moe=False)
+    moe = planner.layer_activation_bytes(arch, s, 1, t, True, "none", backend="local", moe=True)
+    f = 256
+    router = k * 8 + k * 4  # top-k indices (int64), softmax over the top-k (fp32)
+    permute = E * 1 + E * e + k * 8  # routing mask (bool) and probabilities, permutation index
+    expert_rows = k * (e * h + e) + k * 6 * e * width  # dispatched rows + probability, MLP activations
+    assert moe - dense == pytest.approx(s / t * (router + permute + expert_rows) - s * e * 5 * f / t)
+    # etp=2: each rank sees the rows of both expert-TP ranks, at half the width.
+    moe_etp2 = planner.layer_activation_bytes(arch, s, 1, t, True, "none", backend="local", moe=True, etp=2)
+    assert moe_etp2 - moe == pytest.approx(s / t * k * (e * h + e))
+
+
+def test_active_parameter_flops_by_hand():
+    arch = arch_of("tiny_qwen3_moe")
+    h, a, g, d, V, E, k, width, f = 128, 4, 2, 64, 512, 4, 2, 64, 256
+    attn = h * (a + 2 * g) * d + a * d * h + 2 * d + 2 * h  # QKV, proj, q/k norms, two norms
+    moe_mlp = E * h + k * 3 * h * width  # router + the k experts a token uses
+    dense_mlp = 3 * h * f  # layer 1
+    n_active = 4 * attn + 3 * moe_mlp + dense_mlp + h + V * h  # + final norm + output layer
+    s = 256
+    assert planner.forward_flops_per_token(arch, s) == 2 * n_active + 4 * 4 * a * d * (s / 2)
+    # One GPU: no pipeline, no DP, no all-to-all: MFU is the efficiency, and the model FLOPs are
+    # policy 3F + reference F per token from the active parameters.
+    t1 = step_time(arch, Layout(1, 1, 1, 1), 1, "h100-80gb", s, 8, efficiency=0.4, gpus_per_node=8)
+    assert t1.mfu == pytest.approx(0.4) and t1.a2a_s == 0
+    assert t1.model_flops == pytest.approx(4 * (2 * n_active + 4 * 4 * a * d * s / 2) * 8 * s)
+
+
+def test_all_to_all_volume_by_hand():
+    arch = arch_of("tiny_qwen3_moe")  # 3 MoE layers, top-2, h=128
+    s, e, k, h = 256, 2, 2, 128
+    gpu = planner.GPUS["h100-80gb"]
+    # ep=4 on 4 GPUs of one node (tp=1, dp=4): per forward of a micro-batch each GPU sends 3/4 of
+    # its s·k token copies out (dispatch) and back (combine) in each of the 3 MoE layers.
+    lay = Layout(1, 1, 1, 4, None, 4, 1)
+    fwd = 3 * 2 * s * k * h * e * 3 / 4
+    assert planner.moe_exchange_bytes(arch, lay, s) == (pytest.approx(fwd), 0)
+    t = step_time(arch, lay, 4, gpu, s, 8, reference_forward=True, gpus_per_node=8)
+    rows = 8 // 4  # per DP rank: forward + backward each, plus one reference forward per row
+    assert t.a2a_bytes == pytest.approx((2 * rows + rows) * fwd)
+    assert t.a2a_s == pytest.approx(t.a2a_bytes / (gpu.intra_node_gbs * 1e9))
+    # The same layout spread over 4 nodes of one GPU: every EP peer is across the network.
+    far = step_time(arch, lay, 4, gpu, s, 8, reference_forward=True, gpus_per_node=1)
+    assert far.a2a_s == pytest.approx(t.a2a_bytes / (gpu.inter_node_gbs * 1e9))
+    # tp=2, etp=2, ep=2 on 4 GPUs: T = s/2 tokens per rank; EP sends half; ETP gathers (etp-1)·T·k rows.
+    lay2 = Layout(2, 1, 1, 2, True, 2, 2)
+    ep_b, etp_b = planner.moe_exchange_bytes(arch, lay2, s)
+    assert (ep_b, etp_b) == (pytest.approx(3 * 2 * (s / 2) * k * h * e / 2), pytest.approx(3 * 2 * (s / 2) * k * h * e))
+    assert planner.moe_exchange_bytes(arch_of("tiny_llama"), Layout(1, 1, 1, 4), s) == (0, 0)
+
+
+def test_moe_enumeration_rules():
+    arch = arch_of("qwen3_235b_a22b")
+    lays = planner.enumerate_layouts(arch, 64, 8, 32, 2560, etps=(1, 2))
+    assert {l.ep for l in lays} >= {4, 8, 16, 32, 64}
+    assert all(128 % l.ep == 0 and (l.tp * l.dp) % (l.ep * l.etp) == 0 and l.etp <= l.tp for l in lays)
+    assert all(l.etp == l.tp for l in lays if l.ep == 1)  # without EP the experts split over the TP group
+    assert all(l.tp in (1, 2, 4) for l in lays)  # tp divides the 4 KV heads
+    assert planner.layout_problems(arch, Layout(4, 2, 1, 8, None, 1, 1))  # ep=1 with etp < tp
+    assert planner.layout_problems(arch, Layout(2, 2, 1, 16, None, 4, 4))  # etp > tp
+    assert planner.layout_problems(arch, Layout(4, 2, 1, 8, None, 3, 1))  # 3 does not divide 128 experts
+    assert not planner.layout_problems(arch, Layout(4, 2, 1, 8, None, 32, 1))
+    dense = planner.enumerate_layouts(arch_of("llama3_70b"), 64)
+    assert dense and all((l.ep, l.etp) == (1, 1) for l in dense)
+
+
+def test_235b_does_not_fit_where_it_cannot():
+    """Whatever the layout, the GPUs together hold the bf16 weights, the fp32 gradients and the
+    optimizer's fp32 master + 2 moments of every parameter at least once: 18 bytes a parameter.
+    On 32 x H100-80GB that is 132 GB per GPU, more than 90 % of 79.6 GiB."""
+    arch = arch_of("qwen3_235b_a22b")
+    gpu = planner.GPUS["h100-80gb"]
+    for gpus in (16, 32):
+        assert 18 * num_params(arch) / gpus > 0.9 * gpu.memory_bytes
+        rows = plan(arch, gpus, "h100-80gb", etps=(1, 2, 4))
+        assert rows and not any(r.fits for r in rows)
+        assert all(r.memory.total >= 18 * num_params(arch) / gpus for r in rows)
+    assert plan(arch, 64, "h200-141gb")[0].fits
+
+
+def test_moe_recipe_layouts_are_the_planners_top_row():
+    from aipo_mp.validate import validate
+
+    for recipe, gpu in (("aipo_qwen3_235b_a22b", "h100-80gb"), ("aipo_qwen3_235b_a22b_h200", "h200-141gb"),
+                        ("aipo_qwen3_30b_a3b", "h100-80gb"), ("aipo_mixtral_8x22b", "h100-80gb")):
+        cfg = load_config(ROOT / "configs" / "recipes" / f"{recipe}.yaml")
+        gpus = cfg.cluster.nodes * cfg.cluster.nproc_per_node
+        top = plan(cfg.model.arch, gpus, gpu)[0]
+        par = cfg.parallel
+        assert top.fits, recipe
+        assert (top.layout.tp, top.layout.pp, top.layout.vpp, top.layout.ep, top.layout.etp) == \
+            (par.tp, par.pp, par.vpp, par.ep, par.etp), recipe
+        assert top.recompute == cfg.train.recompute, recipe
+        cfg.model.path = None  # a placeholder path on this machine
+        validate(cfg, world_size=gpus)
+
+
+def test_moe_format_plan_and_dense_columns():
+    moe_text = planner.format_plan(plan(arch_of("qwen3_30b_a3b"), 8, "h100-80gb"), top=3)
+    header = next(l for l in moe_text.splitlines() if l.lstrip().startswith("#"))
+    assert all(col in header.split() for col in ("ep", "etp", "experts", "a2a_s"))
+    dense_text = planner.format_plan(plan(arch_of("llama3_8b"), 8, "h100-80gb"), top=3)
+    dense_header = next(l for l in dense_text.splitlines() if l.lstrip().startswith("#"))
+    assert not {"ep", "etp", "experts", "a2a_s"} & set(dense_header.split())
+
+
+MOE_BIG = str(MODELS / "qwen3_235b_a22b.yaml")
+
+
+def test_cli_prints_expert_parallel_layouts(capsys):
+    from aipo_mp.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exit_code:
+        cli_main(["plan", MOE_BIG, "--gpus", "64", "--gpu", "h100-80gb", "--top", "5"])
+    out = capsys.readouterr().out
+    assert exit_code.value.code in (0, None)
+    lines = out.splitlines()
+    assert "235.1B params, 22.2B active" in lines[0]
+    assert "GFLOP/token forward" in out and "FLOPs from the active parameters" in out
+    header = next(l for l in lines if l.lstrip().startswith("#"))
+    cols = header.split()
+    table = lines[lines.index(header) + 2:]
+    rows = [l.split() for l in table[:next(i for i, l in enumerate(table) if not l.strip()[:1].isdigit())]]
+    assert len(rows) == 5
+    for row in rows:
+        got = dict(zip(cols, row))
+        assert int(got["ep"]) > 1 and 128 % int(got["ep"]) == 0 and int(got["etp"]) == 1
+        assert float(got["peak"]) > float(got["weights"]) > float(got["experts"]) > 0
+        assert float(got["step_s"]) > float(got["a2a_s"]) > 0 and got["MFU"].endswith("%")
+    assert lines[-1].startswith("why: ") and " ep=" in lines[-1]
+
+
+def test_cli_bad_etp(capsys):
+    assert planner.main([MOE_BIG, "--gpus", "64", "--etp", "two"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --etp=two")
+
+
+MOE_RECIPES = [("aipo_qwen3_235b_a22b", "qwen3_235b_a22b"), ("aipo_qwen3_235b_a22b_h200", "qwen3_235b_a22b"),
+               ("aipo_qwen3_30b_a3b", "qwen3_30b_a3b"), ("aipo_mixtral_8x22b", "mixtral_8x22b")]
+
+
+@pytest.mark.parametrize("recipe,model", MOE_RECIPES)
+def test_moe_recipes_pass_check_and_dry_run(recipe, model, tmp_path, capsys, monkeypatch):
+    """`aipo-mp check` at the recipe's world size and `aipo-mp run --dry-run` on Slurm, with the
+    published config.json (written from the model config) and a tokenizer standing in for the
+    checkpoint: training on every GPU of the cluster, one sampling engine per replica."""
+    import json
+    import os
+    import shutil
+
+    from aipo_mp.cli import main as cli_main
+    from aipo_mp.models import hf_config_for
+    from aipo_mp.testing.tiny import build_tiny_tokenizer
+
+    for name in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+    policy = tmp_path / "policy"
+    shutil.copytree(build_tiny_tokenizer(tmp_path / "tok", vocab_size=512), policy)
+    (policy / "config.json").write_text(json.dumps(hf_config_for(arch_of(model))))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n')
+    path = str(ROOT / "configs" / "recipes" / f"{recipe}.yaml")
+    cfg = load_config(path)
+    nodes, gpus = cfg.cluster.nodes, cfg.cluster.nodes * cfg.cluster.nproc_per_node
+    overrides = [f"model.path={policy}", f"rounds.prompts={prompts}", f"output.dir={tmp_path / 'run'}"]
+
+    def run(argv):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_code:
+            cli_main(argv)
+        out = capsys.readouterr()
+        assert exit_code.value.code == 0, out.err
+        return out.out
+
+    out = run(["check", path, *overrides, "--world-size", str(gpus)])
+    par = cfg.parallel
+    assert out.startswith(f"ok: {arch_of(model).family}") and f"ep={par.ep} etp={par.etp}" in out
+    plan_json = json.loads(run(["run", path, *overrides, "--launcher", "slurm", "--dry-run", "--nodes", str(nodes),
+                                "--gpus-per-node", str(cfg.cluster.nproc_per_node), "--json"]))
+    stages = {s["name"]: s for s in plan_json["stages"]}
+    assert (stages["train"]["ntasks"], stages["train"]["nodes"]) == (gpus, nodes)
+    assert (stages["sample"]["ntasks"], stages["sample"]["gpus_per_task"]) == \
+        (cfg.sampling.replicas, cfg.sampling.tensor_parallel)
+
+
+@pytest.mark.parametrize("script,recipe", [("aipo_235b_a22b.sh", "aipo_qwen3_235b_a22b"),
+                                           ("aipo_30b_a3b.sh", "aipo_qwen3_30b_a3b"),
+                                           ("aipo_8x22b.sh", "aipo_mixtral_8x22b")])
+def test_moe_slurm_scripts_ask_for_their_recipes_nodes(script, recipe):
+    import re
+    import subprocess
+
+    path = ROOT / "slurm" / script
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    text = path.read_text()
+    assert f"RECIPE=${{RECIPE:-configs/recipes/{recipe}.yaml}}" in text
+    cfg = load_config(ROOT / "configs" / "recipes" / f"{recipe}.yaml")
+    assert int(re.search(r"^#SBATCH --nodes=(\d+)$", text, re.M).group(1)) == cfg.cluster.nodes
+    assert int(re.search(r"^#SBATCH --ntasks-per-node=(\d+)$", text, re.M).group(1)) == cfg.cluster.nproc_per_node
