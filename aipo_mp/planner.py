@@ -67,7 +67,8 @@ GQA, gated MLP, fused or unfused attention). Every term is divided by t with seq
 Multiply by s·b. Left out: RoPE's cos/sin tables (4·d·e per token and layer, 1-2 % at 100B+ sizes).
 Checked against the tensors autograd actually saves (saved_tensors_hooks) for this repo's local
 backend on CPU, tiny models (tests/dist/test_planner_vs_trainer.py): within 25 %, ~6-14 % under
-for TP=2 (the RoPE tables are not sharded), MoE within 5-10 % on EP ranks of mean load. Recomputation:
+for TP=2 (the RoPE tables are not sharded), MoE 0.80-1.03 of the saved bytes (the spread is the
+routing imbalance between EP ranks). Recomputation:
     selective   core attention recomputed: the unfused extras and the s² term disappear
                 (no change with flash attention)
     full        each layer keeps only its input, e·h (/t with SP), per layer and micro-batch in
