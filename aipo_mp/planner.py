@@ -507,9 +507,10 @@ def dp_shard_numels(params: list[tuple[int, bool]], dp: int, bucket_size: Option
             if first == last:  # inside one rank's shard (most parameters)
                 per_rank[first] += pe - ps
                 continue
-            for r in range(first, min(dp, last + 1)):
-                lo = b0 + r * shard
-                per_rank[r] += min(lo + shard, pe) - max(lo, ps)
+            per_rank[first] += b0 + (first + 1) * shard - ps  # the param's head, its tail, full shards between
+            per_rank[last] += pe - (b0 + last * shard)
+            for r in range(first + 1, last):
+                per_rank[r] += shard
     return per_rank
 
 
