@@ -140,6 +140,11 @@ def expert_layout_errors(arch: ModelArch, par: ParallelConfig, world_size: Optio
     if world_size is not None and world_size % mesh:
         errors.append(f"world size {world_size} is not a multiple of etp x ep x pp = {mesh}; launch a multiple "
                       f"of {mesh} processes or change parallel.ep / parallel.etp")
+    if ep == 1 and par.tp > 1 and etp != par.tp:
+        # megatron gives experts their own gradient reduction only when ep > 1; at ep = 1 a copy
+        # of an expert on each TP rank (etp < tp) would never have its gradients summed over TP.
+        errors.append(f"parallel.ep=1 with parallel.tp={par.tp} needs parallel.etp={par.tp} (experts split like the "
+                      f"dense layers); or use expert parallelism (parallel.ep > 1)")
     if par.tp > 1 and not par.sequence_parallel:
         errors.append(f"a mixture-of-experts model with parallel.tp={par.tp} needs sequence parallelism "
                       "(megatron dispatches tokens per TP rank); set parallel.sequence_parallel=true")

@@ -324,6 +324,18 @@ def build_model(family: Family, arch: ModelArch, par: ParallelConfig, prec: Prec
     return built
 
 
+def freeze_routers(chunks: list) -> int:
+    """moe.freeze_router: the MoE routers get no gradient and no optimizer state (call before the
+    model is wrapped for data parallelism). Returns how many router weights were frozen."""
+    frozen = 0
+    for chunk in chunks:
+        for name, p in chunk.named_parameters():
+            if ".mlp.router." in name:
+                p.requires_grad_(False)
+                frozen += 1
+    return frozen
+
+
 def mark_tensor_parallel_params(built: BuiltModel) -> None:
     """megatron tags a sharded weight (tensor_model_parallel, partition_dim) only while it
     initializes it; without initialization, tag them from the mapping table, which knows how

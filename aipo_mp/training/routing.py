@@ -115,17 +115,6 @@ def aux_loss_per_microbatch(num_microbatches: int) -> float:
     return value
 
 
-def freeze_routers(chunks: list) -> int:
-    """moe.freeze_router: the routers get no gradient and no optimizer state (before DDP wraps)."""
-    frozen = 0
-    for chunk in chunks:
-        for name, p in chunk.named_parameters():
-            if ".mlp.router." in name:
-                p.requires_grad_(False)
-                frozen += 1
-    return frozen
-
-
 class RoutingProbe:
     """One row per rank (the first of its rows at step 1), its routing under the initial weights,
     and the share of (token, layer) whose top-k experts differ now."""

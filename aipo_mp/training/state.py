@@ -13,7 +13,7 @@ from aipo_mp import objectives
 from aipo_mp.config import Config, ModelArch
 from aipo_mp.data import prepare
 from aipo_mp.models import get_family, read_hf_config
-from aipo_mp.models.build import BuiltModel, build_model, load_hf_weights
+from aipo_mp.models.build import BuiltModel, build_model, freeze_routers, load_hf_weights
 from aipo_mp.runtime import platform
 from aipo_mp.training import identity as run_identity
 from aipo_mp.training import optim
@@ -109,8 +109,6 @@ def setup(cfg: Config) -> RunState:
                         moe=cfg.moe)
     load_policy_weights(built, cfg.model.path)
     if cfg.moe.freeze_router:
-        from aipo_mp.training.routing import freeze_routers
-
         freeze_routers(built.chunks)
     objective = objectives.get_objective(cfg.objective.name)
     obj_params = objectives.resolve_params(cfg.objective.name, known_params(cfg))

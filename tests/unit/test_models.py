@@ -302,6 +302,7 @@ def test_qwen3_moe_dense_layers_follow_transformers_rule():
     (["parallel.ep=3"], "parallel.ep=3 does not divide the 4 experts; choose ep from [1, 2, 4]"),
     (["parallel.etp=5"], "parallel.etp=5 does not divide the experts' FFN width 64"),
     (["parallel.tp=2"], "needs sequence parallelism"),
+    (["parallel.tp=2", "parallel.sequence_parallel=true"], "parallel.ep=1 with parallel.tp=2 needs parallel.etp=2"),
     (["model.arch.num_experts_per_tok=5"], "model.arch.num_experts_per_tok=5: must be in [1, 4]"),
     (["model.arch.dense_layers=[7]"], "model.arch.dense_layers: [7] are not layer indices"),
 ])
