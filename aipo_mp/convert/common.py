@@ -24,9 +24,6 @@ from aipo_mp.validate import layout_errors
 SUPPORTED_DTYPES = ("bf16", "fp32")
 
 
-SAFETENSORS_DTYPES = {"BF16": "bf16", "F32": "fp32", "F16": "fp16", "F64": "fp64"}
-
-
 BYTES_PER = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
 
 
@@ -64,9 +61,33 @@ def human_count(n: int) -> str:
     return str(n)
 
 
+_PEAK_RESET = False
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS measurement (Linux: reset the resident high-water mark), so that a
+    process running several commands reports each one's own peak."""
+    global _PEAK_RESET
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _PEAK_RESET = True
+    except OSError:
+        pass
+
+
 def peak_rss_bytes() -> int:
-    """Peak resident set (getrusage): includes pages of memory-mapped files, i.e. the parts of
-    the safetensors source read through mmap, which the page cache shares and can drop."""
+    """Peak resident set since `reset_peak_rss` (else of the process, getrusage): includes pages
+    of memory-mapped files (the converters read the safetensors source by positioned reads, not
+    through the mapping, so those stay few)."""
+    if _PEAK_RESET:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
@@ -153,12 +174,35 @@ def check_free_space(out: Path, needed: int, what: str) -> None:
         )
 
 
-def check_layout(arch: ModelArch, tp: int, pp: int, vpp: int) -> None:
-    errors = layout_errors(arch, ParallelConfig(tp=tp, pp=pp, vpp=vpp))
+def conversion_parallel(arch: ModelArch, tp: int, pp: int, vpp: int, ep: int = 1, etp: int = 1) -> ParallelConfig:
+    """The layout a conversion builds the model at. A mixture-of-experts model with tp > 1 runs
+    sequence-parallel in training; the parameters are the same either way, so the converters set it."""
+    return ParallelConfig(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, sequence_parallel=bool(arch.num_experts) and tp > 1)
+
+
+def expert_tp(tp: int, ep: int, etp: Optional[int]) -> int:
+    """--etp when given; else the dense layers' tp without expert parallelism (what training needs
+    there: aipo_mp.validate), 1 with it."""
+    return etp if etp is not None else (tp if ep == 1 else 1)
+
+
+def conversion_world(tp: int, pp: int, ep: int = 1, etp: int = 1) -> int:
+    """Ranks a conversion at this layout needs: the dense mesh (tp x pp x dp) and the expert mesh
+    (etp x ep x expert-dp per pipeline stage) over the same ranks, as few as both allow."""
+    import math
+
+    return math.lcm(tp, ep * etp) * pp
+
+
+def check_layout(arch: ModelArch, tp: int, pp: int, vpp: int, ep: int = 1, etp: int = 1) -> None:
+    bad = [f"--{k}={v}: must be >= 1" for k, v in (("ep", ep), ("etp", etp)) if v < 1]
+    if bad:
+        raise ConfigError("; ".join(bad))
+    errors = layout_errors(arch, conversion_parallel(arch, tp, pp, vpp, ep, etp))
     if errors:
         text = "; ".join(errors)
-        for key in ("tp", "pp", "vpp"):
-            text = text.replace(f"parallel.{key}", f"--{key}")
+        for key in ("tp", "pp", "vpp", "ep", "etp"):
+            text = re.sub(rf"parallel\.{key}\b", f"--{key}", text)
         raise ConfigError(text)
 
 
@@ -235,14 +279,6 @@ def expected_hf_shapes(arch: ModelArch, names: list[str]) -> dict[str, tuple[int
     return out
 
 
-def tensor_dtype(weights, name: str) -> str:
-    if weights._pickled is not None:
-        return str(weights._pickled[name].dtype).replace("torch.", "").replace("float32", "fp32").replace(
-            "bfloat16", "bf16").replace("float16", "fp16")
-    raw = weights._handle(weights.files[name]).get_slice(name).get_dtype()
-    return SAFETENSORS_DTYPES.get(raw, raw.lower())
-
-
 def hf_source(directory: str | Path, allow_pickle: bool = False) -> HFSource:
     """Open an HF directory and check it completely (names, shapes) without reading weights."""
     from aipo_mp.convert.hf_io import HFWeights
@@ -258,14 +294,18 @@ def hf_source(directory: str | Path, allow_pickle: bool = False) -> HFSource:
         ignorable.add("lm_head.weight")  # some exports store the tied copy; the embedding is used
     missing = [n for n in expected if n not in have]
     unexpected = sorted(have - set(expected) - ignorable)
+    shape = f"{family.name}, {arch.num_layers} layers" + (f", {arch.num_experts} experts" if arch.num_experts else "")
     if missing:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise CheckpointError(f"{d}: missing tensors {', '.join(missing[:5])}{more}; the checkpoint is incomplete "
-                          f"or does not match its config.json ({family.name}, {arch.num_layers} layers)")
+        # In the fused expert layout, name the fused tensor that lacks (or would hold) them.
+        missing = list(dict.fromkeys(weights.stored_name(n) for n in missing))
+        # A renamed tensor is both: one line names the two.
+        also = f"; unexpected tensors {listing(unexpected)}" if unexpected else ""
+        raise CheckpointError(f"{d}: missing tensors {listing(missing)}{also}; the checkpoint is incomplete "
+                              f"or does not match its config.json ({shape})")
     if unexpected:
-        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
-        raise CheckpointError(f"{d}: unexpected tensors {', '.join(unexpected[:5])}{more}; they do not belong to a "
-                          f"{family.name} model as its config.json describes it; fix the config or the weights")
+        raise CheckpointError(f"{d}: unexpected tensors {listing(unexpected)}; they do not belong to a "
+                              f"{family.name} model as its config.json describes it ({shape}); fix the config or "
+                              "the weights")
     shapes = expected_hf_shapes(arch, expected)
     num_params = num_bytes = 0
     dtypes = set()
@@ -278,12 +318,17 @@ def hf_source(directory: str | Path, allow_pickle: bool = False) -> HFSource:
         n = 1
         for s in got:
             n *= s
-        dt = tensor_dtype(weights, name)
+        dt = weights.dtype(name)
         dtypes.add(dt)
         num_params += n
         num_bytes += n * BYTES_PER.get(dt, 4)
     dtype = sorted(dtypes)[0] if len(dtypes) == 1 else "mixed(" + ",".join(sorted(dtypes)) + ")"
     return HFSource(d, hf, family, arch, weights, dtype, num_params, num_bytes)
+
+
+def listing(names: list[str], limit: int = 5) -> str:
+    more = f" (and {len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def choose_dtype(requested: Optional[str], source: str, what: str) -> str:
@@ -294,19 +339,20 @@ def choose_dtype(requested: Optional[str], source: str, what: str) -> str:
     raise ConfigError(f"{what} is stored as {source}; pass --dtype bf16 or --dtype fp32")
 
 
-def setup_parallel(tp: int, pp: int, vpp: int) -> None:
+def setup_parallel(tp: int, pp: int, vpp: int, ep: int = 1, etp: int = 1) -> None:
     from aipo_mp.runtime import platform
 
-    platform.initialize_model_parallel(tp, pp, vpp)
+    platform.initialize_model_parallel(tp, pp, vpp, ep=ep, etp=etp)
     platform.seed_model_parallel_rng(0)
 
 
-def build_for_conversion(family, arch: ModelArch, tp: int, pp: int, vpp: int, dtype: str):
+def build_for_conversion(family, arch: ModelArch, tp: int, pp: int, vpp: int, dtype: str, ep: int = 1,
+                         etp: int = 1):
     from aipo_mp.config import PrecisionConfig
     from aipo_mp.models.build import build_model
 
     # Every weight is overwritten by the conversion: skip megatron's (full-size, per-rank) init.
-    built = build_model(family, arch, ParallelConfig(tp=tp, pp=pp, vpp=vpp),
+    built = build_model(family, arch, conversion_parallel(arch, tp, pp, vpp, ep, etp),
                         PrecisionConfig(dtype=dtype, backend="local"), initialize=False)
     assert built.config.perform_initialization is False
     for chunk in built.chunks:
@@ -319,5 +365,6 @@ def rank_stats(**extra) -> dict:
     from megatron.core import parallel_state as ps
 
     return dict(rank=torch.distributed.get_rank(), tp_rank=ps.get_tensor_model_parallel_rank(),
-                pp_rank=ps.get_pipeline_model_parallel_rank(), peak_rss_bytes=peak_rss_bytes(), **extra)
+                pp_rank=ps.get_pipeline_model_parallel_rank(), ep_rank=ps.get_expert_model_parallel_rank(),
+                etp_rank=ps.get_expert_tensor_parallel_rank(), peak_rss_bytes=peak_rss_bytes(), **extra)
 

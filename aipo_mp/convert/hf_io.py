@@ -1,9 +1,20 @@
 """Hugging Face weight directories: lazy safetensors reading (only the tensors asked for) and
-sharded writing with an index, as transformers and vLLM expect."""
+sharded writing with an index, as transformers and vLLM expect.
+
+Mixture-of-experts weights come in two layouts, both read here: per-expert tensors (every released
+checkpoint: Qwen3-MoE `mlp.experts.{e}.{gate,up,down}_proj.weight`, Mixtral
+`block_sparse_moe.experts.{e}.{w1,w3,w2}.weight`) and transformers 5's fused 3-D tensors
+(`save_pretrained(..., save_original_format=False)`: `mlp.experts.gate_up_proj` [E, 2I, H], gate
+rows then up rows, `mlp.experts.down_proj` [E, H, I], and Mixtral's router as `mlp.gate.weight`).
+A fused tensor is presented as the family's per-expert names, each a row range of it (`Virtual`),
+so everything downstream sees one layout.
+"""
 
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -12,6 +23,27 @@ import torch
 from aipo_mp.errors import CheckpointError
 
 INDEX = "model.safetensors.index.json"
+
+# transformers 5's fused experts of one layer, and the name its Mixtral gives the router.
+FUSED_EXPERTS = re.compile(r"^model\.layers\.(?P<i>\d+)\.mlp\.experts\.(?P<part>gate_up_proj|down_proj)$")
+FUSED_ROUTER = "model.layers.{i}.mlp.gate.weight"
+
+
+@dataclass(frozen=True)
+class Virtual:
+    """A per-expert tensor that is part of a fused one: expert `expert`, rows [lo, hi) of its
+    [rows, cols] slice of the fused tensor `real` (a contiguous run of its bytes)."""
+
+    real: str
+    expert: int
+    lo: int
+    hi: int
+    shape: tuple[int, ...]
+
+    def elem_offset(self, fused_shape: tuple[int, ...]) -> int:
+        """Elements before this tensor's first one, inside the fused tensor."""
+        rows, cols = fused_shape[1], fused_shape[2]
+        return (self.expert * rows + self.lo) * cols
 
 
 class HFWeights:
@@ -36,6 +68,10 @@ class HFWeights:
             for b in bins:  # weights_only refuses arbitrary objects
                 self._pickled.update(torch.load(b, map_location="cpu", weights_only=True))
             self.files = {n: "" for n in self._pickled}
+        # Presented name -> where it lives, for the names that are not stored as such.
+        self.virtual: dict[str, Virtual] = {}
+        self.aliases: dict[str, str] = {}  # presented name -> stored name (Mixtral's fused-layout router)
+        self._present_fused_experts()
 
     def _index(self) -> dict[str, str]:
         index = self.dir / INDEX
@@ -49,8 +85,89 @@ class HFWeights:
                 out.update({k: f.name for k in h.keys()})
         return out
 
+    # -- the fused mixture-of-experts layout --------------------------------------------------
+
+    def _present_fused_experts(self) -> None:
+        """Replace transformers 5's fused expert tensors by the family's per-expert names (row
+        ranges of them; nothing is read). The family and its sizes come from config.json; a fused
+        tensor whose shape config.json does not imply is one error line naming it."""
+        fused = {n: m for n in self.files if (m := FUSED_EXPERTS.match(n))}
+        if not fused:
+            return
+        names = fused_expert_names(self.dir)
+        if names is None:  # not a mixture-of-experts family: the names stay, and are unexpected there
+            return
+        arch, gate, up, down, router = names
+        self._fused_names = ((re.compile(_template_regex(gate)), "gate_up_proj"),
+                             (re.compile(_template_regex(up)), "gate_up_proj"),
+                             (re.compile(_template_regex(down)), "down_proj"),
+                             (re.compile(_template_regex(router)), None))
+        e, inter, h = arch.num_experts, arch.moe_intermediate_size, arch.hidden_size
+        stored = set(self.files)
+        for name, m in fused.items():
+            i, part = int(m.group("i")), m.group("part")
+            want = (e, 2 * inter, h) if part == "gate_up_proj" else (e, h, inter)
+            got = self._stored_shape(name)
+            if got != want:
+                what = "[experts, 2 x moe_intermediate_size, hidden]" if part == "gate_up_proj" else \
+                    "[experts, hidden, moe_intermediate_size]"
+                raise CheckpointError(f"{self.dir}: tensor {name} has shape {got} but config.json implies {want} "
+                                      f"(fused experts {what}); the weights do not match config.json")
+            rows = [(gate, 0, inter), (up, inter, 2 * inter)] if part == "gate_up_proj" else [(down, 0, h)]
+            for j in range(e):
+                for template, lo, hi in rows:
+                    per_expert = template.format(i=i, e=j)
+                    if per_expert in stored:
+                        raise CheckpointError(f"{self.dir}: holds both {name} (fused experts) and {per_expert}; keep "
+                                              "one layout: re-save the model")
+                    self.virtual[per_expert] = Virtual(name, j, lo, hi, (hi - lo, got[2]))
+            fused_router = FUSED_ROUTER.format(i=i)
+            if router.format(i=i) != fused_router and fused_router in stored:
+                if router.format(i=i) in stored:
+                    raise CheckpointError(f"{self.dir}: holds both {fused_router} and {router.format(i=i)}; keep one "
+                                          "layout: re-save the model")
+                self.aliases[router.format(i=i)] = fused_router
+
+    def stored_name(self, name: str) -> str:
+        """The tensor that would hold `name` in this directory's layout: with fused experts, the
+        fused tensor of its layer (Mixtral's router: mlp.gate.weight); otherwise `name`."""
+        for pattern, part in getattr(self, "_fused_names", ()):
+            m = pattern.match(name)
+            if m:
+                return f"model.layers.{m['i']}.mlp.experts.{part}" if part else FUSED_ROUTER.format(i=m["i"])
+        return name
+
+    def _stored_shape(self, name: str) -> tuple[int, ...]:
+        if self._pickled is not None:
+            return tuple(self._pickled[name].shape)
+        return tuple(self._handle(self.files[name]).get_slice(name).get_shape())
+
     def names(self) -> list[str]:
-        return list(self.files)
+        """The tensor names, fused experts presented per expert (in the stored order)."""
+        hidden = {v.real for v in self.virtual.values()} | set(self.aliases.values())
+        by_real: dict[str, list[str]] = {}
+        for name, v in self.virtual.items():
+            by_real.setdefault(v.real, []).append(name)
+        renamed = {stored: shown for shown, stored in self.aliases.items()}
+        out = []
+        for name in self.files:
+            if name in renamed:
+                out.append(renamed[name])
+            elif name in hidden:
+                out += by_real.get(name, [])
+            else:
+                out.append(name)
+        return out
+
+    def locate(self, name: str) -> tuple[str, str, int, tuple[int, ...]]:
+        """(file, stored tensor, elements before `name`'s first one in it, `name`'s shape)."""
+        if name in self.virtual:
+            v = self.virtual[name]
+            return self.files[v.real], v.real, v.elem_offset(self._stored_shape(v.real)), v.shape
+        stored = self.aliases.get(name, name)
+        if stored not in self.files:
+            raise CheckpointError(f"{self.dir}: tensor {name} is missing from the checkpoint")
+        return self.files[stored], stored, 0, self._stored_shape(stored)
 
     def _handle(self, fname: str):
         if fname not in self._handles:
@@ -58,22 +175,67 @@ class HFWeights:
         return self._handles[fname]
 
     def get(self, name: str) -> torch.Tensor:
+        fname, stored, _, _ = self.locate(name)
+        v = self.virtual.get(name)
         if self._pickled is not None:
-            if name not in self._pickled:
-                raise CheckpointError(f"{self.dir}: tensor {name} is missing from the checkpoint")
-            return self._pickled[name]
-        if name not in self.files:
-            raise CheckpointError(f"{self.dir}: tensor {name} is missing from the checkpoint")
+            t = self._pickled[stored]
+            return t[v.expert, v.lo:v.hi] if v else t
         try:
-            return self._handle(self.files[name]).get_tensor(name)
+            if v:  # only the expert's rows are read
+                return self._handle(fname).get_slice(stored)[v.expert:v.expert + 1, v.lo:v.hi][0]
+            return self._handle(fname).get_tensor(stored)
         except Exception as e:  # safetensors raises its own error type for bytes past the end
-            raise CheckpointError(f"{self.dir / self.files[name]}: cannot read tensor {name} ({first_line(e)}); the file "
+            raise CheckpointError(f"{self.dir / fname}: cannot read tensor {stored} ({first_line(e)}); the file "
                               "is truncated or damaged: copy or convert it again") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
+        return self.locate(name)[3]
+
+    def dtype(self, name: str) -> str:
+        """bf16 | fp32 | fp16 | fp64 (or the safetensors name of another dtype)."""
+        fname, stored, _, _ = self.locate(name)
         if self._pickled is not None:
-            return tuple(self._pickled[name].shape)
-        return tuple(self._handle(self.files[name]).get_slice(name).get_shape())
+            return TORCH_DTYPE_NAMES.get(self._pickled[stored].dtype, str(self._pickled[stored].dtype))
+        raw = self._handle(fname).get_slice(stored).get_dtype()
+        return SAFETENSORS_DTYPE_NAMES.get(raw, raw.lower())
+
+
+SAFETENSORS_DTYPE_NAMES = {"BF16": "bf16", "F32": "fp32", "F16": "fp16", "F64": "fp64"}
+TORCH_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def _template_regex(template: str) -> str:
+    return "^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)") + "$"
+
+
+def fused_expert_names(directory: Path):
+    """(arch, gate, up, down, router name templates) of the mixture-of-experts family config.json
+    names, from its mapping table; None for a dense family or a directory without config.json."""
+    from aipo_mp.models import arch_from_hf_config, family_for_hf_config
+    from aipo_mp.models.family import GLU
+
+    cfg = Path(directory) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        hf = json.loads(cfg.read_text())
+    except ValueError:
+        return None  # the caller's config check names the problem
+    family = family_for_hf_config(hf)
+    if not family.moe:
+        return None
+    arch = arch_from_hf_config(hf)
+    gate = up = down = router = None
+    for rule in family.rules(arch):
+        if rule.te_alias:
+            continue
+        if rule.expert and rule.transform == GLU:
+            gate, up = rule.hf
+        elif rule.expert:
+            (down,) = rule.hf
+        elif rule.megatron.endswith(".mlp.router.weight"):
+            (router,) = rule.hf
+    return arch, gate, up, down, router
 
 
 def check_index_files(directory: str | Path) -> dict[str, str]:

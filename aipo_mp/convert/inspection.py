@@ -54,12 +54,15 @@ def inspect_dir(path: str | Path, allow_pickle: bool = False) -> dict:
     return dict(path=str(d), kind="hf", format="safetensors" if src.weights._pickled is None else "pickle",
                 family=src.family.name, architecture=(src.hf_config.get("architectures") or [None])[0],
                 layout=None, dtype=src.dtype, num_params=src.num_params, num_params_config=num_params(src.arch),
-                bytes=files_bytes, arch=shape_summary(src.arch))
+                bytes=files_bytes, arch=shape_summary(src.arch),
+                **({"expert_layout": "fused" if src.weights.virtual else "per-expert"} if src.arch.num_experts else {}))
 
 
 def shape_summary(arch: ModelArch) -> dict:
     keys = ("hidden_size", "intermediate_size", "num_layers", "num_attention_heads", "num_key_value_heads",
             "head_dim", "vocab_size", "tie_embeddings")
+    if arch.num_experts:
+        keys += ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "dense_layers")
     return {k: getattr(arch, k) for k in keys}
 
 
@@ -67,6 +70,8 @@ def format_inspect(info: dict) -> str:
     a = info["arch"]
     lay = info["layout"]
     layout = f"tp={lay['tp']} pp={lay['pp']} vpp={lay.get('vpp', 1)}" if lay else "none (Hugging Face, unsharded)"
+    if lay and "ep" in lay:
+        layout += f" ep={lay['ep']} etp={lay.get('etp', 1)}"
     lines = [
         f"path:        {info['path']}",
         f"kind:        {'aipo_mp Megatron checkpoint (' + info['format'] + ')' if info['kind'] == 'megatron' else 'Hugging Face (' + info['format'] + ')'}",
@@ -79,6 +84,11 @@ def format_inspect(info: dict) -> str:
         f"{a['num_attention_heads']} heads / {a['num_key_value_heads']} kv, head_dim {a['head_dim']}, "
         f"vocab {a['vocab_size']}{', tied embeddings' if a['tie_embeddings'] else ''}",
     ]
+    if a.get("num_experts"):
+        layout_note = f", {info['expert_layout']} tensors" if info.get("expert_layout") else ""
+        dense = f", dense layers {a['dense_layers']}" if a["dense_layers"] else ""
+        lines.append(f"experts:     {a['num_experts']} per MoE layer, top-{a['num_experts_per_tok']}, ffn "
+                     f"{a['moe_intermediate_size']}{dense}{layout_note}")
     if info["num_params"] != info["num_params_config"]:
         lines.append(f"warning:     config implies {info['num_params_config']:,} parameters")
     return "\n".join(lines)

@@ -1,7 +1,9 @@
 """Shared weight I/O of the converters, built so a process holds about one tensor at a time:
 
-- `SafetensorsSource`: zero-copy views of the tensors of an HF directory (its files memory-mapped;
-  pages come from the page cache and count as file-backed, not private, memory);
+- `SafetensorsSource`: rows of the tensors of an HF directory read by positioned reads straight
+  into their destination (or through a small bounded buffer for column slices and casts), and
+  zero-copy views of its memory-mapped files (fused MoE experts appear as per-expert names:
+  `aipo_mp.convert.hf_io`);
 - `SafetensorsStreamWriter`: a safetensors file whose header is written first (the names, shapes
   and dtypes are planned before any data exists) and whose tensors are then appended one by one;
 - `DistCheckpointReader`: any region of any tensor of a torch_dist (`dist_checkpointing`)
@@ -78,13 +80,18 @@ def nbytes_of(t: torch.Tensor) -> int:
 
 
 class SafetensorsSource:
-    """name -> a tensor viewing the bytes of its (memory-mapped) safetensors file. Slicing such a
-    view and copying it into the destination is the only copy a conversion makes. Pickled .bin
-    weights (`HFWeights` with allow_pickle) are served from memory instead."""
+    """Rows of the tensors of an HF directory. `read_into` fills a destination by positioned
+    reads (no page faults on the mapped source, so its pages never count as this process's
+    memory); `view` is a zero-copy tensor over the memory-mapped file. Pickled .bin weights
+    (`HFWeights` with allow_pickle) are served from memory instead. Fused expert tensors are
+    read as the per-expert names `HFWeights` presents (a contiguous run of the fused tensor's
+    bytes each)."""
+
+    CHUNK_BYTES = 8 << 20  # the bounded buffer of a column slice or cast
 
     def __init__(self, weights):
         self.weights = weights  # aipo_mp.convert.hf_io.HFWeights (already checked)
-        self._maps: dict[str, tuple[torch.Tensor, dict, int]] = {}
+        self._maps: dict[str, tuple[torch.Tensor, dict, int, int]] = {}
         self._lock = threading.Lock()
 
     def _file(self, fname: str):
@@ -101,38 +108,72 @@ class SafetensorsSource:
                 self._maps[fname] = (torch.frombuffer(mm, dtype=torch.uint8), header, 8 + n, fd)
             return self._maps[fname]
 
-    def read_rows_into(self, dst: torch.Tensor, name: str, start: int) -> bool:
-        """Fill the contiguous `dst` with rows [start, start + len(dst)) of tensor `name` by one
-        positioned read (no page faults on the source, no intermediate buffer). False when that
-        cannot serve (pickled source, another dtype): the caller copies from `view` instead."""
-        if self.weights._pickled is not None or name not in self.weights.files or not dst.is_contiguous():
+    def _where(self, name: str) -> tuple[int, torch.dtype, tuple[int, ...], int]:
+        """(file descriptor, dtype, shape, offset of the first byte in the file) of `name`."""
+        fname, stored, elems, shape = self.weights.locate(name)
+        _, header, base, fd = self._file(fname)
+        info = header[stored]
+        dtype = ST_DTYPES[info["dtype"]]
+        return fd, dtype, tuple(shape), base + info["data_offsets"][0] + elems * torch.empty((), dtype=dtype).element_size()
+
+    def read_into(self, dst: torch.Tensor, name: str, start: int, cols: Optional[tuple[int, int]] = None) -> bool:
+        """Fill `dst` with rows [start, start + len(dst)) of tensor `name` (columns `cols` of
+        them when given), cast to dst's dtype. Whole rows of the same dtype: one positioned read
+        straight into dst; otherwise runs of whole rows through a buffer of at most CHUNK_BYTES.
+        False for a pickled source (the caller copies from `view`)."""
+        if self.weights._pickled is not None:
             return False
-        _, header, base, fd = self._file(self.weights.files[name])
-        info = header[name]
-        if ST_DTYPES[info["dtype"]] != dst.dtype:
-            return False
-        row_bytes = dst[0].numel() * dst.element_size() if dst.dim() > 1 else dst.element_size()
-        buf = memoryview(dst.reshape(-1).view(torch.uint8).numpy())
-        pos, done = base + info["data_offsets"][0] + start * row_bytes, 0
-        while done < len(buf):
-            got = os.preadv(fd, [buf[done:]], pos + done)
-            if got <= 0:
-                raise EOFError(f"{self.weights.dir / self.weights.files[name]}: truncated at tensor {name}")
-            done += got
+        fd, dtype, shape, pos = self._where(name)
+        row_shape = tuple(shape[1:])
+        row_elems = 1
+        for d in row_shape:
+            row_elems *= d
+        row_bytes = row_elems * torch.empty((), dtype=dtype).element_size()
+        pos += start * row_bytes
+        n = dst.shape[0] if dst.dim() else 1
+        if start + n > shape[0]:
+            raise RuntimeError(f"{name}: rows {start}..{start + n} past its {shape[0]} (internal error)")
+        if cols is None and dtype == dst.dtype and dst.is_contiguous():
+            _pread_into(fd, dst, pos, name, self.weights.dir)
+            return True
+        step = max(1, self.CHUNK_BYTES // max(row_bytes, 1))
+        buf = torch.empty((min(step, n), *row_shape), dtype=dtype)
+        for r in range(0, n, step):
+            m = min(step, n - r)
+            part = buf[:m]
+            _pread_into(fd, part, pos + r * row_bytes, name, self.weights.dir)
+            if cols is not None:
+                part = part.narrow(1, cols[0], cols[1] - cols[0])
+            dst[r:r + m].copy_(part)
         return True
+
+    def read_rows_into(self, dst: torch.Tensor, name: str, start: int) -> bool:
+        return self.read_into(dst, name, start)
 
     def view(self, name: str) -> torch.Tensor:
         if self.weights._pickled is not None:
             return self.weights.get(name)
-        if name not in self.weights.files:
-            self.weights.get(name)  # raises the missing-tensor error
-        raw, header, base, _ = self._file(self.weights.files[name])
-        info = header[name]
-        begin, end = info["data_offsets"]
-        return raw[base + begin:base + end].view(ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+        fd, dtype, shape, pos = self._where(name)
+        raw = self._file(self.weights.locate(name)[0])[0]
+        n = 1
+        for d in shape:
+            n *= d
+        return raw[pos:pos + n * torch.empty((), dtype=dtype).element_size()].view(dtype).reshape(shape)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.weights.shape(name))
+
+
+def _pread_into(fd: int, dst: torch.Tensor, pos: int, name: str, where: Path) -> None:
+    """Fill the contiguous `dst` with the file's bytes from `pos` (one positioned read, repeated
+    while the kernel returns less)."""
+    buf = memoryview(dst.reshape(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < len(buf):
+        got = os.preadv(fd, [buf[done:]], pos + done)
+        if got <= 0:
+            raise EOFError(f"{where}: truncated at tensor {name}")
+        done += got
 
 
 def with_madvise(mm: mmap.mmap) -> None:
@@ -237,10 +278,20 @@ class DistCheckpointReader:
 
         self.dir = Path(directory)
         self.metadata = FileSystemReader(str(self.dir)).read_metadata()
-        self._by_key: dict[str, list] = {}
+        stored: dict[str, dict[tuple, object]] = {}
         for index, info in self.metadata.storage_data.items():
             if index.offset is not None:
-                self._by_key.setdefault(index.fqn, []).append((tuple(index.offset), info))
+                stored.setdefault(index.fqn, {})[tuple(index.offset)] = info
+        # Per key: its stored chunks (offsets, sizes, storage info) sorted by their first offset,
+        # those first offsets, and the largest first-axis size (to find overlaps by bisection:
+        # an MoE checkpoint has a chunk per expert and shard, thousands per key).
+        self._by_key: dict[str, tuple[list, list, int]] = {}
+        for key, infos in stored.items():
+            md = self.metadata.state_dict_metadata[key]
+            chunks = sorted(((tuple(c.offsets), tuple(c.sizes), infos[tuple(c.offsets)]) for c in md.chunks
+                             if tuple(c.offsets) in infos), key=lambda c: c[0])
+            starts = [c[0][0] if c[0] else 0 for c in chunks]
+            self._by_key[key] = (chunks, starts, max((c[1][0] if c[1] else 1 for c in chunks), default=1))
 
     def keys(self) -> list[str]:
         return list(self._by_key)
@@ -251,9 +302,23 @@ class DistCheckpointReader:
     def dtype(self, key: str) -> torch.dtype:
         return self.metadata.state_dict_metadata[key].properties.dtype
 
-    def _chunk_sizes(self, key: str) -> dict[tuple, tuple]:
-        md = self.metadata.state_dict_metadata[key]
-        return {tuple(c.offsets): tuple(c.sizes) for c in md.chunks}
+    def _overlapping(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> list:
+        """(chunk offsets, chunk sizes, storage info, region lo, region hi) of the stored chunks
+        that overlap the region."""
+        import bisect
+
+        chunks, starts, longest = self._by_key[key]
+        if offsets:  # only chunks starting in [offsets[0] - longest + 1, offsets[0] + sizes[0]) can overlap
+            lo_i = bisect.bisect_left(starts, offsets[0] - longest + 1)
+            hi_i = bisect.bisect_left(starts, offsets[0] + sizes[0])
+            chunks = chunks[lo_i:hi_i]
+        out = []
+        for c_off, c_size, info in chunks:
+            lo = [max(o, co) for o, co in zip(offsets, c_off)]
+            hi = [min(o + s, co + cs) for o, s, co, cs in zip(offsets, sizes, c_off, c_size)]
+            if all(a < b for a, b in zip(lo, hi)):
+                out.append((c_off, c_size, info, lo, hi))
+        return out
 
     def _load_chunk(self, info) -> torch.Tensor:
         from torch.distributed.checkpoint.utils import _create_file_view
@@ -263,19 +328,19 @@ class DistCheckpointReader:
         with open(self.dir / info.relative_path, "rb") as f:
             return torch.load(_create_file_view(f, info.offset, info.length), map_location="cpu", weights_only=True)
 
+    def covers(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> bool:
+        """Whether the stored chunks of `key` hold all of the region (from the metadata)."""
+        if key not in self._by_key:
+            return False
+        covered = sum(_volume(lo, hi) for *_, lo, hi in self._overlapping(key, offsets, sizes))
+        return covered == _volume(offsets, [o + s for o, s in zip(offsets, sizes)])
+
     def read(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...],
              stats: Optional[IOStats] = None) -> torch.Tensor:
         """The region [offsets, offsets + sizes) of global tensor `key`."""
         if key not in self._by_key:
             raise KeyError(key)
-        chunk_sizes = self._chunk_sizes(key)
-        pieces = []
-        for c_off, info in self._by_key[key]:
-            c_size = chunk_sizes[c_off]
-            lo = [max(o, co) for o, co in zip(offsets, c_off)]
-            hi = [min(o + s, co + cs) for o, s, co, cs in zip(offsets, sizes, c_off, c_size)]
-            if all(a < b for a, b in zip(lo, hi)):
-                pieces.append((c_off, c_size, info, lo, hi))
+        pieces = self._overlapping(key, offsets, sizes)
         covered = sum(_volume(lo, hi) for *_, lo, hi in pieces)
         if covered != _volume(offsets, [o + s for o, s in zip(offsets, sizes)]):
             raise RuntimeError(f"{self.dir}: tensor {key} region {offsets}+{sizes} is not fully stored")
