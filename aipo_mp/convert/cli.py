@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import gc
 import json
 import logging
 import os
@@ -71,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     a.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     a.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per pipeline rank")
+    a.add_argument("--ep", type=int, default=1,
+                   help="expert-parallel size (mixture-of-experts models: each rank reads and writes its experts)")
+    a.add_argument("--etp", type=int, default=None,
+                   help="expert-tensor-parallel size: each expert split over this many ranks (default: --tp when "
+                        "--ep is 1, else 1)")
     a.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="stored dtype (default: the source's)")
     a.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     a.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin weights (trusted sources only)")
@@ -97,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layout to load at (default: the stored one; once any of --tp/--pp/--vpp is given, unset ones are 1)")
     v.add_argument("--pp", type=int, default=None)
     v.add_argument("--vpp", type=int, default=None)
+    v.add_argument("--ep", type=int, default=None, help="expert-parallel size to load at (default: the stored one, else 1)")
+    v.add_argument("--etp", type=int, default=None, help="expert-tensor-parallel size to load at")
     v.add_argument("--tol", type=float, default=1e-4, help="largest allowed max abs logit difference")
     v.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin weights in --hf")
 
@@ -134,11 +142,15 @@ def run_rank_program(args) -> list[dict]:
     stats on rank 0 (returned there; [] elsewhere)."""
     import torch
 
-    from aipo_mp.convert.common import AnonMemorySampler
+    from aipo_mp.convert.common import AnonMemorySampler, reset_peak_rss
     from aipo_mp.runtime import platform
 
     env = platform.init_distributed()
     try:
+        # A process that runs several commands (tests, convert_worker): the previous command's
+        # model (megatron modules hold reference cycles) goes before this one's peak is measured.
+        gc.collect()
+        reset_peak_rss()
         with AnonMemorySampler() as mem:
             stats = rank_program(args.cmd)(args)
         stats["peak_anon_bytes"] = mem.peak
@@ -250,7 +262,8 @@ def run_distributed(args, argv: list[str], world: int) -> list[dict]:
     if inside_distributed_launch():
         have = launched_world_size()
         if have != world:
-            raise ConfigError(f"this launch has {have} processes but the job needs {world} (tp x pp); launch "
+            raise ConfigError(f"this launch has {have} processes but the job needs {world} (tp x pp, or with "
+                              f"experts lcm(tp, ep x etp) x pp); launch "
                               f"{world} processes, or run the command without a launcher: it starts its own")
         return run_rank_program(args)
     if world == 1:
@@ -272,7 +285,8 @@ def cmd_hf_to_mcore(args, argv) -> int:
 
     src = ct.hf_source(args.hf, args.allow_pickle)
     dtype = ct.choose_dtype(args.dtype, src.dtype, str(src.dir))
-    ct.check_layout(src.arch, args.tp, args.pp, args.vpp or 1)
+    etp = ct.expert_tp(args.tp, args.ep, args.etp)
+    ct.check_layout(src.arch, args.tp, args.pp, args.vpp or 1, args.ep, etp)
     out = ct.check_destination(args.out, args.overwrite)
     if Path(args.hf).absolute() == out:
         raise ct.ConfigError("--out must differ from --hf")
@@ -280,14 +294,14 @@ def cmd_hf_to_mcore(args, argv) -> int:
         ct.check_free_space(out, src.num_params * ct.BYTES_PER[dtype], "the Megatron checkpoint")
     t0 = time.perf_counter()
     with cleanup_on_failure(out):
-        stats = run_distributed(args, argv, args.tp * args.pp)
+        stats = run_distributed(args, argv, ct.conversion_world(args.tp, args.pp, args.ep, etp))
     wall = time.perf_counter() - t0
     if stats:
         s0 = stats[0]
         lay = s0["layout"]
         conv = max(s["total_s"] for s in stats)
         print(f"converted {src.dir} -> {out}")
-        print(f"  {s0['family']}, layout tp={lay['tp']} pp={lay['pp']} vpp={lay['vpp']}, {s0['dtype']}, "
+        print(f"  {s0['family']}, layout {layout_text(lay)}, {s0['dtype']}, "
               f"{ct.human_count(s0['num_params'])} parameters ({ct.human_bytes(s0['model_bytes'])})")
         print_timing(stats, conv, wall, read_label="read (incl. transform: one copy from the HF file into the shard)")
         write_report(args, stats, wall)
@@ -316,19 +330,26 @@ def cmd_mcore_to_hf(args, argv) -> int:
     lay = meta["layout"]
     t0 = time.perf_counter()
     with cleanup_on_failure(out):
-        stats = run_distributed(args, argv, args.ranks or int(lay["tp"]) * int(lay["pp"]))
+        # Any number of ranks reads any layout: by default the stored tp x pp, or as many as launched.
+        ranks = args.ranks or (launched_world_size() if inside_distributed_launch() else int(lay["tp"]) * int(lay["pp"]))
+        stats = run_distributed(args, argv, ranks)
     wall = time.perf_counter() - t0
     if stats:
         s0 = stats[0]
         conv = max(s["total_s"] for s in stats)
         print(f"converted {Path(args.ckpt).absolute()} -> {out}")
-        print(f"  {s0['family']}, from layout tp={lay['tp']} pp={lay['pp']} vpp={lay.get('vpp', 1)}, {out_dtype}, "
+        print(f"  {s0['family']}, from layout {layout_text(lay)}, {out_dtype}, "
               f"{ct.human_count(s0['num_params'])} parameters ({ct.human_bytes(s0['model_bytes'])}) in "
               f"{sum(s['files'] for s in stats)} safetensors files; largest single tensor "
               f"{ct.human_bytes(max(s['largest_tensor_bytes'] for s in stats))}")
         print_timing(stats, conv, wall, read_label="read")
         write_report(args, stats, wall)
     return 0
+
+
+def layout_text(lay: dict) -> str:
+    text = f"tp={lay['tp']} pp={lay['pp']} vpp={lay.get('vpp', 1)}"
+    return text + (f" ep={lay['ep']} etp={lay.get('etp', 1)}" if "ep" in lay else "")
 
 
 def write_report(args, stats: list[dict], wall: float) -> None:
@@ -373,8 +394,8 @@ def cmd_verify(args, argv) -> int:
     if diffs:
         raise ct.ConfigError(f"--hf and --ckpt are different models ({'; '.join(diffs)}); compare a checkpoint "
                              "with the HF model it was converted from")
-    tp, pp, vpp = verify_layout(args, meta)
-    ct.check_layout(ck_arch, tp, pp, vpp)
+    tp, pp, vpp, ep, etp = verify_layout(args, meta)
+    ct.check_layout(ck_arch, tp, pp, vpp, ep, etp)
     work = Path(tempfile.mkdtemp(prefix="aipo_mp-convert-verify."))
     try:
         ref = work / "reference.pt"
@@ -382,14 +403,15 @@ def cmd_verify(args, argv) -> int:
             make_reference(args.hf, ref, hf_arch)
             args.reference = str(ref)
             argv = [*argv, "--reference", str(ref)]
-        stats = run_distributed(args, argv, tp * pp)
+        stats = run_distributed(args, argv, ct.conversion_world(tp, pp, ep, etp))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if not stats:
         return 0
     diff = stats[0]["max_abs_diff"]
     ok = diff <= args.tol
-    print(f"max abs diff {diff:.3e} over {stats[0]['num_sequences']} sequences at tp={tp} pp={pp} vpp={vpp} "
+    where = f"tp={tp} pp={pp} vpp={vpp}" + (f" ep={ep} etp={etp}" if ck_arch.num_experts else "")
+    print(f"max abs diff {diff:.3e} over {stats[0]['num_sequences']} sequences at {where} "
           f"(tol {args.tol:g}): {'OK' if ok else 'FAILED'}")
     return 0 if ok else 1
 

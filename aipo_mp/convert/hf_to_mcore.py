@@ -1,11 +1,14 @@
-"""hf-to-mcore: an HF safetensors directory -> an aipo_mp Megatron checkpoint at any TP/PP/VPP layout.
+"""hf-to-mcore: an HF safetensors directory -> an aipo_mp Megatron checkpoint at any TP/PP/VPP (and,
+for mixture-of-experts models, EP/ETP) layout.
 
 Streaming: every rank builds its model chunks without initialising them (their memory is never
 touched), and saves them through `dist_checkpointing` with a planner that makes each write
 item's tensor only when a writer thread writes it: the rank's slice is copied straight from the
 memory-mapped HF file into a fresh tensor (the fused QKV, gated-MLP and TP slicing happen in
 that one copy), written, and dropped. A rank therefore holds about `--threads` tensors at a
-time, whatever the number of layers.
+time, whatever the number of layers. With expert parallelism a rank holds (and so reads and
+writes) only its experts: global experts ep_rank * E/EP ... (ep_rank + 1) * E/EP - 1, each split
+over the expert-tensor-parallel group; expert-data-parallel replicas write nothing twice.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from aipo_mp.convert.common import (
     build_for_conversion,
     check_layout,
     choose_dtype,
+    expert_tp,
     hf_source,
     rank_stats,
     setup_parallel,
@@ -36,17 +40,24 @@ class ShardMaker:
 
         self.built, self.source = built, source
         self.params = {}
+        self.buffers = set()
         for chunk in built.chunks:
             params = dict(chunk.named_parameters())
             for local, gname in global_param_names(chunk).items():
                 rule, index = built.family.rule_for(built.arch, gname)
                 p = params[local]
                 self.params[p.untyped_storage().data_ptr()] = (p, rule, index, gname)
+            self.buffers |= {b.untyped_storage().data_ptr() for b in chunk.buffers()}
 
     def __call__(self, view: torch.Tensor) -> torch.Tensor:
-        found = self.params.get(view.untyped_storage().data_ptr())
-        if found is None:  # not a parameter (a buffer holding real data): write it as it is
-            return view.detach().clone()
+        ptr = view.untyped_storage().data_ptr()
+        found = self.params.get(ptr)
+        if found is None:
+            if ptr in self.buffers:  # a buffer, which holds real data: written as it is
+                return view.detach().clone()
+            # The model was built without initialising it: writing this would store garbage.
+            raise RuntimeError(f"a write item of shape {tuple(view.shape)} is neither a parameter nor a buffer of the "
+                               "model (internal error)")
         from aipo_mp.models.build import parallel_rank_and_size
 
         p, rule, index, gname = found
@@ -64,16 +75,16 @@ class ShardMaker:
             lo, hi = max(a, blk.dst), min(b, blk.dst + blk.n)
             if lo >= hi:
                 continue
-            src = self.source.view(blk.hf_name).narrow(0, blk.src + lo - blk.dst, hi - lo)
-            if blk.cols is not None:
-                src = src.narrow(1, blk.cols[0], blk.cols[1] - blk.cols[0])
-            if tuple(src.shape[1:]) != tuple(p.shape[1:]):
-                self._mismatch(gname, rule, index, tuple(src.shape), tuple(p.shape))
+            shape = self.source.shape(blk.hf_name)
+            got = (hi - lo, *(shape[1:] if blk.cols is None else (blk.cols[1] - blk.cols[0], *shape[2:])))
+            if tuple(got[1:]) != tuple(p.shape[1:]):
+                self._mismatch(gname, rule, index, got, tuple(p.shape))
             dst = rows[lo - a:hi - a]
-            # The one copy, page cache -> shard: a positioned read for whole rows of the same
-            # dtype, else from the mapped file (column slices; the cast happens in the copy).
-            if blk.cols is not None or not self.source.read_rows_into(dst, blk.hf_name, blk.src + lo - blk.dst):
-                dst.copy_(src)
+            # The one copy, file -> shard: a positioned read for whole rows of the same dtype,
+            # else runs of rows through a small buffer (column slices; the cast happens in the copy).
+            if not self.source.read_into(dst, blk.hf_name, blk.src + lo - blk.dst, blk.cols):
+                src = self.source.view(blk.hf_name).narrow(0, blk.src + lo - blk.dst, hi - lo)
+                dst.copy_(src if blk.cols is None else src.narrow(1, blk.cols[0], blk.cols[1] - blk.cols[0]))
         return out
 
     @staticmethod
@@ -89,10 +100,11 @@ def hf_to_mcore_rank(args) -> dict:
     t0 = time.perf_counter()
     src = hf_source(args.hf, args.allow_pickle)
     dtype = choose_dtype(args.dtype, src.dtype, f"{src.dir}")
-    vpp = args.vpp or 1
-    check_layout(src.arch, args.tp, args.pp, vpp)
-    setup_parallel(args.tp, args.pp, vpp)
-    built = build_for_conversion(src.family, src.arch, args.tp, args.pp, vpp, dtype)
+    vpp, ep = args.vpp or 1, getattr(args, "ep", 1)
+    etp = expert_tp(args.tp, ep, getattr(args, "etp", None))
+    check_layout(src.arch, args.tp, args.pp, vpp, ep, etp)
+    setup_parallel(args.tp, args.pp, vpp, ep, etp)
+    built = build_for_conversion(src.family, src.arch, args.tp, args.pp, vpp, dtype, ep, etp)
     t_build = time.perf_counter()
     make = ShardMaker(built, SafetensorsSource(src.weights))
     stats = IOStats()
@@ -103,5 +115,6 @@ def hf_to_mcore_rank(args) -> dict:
     local_bytes = sum(p.numel() * p.element_size() for c in built.chunks for p in c.parameters())
     return rank_stats(build_s=t_build - t0, convert_s=t_save - t_build, total_s=t_save - t0, threads=threads,
                       local_param_bytes=local_bytes, family=src.family.name, dtype=dtype, num_params=src.num_params,
-                      model_bytes=src.num_params * BYTES_PER[dtype], layout=dict(tp=args.tp, pp=args.pp, vpp=vpp),
+                      model_bytes=src.num_params * BYTES_PER[dtype],
+                      layout=dict(tp=args.tp, pp=args.pp, vpp=vpp, **(dict(ep=ep, etp=etp) if src.arch.num_experts else {})),
                       **stats.as_dict())

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from aipo_mp.convert.common import BYTES_PER, is_enospc, parse_size, peak_rss_bytes
-from aipo_mp.convert.row_map import checkpoint_key, hf_rows, row_blocks
+from aipo_mp.convert.common import BYTES_PER, expected_hf_shapes, is_enospc, parse_size, peak_rss_bytes
+from aipo_mp.convert.row_map import checkpoint_key, hf_rows, layers_stacked, row_blocks
 from aipo_mp.convert.tensor_io import (
     DistCheckpointReader,
     Entry,
@@ -73,20 +73,42 @@ class Unit:
 
 
 def export_units(family, arch, reader: DistCheckpointReader, out_dtype: torch.dtype) -> list[Unit]:
-    """The checkpoint's tensors in HF order (embedding, layer 0 with its experts, 1, ..., the rest)."""
+    """The checkpoint's tensors in HF order (embedding, layer 0 with its experts, 1, ..., the rest),
+    each checked against config.json from the metadata alone: a missing tensor, a missing expert
+    or a shape config.json does not imply is one error line naming the HF tensor(s) it would be."""
     first, layers, last = [], {}, []
+    keys = set(reader.keys())
+    stacked = layers_stacked(keys)
+    every = family.hf_names(arch)
+    shapes = expected_hf_shapes(arch, every)
     for rule in family.rules(arch):
         if rule.te_alias:
             continue  # the TE spec's name of a tensor its local-spec rule already exports (same checkpoint key)
         if rule.megatron == "output_layer.weight" and arch.tie_embeddings:
             continue  # the embedding is the HF tensor
         for index in rule_indices(rule, arch):
-            key, prefix = checkpoint_key(rule.megatron, index, arch)
-            if key not in reader.keys():
-                raise CheckpointError(f"{reader.dir}: the checkpoint has no tensor {key}; it is incomplete or not a "
+            key, prefix = checkpoint_key(rule.megatron, index, arch, stacked)
+            what = f"{key}{list(prefix) if prefix else ''} (HF {', '.join(rule.hf_at(index))})"
+            if key not in keys:
+                raise CheckpointError(f"{reader.dir}: the checkpoint has no tensor {what}; it is incomplete or not a "
                                       f"{family.name} checkpoint of this shape: re-create it")
+            full = reader.global_shape(key)
+            if len(full) <= len(prefix) or any(p >= n for p, n in zip(prefix, full)):
+                raise CheckpointError(f"{reader.dir}: the checkpoint's {key} has shape {full}, which holds no "
+                                      f"{what}; it does not match its config.json ({arch.num_experts} experts, "
+                                      f"{arch.num_layers} layers): re-create it")
+            region = (*prefix, *([0] * (len(full) - len(prefix))))
+            if not reader.covers(key, region, (*([1] * len(prefix)), *full[len(prefix):])):
+                raise CheckpointError(f"{reader.dir}: the checkpoint does not store all of {what}; it is incomplete: "
+                                      "re-create it")
             unit = Unit(rule, index, key, prefix, reader, arch, out_dtype)
-            if prefix:
+            for e in unit.entries:
+                want = shapes.get(e.name)
+                if want is not None and tuple(e.shape) != tuple(want):
+                    raise CheckpointError(f"{reader.dir}: {key}{list(prefix) if prefix else ''} makes {e.name} of "
+                                          f"shape {tuple(e.shape)}, but config.json implies {tuple(want)}; the "
+                                          "checkpoint does not match its config.json: re-create it")
+            if "i" in index:
                 layers.setdefault(index["i"], []).append(unit)
             else:
                 (first if rule.megatron.startswith("embedding.") else last).append(unit)

@@ -75,13 +75,20 @@ def hf_rows(blocks: list[Block], name: str) -> list[Block]:
 LAYER_PREFIX, EXPERT_PART = "decoder.layers.{i}.", "local_experts.{e}."
 
 
-def checkpoint_key(megatron_name: str, index: dict, arch: ModelArch) -> tuple[str, tuple[int, ...]]:
+def checkpoint_key(megatron_name: str, index: dict, arch: ModelArch,
+                   stacked_layers: bool = True) -> tuple[str, tuple[int, ...]]:
     """The key under which dist_checkpointing stores a rule's tensor at `index`, and the tensor's
-    position on the stacked leading axes: layers (`decoder.layers.{i}.input_layernorm.weight` ->
-    `decoder.layers.self_attention.linear_qkv.layer_norm_weight`, position (i,), by the layer
-    spec's keys map), then experts (`...local_experts.{e}.linear_fc1.weight` ->
-    `...local_experts.linear_fc1.weight`, position (i, e)). The keys are the Transformer Engine
-    spec's too (its parameters carry the fused names; its grouped experts save per expert)."""
+    position on the key's leading stacked axes.
+
+    Layers: megatron stacks them along a leading axis (`decoder.layers.{i}.input_layernorm.weight`
+    -> `decoder.layers.self_attention.linear_qkv.layer_norm_weight`, position (i,), by the layer
+    spec's keys map) unless the block is not homogeneous, which a mixture-of-experts model's
+    `moe_layer_freq` list always makes it: then each layer has its own key
+    (`decoder.layers.3.self_attention.linear_qkv.layer_norm_weight`, no position).
+    Experts: SequentialMLP (and TE's grouped GEMM, whose keys are the same) stacks a layer's
+    experts along the next axis: `...mlp.experts.local_experts.{e}.linear_fc1.weight` ->
+    `...mlp.experts.experts.linear_fc1.weight`, position (..., e). MoE layers keep their
+    `pre_mlp_layernorm` name (the keys map renames it only for dense layers)."""
     from aipo_mp.models.family import CHECKPOINT_KEYS_MAP
 
     if not megatron_name.startswith(LAYER_PREFIX):
@@ -92,6 +99,12 @@ def checkpoint_key(megatron_name: str, index: dict, arch: ModelArch) -> tuple[st
         if rest.startswith(old) and not (moe_layer and old == "pre_mlp_layernorm."):
             rest = new + rest[len(old):]
             break
+    head, prefix = ("decoder.layers.", (index["i"],)) if stacked_layers else (f"decoder.layers.{index['i']}.", ())
     if EXPERT_PART in rest:
-        return "decoder.layers." + rest.replace(EXPERT_PART, "local_experts."), (index["i"], index["e"])
-    return "decoder.layers." + rest, (index["i"],)
+        return head + rest.replace(EXPERT_PART, "experts."), (*prefix, index["e"])
+    return head + rest, prefix
+
+
+def layers_stacked(keys) -> bool:
+    """Whether a checkpoint's layers share keys (stacked) or each has its own (`decoder.layers.N.`)."""
+    return not any(k.startswith("decoder.layers.") and k.split(".")[2].isdigit() for k in keys)

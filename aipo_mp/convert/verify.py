@@ -19,11 +19,11 @@ def verify_rank(args) -> dict:
 
     meta = read_meta(args.ckpt)
     family, arch = family_for_hf_config(meta["hf_config"]), arch_from_hf_config(meta["hf_config"])
-    tp, pp, vpp = verify_layout(args, meta)
-    check_layout(arch, tp, pp, vpp)
+    tp, pp, vpp, ep, etp = verify_layout(args, meta)
+    check_layout(arch, tp, pp, vpp, ep, etp)
     ref = torch.load(args.reference, weights_only=True)
-    setup_parallel(tp, pp, vpp)
-    built = build_for_conversion(family, arch, tp, pp, vpp, "fp32")
+    setup_parallel(tp, pp, vpp, ep, etp)
+    built = build_for_conversion(family, arch, tp, pp, vpp, "fp32", ep, etp)
     load_model(built, args.ckpt)
     batch = ref["batch"]
     worst = torch.zeros((), dtype=torch.float64)
@@ -39,16 +39,23 @@ def verify_rank(args) -> dict:
     forward_only(built.chunks, batches, collect, seq_length=batch["tokens"].shape[1], hidden_size=arch.hidden_size)
     worst = worst.to(platform.device())  # NCCL reduces device tensors only
     torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
-    return rank_stats(max_abs_diff=float(worst), layout=dict(tp=tp, pp=pp, vpp=vpp), family=family.name,
+    return rank_stats(max_abs_diff=float(worst), layout=dict(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp), family=family.name,
                        num_sequences=len(batch["starts"]))
 
 
-def verify_layout(args, meta: dict) -> tuple[int, int, int]:
-    """The stored layout when no --tp/--pp/--vpp is given; otherwise the given one (1 where unset)."""
-    if args.tp is None and args.pp is None and args.vpp is None:
+def verify_layout(args, meta: dict) -> tuple[int, int, int, int, int]:
+    """(tp, pp, vpp, ep, etp): the stored layout when none of --tp/--pp/--vpp/--ep/--etp is given;
+    otherwise the given one (1 where unset; --etp: --tp when --ep is 1)."""
+    given = [getattr(args, k, None) for k in ("tp", "pp", "vpp", "ep", "etp")]
+    if all(v is None for v in given):
         lay = meta["layout"]
-        return int(lay["tp"]), int(lay["pp"]), int(lay.get("vpp", 1))
-    return args.tp or 1, args.pp or 1, args.vpp or 1
+        return (int(lay["tp"]), int(lay["pp"]), int(lay.get("vpp", 1)), int(lay.get("ep", 1)),
+                int(lay.get("etp", 1)))
+    from aipo_mp.convert.common import expert_tp
+
+    tp, pp, vpp, ep, etp = given
+    tp, ep = tp or 1, ep or 1
+    return tp, pp or 1, vpp or 1, ep, expert_tp(tp, ep, etp)
 
 
 def make_reference(hf_dir: str | Path, out_path: str | Path, arch: ModelArch, seed: int = 0) -> None:

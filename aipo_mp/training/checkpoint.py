@@ -95,8 +95,11 @@ def current_layout(built) -> dict:
     from megatron.core import parallel_state as ps
 
     vpp = getattr(built.config, "virtual_pipeline_model_parallel_size", None) or 1
-    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
-            "vpp": int(vpp)}
+    layout = {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+              "vpp": int(vpp)}
+    if built.arch.num_experts:  # mixture of experts: the expert mesh too (informational: loads at any layout)
+        layout.update(ep=ps.get_expert_model_parallel_world_size(), etp=ps.get_expert_tensor_parallel_world_size())
+    return layout
 
 
 def dtype_name(built) -> str:
