@@ -262,7 +262,7 @@ def broken(tiny_hf_dirs, work) -> dict:
     d["unsupported"] = work / "bad_arch"
     shutil.copytree(llama, d["unsupported"])
     cfg = json.loads((llama / "config.json").read_text())
-    cfg.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe")
+    cfg.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
     (d["unsupported"] / "config.json").write_text(json.dumps(cfg))
     d["missing"] = rewrite_weights(llama, work / "bad_missing",
                                    lambda t: {k: v for k, v in t.items() if k != "model.layers.2.mlp.up_proj.weight"})
@@ -278,8 +278,8 @@ def test_user_mistakes_are_one_line_and_leave_nothing(tiny_hf_dirs, tp1, broken,
     out = work / "never"
     cases = [
         (("hf-to-mcore", "--hf", broken["unsupported"], "--out", out),
-         "unsupported architecture Qwen3MoeForCausalLM; supported: Gemma2ForCausalLM, LlamaForCausalLM, "
-         "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"),
+         "unsupported architecture GPT2LMHeadModel; supported: Gemma2ForCausalLM, LlamaForCausalLM, "
+         "MistralForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM"),
         (("hf-to-mcore", "--hf", broken["missing"], "--out", out), "missing tensors model.layers.2.mlp.up_proj.weight"),
         (("hf-to-mcore", "--hf", broken["unexpected"], "--out", out), "unexpected tensors model.layers.9.mlp.up_proj.weight"),
         (("hf-to-mcore", "--hf", broken["shape"], "--out", out),

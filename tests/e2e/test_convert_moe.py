@@ -1,0 +1,296 @@
+"""Mixture-of-experts conversion (Qwen3-MoE with a dense layer, Mixtral): HF -> Megatron at
+EP=2 x TP=2 (ETP=2, 4 ranks) -> HF is bit-exact for both families and both HF expert layouts
+(per-expert tensors, and transformers 5's fused 3-D experts written by
+`save_pretrained(save_original_format=False)`; the output is always per-expert); each rank reads
+only its share; the checkpoint reads back at EP=1 with transformers' logits; peak memory per
+rank does not grow with the number of experts (32 vs 4); every broken expert tensor is one
+error line naming it.
+
+One 4-rank launch runs every multi-rank conversion (tests/convert_worker.py); the single-rank
+ones run in this process."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import MOE_MODELS, tiny_arch
+from tests.e2e.test_checkpoint_tools import (
+    TOL,
+    assert_same_weights,
+    assert_user_error,
+    max_diff,
+    ok,
+    rewrite_weights,
+    run_cli,
+    run_main,
+)
+
+LAYOUT = ["--tp", "2", "--ep", "2", "--etp", "2"]
+MEMORY_EXPERTS = (4, 32)
+MEMORY_RATIO = 1.2
+# glibc's malloc otherwise raises its mmap threshold as blocks are freed and keeps later tensors
+# in its heap, which outlives them: a command run after another would reuse (and hide in) the
+# memory the first one left resident. Fixed, every tensor's pages go back to the system when it
+# is freed, so each command's peak is its own.
+FRESH_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(128 << 10)}
+
+
+def write_random_moe(out: Path, experts: int, hidden: int = 1024, ffn: int = 1024, layers: int = 2) -> int:
+    """A bf16 Qwen3-MoE HF directory whose experts dominate its bytes (names and shapes from the
+    family's table; one safetensors file per layer). Values are cheap, distinct per tensor: this
+    model only measures memory. Returns the bytes of its weights."""
+    from safetensors.torch import save_file
+
+    from aipo_mp.config import ModelArch
+    from aipo_mp.convert.common import expected_hf_shapes
+    from aipo_mp.models import get_family, hf_config_for
+
+    arch = ModelArch(family="qwen3_moe", hidden_size=hidden, intermediate_size=ffn, num_layers=layers,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=512, qk_norm=True,
+                     num_experts=experts, num_experts_per_tok=2, moe_intermediate_size=ffn, norm_topk_prob=True,
+                     tie_embeddings=False, max_position_embeddings=1024)
+    names = get_family("qwen3_moe").hf_names(arch)
+    shapes = expected_hf_shapes(arch, names)
+    files: dict[str, list[str]] = {}
+    for n in names:
+        files.setdefault(n.split(".")[2] if n.startswith("model.layers.") else "other", []).append(n)
+    out.mkdir(parents=True)
+    weight_map, total = {}, 0
+    for k, (part, group) in enumerate(files.items()):
+        tensors = {}
+        for j, n in enumerate(group):
+            shape = shapes.get(n, (arch.head_dim,) if "_norm" in n else (hidden,))
+            numel = torch.Size(shape).numel()
+            tensors[n] = ((torch.arange(numel, dtype=torch.float32) * (k + 1) + j) % 251 / 1000).to(torch.bfloat16).view(shape)
+            total += numel * 2
+        fname = f"model-{part}.safetensors"
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(group, fname))
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}))
+    cfg = hf_config_for(arch)
+    cfg["dtype"] = cfg["torch_dtype"] = "bfloat16"
+    (out / "config.json").write_text(json.dumps(cfg))
+    return total
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("convert_moe")
+
+
+@pytest.fixture(scope="module")
+def sources(tiny_hf_dirs, work) -> dict:
+    """(family, "per_expert" | "fused") -> HF directory of the same weights (seed 11, as the tiny
+    per-expert fixture)."""
+    from aipo_mp.testing.hf_build import hf_model_from_arch
+
+    out = {}
+    for fam in MOE_MODELS:
+        out[fam, "per_expert"] = tiny_hf_dirs[fam]
+        fused = work / f"{fam}_fused"
+        hf_model_from_arch(tiny_arch(fam), seed=11).save_pretrained(fused, save_original_format=False)
+        out[fam, "fused"] = fused
+    return out
+
+
+@pytest.fixture(scope="module")
+def ep2(sources, work) -> dict:
+    """One 4-rank launch: every source to Megatron at EP=2 x TP=2 (ETP=2) and back, and the
+    memory models (4 and 32 experts) both ways at the same layout, each with its --report."""
+    from tests.launch import run_ranks
+
+    for e in MEMORY_EXPERTS:
+        write_random_moe(work / f"mem{e}", e)
+    commands, out = [], {}
+    for (fam, layout), src in sources.items():
+        mc, back = work / f"mc_{fam}_{layout}", work / f"back_{fam}_{layout}"
+        commands += [["hf-to-mcore", "--hf", str(src), "--out", str(mc), *LAYOUT, "--report", str(mc) + ".json"],
+                     ["mcore-to-hf", "--ckpt", str(mc), "--out", str(back), "--max-shard-size", "500KB",
+                      "--report", str(back) + ".json"]]
+        out[fam, layout] = (mc, back)
+    for e in MEMORY_EXPERTS:
+        mc, back = work / f"mem{e}_mc4", work / f"mem{e}_back4"
+        commands += [["hf-to-mcore", "--hf", str(work / f"mem{e}"), "--out", str(mc), *LAYOUT,
+                      "--report", str(work / f"mem{e}_to_mcore_4ranks.json")],
+                     ["mcore-to-hf", "--ckpt", str(mc), "--out", str(back),
+                      "--report", str(work / f"mem{e}_to_hf_4ranks.json")]]
+    run_ranks(4, "tests.convert_worker", [json.dumps(commands)], env_extra=FRESH_MALLOC)
+    for e in MEMORY_EXPERTS:  # only their reports are needed
+        shutil.rmtree(work / f"mem{e}_mc4")
+        shutil.rmtree(work / f"mem{e}_back4")
+    return out
+
+
+def report(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# HF -> Megatron (EP=2 x TP=2) -> HF
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.dist
+def test_ep2_tp2_round_trip_is_bit_exact_from_both_expert_layouts(sources, ep2):
+    from aipo_mp.convert.hf_io import HFWeights
+    from aipo_mp.convert.tensor_io import DistCheckpointReader
+
+    for fam in MOE_MODELS:
+        arch = tiny_arch(fam)
+        # transformers really wrote the fused layout, and the reader presents it per expert.
+        fused = HFWeights(sources[fam, "fused"])
+        assert "model.layers.0.mlp.experts.gate_up_proj" in fused.files and fused.virtual
+        assert_same_weights(sources[fam, "per_expert"], sources[fam, "fused"])
+        for layout in ("per_expert", "fused"):
+            mc, back = ep2[fam, layout]
+            n = assert_same_weights(sources[fam, "per_expert"], back)
+            assert not HFWeights(back).virtual, "the export must be per-expert tensors"
+            assert n == len(HFWeights(sources[fam, "per_expert"]).names())
+            meta = json.loads((mc / "aipo_checkpoint.json").read_text())
+            assert meta["layout"] == {"tp": 2, "pp": 1, "vpp": 1, "ep": 2, "etp": 2}
+            # Keys as megatron's SequentialMLP saves them: a key per layer, experts stacked first.
+            reader = DistCheckpointReader(mc / "model")
+            e, i, h = arch.num_experts, arch.moe_intermediate_size, arch.hidden_size
+            assert reader.global_shape("decoder.layers.0.mlp.experts.experts.linear_fc1.weight") == (e, 2 * i, h)
+            assert reader.global_shape("decoder.layers.0.mlp.experts.experts.linear_fc2.weight") == (e, h, i)
+            # Each rank read only its share of the source: every byte once over the 4 ranks.
+            ranks = report(str(mc) + ".json")["ranks"]
+            total = sum(r["bytes_read"] for r in ranks)
+            assert total == ranks[0]["model_bytes"], (total, ranks[0]["model_bytes"])
+            assert max(r["bytes_read"] for r in ranks) < 0.5 * total, [r["bytes_read"] for r in ranks]
+            assert sorted((r["ep_rank"], r["etp_rank"]) for r in ranks) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+@pytest.mark.dist
+def test_ep2_tp2_checkpoints_read_back_at_ep1_with_hf_logits(sources, ep2):
+    """The dist checkpoint written at EP=2 x TP=2 loads at EP=1 x TP=1 (megatron's loader, the
+    trainer's) and gives transformers' logits."""
+    for fam, layout in (("qwen3_moe", "per_expert"), ("mixtral", "fused")):
+        out = ok(run_main("verify", "--hf", sources[fam, "per_expert"], "--ckpt", ep2[fam, layout][0], "--tp", "1"))
+        assert "ep=1 etp=1" in out and max_diff(out) <= TOL, out
+
+
+@pytest.mark.dist
+def test_peak_memory_per_rank_does_not_grow_with_experts(ep2, work):
+    """4 vs 32 experts (same layers; the 32-expert model is ~8x the bytes, mostly experts): peak
+    RSS per rank at most 1.2x, both directions, at EP=1 (one rank: holding its experts would add
+    ~0.4 GB to ~0.5 GB) and at EP=2 x TP=2 (the 4-rank launch above)."""
+    from tests.launch import run_ranks
+
+    commands = []
+    for e in MEMORY_EXPERTS:
+        mc, back = work / f"mem{e}_mc1", work / f"mem{e}_back1"
+        commands += [["hf-to-mcore", "--hf", str(work / f"mem{e}"), "--out", str(mc),
+                      "--report", str(work / f"mem{e}_to_mcore_1rank.json")],
+                     ["mcore-to-hf", "--ckpt", str(mc), "--out", str(back),
+                      "--report", str(work / f"mem{e}_to_hf_1rank.json")]]
+    run_ranks(1, "tests.convert_worker", [json.dumps(commands)], env_extra=FRESH_MALLOC)
+    for e in MEMORY_EXPERTS:
+        shutil.rmtree(work / f"mem{e}_mc1")
+        shutil.rmtree(work / f"mem{e}_back1")
+    sizes = {e: sum(f.stat().st_size for f in (work / f"mem{e}").glob("*.safetensors")) for e in MEMORY_EXPERTS}
+    assert sizes[32] > 6 * sizes[4] and sizes[32] > 350e6, sizes
+    lines, worst = [], 0.0
+    for direction in ("to_mcore", "to_hf"):
+        for ranks in ("1rank", "4ranks"):
+            peak = {e: max(r["peak_rss_bytes"] for r in report(work / f"mem{e}_{direction}_{ranks}.json")["ranks"])
+                    for e in MEMORY_EXPERTS}
+            anon = {e: max(r["peak_anon_bytes"] for r in report(work / f"mem{e}_{direction}_{ranks}.json")["ranks"])
+                    for e in MEMORY_EXPERTS}
+            ratio = peak[32] / peak[4]
+            worst = max(worst, ratio)
+            lines.append(f"{direction} {ranks}: peak RSS per rank {peak[4] / 1e6:.0f} MB (4 experts, "
+                         f"{sizes[4] / 1e6:.0f} MB) -> {peak[32] / 1e6:.0f} MB (32 experts, {sizes[32] / 1e6:.0f} MB) "
+                         f"= {ratio:.3f}x; anonymous {anon[4] / 1e6:.0f} -> {anon[32] / 1e6:.0f} MB")
+    print("\n" + "\n".join(lines))
+    assert worst <= MEMORY_RATIO, "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Broken expert tensors and layouts: one line, exit 2, nothing written
+# ---------------------------------------------------------------------------------------------
+
+
+def drop_stored_expert(ckpt: Path, key: str, expert: int) -> None:
+    """Remove one expert's chunks of `key` from a dist checkpoint's metadata (our own file)."""
+    meta_file = ckpt / "model" / ".metadata"
+    with open(meta_file, "rb") as f:
+        md = pickle.load(f)
+    md.storage_data = {k: v for k, v in md.storage_data.items() if not (k.fqn == key and k.offset[0] == expert)}
+    chunks = md.state_dict_metadata[key].chunks
+    chunks[:] = [c for c in chunks if c.offsets[0] != expert]
+    with open(meta_file, "wb") as f:
+        pickle.dump(md, f)
+
+
+def test_broken_experts_are_one_line_naming_the_tensor(tiny_hf_dirs, sources, work):
+    qwen, mixtral_fused = sources["qwen3_moe", "per_expert"], sources["mixtral", "fused"]
+    gone = "model.layers.2.mlp.experts.3.up_proj.weight"
+    broken = {
+        "deleted": rewrite_weights(qwen, work / "bad_deleted", lambda t: {k: v for k, v in t.items() if k != gone}),
+        "renamed": rewrite_weights(qwen, work / "bad_renamed", lambda t: {
+            (k.replace("experts.3.up_proj", "experts.3.upp_proj") if k == gone else k): v for k, v in t.items()}),
+        "shape": rewrite_weights(qwen, work / "bad_shape", lambda t: {
+            **t, "model.layers.0.mlp.experts.1.down_proj.weight": torch.zeros(128, 63)}),
+        "extra": rewrite_weights(qwen, work / "bad_extra", lambda t: {
+            **t, "model.layers.0.mlp.experts.4.down_proj.weight": torch.zeros(128, 64)}),
+        "fused_shape": rewrite_weights(mixtral_fused, work / "bad_fused_shape", lambda t: {
+            **t, "model.layers.2.mlp.experts.down_proj": torch.zeros(4, 128, 95)}),
+        "fused_count": rewrite_weights(mixtral_fused, work / "bad_fused_count", lambda t: {
+            **t, "model.layers.2.mlp.experts.gate_up_proj": torch.zeros(3, 192, 128)}),
+        "fused_missing": rewrite_weights(mixtral_fused, work / "bad_fused_missing", lambda t: {
+            k: v for k, v in t.items() if k != "model.layers.3.mlp.experts.down_proj"}),
+    }
+    out = work / "never"
+    cases = [
+        (broken["deleted"], f"missing tensors {gone}; the checkpoint is incomplete"),
+        (broken["renamed"], f"missing tensors {gone}; unexpected tensors model.layers.2.mlp.experts.3.upp_proj.weight"),
+        (broken["shape"], "tensor model.layers.0.mlp.experts.1.down_proj.weight has shape (128, 63) but config.json "
+                          "implies (128, 64)"),
+        (broken["extra"], "unexpected tensors model.layers.0.mlp.experts.4.down_proj.weight"),
+        (broken["fused_shape"], "tensor model.layers.2.mlp.experts.down_proj has shape (4, 128, 95) but config.json "
+                                "implies (4, 128, 96)"),
+        (broken["fused_count"], "tensor model.layers.2.mlp.experts.gate_up_proj has shape (3, 192, 128) but "
+                                "config.json implies (4, 192, 128)"),
+        (broken["fused_missing"], "missing tensors model.layers.3.mlp.experts.down_proj;"),
+    ]
+    for src, needle in cases:
+        assert_user_error(run_main("hf-to-mcore", "--hf", src, "--out", out), needle, out)
+        assert_user_error(run_main("inspect", src), needle)
+    # Layouts that do not divide: one line each.
+    for argv, needle in [
+        (["--ep", "3"], "--ep=3 does not divide the 4 experts; choose ep from [1, 2, 4]"),
+        (["--etp", "3"], "--etp=3 does not divide the experts' FFN width 64"),
+        (["--ep", "0"], "--ep=0: must be >= 1"),
+        (["--tp", "3", "--ep", "2"], "--tp=3 does not divide the 4 attention heads"),
+    ]:
+        assert_user_error(run_main("hf-to-mcore", "--hf", qwen, "--out", out, *argv), needle, out)
+    assert_user_error(run_main("hf-to-mcore", "--hf", tiny_hf_dirs["llama"], "--out", out, "--ep", "2"),
+                      "--ep=2, --etp=1: expert parallelism needs a mixture-of-experts model", out)
+    # The CLI as a user runs it: one line, exit 2.
+    assert_user_error(run_cli("hf-to-mcore", "--hf", broken["deleted"], "--out", out), f"missing tensors {gone}", out)
+
+    # mcore-to-hf: a checkpoint lacking one stored expert, or not matching its config.json.
+    mc = work / "mc_qwen_ep1"
+    ok(run_main("hf-to-mcore", "--hf", qwen, "--out", mc))
+    lacking = work / "mc_lacking_expert"
+    shutil.copytree(mc, lacking)
+    drop_stored_expert(lacking, "decoder.layers.2.mlp.experts.experts.linear_fc2.weight", 3)
+    assert_user_error(run_main("mcore-to-hf", "--ckpt", lacking, "--out", out),
+                      "does not store all of decoder.layers.2.mlp.experts.experts.linear_fc2.weight[3] (HF "
+                      "model.layers.2.mlp.experts.3.down_proj.weight)", out)
+    other = work / "mc_other_config"
+    shutil.copytree(mc, other)
+    meta = json.loads((other / "aipo_checkpoint.json").read_text())
+    meta["hf_config"]["moe_intermediate_size"] = 32
+    (other / "aipo_checkpoint.json").write_text(json.dumps(meta))
+    assert_user_error(run_main("mcore-to-hf", "--ckpt", other, "--out", out),
+                      "makes model.layers.0.mlp.experts.0.gate_proj.weight of shape (64, 128), but config.json "
+                      "implies (32, 128)", out)
