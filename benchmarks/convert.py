@@ -11,9 +11,17 @@ the peak RSS of every rank process.
     python benchmarks/convert.py --scale 0.125 --layers 2 # quick check (~130 MB)
     python benchmarks/convert.py --depth                  # narrow Llama at 2, 16, 64 layers, TP=1 and TP=2
     python benchmarks/convert.py --depth --tool-root DIR  # the same with the checkpoint_tools of another tree
+    python benchmarks/convert.py --moe qwen3_moe          # MoE: 4 and 32 experts, EP=1 and EP2 x TP2 (ETP2)
+    python benchmarks/convert.py --moe mixtral --fused --experts 8,64 --moe-layouts 1x1x1,1x4x1
 
 --scale multiplies hidden, FFN, head_dim and vocab (heads and kv heads stay 96 and 8 so TP=8
 divides them). Needs about 3x the model size free on disk (source, Megatron, HF copy).
+
+--moe FAMILY (qwen3_moe | mixtral): random bf16 mixture-of-experts models with the same layers and
+each number of `--experts` (hidden and expert FFN `--moe-width`, 8 heads / 4 kv heads of 128,
+vocab 32000), per-expert tensors or (`--fused`) transformers 5's fused 3-D experts; each
+converted HF -> Megatron -> HF at each TPxEPxETP of `--moe-layouts` (round trip checked
+bit-exact): GB/s and peak memory per process against the number of experts.
 """
 
 from __future__ import annotations
@@ -130,6 +138,126 @@ def build_hf(out: Path, shape: dict, shard_bytes: int, seed: int = 0, family: st
     (out / "config.json").write_text(json.dumps(hf_config(shape, family), indent=1))
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     return {"bytes": total, "tensors": len(specs), "files": len(groups)}
+
+
+def moe_arch(family: str, experts: int, width: int, layers: int):
+    from aipo_mp.config import ModelArch
+
+    return ModelArch(family=family, hidden_size=width, intermediate_size=width, num_layers=layers,
+                     num_attention_heads=8, num_key_value_heads=4, head_dim=128, vocab_size=32000,
+                     qk_norm=family == "qwen3_moe", num_experts=experts, num_experts_per_tok=2,
+                     moe_intermediate_size=width, norm_topk_prob=True, tie_embeddings=False,
+                     max_position_embeddings=4096, rms_norm_eps=1e-6)
+
+
+def build_moe_hf(out: Path, arch, fused: bool, seed: int = 0) -> dict:
+    """Random bf16 weights of an MoE model, one safetensors file per layer (names and shapes from
+    the family's table; `fused`: each layer's experts as transformers 5's gate_up_proj / down_proj
+    and Mixtral's router as mlp.gate.weight)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from aipo_mp.convert.common import expected_hf_shapes
+    from aipo_mp.models import get_family, hf_config_for
+
+    g = torch.Generator().manual_seed(seed)
+    pool = (torch.randn(1 << 24, generator=g) * 0.02).to(torch.bfloat16)
+
+    def make(shp) -> torch.Tensor:  # a run of the random pool from a random start (wrapping around)
+        n, start = numel(shp), int(torch.randint(0, pool.numel(), (1,), generator=g))
+        return pool.repeat(-(-(start + n) // pool.numel()))[start:start + n].clone().reshape(shp)
+
+    names = get_family(arch.family).hf_names(arch)
+    shapes = expected_hf_shapes(arch, names)
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(n.split(".")[2] if n.startswith("model.layers.") else "other", []).append(n)
+    out.mkdir(parents=True)
+    weight_map, total = {}, 0
+    for part, group in groups.items():
+        tensors = {n: make(shapes.get(n, (arch.head_dim,) if "_norm" in n else (arch.hidden_size,))) for n in group}
+        if fused and part != "other" and int(part) not in arch.dense_layers:
+            tensors = fuse_layer(tensors, int(part), arch)
+        fname = f"model-{part}.safetensors"
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, fname))
+        total += sum(t.numel() * 2 for t in tensors.values())
+        del tensors
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}, indent=1))
+    cfg = hf_config_for(arch)
+    cfg["dtype"] = cfg["torch_dtype"] = "bfloat16"
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    return {"bytes": total, "tensors": len(weight_map)}
+
+
+def fuse_layer(tensors: dict, i: int, arch) -> dict:
+    """One layer's per-expert tensors -> transformers 5's fused ones (gate rows, then up rows)."""
+    import torch
+
+    gate_up_down = {"qwen3_moe": ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.experts.{e}.down_proj",
+                                  "mlp.gate"),
+                    "mixtral": ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3",
+                                "block_sparse_moe.experts.{e}.w2", "block_sparse_moe.gate")}[arch.family]
+    p = f"model.layers.{i}."
+    gate, up, down, router = (p + n + ".weight" for n in gate_up_down)
+    experts = range(arch.num_experts)
+    out = {k: v for k, v in tensors.items() if ".experts." not in k and k != router.format()}
+    out[p + "mlp.experts.gate_up_proj"] = torch.stack(
+        [torch.cat([tensors[gate.format(e=e)], tensors[up.format(e=e)]]) for e in experts])
+    out[p + "mlp.experts.down_proj"] = torch.stack([tensors[down.format(e=e)] for e in experts])
+    out[p + "mlp.gate.weight"] = tensors[router.format()]
+    return out
+
+
+def moe_benchmark(args) -> int:
+    """Peak memory per process and GB/s against the number of experts, both directions."""
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="aipo_moe_bench."))
+    work.mkdir(parents=True, exist_ok=True)
+    counts = [int(x) for x in args.experts.split(",")]
+    layouts = [tuple(int(x) for x in lay.lower().split("x")) for lay in args.moe_layouts.split(",")]
+    rows = []
+    try:
+        for experts in counts:
+            arch = moe_arch(args.moe, experts, args.moe_width, args.layers)
+            src = work / f"hf_{experts}"
+            t0 = time.perf_counter()
+            built = build_moe_hf(src, arch, args.fused)
+            print(f"{args.moe}, {experts} experts, {args.layers} layers, width {args.moe_width}"
+                  f"{', fused experts' if args.fused else ''}: {gb(built['bytes'])} in "
+                  f"{time.perf_counter() - t0:.1f} s", flush=True)
+            for tp, ep, etp in layouts:
+                mc, back = work / f"mc_{experts}_{tp}x{ep}x{etp}", work / f"back_{experts}_{tp}x{ep}x{etp}"
+                to_mc = run_tool(["hf-to-mcore", "--hf", str(src), "--out", str(mc), "--tp", str(tp), "--ep", str(ep),
+                                  "--etp", str(etp)], work / "r1.json", quiet=True)
+                to_hf = run_tool(["mcore-to-hf", "--ckpt", str(mc), "--out", str(back)], work / "r2.json", quiet=True)
+                _, bad = compare_streaming(src, back)
+                for direction, rep in (("hf-to-mcore", to_mc), ("mcore-to-hf", to_hf)):
+                    row = dict(experts=experts, tp=tp, ep=ep, etp=etp, direction=direction, model_bytes=built["bytes"],
+                               ranks=len(rep["ranks"]), exact=not bad,
+                               peak_rss_bytes=max(r["peak_rss_bytes"] for r in rep["ranks"]), **rank_numbers(rep))
+                    rows.append(row)
+                    print(f"  {experts:3d} experts  TP={tp} EP={ep} ETP={etp} ({row['ranks']} ranks)  {direction:11s}  "
+                          f"peak RSS/process {gb(row['peak_rss_bytes'])}, private {gb(row['peak_private_bytes'])}  "
+                          f"{row['gb_per_s']:.3f} GB/s over {row['data_s']:.2f} s  wall {row['wall_s']:.1f} s  "
+                          f"round trip {'bit-exact' if not bad else 'DIFFERENT'}", flush=True)
+                shutil.rmtree(mc, ignore_errors=True)
+                shutil.rmtree(back, ignore_errors=True)
+            shutil.rmtree(src, ignore_errors=True)
+        print(f"\n== peak RSS per process: {max(counts)} / {min(counts)} experts ==")
+        for tp, ep, etp in layouts:
+            for direction in ("hf-to-mcore", "mcore-to-hf"):
+                sel = {r["experts"]: r for r in rows if (r["tp"], r["ep"], r["etp"], r["direction"]) == (tp, ep, etp, direction)}
+                hi, lo = sel[max(counts)], sel[min(counts)]
+                print(f"TP={tp} EP={ep} ETP={etp} {direction:11s}: {gb(hi['peak_rss_bytes'])} / {gb(lo['peak_rss_bytes'])}"
+                      f" = {hi['peak_rss_bytes'] / lo['peak_rss_bytes']:.3f}x (model {gb(hi['model_bytes'])} / "
+                      f"{gb(lo['model_bytes'])})")
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return 0 if all(r["exact"] for r in rows) else 1
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def compare_streaming(a: Path, b: Path) -> tuple[int, list[str]]:
@@ -265,9 +393,17 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--json", default=None, help="write all numbers to this JSON file")
     ap.add_argument("--force", action="store_true", help="run a layout even if memory looks too small")
+    ap.add_argument("--moe", choices=("qwen3_moe", "mixtral"), default=None,
+                    help="the mixture-of-experts benchmark for this family instead")
+    ap.add_argument("--experts", default="4,32", help="expert counts of --moe")
+    ap.add_argument("--moe-width", type=int, default=1024, help="hidden size and expert FFN width of --moe")
+    ap.add_argument("--moe-layouts", default="1x1x1,2x2x2", help="TPxEPxETP layouts of --moe")
+    ap.add_argument("--fused", action="store_true", help="--moe sources in transformers 5's fused expert layout")
     args = ap.parse_args()
     if args.depth:
         return depth_benchmark(args)
+    if args.moe:
+        return moe_benchmark(args)
 
     from aipo_mp.convert.common import parse_size
 
