@@ -220,21 +220,23 @@ def test_bf16_and_pickled_sources(tiny_hf_dirs, work):
 
 def test_row_map_agrees_with_the_mapping_functions():
     """The row blocks both converters copy by are the table's to_megatron + tp_slice, at every
-    TP rank (TP=1 and 2), for every rule of every family."""
+    TP rank (TP=1 and 2), for every rule of every family (MoE: experts too)."""
     from aipo_mp.convert.common import expected_hf_shapes
     from aipo_mp.convert.row_map import row_blocks
     from aipo_mp.models import get_family
     from aipo_mp.models.build import to_megatron, tp_slice
     from aipo_mp.models.family import rule_indices
-    from tests.conftest import tiny_arch
+    from tests.conftest import MOE_MODELS, tiny_arch
 
     g = torch.Generator().manual_seed(0)
     checked = 0
-    for fam in FAMILIES:
+    for fam in FAMILIES + MOE_MODELS:
         arch, family = tiny_arch(fam), get_family(fam)
         shapes = expected_hf_shapes(arch, family.hf_names(arch))
         shape = lambda n: shapes.get(n, (arch.hidden_size,))  # noqa: E731 - the norms
         for rule in family.rules(arch):
+            if not rule_indices(rule, arch):
+                continue  # a dense-layer rule of a model without dense layers (Mixtral)
             index = rule_indices(rule, arch)[-1]
             hf = {n: torch.randn(shape(n), generator=g) for n in rule.hf_at(index)}
             full = to_megatron(rule, [hf[n] for n in rule.hf_at(index)], arch)
