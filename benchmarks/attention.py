@@ -7,7 +7,8 @@ of prompt 32-96 + responses 16-160 tokens (~156-token sequences, ~95 % full), `l
 ~1000-token sequences (~78 % full). Padding is either listed in cu_seqlens like a sequence (what
 aipo_mp.data.pairs.build_row does today: attended like one) or marked (after cu_seqlens_q[-1]:
 never attended). Prints time (best of --reps, with the median), peak memory allocated during the
-call (torch profiler memory events) and the bytes kept for backward beyond the inputs.
+call (torch profiler memory events) and the bytes kept for backward beyond the inputs. The
+variants run in turn within each repetition, so a machine busy with other work slows them alike.
 
     python benchmarks/attention.py [--seq-length 2560] [--heads 8] [--groups 8] [--head-dim 64]
                                    [--reps 3] [--threads N] [--softcap]
@@ -100,28 +101,36 @@ def kept_for_backward(fn, inputs: torch.Tensor) -> float:
     return sum(storages.values()) / 2**20
 
 
-def measure(name: str, attend, fused, q, k, v, reps: int) -> dict:
-    def train_step():
+def measure(variants: list[tuple[str, object]], fused, q, k, v, reps: int) -> list[dict]:
+    """Best and median of `reps` timings per variant, the variants taken in turn within each
+    repetition (so a busy machine slows them alike), then peak and kept memory."""
+    def train_step(attend):
         out = attend(q, k, v)
         out.backward(torch.ones_like(out))
         fused.grad = None
 
-    def forward_only():
+    def forward_only(attend):
         with torch.no_grad():
             attend(q, k, v)
 
-    train_step()  # warm-up
-    times, fwd = [], []
+    times = {name: ([], []) for name, _ in variants}
+    for name, attend in variants:
+        train_step(attend)  # warm-up
     for _ in range(reps):
-        t0 = time.perf_counter()
-        train_step()
-        times.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        forward_only()
-        fwd.append(time.perf_counter() - t0)
-    return {"name": name, "fwd_bwd_ms": 1e3 * min(times), "fwd_bwd_median_ms": 1e3 * statistics.median(times),
-            "fwd_ms": 1e3 * min(fwd), "peak_mib": peak_allocated(train_step),
-            "kept_mib": kept_for_backward(lambda: attend(q, k, v), fused)}
+        for name, attend in variants:
+            t0 = time.perf_counter()
+            train_step(attend)
+            t1 = time.perf_counter()
+            forward_only(attend)
+            times[name][0].append(t1 - t0)
+            times[name][1].append(time.perf_counter() - t1)
+    results = []
+    for name, attend in variants:
+        fwd_bwd, fwd = times[name]
+        results.append({"name": name, "fwd_bwd_ms": 1e3 * min(fwd_bwd), "fwd_bwd_median_ms": 1e3 * statistics.median(fwd_bwd),
+                        "fwd_ms": 1e3 * min(fwd), "peak_mib": peak_allocated(lambda: train_step(attend)),
+                        "kept_mib": kept_for_backward(lambda: attend(q, k, v), fused)})
+    return results
 
 
 def main() -> int:
@@ -167,10 +176,9 @@ def main() -> int:
                 ("per-sequence, padding listed", lambda q, k, v: attn(q, k, v, None, packed_seq_params=listed)),
                 ("per-sequence, padding marked", lambda q, k, v: attn(q, k, v, None, packed_seq_params=marked)),
             ]
-            for name, attend in variants:
-                label = name + (" +softcap" if softcap else "")
-                r = measure(label, attend, fused, q, k, v, args.reps)
-                print(f"{kind:6} {label:34} {r['fwd_bwd_ms']:11.1f} {r['fwd_bwd_median_ms']:9.1f} {r['fwd_ms']:8.1f} "
+            suffix = " +softcap" if softcap else ""
+            for r in measure([(name + suffix, attend) for name, attend in variants], fused, q, k, v, args.reps):
+                print(f"{kind:6} {r['name']:34} {r['fwd_bwd_ms']:11.1f} {r['fwd_bwd_median_ms']:9.1f} {r['fwd_ms']:8.1f} "
                       f"{r['peak_mib']:9.1f} {r['kept_mib']:9.1f}", flush=True)
     return 0
 

@@ -120,7 +120,7 @@ class TorchCoreAttention(MegatronModule):
         if query.dim() == 4:  # [s, b, h, d]: one causal sequence per row
             s, b, nq, hd = query.shape
             q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, h, s, d]
-            context = self._attend(q, k, v, dropout_p, allow)
+            context = self._attend(q, k, v, dropout_p, self._band(s, query.device), allow)
             return context.permute(2, 0, 1, 3).reshape(s, b, nq * hd)
         t, nq, hd = query.shape  # packed THD: [t, h, d]
         # One split (not a slice per sequence: each slice's backward would fill a [t, h, d] zero
@@ -136,30 +136,46 @@ class TorchCoreAttention(MegatronModule):
         if done < t:
             sizes.append(t - done)
             is_sequence.append(False)
+        # The causal (and window) mask of the longest sequence: its top-left corner is any shorter one's.
+        band = self._band(max((n for n, seq in zip(sizes, is_sequence) if seq), default=0), query.device)
         pieces, start = [], 0
         for q, k, v, length, attended in zip(query.split(sizes), key.split(sizes), value.split(sizes), sizes,
                                              is_sequence):
             if attended:
                 q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, h, L, d]
+                seg_band = None if band is None else band[:length, :length]
                 seg_allow = None if allow is None else allow[..., start:start + length, start:start + length]
-                pieces.append(self._attend(q, k, v, dropout_p, seg_allow)[0].transpose(0, 1))  # [L, h, d]
+                pieces.append(self._attend(q, k, v, dropout_p, seg_band, seg_allow)[0].transpose(0, 1))  # [L, h, d]
             else:  # padding: attends nothing, output zero
                 pieces.append(query.new_zeros(length, nq, hd))
             start += length
         context = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         return context.reshape(t, nq * hd)
 
-    def _attend(self, q, k, v, dropout_p: float, allow: Optional[torch.Tensor]) -> torch.Tensor:
-        """Causal attention within one sequence: q [b, np, L, d], k/v [b, ng, L, d] -> [b, np, L, d].
-        allow: an extra boolean mask broadcastable to [b, np, L, L] (True: may attend), or None."""
-        length = q.shape[-2]
+    def _band(self, length: int, device) -> Optional[torch.Tensor]:
+        """Boolean [L, L], True where query i may see key j (causal, within the window), for the
+        paths that need an explicit mask (soft-capping, a window shorter than L); else None."""
         window = self.window_size if self.window_size is not None and self.window_size < length else None
-        if window is not None or allow is not None or self.logit_softcapping:
-            pos = torch.arange(length, device=q.device)
-            band = pos[None, :] <= pos[:, None]
-            if window is not None:
-                band &= pos[None, :] > pos[:, None] - window
-            allow = band if allow is None else band & allow
+        if window is None and not self.logit_softcapping:
+            return None
+        pos = torch.arange(length, device=device)
+        band = pos[None, :] <= pos[:, None]
+        if window is not None:
+            band &= pos[None, :] > pos[:, None] - window
+        return band
+
+    def _attend(self, q, k, v, dropout_p: float, band: Optional[torch.Tensor],
+                allow: Optional[torch.Tensor]) -> torch.Tensor:
+        """Causal attention within one sequence: q [b, np, L, d], k/v [b, ng, L, d] -> [b, np, L, d].
+        band: this sequence's [L, L] causal/window mask, or None for plain causal attention;
+        allow: an extra boolean mask broadcastable to [b, np, L, L] (True: may attend), or None."""
+        if allow is not None:
+            length = q.shape[-2]
+            causal = band if band is not None else torch.ones(length, length, dtype=torch.bool,
+                                                              device=q.device).tril()
+            allow = causal & allow
+        else:
+            allow = band
         if self.logit_softcapping:
             return self._attend_softcapped(q, k, v, dropout_p, allow)
         return F.scaled_dot_product_attention(
@@ -174,7 +190,7 @@ class TorchCoreAttention(MegatronModule):
         scores = torch.matmul(qg, k.float().unsqueeze(2).transpose(-1, -2)) * self.softmax_scale
         cap = self.logit_softcapping
         scores = torch.tanh(scores / cap) * cap
-        scores = scores.reshape(b, nq, length, length).masked_fill(~allow, float("-inf"))
+        scores = torch.where(allow, scores.reshape(b, nq, length, length), float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
         if dropout_p > 0:
             probs = F.dropout(probs, p=dropout_p)
