@@ -285,7 +285,7 @@ def cmd_hf_to_mcore(args, argv) -> int:
 
     src = ct.hf_source(args.hf, args.allow_pickle)
     dtype = ct.choose_dtype(args.dtype, src.dtype, str(src.dir))
-    etp = ct.expert_tp(args.tp, args.ep, args.etp)
+    etp = ct.expert_tp(src.arch, args.tp, args.ep, args.etp)
     ct.check_layout(src.arch, args.tp, args.pp, args.vpp or 1, args.ep, etp)
     out = ct.check_destination(args.out, args.overwrite)
     if Path(args.hf).absolute() == out:
@@ -394,7 +394,7 @@ def cmd_verify(args, argv) -> int:
     if diffs:
         raise ct.ConfigError(f"--hf and --ckpt are different models ({'; '.join(diffs)}); compare a checkpoint "
                              "with the HF model it was converted from")
-    tp, pp, vpp, ep, etp = verify_layout(args, meta)
+    tp, pp, vpp, ep, etp = verify_layout(args, meta, ck_arch)
     ct.check_layout(ck_arch, tp, pp, vpp, ep, etp)
     work = Path(tempfile.mkdtemp(prefix="aipo_mp-convert-verify."))
     try:

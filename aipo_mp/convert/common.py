@@ -180,10 +180,12 @@ def conversion_parallel(arch: ModelArch, tp: int, pp: int, vpp: int, ep: int = 1
     return ParallelConfig(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, sequence_parallel=bool(arch.num_experts) and tp > 1)
 
 
-def expert_tp(tp: int, ep: int, etp: Optional[int]) -> int:
-    """--etp when given; else the dense layers' tp without expert parallelism (what training needs
-    there: aipo_mp.validate), 1 with it."""
-    return etp if etp is not None else (tp if ep == 1 else 1)
+def expert_tp(arch: ModelArch, tp: int, ep: int, etp: Optional[int]) -> int:
+    """--etp when given; else for a mixture-of-experts model the dense layers' tp without expert
+    parallelism (what training needs there: aipo_mp.validate) and 1 with it; 1 for a dense model."""
+    if etp is not None:
+        return etp
+    return tp if arch.num_experts and ep == 1 else 1
 
 
 def conversion_world(tp: int, pp: int, ep: int = 1, etp: int = 1) -> int:

@@ -101,7 +101,7 @@ def hf_to_mcore_rank(args) -> dict:
     src = hf_source(args.hf, args.allow_pickle)
     dtype = choose_dtype(args.dtype, src.dtype, f"{src.dir}")
     vpp, ep = args.vpp or 1, getattr(args, "ep", 1)
-    etp = expert_tp(args.tp, ep, getattr(args, "etp", None))
+    etp = expert_tp(src.arch, args.tp, ep, getattr(args, "etp", None))
     check_layout(src.arch, args.tp, args.pp, vpp, ep, etp)
     setup_parallel(args.tp, args.pp, vpp, ep, etp)
     built = build_for_conversion(src.family, src.arch, args.tp, args.pp, vpp, dtype, ep, etp)

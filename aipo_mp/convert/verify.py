@@ -19,7 +19,7 @@ def verify_rank(args) -> dict:
 
     meta = read_meta(args.ckpt)
     family, arch = family_for_hf_config(meta["hf_config"]), arch_from_hf_config(meta["hf_config"])
-    tp, pp, vpp, ep, etp = verify_layout(args, meta)
+    tp, pp, vpp, ep, etp = verify_layout(args, meta, arch)
     check_layout(arch, tp, pp, vpp, ep, etp)
     ref = torch.load(args.reference, weights_only=True)
     setup_parallel(tp, pp, vpp, ep, etp)
@@ -43,7 +43,7 @@ def verify_rank(args) -> dict:
                        num_sequences=len(batch["starts"]))
 
 
-def verify_layout(args, meta: dict) -> tuple[int, int, int, int, int]:
+def verify_layout(args, meta: dict, arch: ModelArch) -> tuple[int, int, int, int, int]:
     """(tp, pp, vpp, ep, etp): the stored layout when none of --tp/--pp/--vpp/--ep/--etp is given;
     otherwise the given one (1 where unset; --etp: --tp when --ep is 1)."""
     given = [getattr(args, k, None) for k in ("tp", "pp", "vpp", "ep", "etp")]
@@ -55,7 +55,7 @@ def verify_layout(args, meta: dict) -> tuple[int, int, int, int, int]:
 
     tp, pp, vpp, ep, etp = given
     tp, ep = tp or 1, ep or 1
-    return tp, pp or 1, vpp or 1, ep, expert_tp(tp, ep, etp)
+    return tp, pp or 1, vpp or 1, ep, expert_tp(arch, tp, ep, etp)
 
 
 def make_reference(hf_dir: str | Path, out_path: str | Path, arch: ModelArch, seed: int = 0) -> None:
