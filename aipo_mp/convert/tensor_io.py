@@ -147,9 +147,6 @@ class SafetensorsSource:
             dst[r:r + m].copy_(part)
         return True
 
-    def read_rows_into(self, dst: torch.Tensor, name: str, start: int) -> bool:
-        return self.read_into(dst, name, start)
-
     def view(self, name: str) -> torch.Tensor:
         if self.weights._pickled is not None:
             return self.weights.get(name)
