@@ -344,7 +344,8 @@ def main() -> int:
         "trainer_wall_s": wall,
     }
 
-    print(f"\n== {arch.family} {arch.num_layers}L h{arch.hidden_size}, {dtype}, tp={args.tp} pp={args.pp} dp={dp} on "
+    print(f"\n== {arch.family} {arch.num_layers}L h{arch.hidden_size}, {dtype}, tp={args.tp} pp={args.pp} dp={dp}"
+          + (f" ep={args.ep} etp={args.etp}" if arch.num_experts else "") + " on "
           f"{args.nproc} x {gpu_name or 'CPU rank'}, seq {args.seq_length}, {args.global_batch_pairs} pairs/step, "
           f"{len(timed)} timed steps (+{args.warmup_steps} warm-up) ==")
     lo, hi = summary["step_time_s_min_max"]
