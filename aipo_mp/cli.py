@@ -217,6 +217,27 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from aipo_mp.errors import ConfigError
+    from aipo_mp.rounds.evaluate import JudgeOptions, evaluate, parse_rounds, results_table
+
+    judge = None
+    if bool(args.judge_url) != bool(args.judge_model):
+        raise ConfigError("eval: give both --judge-url and --judge-model (or neither)")
+    if args.baseline and args.baseline_round is not None:
+        raise ConfigError("eval: give one of --baseline FILE and --baseline-round R")
+    if args.judge_url:
+        judge = JudgeOptions(args.judge_url, args.judge_model, args.judge_api_key_env, args.judge_rps,
+                             args.judge_retries, args.baseline, args.baseline_round)
+    done = evaluate(args.run_dir, args.questions, args.format, parse_rounds(args.rounds), args.out,
+                    args.overrides, args.launcher, judge)
+    for r, path in done["answers"].items():
+        print(f"round {r}: {path}")
+    if done["results"]:
+        print(results_table(done["results"]), end="")
+    return 0
+
+
 def add_stage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="a recipe YAML (its sampling/reward/pairs sections are used)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. sampling.n=8")
@@ -274,6 +295,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="per-round table and plots of a run directory")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("eval", help="answer a benchmark's questions with each round's policy (AlpacaEval, "
+                       "Arena-Hard, MT-Bench files); optionally judge them pairwise")
+    p.add_argument("run_dir", help="the output.dir of an `aipo-mp run`")
+    p.add_argument("--questions", required=True, help="the benchmark's question file (JSON or JSONL)")
+    p.add_argument("--format", choices=["alpaca_eval", "arena_hard", "mt_bench"], default=None,
+                   help="default: detected from the question file")
+    p.add_argument("--rounds", default=None, help="rounds to evaluate, e.g. 0,3 (default: every round with a policy)")
+    p.add_argument("--out", default=None, help="output directory (default RUN_DIR/eval/FORMAT)")
+    p.add_argument("--launcher", choices=["local", "slurm"], default=None, help="default: cluster.launcher")
+    p.add_argument("--judge-url", default=None, help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
+    p.add_argument("--judge-model", default=None, help="the judge's model name at that endpoint")
+    p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--judge-rps", type=float, default=2.0, help="at most this many judge requests per second")
+    p.add_argument("--judge-retries", type=int, default=5, help="retries of a failed request (backoff 1, 2, 4 ... s)")
+    p.add_argument("--baseline", default=None, help="judge against this answer file (the benchmark's format)")
+    p.add_argument("--baseline-round", type=int, default=None, help="judge against this round (default: the first)")
+    p.add_argument("overrides", nargs="*", help="sampling.* overrides, e.g. sampling.max_tokens=2048")
+    p.set_defaults(func=cmd_eval)
     parser.subcommands = sub  # main() adds the commands that parse their own arguments
     return parser
 
