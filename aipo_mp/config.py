@@ -217,6 +217,9 @@ class OutputConfig:
     tensorboard: bool = True
     # Write the final policy here as an HF directory for vLLM (the round handoff; aipo-mp run sets it).
     hf_dir: Optional[str] = None
+    # Resume the checkpoints of a directory from an older version (no run_identity.json) even when
+    # its recorded data and starting weights cannot be shown to be these (aipo_mp/training/identity.py).
+    resume_unrecorded: bool = False
 
 
 @dataclass

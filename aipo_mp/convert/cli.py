@@ -36,6 +36,7 @@ from aipo_mp.runtime import spawn
 RUN_DIR_ENV = "CHECKPOINT_TOOLS_RUN_DIR"  # set by the parent for the workers it starts
 PARENT_PID_ENV = "CHECKPOINT_TOOLS_PARENT_PID"
 ROOT = Path(__file__).resolve().parents[2]
+RUN_DIR_PREFIX = "aipo_mp-convert."  # the parent's temporary run directory: RUN_DIR_PREFIX[kind]PID.xxxx
 EXIT_USER, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 1, 130
 
 
@@ -210,6 +211,40 @@ def spawn_ranks(world: int, argv: list[str], run_dir: Path) -> list[dict]:
                       tail)
 
 
+def make_run_dir(kind: str = "") -> Path:
+    """A temporary directory named after this process (RUN_DIR_PREFIX[kind]PID.xxxx), so that a
+    later conversion can tell it is orphaned (see sweep_stale_run_dirs)."""
+    return Path(tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{kind}{os.getpid()}."))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def sweep_stale_run_dirs() -> list[Path]:
+    """Remove our temporary run directories whose process is gone: a parent killed after its
+    output was published, but before its own cleanup ran, left one. Returns what was removed."""
+    removed = []
+    for d in Path(tempfile.gettempdir()).glob(f"{RUN_DIR_PREFIX}*"):
+        parts = d.name[len(RUN_DIR_PREFIX):].split(".")
+        pid = next((int(p) for p in parts[:2] if p.isdigit()), None)
+        try:
+            mine = d.is_dir() and not d.is_symlink() and d.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if pid is None or not mine or pid == os.getpid() or pid_alive(pid):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
 def remove_run_dir_if_orphaned() -> None:
     """A worker whose parent was killed (the parent-death signal) removes the shared temporary
     directory the parent can no longer remove."""
@@ -268,7 +303,7 @@ def run_distributed(args, argv: list[str], world: int) -> list[dict]:
         return run_rank_program(args)
     if world == 1:
         return run_rank_program(args)
-    run_dir = Path(tempfile.mkdtemp(prefix="aipo_mp-convert."))
+    run_dir = make_run_dir()
     try:
         return spawn_ranks(world, argv, run_dir)
     finally:
@@ -311,9 +346,8 @@ def cmd_hf_to_mcore(args, argv) -> int:
 def cmd_mcore_to_hf(args, argv) -> int:
     from aipo_mp.convert import common as ct
     from aipo_mp.models import arch_from_hf_config, family_for_hf_config
-    from aipo_mp.training.checkpoint import read_meta
 
-    meta = read_meta(args.ckpt)
+    meta = ct.checked_meta(args.ckpt)
     family_for_hf_config(meta["hf_config"])
     arch = arch_from_hf_config(meta["hf_config"])
     ct.parse_size(args.max_shard_size)
@@ -384,9 +418,9 @@ def cmd_verify(args, argv) -> int:
     from aipo_mp.convert import common as ct
     from aipo_mp.convert.verify import make_reference, verify_layout
     from aipo_mp.models import arch_from_hf_config
-    from aipo_mp.training.checkpoint import arch_differences, read_meta
+    from aipo_mp.training.checkpoint import arch_differences
 
-    meta = read_meta(args.ckpt)
+    meta = ct.checked_meta(args.ckpt)
     _, _, hf_arch = ct.hf_config_and_arch(args.hf)
     ct.check_weight_files(Path(args.hf), args.allow_pickle)
     ck_arch = arch_from_hf_config(meta["hf_config"])
@@ -396,7 +430,7 @@ def cmd_verify(args, argv) -> int:
                              "with the HF model it was converted from")
     tp, pp, vpp, ep, etp = verify_layout(args, meta, ck_arch)
     ct.check_layout(ck_arch, tp, pp, vpp, ep, etp)
-    work = Path(tempfile.mkdtemp(prefix="aipo_mp-convert-verify."))
+    work = make_run_dir("verify.")
     try:
         ref = work / "reference.pt"
         if args.reference is None:
@@ -521,6 +555,7 @@ def _main(args, argv: list[str]) -> int:
             if stats:
                 (Path(os.environ[RUN_DIR_ENV]) / "result.json").write_text(json.dumps(stats))
             return 0
+        sweep_stale_run_dirs()  # what a killed earlier conversion could not remove
         with output_lock(args):
             return COMMANDS[args.cmd](args, argv)
     except BrokenPipeError:  # stdout closed early (e.g. piped into `head`)

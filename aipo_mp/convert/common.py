@@ -5,7 +5,6 @@ any process starts or any byte is written), the HF source check, and the per-ran
 from __future__ import annotations
 
 import errno
-import json
 import re
 import resource
 import shutil
@@ -208,8 +207,9 @@ def check_layout(arch: ModelArch, tp: int, pp: int, vpp: int, ep: int = 1, etp: 
         raise ConfigError(text)
 
 
-def check_weight_files(directory: Path, allow_pickle: bool) -> None:
-    """Refuse pickled weights (they can run code) before anything loads them."""
+def check_weight_files(directory: Path, allow_pickle: bool, pickle_flag: Optional[str] = "--allow-pickle") -> None:
+    """Refuse pickled weights (they can run code) before anything loads them. `pickle_flag`: the
+    command's flag that allows them (None: the command has none, so none is named)."""
     from aipo_mp.convert.hf_io import check_index_files
 
     check_index_files(directory)  # shards the index names must all be there
@@ -217,9 +217,10 @@ def check_weight_files(directory: Path, allow_pickle: bool) -> None:
         return
     if any(directory.glob("*.bin")) or any(directory.glob("*.pt")) or any(directory.glob("*.pth")):
         if not allow_pickle:
+            how = f" or pass {pickle_flag} if you trust the source" if pickle_flag else ""
             raise CheckpointError(
                 f"{directory}: holds only pickled .bin weights, which can run code when loaded; convert "
-                "them to safetensors or pass --allow-pickle if you trust the source"
+                f"them to safetensors (e.g. save_pretrained(safe_serialization=True)){how}"
             )
         return
     raise CheckpointError(f"{directory}: no *.safetensors weights found")
@@ -237,6 +238,19 @@ class HFSource:
     num_bytes: int
 
 
+def checked_meta(ckpt: str | Path) -> dict:
+    """aipo_checkpoint.json of a Megatron checkpoint, its type and keys checked by the one JSON
+    reader first (a list, null, cut file or missing hf_config is one line, not a KeyError)."""
+    from aipo_mp.errors import CHECKPOINT_META
+    from aipo_mp.models import read_checkpoint_meta_file
+    from aipo_mp.training.checkpoint import read_meta
+
+    meta_file = Path(ckpt) / CHECKPOINT_META
+    if meta_file.is_file():
+        read_checkpoint_meta_file(meta_file)
+    return read_meta(ckpt)
+
+
 def hf_config_and_arch(directory: str | Path):
     from aipo_mp.models import arch_from_hf_config, family_for_hf_config
 
@@ -246,10 +260,9 @@ def hf_config_and_arch(directory: str | Path):
     cfg_file = d / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{d} has no config.json; point --hf to a Hugging Face model directory")
-    try:
-        hf = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({e.msg} at line {e.lineno})")
+    from aipo_mp.convert.hf_io import read_hf_config_file
+
+    hf = read_hf_config_file(cfg_file)
     family = family_for_hf_config(hf)  # unsupported architecture -> ConfigError listing the supported ones
     return hf, family, arch_from_hf_config(hf)
 
@@ -281,14 +294,17 @@ def expected_hf_shapes(arch: ModelArch, names: list[str]) -> dict[str, tuple[int
     return out
 
 
-def hf_source(directory: str | Path, allow_pickle: bool = False) -> HFSource:
-    """Open an HF directory and check it completely (names, shapes) without reading weights."""
+def hf_source(directory: str | Path, allow_pickle: bool = False, pickle_flag: Optional[str] = "--allow-pickle"
+              ) -> HFSource:
+    """Open an HF directory and check it completely (names, and every shape against config.json)
+    without reading weights. Every command that reads HF weights (inspect, hf-to-mcore, and
+    train's load) opens them here, so a wrong shape is one line before any reshape."""
     from aipo_mp.convert.hf_io import HFWeights
 
     d = Path(directory)
     hf, family, arch = hf_config_and_arch(d)
-    check_weight_files(d, allow_pickle)
-    weights = HFWeights(d, allow_pickle=allow_pickle)
+    check_weight_files(d, allow_pickle, pickle_flag)
+    weights = HFWeights(d, allow_pickle=allow_pickle, pickle_flag=pickle_flag)
     expected = family.hf_names(arch)
     have = set(weights.names())
     ignorable = {n for n in have if IGNORABLE.search(n)}

@@ -65,8 +65,8 @@ class HFWeights:
                     f"convert them to safetensors (e.g. save_pretrained(safe_serialization=True)){how}"
                 )
             self._pickled = {}
-            for b in bins:  # weights_only refuses arbitrary objects
-                self._pickled.update(torch.load(b, map_location="cpu", weights_only=True))
+            for b in bins:
+                self._pickled.update(load_pickled_weights(b))
             self.files = {n: "" for n in self._pickled}
         # Presented name -> where it lives, for the names that are not stored as such.
         self.virtual: dict[str, Virtual] = {}
@@ -211,6 +211,7 @@ def _template_regex(template: str) -> str:
 def fused_expert_names(directory: Path):
     """(arch, gate, up, down, router name templates) of the mixture-of-experts family config.json
     names, from its mapping table; None for a dense family or a directory without config.json."""
+    from aipo_mp.errors import UserError
     from aipo_mp.models import arch_from_hf_config, family_for_hf_config
     from aipo_mp.models.family import GLU
 
@@ -218,8 +219,8 @@ def fused_expert_names(directory: Path):
     if not cfg.is_file():
         return None
     try:
-        hf = json.loads(cfg.read_text())
-    except ValueError:
+        hf = read_hf_config_file(cfg)
+    except UserError:
         return None  # the caller's config check names the problem
     family = family_for_hf_config(hf)
     if not family.moe:
@@ -245,10 +246,14 @@ def check_index_files(directory: str | Path) -> dict[str, str]:
     index = directory / INDEX
     if not index.exists():
         return {}
-    try:
-        weight_map = dict(json.loads(index.read_text())["weight_map"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index}: not a valid safetensors index ({first_line(e)}); re-save the model") from None
+    from aipo_mp.runtime.json_files import read_json_object
+
+    fix = "re-save the model (save_pretrained) or copy the index again"
+    weight_map = read_json_object(index, "the safetensors index", {"weight_map": dict}, fix)["weight_map"]
+    bad = next((k for k, v in weight_map.items() if not isinstance(v, str) or "/" in v or v in ("", ".", "..")), None)
+    if bad is not None:
+        raise CheckpointError(f"{index}: the safetensors index maps {bad!r} to {weight_map[bad]!r}, not a file name "
+                              f"in the directory; {fix}")
     missing = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
     if missing:
         raise CheckpointError(f"{index} names {len(missing)} missing file(s): {', '.join(missing[:3])}"
@@ -287,6 +292,30 @@ def check_safetensors_size(path: Path, handle) -> None:
     if actual < expected:
         raise CheckpointError(f"{path}: truncated ({actual} bytes, its header describes {expected}); copy or convert "
                           "it again")
+
+
+def load_pickled_weights(path: Path) -> dict:
+    """A trusted (--allow-pickle) .bin state dict. weights_only refuses anything but tensors and
+    plain containers, so a malicious or damaged pickle is refused: one line, not a traceback."""
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a plain tensor state dict, refused even with --allow-pickle "
+                              f"({first_line(e)}); convert a trusted copy to safetensors") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise CheckpointError(f"{path}: holds {type(state).__name__}, not a name -> tensor state dict; convert a "
+                              "trusted copy to safetensors")
+    return state
+
+
+def read_hf_config_file(path: Path) -> dict:
+    """An HF config.json through the one JSON reader (a list, null or cut file is one line)."""
+    from aipo_mp.runtime.json_files import read_json_object
+
+    return read_json_object(path, "config.json", fix="restore the model's config.json (copy it again with the weights)")
 
 
 def first_line(e: BaseException) -> str:

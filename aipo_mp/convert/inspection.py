@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from aipo_mp.config import ModelArch
-from aipo_mp.convert.common import hf_source, human_bytes, human_count
+from aipo_mp.convert.common import checked_meta, hf_source, human_bytes, human_count
 from aipo_mp.errors import CheckpointError, ConfigError
 from aipo_mp.models import num_params
 
@@ -36,13 +36,13 @@ def megatron_tensor_count(model_dir: Path) -> int:
 
 def inspect_dir(path: str | Path, allow_pickle: bool = False) -> dict:
     from aipo_mp.models import arch_from_hf_config, family_for_hf_config
-    from aipo_mp.training.checkpoint import is_megatron_checkpoint, read_meta
+    from aipo_mp.training.checkpoint import is_megatron_checkpoint
 
     d = Path(path)
     if not d.is_dir():
         raise ConfigError(f"not a directory: {d}")
     if is_megatron_checkpoint(d):
-        meta = read_meta(d)
+        meta = checked_meta(d)
         family, arch = family_for_hf_config(meta["hf_config"]), arch_from_hf_config(meta["hf_config"])
         stored = megatron_tensor_count(d / "model")
         return dict(path=str(d), kind="megatron", format=meta["format"], family=family.name,

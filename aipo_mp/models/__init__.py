@@ -5,7 +5,6 @@ Adding a family: one module with a `FAMILY` record, plus a line in FAMILIES.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from aipo_mp.config import ModelArch
@@ -27,7 +26,11 @@ def supported_architectures() -> list[str]:
 
 
 def family_for_hf_config(hf: dict) -> Family:
+    if not isinstance(hf, dict):  # every file reader checks this; a caller's own dict might not be one
+        raise ConfigError(f"the HF config holds a JSON {type(hf).__name__}, not an object; {HF_CONFIG_FIX}")
     archs = hf.get("architectures") or []
+    if isinstance(archs, str) or not isinstance(archs, list):
+        archs = [str(archs)]
     for fam in FAMILIES.values():
         if any(a in fam.hf_architectures for a in archs) or hf.get("model_type") == fam.hf_model_type:
             return fam
@@ -41,21 +44,37 @@ def get_family(name: str) -> Family:
     return FAMILIES[name]
 
 
+# What every reader of aipo_checkpoint.json relies on, with its JSON type.
+CHECKPOINT_META_KEYS = {"format": str, "hf_config": dict, "layout": dict, "dtype": str, "num_params": int}
+LAYOUT_KEYS = {"tp": int, "pp": int}
+CHECKPOINT_META_FIX = "the checkpoint's description is damaged: restore it, or convert the checkpoint again"
+HF_CONFIG_FIX = "restore the model's config.json (copy it again with the weights)"
+
+
+def read_checkpoint_meta_file(meta: str | Path) -> dict:
+    """aipo_checkpoint.json through the one JSON reader: an object with format, hf_config and
+    layout, or one line naming the file and what is wrong."""
+    from aipo_mp.runtime.json_files import check_object, read_json_object
+
+    data = read_json_object(meta, MEGATRON_META, CHECKPOINT_META_KEYS, CHECKPOINT_META_FIX)
+    check_object(data["layout"], meta, f"{MEGATRON_META}'s layout", LAYOUT_KEYS, CHECKPOINT_META_FIX)
+    return data
+
+
 def read_hf_config(directory: str | Path) -> dict:
     """config.json of an HF directory, or the HF config stored with an aipo_mp checkpoint."""
+    from aipo_mp.runtime.json_files import read_json_object
+
     d = Path(directory)
     if not d.is_dir():
         raise ConfigError(f"model directory not found: {d}")
     meta = d / MEGATRON_META
     if meta.exists():
-        return json.loads(meta.read_text())["hf_config"]
+        return read_checkpoint_meta_file(meta)["hf_config"]
     cfg = d / "config.json"
     if not cfg.exists():
         raise ConfigError(f"{d} has neither config.json (HF) nor {MEGATRON_META} (aipo_mp checkpoint)")
-    try:
-        return json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{cfg}: not valid JSON ({e.msg} at line {e.lineno})")
+    return read_json_object(cfg, "config.json", fix=HF_CONFIG_FIX)
 
 
 def arch_from_hf_config(hf: dict) -> ModelArch:
@@ -63,7 +82,9 @@ def arch_from_hf_config(hf: dict) -> ModelArch:
     try:
         return fam.arch_from_hf(hf)
     except KeyError as e:
-        raise ConfigError(f"{fam.name} config.json lacks the field {e.args[0]}")
+        raise ConfigError(f"{fam.name} config.json lacks the field {e.args[0]}; {HF_CONFIG_FIX}") from None
+    except (TypeError, ValueError, AttributeError) as e:  # e.g. "hidden_size": "big" or null
+        raise ConfigError(f"{fam.name} config.json holds a value of the wrong type ({e}); {HF_CONFIG_FIX}") from None
 
 
 def arch_from_dir(directory: str | Path) -> ModelArch:

@@ -7,7 +7,6 @@ engine starts."""
 from __future__ import annotations
 
 import gc
-import json
 import os
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any, Optional, Sequence
 from aipo_mp.config import SamplingConfig
 from aipo_mp.errors import CheckpointError, ConfigError
 from aipo_mp.runtime import spawn
+from aipo_mp.runtime.json_files import read_json_object
 
 GIB = 1 << 30
 
@@ -51,11 +51,12 @@ def check_model_dir(model_dir: str | Path, what: str = "model") -> dict:
     config_file = model_dir / "config.json"
     if not model_dir.is_dir():
         raise ConfigError(f"{what} directory {model_dir} does not exist")
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError):
+    if not config_file.is_file():
         raise ConfigError(f"{what} directory {model_dir} has no readable config.json; give a Hugging Face "
-                          "model directory (export a Megatron checkpoint to HF first)") from None
+                          "model directory (export a Megatron checkpoint to HF first)")
+    config = read_json_object(config_file, f"the {what}'s config.json", fix="restore the model's config.json, "
+                              "or give a Hugging Face model directory (export a Megatron checkpoint to HF first)",
+                              error=ConfigError)
     if not accelerator_present():
         head_dim = config.get("head_dim") or (
             config.get("hidden_size", 0) // max(1, config.get("num_attention_heads", 1)))

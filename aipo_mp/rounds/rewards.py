@@ -16,8 +16,10 @@ Two kinds of reward:
       tokenizer's own special tokens (BOS); a message list becomes "role: content\\n" lines
       followed by "assistant: " + response.
 
-A score that is NaN or infinite, or a rule that raises, is a ConfigError naming the prompt id and
-sample index: a silently bad reward would train the policy on noise.
+A score that is NaN, infinite or beyond +-MAX_ABS_SCORE (where sums, means and gaps overflow), or
+a rule that raises or stops the process (any exception, SystemExit, KeyboardInterrupt), is a
+ConfigError naming the rule, the prompt id and sample index: a silently bad reward would train the
+policy on noise, and a rule that exits would leave the stage without output.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ from aipo_mp.runtime.files import atomic_write_text
 from aipo_mp.tokenization import as_token_list, has_chat_template
 
 SAMPLE_FIELDS = ("prompt_id", "prompt", "sample_index", "text")
+# Larger scores overflow what is computed from them (a mean over samples, a chosen - rejected gap,
+# float32 statistics): 1e308 + 1e308 is inf. Real rewards are many orders of magnitude smaller.
+MAX_ABS_SCORE = 1e30
 
 
 def load_samples(samples) -> list[dict]:
@@ -55,9 +60,15 @@ def finite_score(value, record: dict, source: str, fix: str) -> float:
     stage applies to scored.jsonl, so whatever the reward stage writes the pairs stage accepts."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ConfigError(f"{source} returned {value!r} (not a number) for {where(record)}; {fix}")
-    score = float(value)
+    try:
+        score = float(value)
+    except OverflowError:  # an int too large for a float
+        score = math.inf if value > 0 else -math.inf
     if not math.isfinite(score):
         raise ConfigError(f"{source} returned a non-finite score ({score}) for {where(record)}; {fix}")
+    if abs(score) > MAX_ABS_SCORE:
+        raise ConfigError(f"{source} returned {score:g} for {where(record)}, beyond +-{MAX_ABS_SCORE:g} (means and "
+                          f"gaps of such scores overflow); {fix}, e.g. scale it down")
     return score
 
 
@@ -80,8 +91,8 @@ def load_rule(rule: str) -> Callable:
             spec.loader.exec_module(module)
         else:
             module = importlib.import_module(module_name)
-    except Exception as e:
-        raise ConfigError(f"reward rule {rule!r}: cannot import {module_name} ({type(e).__name__}: {e})") from None
+    except BaseException as e:  # noqa: BLE001 - user code: an exit while importing it is its failure too
+        raise ConfigError(f"reward rule {rule!r}: cannot import {module_name} ({rule_failure(e)})") from None
     function = getattr(module, function_name, None)
     if not callable(function):
         raise ConfigError(f"reward rule {rule!r}: {module_name} has no function {function_name}")
@@ -115,6 +126,16 @@ def takes_meta(function: Callable) -> bool:
     return any(p.name == "meta" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
+def rule_failure(e: BaseException) -> str:
+    """How user code stopped: an exception, or an attempt to end the process."""
+    if isinstance(e, SystemExit):
+        return f"called sys.exit({e.code!r}) (a reward rule must return a score, never exit)"
+    if isinstance(e, KeyboardInterrupt):
+        return "was interrupted (KeyboardInterrupt)"
+    text = (str(e).strip().splitlines() or [""])[0]
+    return f"raised {type(e).__name__}" + (f": {text}" if text else "")
+
+
 def score_with_rule(samples, rule: str | Callable, out_path: Optional[str | Path] = None) -> list[dict]:
     """Score every sample with `rule(prompt, response)`; write `out_path` atomically when given."""
     records = load_samples(samples)
@@ -129,8 +150,8 @@ def score_with_rule(samples, rule: str | Callable, out_path: Optional[str | Path
                 value = function(record["prompt"], record["text"], meta=record.get("meta", {}))
             else:
                 value = function(record["prompt"], record["text"])
-        except Exception as e:
-            raise ConfigError(f"reward rule {name} raised {type(e).__name__}: {e} on {where(record)}; {fix}") from None
+        except BaseException as e:  # noqa: BLE001 - user code: SystemExit/KeyboardInterrupt in it end the stage too
+            raise ConfigError(f"reward rule {name} {rule_failure(e)} on {where(record)}; {fix}") from None
         scored.append({**record, "score": finite_score(value, record, f"reward rule {name}", fix)})
     if out_path is not None:
         write_jsonl(out_path, scored)

@@ -43,6 +43,7 @@ from aipo_mp.rounds.launchers import rank_log_dir
 from aipo_mp.rounds.placement import Placement, stage_kind, stage_placement
 from aipo_mp.rounds.shards import ShardDir, shard_count
 from aipo_mp.runtime.files import atomic_write_json
+from aipo_mp.runtime.json_files import check_object, read_json_object
 from aipo_mp.validate import PLACEMENT, RECIPE, TRAIN, validate
 
 STAGES = ("export", "synthesize", "sample", "reward", "compare", "pairs", "train")
@@ -72,7 +73,7 @@ class RunState:
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / RUN_STATE
-        self.data = json.loads(self.path.read_text()) if self.path.exists() else {"rounds": {}, "policies": {}}
+        self.data = read_run_state(self.path) if self.path.exists() else {"rounds": {}, "policies": {}}
 
     def done(self, round_idx: int, stage: str) -> bool:
         return stage in self.data["rounds"].get(str(round_idx), {})
@@ -89,6 +90,19 @@ class RunState:
         atomic_write_json(self.path, self.data)
 
 
+def read_run_state(path: Path) -> dict:
+    """run_state.json through the one JSON reader: {"rounds": {round: {stage: info}}, "policies": {round: path}}."""
+    fix = (f"restore it, or delete it to redo every stage (completed stage outputs under {path.parent} are "
+           "rewritten)")
+    data = read_json_object(path, "the run state", {"rounds": dict, "policies": dict}, fix, error=ConfigError)
+    for r, stages in data["rounds"].items():
+        check_object(stages, path, f"the run state of round {r}", fix=fix, error=ConfigError)
+    bad = next((r for r, p in data["policies"].items() if not isinstance(p, str)), None)
+    if bad is not None:
+        raise ConfigError(f"{path}: the run state's policy of round {bad} is not a path; {fix}")
+    return data
+
+
 class Stopped(Exception):
     """A stage was stopped by a signal (preemption); the run can be requeued and resumed."""
 
@@ -98,10 +112,9 @@ def checkpoint_layout(path: Optional[str]) -> Optional[dict]:
     meta = Path(path or "") / CHECKPOINT_META
     if not path or not meta.is_file():
         return None
-    try:
-        return json.loads(meta.read_text())["layout"]
-    except (ValueError, KeyError):
-        raise ConfigError(f"{meta}: not a valid aipo_mp checkpoint description; re-convert the checkpoint") from None
+    from aipo_mp.models import read_checkpoint_meta_file
+
+    return read_checkpoint_meta_file(meta)["layout"]
 
 
 class RoundRunner:
@@ -160,6 +173,19 @@ class RoundRunner:
                               + f" [logs: {log}, {rank_log_dir(log)}/]; fix it and rerun the same command to resume")
         print(f"[aipo-mp run] {name}: done in {seconds:.0f} s", flush=True)
 
+    def stage_output(self, name: str, path: Path, read=None):
+        """What a finished stage must have written: a stage that exited 0 without it is a failed
+        stage (said so, with its logs), not a KeyError or a missing file in the next stage.
+        `read(path)` parses it; returns the parsed value (or the path)."""
+        if self.plan_only:
+            return {}
+        if not path.exists():
+            log = self.run_dir / "logs" / f"{name}.log"
+            raise StageFailed(f"stage {name} exited 0 but did not write {path} [logs: {log}, {rank_log_dir(log)}/]; "
+                              "look at its log for what stopped it early (a sys.exit in user code?), fix it and rerun "
+                              "the same command to resume")
+        return read(path) if read else path
+
     def plan_entry(self, name: str, argv: list[str], placement: Placement, log: Path, limit) -> dict:
         entry = {"name": name, "ntasks": placement.ntasks, "nodes": placement.nodes,
                  "ntasks_per_node": placement.ntasks_per_node, "gpus_per_task": placement.gpus_per_task}
@@ -206,6 +232,7 @@ class RoundRunner:
         name = f"round{r}-export"
         self.launch(name, ["--ckpt", policy, "--out", str(out),
                            "--dtype", self.cfg.precision.dtype, "--overwrite"], self.placement(name, shards))
+        self.stage_output(name, out / "config.json")
         return {"hf_dir": str(out)}
 
     def plan_shards(self, root: Path, total: int, world: int, per_shard: int = 0) -> None:
@@ -213,15 +240,26 @@ class RoundRunner:
         if not self.plan_only:
             ShardDir(root, shard_count(total, world, per_shard)).write_plan()
 
-    def merge_shards(self, root: Path, total: int, world: int, out: Path, per_shard: int = 0) -> list[dict]:
-        """Write the finished shards of a placed stage to `out` in order; returns their markers."""
+    def merge_shards(self, name: str, root: Path, total: int, world: int, out: Optional[Path] = None,
+                     per_shard: int = 0) -> tuple[list[dict], list[dict]]:
+        """(records, markers) of the finished shards of placed stage `name`, in order; written to
+        `out` when given. A shard the stage did not write (its tasks exited 0) fails the stage."""
         from aipo_mp.data.records import write_jsonl
 
         if self.plan_only:
-            return []
+            return [], []
         shards = ShardDir(root, shard_count(total, world, per_shard))
-        write_jsonl(out, shards.merge())
-        return shards.markers()
+        missing = shards.todo()
+        if missing:
+            log = self.run_dir / "logs" / f"{name}.log"
+            raise StageFailed(f"stage {name} exited 0 but did not write shard(s) {missing[:10]} of {shards.count} "
+                              f"(in {shards.path}) [logs: {log}, {rank_log_dir(log)}/]; look at its log for what "
+                              "stopped it early (a sys.exit in user code?), fix it and rerun the same command to "
+                              "resume")
+        records = shards.merge()
+        if out is not None:
+            write_jsonl(out, records)
+        return records, shards.markers()
 
     def synthesized(self, r: int) -> bool:
         """Round r samples from its own self-instruct prompts (the final evaluation uses the seeds)."""
@@ -235,6 +273,7 @@ class RoundRunner:
         self.launch(name, ["--config", str(self.config_path),
                            "--model", self.policy_hf_dir(r), "--out-dir", str(rd),
                            "--round", str(r), "--run-dir", str(self.run_dir)], self.placement(name))
+        self.stage_output(name, rd / "prompts.jsonl")
         return {"prompts": str(rd / "prompts.jsonl")}
 
     def sample(self, r: int) -> dict:
@@ -252,7 +291,7 @@ class RoundRunner:
                            "--model", self.policy_hf_dir(r), "--prompts", prompts, "--shard-dir", str(shard_root),
                            "--shard-prompts", str(per_shard), f"sampling.seed={self.cfg.sampling.seed + 1000 * r}"],
                     placement)
-        markers = self.merge_shards(shard_root, total, placement.ntasks, out, per_shard)
+        _, markers = self.merge_shards(name, shard_root, total, placement.ntasks, out, per_shard)
         return {"samples": str(out), "nodes": sorted({m["node"] for m in markers})}
 
     def compare(self, r: int) -> dict:
@@ -288,6 +327,7 @@ class RoundRunner:
             self.launch("baseline-reward", ["--config", str(self.config_path),
                                             "--samples", str(out / "samples.jsonl"), "--out", str(out / "scored.jsonl")],
                         one_task)
+            self.stage_output("baseline-reward", out / "scored.jsonl")
         return {"samples": str(out / "samples.jsonl")}
 
     def reward(self, r: int) -> dict:
@@ -300,12 +340,13 @@ class RoundRunner:
         if reward_kind(self.cfg.reward) in RANKER_KINDS:  # a prompt's candidates are ranked together: one task
             self.launch(name, ["--config", str(self.config_path),
                                "--samples", str(rd / "samples.jsonl"), "--out", str(out)], placement)
+            self.stage_output(name, out)
             return {"scored": str(out)}
         total = 0 if self.plan_only else len(read_jsonl(rd / "samples.jsonl"))
         self.plan_shards(shard_root, total, placement.ntasks)
         self.launch(name, ["--config", str(self.config_path),
                            "--samples", str(rd / "samples.jsonl"), "--shard-dir", str(shard_root)], placement)
-        markers = self.merge_shards(shard_root, total, placement.ntasks, out)
+        _, markers = self.merge_shards(name, shard_root, total, placement.ntasks, out)
         return {"scored": str(out), "nodes": sorted({m["node"] for m in markers})}
 
     def pairs(self, r: int) -> dict:
@@ -315,10 +356,12 @@ class RoundRunner:
                            "--scored", str(rd / "scored.jsonl"), "--out-dir", str(rd)], self.placement(name))
         if self.plan_only:
             return {}
-        stats = json.loads((rd / "pairs_stats.json").read_text())
+        stats = self.stage_output(name, rd / "pairs_stats.json", lambda p: read_json_object(
+            p, "the pairs statistics", fix="rerun the same command (the pairs stage is redone)", error=StageFailed))
         if not stats.get("kept"):
             raise StageFailed(f"round {r}: no preference pairs survived the filters ({stats.get('dropped')}); "
                               "lower pairs.min_gap, raise sampling.temperature or sampling.n")
+        self.stage_output(name, rd / "pairs.jsonl")
         return {"pairs": str(rd / "pairs.jsonl"), "kept": stats.get("kept")}
 
     def train(self, r: int) -> dict:
@@ -335,7 +378,7 @@ class RoundRunner:
         self.launch(name, [str(self.config_path), *overrides], self.placement(name))
         if self.plan_only:
             return {}
-        latest = (out / "checkpoints" / LATEST).read_text().strip()
+        latest = self.stage_output(name, out / "checkpoints" / LATEST, lambda p: p.read_text().strip())
         info = {"checkpoint": str(out / "checkpoints" / latest)}
         if handoff.is_dir():
             info["hf_dir"] = str(handoff)
@@ -374,17 +417,22 @@ class RoundRunner:
                 *[f"{r}={self.policy_hf_dir(r)}" for r in rounds]]
         self.launch("kl", args, placement)
         if not self.plan_only:
-            rows = ShardDir(shard_root, placement.ntasks).merge()
+            rows, _ = self.merge_shards("kl", shard_root, placement.ntasks, placement.ntasks)
             atomic_write_json(out, kl_from_sums(rows))
         return {"kl": str(out)}
 
     def write_report(self, final: bool = False) -> None:
-        from aipo_mp.rounds.report import write_report
+        """report/ after every round (and its rows and plots to W&B with output.wandb); at the end,
+        the compact console table and the path of report.md for the rest."""
+        from aipo_mp.rounds.report import RoundTracker, console_summary, report_rows, write_report
 
         paths = write_report(self.run_dir)
+        rows = report_rows(self.run_dir)
+        if not hasattr(self, "tracker"):
+            self.tracker = RoundTracker(self.cfg.output.wandb, self.run_dir)
+        self.tracker.log(rows, paths, final)
         if final:
-            print((self.run_dir / "report" / "report.md").read_text())
-            print("plots: " + ", ".join(str(p) for p in paths), flush=True)
+            print(console_summary(rows, self.run_dir / "report" / "report.md"), end="", flush=True)
 
 
 def baseline_samples(answers_path: str, prompts_path: str, policy: str) -> list[dict]:

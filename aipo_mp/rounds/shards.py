@@ -16,7 +16,6 @@ every marker exists.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -126,10 +125,14 @@ class ShardDir:
 
     def planned(self) -> list[int]:
         """The driver's list (a task may start after another finished a shard), else todo()."""
+        from aipo_mp.errors import UserError
+        from aipo_mp.runtime.json_files import read_json_list
+
         try:
-            return [k for k in json.loads((self.path / "todo.json").read_text()) if 0 <= k < self.count]
-        except (OSError, ValueError):
+            planned = read_json_list(self.path / "todo.json", "the shard plan", int)
+        except UserError:  # missing or damaged: every task derives the same list from the markers
             return self.todo()
+        return [k for k in planned if 0 <= k < self.count]
 
     def write(self, k: int, records: Sequence[dict], info: dict) -> None:
         from aipo_mp.data.records import write_jsonl
@@ -138,15 +141,21 @@ class ShardDir:
         atomic_write_json(self.marker(k), {**info, "records": len(records)})
 
     def markers(self) -> list[dict]:
-        return [json.loads(self.marker(k).read_text()) for k in range(self.count)]
+        from aipo_mp.runtime.json_files import read_json_object
+
+        fix = "delete it so the shard is redone (rerun the same command)"
+        return [read_json_object(self.marker(k), "the shard marker", {"node": str, "records": int}, fix)
+                for k in range(self.count)]
 
     def merge(self) -> list[dict]:
         """Every shard's records in shard order; raises when a shard is missing."""
         from aipo_mp.data.records import read_jsonl
+        from aipo_mp.errors import StageFailed
 
         missing = self.todo()
         if missing:
-            raise RuntimeError(f"{self.path}: shard(s) {missing[:10]} of {self.count} are not finished")
+            raise StageFailed(f"{self.path}: shard(s) {missing[:10]} of {self.count} were not written by the stage's "
+                              "tasks; look at the stage's logs and rerun the same command to redo them")
         records = []
         for k in range(self.count):
             records.extend(read_jsonl(self.data(k)))

@@ -49,9 +49,10 @@ def parse_json_text(text: str | bytes, path: Path, what: str, fix: str, error: T
         raise error(f"{path}: {what} is not text (binary or damaged bytes); {fix}") from None
     except json.JSONDecodeError as e:
         body = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
-        cut = not body.strip() or e.pos >= len(body.rstrip())
+        # A file cut short ends inside a value: the parser runs out of text, or an open string.
+        cut = e.pos >= len(body.rstrip()) or e.msg.startswith("Unterminated string")
         problem = "is empty" if not body.strip() else ("is cut short (truncated JSON)" if cut else
-                                                          f"is not valid JSON ({e.msg} at line {e.lineno})")
+                                                          f"is not valid JSON ({e.msg}: line {e.lineno} column {e.colno})")
         raise error(f"{path}: {what} {problem}; {fix}") from None
 
 

@@ -7,6 +7,11 @@ shuffle). The parallel layout, the step count and the save interval are not part
 resume at another length or layout. Reusing a directory with a different definition is an error
 that says how to start fresh or resume, instead of silently resuming the old checkpoint.
 
+A directory from an older version holds checkpoints but no `run_identity.json`: it is resumed
+only when its recorded config names the same data file and starting weights and the data file
+has not changed since its first checkpoint was written; otherwise it is refused, unless
+`output.resume_unrecorded=true` says to resume it anyway.
+
 Derived artifacts are keyed too: the reference log-prob table stores the key of what it was
 computed from (`reference_key`) and is recomputed when that key differs.
 """
@@ -96,23 +101,94 @@ def differences(recorded: dict, current: dict) -> list[str]:
     return [WHAT.get(k, k) for k in current if recorded.get(k) != current[k]]
 
 
-def check_identity(out_dir: str | Path, identity: dict) -> bool:
+def check_identity(out_dir: str | Path, identity: dict, cfg=None) -> bool:
     """Raise RunIdentityError when out_dir records another run. True when it records none yet
-    (the caller then records this one with `record_identity`). Reads only: safe on every rank."""
+    (the caller then records this one with `record_identity`). Reads only: safe on every rank.
+    With `cfg`, a directory that holds checkpoints but no identity (an older version's run) must
+    show it trained on this data (see `check_unrecorded`)."""
+    from aipo_mp.runtime.json_files import read_json_object
+
     path = Path(out_dir) / IDENTITY_FILE
     if not path.exists():
+        if cfg is not None and checkpoint_steps(Path(out_dir)):
+            check_unrecorded(Path(out_dir), cfg)
         return True
-    try:
-        recorded = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        raise RunIdentityError(f"{path} is damaged; delete it only if {out_dir} is the run you mean to resume, or "
-                               "choose a new output.dir") from None
+    recorded = read_json_object(path, "the run identity", fix=f"delete it only if {out_dir} is the run you mean to "
+                                "resume, or choose a new output.dir", error=RunIdentityError)
     diffs = differences(recorded, identity)
     if diffs:
         raise RunIdentityError(
             f"output.dir={out_dir} holds a run with different {', '.join(diffs)}; to start fresh choose a new "
             f"output.dir (or delete {out_dir}), to resume rerun with the settings in {path.parent / 'config.yaml'}")
     return False
+
+
+def checkpoint_steps(out_dir: Path) -> list[Path]:
+    """The step directories under out_dir/checkpoints, oldest first (any state: a damaged one
+    still shows the directory holds a run)."""
+    root = out_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    steps = [d for d in root.iterdir() if d.is_dir() and d.name.startswith("step_") and d.name[5:].isdigit()]
+    return sorted(steps, key=lambda d: int(d.name[5:]))
+
+
+def newest_mtime(path: Path) -> float:
+    """When a data file (or any file of a data directory) last changed."""
+    if path.is_dir():
+        return max((f.stat().st_mtime for f in path.rglob("*") if f.is_file()), default=path.stat().st_mtime)
+    return path.stat().st_mtime
+
+
+def recorded_config(out_dir: Path, steps: list[Path]) -> Optional[dict]:
+    """The config the old run recorded (its output config.yaml, else its first checkpoint's)."""
+    import yaml
+
+    for path in (out_dir / "config.yaml", *(d / "config.yaml" for d in steps)):
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(data, dict):
+            return data
+    return None
+
+
+def same_path(a, b) -> bool:
+    return bool(a) and bool(b) and Path(str(a)).resolve() == Path(str(b)).resolve()
+
+
+def unrecorded_mismatch(out_dir: Path, cfg) -> Optional[str]:
+    """Why the checkpoints of an identity-less run directory cannot be shown to come from this
+    data and these starting weights, or None when they can."""
+    steps = checkpoint_steps(out_dir)
+    old = recorded_config(out_dir, steps)
+    if old is None:
+        return "it recorded no readable config.yaml"
+    section = lambda name: old.get(name) if isinstance(old.get(name), dict) else {}  # noqa: E731
+    old_data, old_model = section("data").get("train"), section("model").get("path")
+    if not same_path(old_data, cfg.data.train):
+        return f"its checkpoints were trained on data.train={old_data}"
+    if not same_path(old_model, cfg.model.path):
+        return f"its checkpoints started from model.path={old_model}"
+    first = steps[0]
+    stamp = next((f for f in (first / "train_state.json", first) if f.exists()), first)
+    if newest_mtime(Path(cfg.data.train)) > stamp.stat().st_mtime:
+        return f"data.train={cfg.data.train} changed after its first checkpoint ({first.name}) was written"
+    return None
+
+
+def check_unrecorded(out_dir: Path, cfg) -> None:
+    """An older run directory (checkpoints, no identity): refuse to resume it on other data."""
+    if getattr(cfg.output, "resume_unrecorded", False):
+        return
+    why = unrecorded_mismatch(out_dir, cfg)
+    if why is None:
+        return
+    raise RunIdentityError(
+        f"output.dir={out_dir} holds checkpoints of a run that recorded no {IDENTITY_FILE} (an older version), and "
+        f"{why}; to start fresh choose a new output.dir (or delete {out_dir}), to resume those checkpoints anyway "
+        "set output.resume_unrecorded=true")
 
 
 def record_identity(out_dir: str | Path, identity: dict) -> None:

@@ -233,7 +233,7 @@ def claim_output_dir(state: RunState) -> None:
     run's identity, config and data report."""
     cfg, out = state.cfg, Path(state.cfg.output.dir)
     identity = state.stats["identity"]
-    fresh = run_identity.check_identity(out, identity)  # read-only: every rank raises alike
+    fresh = run_identity.check_identity(out, identity, cfg)  # read-only: every rank raises alike
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)

@@ -77,13 +77,13 @@ def tokenizer_dir_of(model_path: str) -> str:
 
 
 def load_policy_weights(built: BuiltModel, path: str) -> None:
-    from aipo_mp.convert.hf_io import HFWeights
+    from aipo_mp.convert.common import hf_source
     from aipo_mp.training.checkpoint import is_megatron_checkpoint, load_model
 
     if is_megatron_checkpoint(path):
         load_model(built, path)
-    else:
-        load_hf_weights(built, HFWeights(path, pickle_flag=None).get)  # train has no --allow-pickle
+    else:  # names and shapes checked against config.json first, as inspect and hf-to-mcore do
+        load_hf_weights(built, hf_source(path, pickle_flag=None).weights.get)  # train has no --allow-pickle
 
 
 def prepare_data(cfg: Config, tokenizer_dir: str, vocab_size: Optional[int] = None):
