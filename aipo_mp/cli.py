@@ -206,13 +206,17 @@ def cmd_run(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from aipo_mp.errors import ConfigError
-    from aipo_mp.rounds.report import write_report
+    from aipo_mp.errors import RUN_STATE, ConfigError
+    from aipo_mp.rounds.report import console_summary, report_rows, write_report
 
-    if not Path(args.run_dir).is_dir():
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
         raise ConfigError(f"run directory not found: {args.run_dir}; give the output.dir of an `aipo-mp run`")
-    paths = write_report(args.run_dir)
-    print((Path(args.run_dir) / "report" / "report.md").read_text())
+    if not (run_dir / RUN_STATE).is_file():  # checked before anything is written
+        raise ConfigError(f"{args.run_dir} is not a run directory (no {RUN_STATE}); give the output.dir of an "
+                          "`aipo-mp run`")
+    paths = write_report(run_dir)
+    print(console_summary(report_rows(run_dir), run_dir / "report" / "report.md"), end="")
     print("plots: " + ", ".join(str(p) for p in paths))
     return 0
 

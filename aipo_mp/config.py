@@ -212,9 +212,23 @@ class ReferenceConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases logging, off unless `project` is set (wandb is imported only then): the
+    trainer's step metrics, and from `aipo-mp run` each round's report row and the plots
+    (aipo_mp/runtime/tracking.py). mode offline writes the run under the output directory's
+    wandb/ without network (`wandb sync` uploads it later)."""
+
+    project: Optional[str] = None
+    entity: Optional[str] = None
+    mode: str = setting("online", choices=("online", "offline", "disabled"))
+    group: Optional[str] = None  # W&B group of the runs; `aipo-mp run` uses the run directory's name
+
+
+@dataclass
 class OutputConfig:
     dir: str = "runs/default"
     tensorboard: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     # Write the final policy here as an HF directory for vLLM (the round handoff; aipo-mp run sets it).
     hf_dir: Optional[str] = None
     # Resume the checkpoints of a directory from an older version (no run_identity.json) even when

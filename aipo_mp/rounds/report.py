@@ -349,6 +349,69 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
     return paths
 
 
+CONSOLE_COLUMNS = [("round", "round", "{:d}"), ("mean_reward", "mean reward", "{:.4f}"), ("pairs", "pairs", "{:d}"),
+                   ("kl_to_initial", "KL", "{:.4f}"), ("win_rate_vs_round0", "win rate", "{:.3f}"),
+                   ("lc_win_rate_vs_round0", "LC win rate", "{:.3f}")]
+BASELINE_CONSOLE_COLUMNS = [("win_rate_vs_baseline", "vs baseline", "{:.3f}"),
+                            ("lc_win_rate_vs_baseline", "LC vs baseline", "{:.3f}")]
+
+
+def console_summary(rows: list[dict], report_md: Path) -> str:
+    """The end-of-run table a person reads: one line per round (win rates against round 0, and
+    against the baseline answers when the run has them), then where the full report is."""
+    cols = CONSOLE_COLUMNS + (BASELINE_CONSOLE_COLUMNS if any(r.get("win_rate_vs_baseline") is not None
+                                                              for r in rows) else [])
+    cells = [[h for _, h, _ in cols]]
+    for r in rows:
+        cells.append(["-" if r.get(k) is None else f.format(r[k]) for k, _, f in cols])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cols))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    note = "win rates: each round's answers vs round 0's (LC: length-controlled)"
+    return "\n".join(lines) + f"\n{note}\nfull report (all columns, length notes, plots): {report_md}\n"
+
+
+class RoundTracker:
+    """Each round's report row (keys round/<column>, W&B step = the round) and the plots, into
+    one W&B run of `aipo-mp run` (output.wandb; aipo_mp/runtime/tracking.py). A row is logged
+    once, when it first appears."""
+
+    def __init__(self, wandb_cfg, run_dir: Path):
+        import dataclasses
+
+        self.cfg = dataclasses.replace(wandb_cfg, group=wandb_cfg.group or Path(run_dir).name) if wandb_cfg else None
+        self.run_dir = Path(run_dir)
+        self.run = None
+        self.logged: set = set()
+
+    def log(self, rows: list[dict], plots: list[Path], final: bool = False) -> None:
+        from aipo_mp.runtime import tracking
+
+        if not tracking.enabled(self.cfg) or not rows:
+            return
+        if self.run is None:
+            self.run = tracking.start_run(self.cfg, self.run_dir, f"{self.run_dir.name}-rounds", "rounds")
+        for row in rows:
+            if row["round"] not in self.logged:
+                self.run.log(tracking.numeric(row, "round/"), step=row["round"])
+                self.logged.add(row["round"])
+        import wandb
+
+        self.run.log({f"plots/{p.stem}": wandb.Image(str(p)) for p in plots}, step=max(self.logged))
+        if final:
+            cols = list(rows[0])
+            self.run.log({"rounds": wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])},
+                         step=max(self.logged))
+            self.run.finish()
+            self.run = None
+
+
+def report_rows(run_dir: str | Path) -> list[dict]:
+    """The rows of the last written report (report/report.json)."""
+    path = Path(run_dir) / "report" / "report.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
 def write_report(run_dir: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
     out = run_dir / "report"

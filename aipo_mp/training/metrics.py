@@ -1,9 +1,10 @@
 """What a step reports: global means of the objective's metrics, tokens per second, the
-metrics.jsonl / TensorBoard log, step and save timing against the job's end, the progress bar."""
+metrics.jsonl / TensorBoard / Weights & Biases (output.wandb) log, step and save timing against the job's end, the progress bar."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -12,7 +13,8 @@ import torch
 
 from aipo_mp import objectives
 from aipo_mp.config import Config
-from aipo_mp.runtime import platform
+from aipo_mp.errors import RUN_STATE
+from aipo_mp.runtime import platform, tracking
 from aipo_mp.runtime.files import atomic_write_text
 from aipo_mp.training.state import RunState, world_sum
 
@@ -58,13 +60,16 @@ def summarize_step(state: RunState, step: int, sums: dict, rows, grad_norm: floa
 
 
 class MetricsLog:
-    """metrics.jsonl (rank 0), trimmed on resume to the steps the checkpoint covers, and
-    TensorBoard event files."""
+    """metrics.jsonl, trimmed on resume to the steps the checkpoint covers, TensorBoard event
+    files, and a W&B run when output.wandb is set (aipo_mp/runtime/tracking.py). Only global rank
+    0 writes (`enabled`): summarize_step all-reduces the metrics, so rank 0 holds the global
+    values even when the loss lives on the last pipeline stage."""
 
     def __init__(self, cfg: Config, resume_step: int, enabled: bool):
         self.enabled = enabled
         self.path = Path(cfg.output.dir) / "metrics.jsonl"
         self.tb = None
+        self.wandb = None
         if not enabled:
             return
         kept = []
@@ -83,6 +88,7 @@ class MetricsLog:
                 self.tb = SummaryWriter(str(Path(cfg.output.dir) / "tensorboard"), purge_step=resume_step + 1)
             except ImportError:
                 self.tb = None
+        self.wandb = start_wandb(cfg)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -94,10 +100,24 @@ class MetricsLog:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, record["step"])
+        if self.wandb:
+            self.wandb.log(tracking.numeric(record, "train/", skip=("step",)), step=record["step"])
 
     def close(self) -> None:
         if self.tb:
             self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def start_wandb(cfg: Config):
+    """The trainer's W&B run (None unless output.wandb.project is set): named after the output
+    directory (e.g. round_0-train inside a run), its config the resolved training config."""
+    out = Path(cfg.output.dir).absolute()
+    wandb_cfg = cfg.output.wandb
+    if wandb_cfg.group is None and (out.parent.parent / RUN_STATE).is_file():  # a round of `aipo-mp run`
+        wandb_cfg = dataclasses.replace(wandb_cfg, group=out.parent.parent.name)
+    return tracking.start_run(wandb_cfg, out, "-".join(out.parts[-2:]), "train", cfg.to_dict())
 
 
 class StepClock:
