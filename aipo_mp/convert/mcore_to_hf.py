@@ -152,6 +152,8 @@ def mcore_to_hf_rank(args) -> dict:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     try:
         reader = DistCheckpointReader(ckpt / MODEL_SUBDIR)
+    except CheckpointError:  # a file that fails its checksum, already named
+        raise
     except Exception as e:  # noqa: BLE001 - a damaged checkpoint is a user-facing condition
         raise CheckpointError(f"{ckpt / MODEL_SUBDIR}: cannot read the checkpoint metadata ({type(e).__name__}: {e}); "
                           "the checkpoint is incomplete or damaged: re-create it")

@@ -268,12 +268,20 @@ class DistCheckpointReader:
     """Regions of the tensors of a torch_dist checkpoint directory (dist_checkpointing's format:
     torch.distributed.checkpoint files whose items are torch.save blobs). Only the stored
     chunks that overlap a requested region are read; a region equal to one stored chunk is
-    returned as loaded, without a further copy."""
+    returned as loaded, without a further copy.
 
-    def __init__(self, directory: Path):
+    `verify`: first check the directory's files against the checkpoint's manifest.json (one level
+    up): a damaged file, or one copied in from another checkpoint, raises CheckpointDamaged naming
+    it. Collective when torch.distributed is up (each rank checks the files its writer rank wrote)."""
+
+    def __init__(self, directory: Path, verify: bool = True):
         from torch.distributed.checkpoint import FileSystemReader
 
         self.dir = Path(directory)
+        if verify:
+            from aipo_mp.training.checkpoint import check_files
+
+            check_files(self.dir.parent, self.dir.name + "/")
         self.metadata = FileSystemReader(str(self.dir)).read_metadata()
         stored: dict[str, dict[tuple, object]] = {}
         for index, info in self.metadata.storage_data.items():

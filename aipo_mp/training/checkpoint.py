@@ -12,6 +12,9 @@ A checkpoint directory holds:
   distributed optimizer in `fully_reshardable` form: fp32 main weights, Adam moments, step, per
   parameter under the parameter's global key), also a `dist_checkpointing` checkpoint, so a run
   resumes at any TP/PP/VPP/DP layout.
+- `manifest.json`: every file with its size and CRC-32 (aipo_mp.training.manifest). Loading
+  (train, mcore-to-hf, verify) first checks the files it reads against it, so a damaged file, or
+  one copied in from another checkpoint at the same size, is refused by name.
 
 Every collective here runs on a tensor of the default group's device (NCCL serves no CPU tensors),
 and both checkpoints are written with megatron's fully-parallel save strategy.
@@ -36,6 +39,7 @@ from aipo_mp.errors import CHECKPOINT_META as MEGATRON_META
 from aipo_mp.errors import CheckpointError
 from aipo_mp.models import num_params
 from aipo_mp.runtime import platform
+from aipo_mp.training import manifest
 
 FORMAT = "aipo_mp.megatron.v1"
 MODEL_SUBDIR = "model"
@@ -55,6 +59,15 @@ EXTRA_FILE_PATTERNS = (
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+DAMAGED_FIX = ("use another checkpoint (an older step of a training run), or restore the file or re-convert the "
+               "checkpoint from its source")
+
+
+class CheckpointDamaged(CheckpointError):
+    """A checkpoint whose files fail their checksum or do not load: a resuming run falls back past
+    it to an older one; every other command stops with the line."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,6 +257,8 @@ def save_model(built, directory: str | Path, hf_config: dict, extra_files_from: 
             dist_checkpointing.save(state, str(tmp / OPTIMIZER_SUBDIR), sharded_strategy=save_strategy())
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
+        # Read back by the rank that wrote each file, while it is in that node's page cache.
+        entries = manifest.collect(tmp)
 
         def finish():
             meta = {
@@ -257,6 +272,10 @@ def save_model(built, directory: str | Path, hf_config: dict, extra_files_from: 
             }
             copy_extra_files(extra_files_from, tmp / EXTRA_SUBDIR)
             (tmp / MEGATRON_META).write_text(json.dumps(meta, indent=2) + "\n")
+            for name in manifest.listed_files(tmp):  # what rank 0 just wrote here (small files)
+                if name not in entries:
+                    entries[name] = ((tmp / name).stat().st_size, manifest.file_crc32(tmp / name))
+            manifest.write(tmp, entries)
             publish_partial(final)
 
         on_rank0_then_agree(finish)
@@ -314,24 +333,40 @@ def check_compatible(built, meta: dict, directory: Path) -> None:
                           "checkpoint vs configured); point to a checkpoint of the configured model")
 
 
-def load_model(built, directory: str | Path) -> dict:
+def check_files(directory: Path, under: str) -> None:
+    """The files under `under` against the checkpoint's manifest (collective): CheckpointDamaged
+    naming the first bad file. A checkpoint without a manifest, or with one older than checksums,
+    passes on sizes only."""
+    problem = manifest.check(directory, under)
+    if problem:
+        raise CheckpointDamaged(f"{problem}; {DAMAGED_FIX}")
+
+
+def load_failure(what: str, where: Path, e: BaseException, hint: str = "") -> CheckpointDamaged:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return CheckpointDamaged(f"{where}: cannot load {what} ({type(e).__name__}: {first[:300]}); the checkpoint is "
+                             f"incomplete or damaged{hint}; {DAMAGED_FIX}")
+
+
+def load_model(built, directory: str | Path, verify: bool = True) -> dict:
     """Load the weights of an aipo_mp checkpoint into this rank's chunks, at any layout
-    (collective). Tensors of another dtype are cast to the model's. Returns the metadata."""
+    (collective). Tensors of another dtype are cast to the model's. Returns the metadata.
+    `verify`: check the model files against the manifest first (off when the caller did)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     d = Path(directory)
     meta = read_meta(d)
     check_compatible(built, meta, d)
+    if verify:
+        check_files(d, MODEL_SUBDIR + "/")
     sharded = model_sharded_state_dict(built)
     try:
         loaded = dist_checkpointing.load(sharded, str(d / MODEL_SUBDIR), strict=StrictHandling.RAISE_ALL)
     except BaseException as e:  # noqa: BLE001 - torch's CheckpointException is a BaseException
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{d / MODEL_SUBDIR}: cannot load the model weights ({type(e).__name__}: {first[:300]}); "
-                          "the checkpoint is incomplete or damaged: re-create it") from e
+        raise load_failure("the model weights", d / MODEL_SUBDIR, e) from e
     for i, chunk in enumerate(built.chunks):
         prefix = f"chunk{i}."
         state = {k[len(prefix):]: v for k, v in loaded.items() if k.startswith(prefix)}
@@ -339,7 +374,7 @@ def load_model(built, directory: str | Path) -> dict:
     return meta
 
 
-def load_optimizer(optimizer, built, directory: str | Path) -> None:
+def load_optimizer(optimizer, built, directory: str | Path, verify: bool = True) -> None:
     """Load the optimizer state of an aipo_mp training checkpoint into `optimizer` (built over
     `built`'s chunks) at this run's layout, resharded from the saved one (collective)."""
     from megatron.core import dist_checkpointing
@@ -348,6 +383,8 @@ def load_optimizer(optimizer, built, directory: str | Path) -> None:
     if not d.is_dir():
         raise CheckpointError(f"{directory} holds no optimizer state ({OPTIMIZER_SUBDIR}/ missing): it is a weights-only "
                           f"checkpoint; start a new run from it with model.path={directory}")
+    if verify:
+        check_files(Path(directory), OPTIMIZER_SUBDIR + "/")
     sharded = optimizer.sharded_state_dict(model_sharded_state_dict(built), is_loading=True,
                                            metadata=OPTIMIZER_METADATA)
     try:
@@ -355,9 +392,7 @@ def load_optimizer(optimizer, built, directory: str | Path) -> None:
     except BaseException as e:  # noqa: BLE001 - torch's CheckpointException is a BaseException
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{d}: cannot load the optimizer state ({type(e).__name__}: {first[:300]}); "
-                          "the checkpoint is incomplete or damaged, or was saved with other optimizer settings") from e
+        raise load_failure("the optimizer state", d, e, " (or was saved with other optimizer settings)") from e
     optimizer.load_state_dict(loaded)
 
 

@@ -4,7 +4,6 @@ load at any layout, resume from the newest complete one (resume.py decides which
 from __future__ import annotations
 
 import errno
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -13,7 +12,7 @@ import torch
 from aipo_mp.config import Config, dump_config
 from aipo_mp.errors import LATEST, TRAIN_STATE, UserError
 from aipo_mp.runtime.files import atomic_write_json, atomic_write_text
-from aipo_mp.training import optim, resume
+from aipo_mp.training import manifest, optim, resume
 from aipo_mp.training.state import RunState
 
 
@@ -63,14 +62,25 @@ def save_checkpoint(state: "RunState", step: int) -> Path:
         raise
     tmp.replace(rng_dir / rng_state_name())
     torch.distributed.barrier()
+    rng_entries = manifest.collect(path, [f"rng/{n.name}" for n in sorted(rng_dir.glob("rank_*.pt"))])
     if torch.distributed.get_rank() == 0:
         atomic_write_json(path / TRAIN_STATE, {"step": step, "layout": layout_dict(cfg),
                                                      "world_size": torch.distributed.get_world_size()})
         dump_config(cfg, path / "config.yaml")
-        resume.write_manifest(path)  # last before `latest`: a checkpoint with a manifest is complete
+        write_final_manifest(path, rng_entries)  # last before `latest`: a checkpoint listing train_state is complete
         atomic_write_text(checkpoint_root(cfg) / LATEST, path.name + "\n")
     torch.distributed.barrier()
     return path
+
+
+def write_final_manifest(path: Path, rng_entries: dict) -> None:
+    """(rank 0) save_model's manifest (model, optimizer, metadata: hashed by their writers) plus
+    the RNG files (hashed by theirs) and the small files written here."""
+    entries = {name: (size, crc) for name, (size, crc) in (manifest.read(path) or {}).items()}
+    entries.update(rng_entries)
+    for name in (TRAIN_STATE, "config.yaml"):
+        entries[name] = ((path / name).stat().st_size, manifest.file_crc32(path / name))
+    manifest.write(path, entries)
 
 
 def layout_dict(cfg: Config) -> dict:
@@ -92,40 +102,75 @@ def check_expert_layout(saved: dict, cfg: Config, path: Path) -> None:
                               f"with model.path={path}")
 
 
-def load_checkpoint(state: "RunState", path: Path) -> int:
+def load_checkpoint(state: "RunState", path: Path, verified: bool = False) -> int:
     """Weights and optimizer state at this run's layout, whatever layout saved them (resharded by
     dist_checkpointing); the RNG state only where the same rank existed (dropout is 0 in every
-    shipped config: the data order is a pure function of the step)."""
-    from aipo_mp.training.checkpoint import load_model, load_optimizer
+    shipped config: the data order is a pure function of the step). Every file is checked against
+    the manifest first (each by the rank that wrote it, when that rank exists): CheckpointDamaged
+    names the first bad one before anything is loaded."""
+    from aipo_mp.runtime.json_files import read_json_object
+    from aipo_mp.training.checkpoint import CheckpointDamaged, check_files, load_model, load_optimizer
 
-    info = json.loads((path / TRAIN_STATE).read_text())
-    check_expert_layout(info.get("layout", {}), state.cfg, path)
-    load_model(state.built, path)
-    load_optimizer(state.optimizer, state.built, path)
+    if not verified:
+        check_files(path, "")
+    info = read_json_object(path / TRAIN_STATE, "train state", {"step": int},
+                            fix="the checkpoint is damaged; resume from an older one", error=CheckpointDamaged)
+    check_expert_layout(info.get("layout") if isinstance(info.get("layout"), dict) else {}, state.cfg, path)
+    load_model(state.built, path, verify=False)
+    load_optimizer(state.optimizer, state.built, path, verify=False)
     rng = path / "rng" / rng_state_name()
     if rng.is_file():
         torch.set_rng_state(torch.load(rng, map_location="cpu", weights_only=True)["torch_rng"])
     return int(info["step"])
 
 
+def try_checkpoint(state: RunState, path: Path) -> tuple[Optional[int], Optional[str], bool]:
+    """(step, None, _) when `path` loaded on every rank, else (None, why it did not, whether a
+    load had begun and may have overwritten weights). A config that does not fit the checkpoint
+    (another model, expert layout) is the user's to fix: it raises."""
+    from aipo_mp.training.checkpoint import DAMAGED_FIX, CheckpointDamaged, check_files
+
+    step, reason, began = None, None, False
+    try:
+        check_files(path, "")  # nothing is loaded from a checkpoint that fails here
+        began = True
+        step = load_checkpoint(state, path, verified=True)
+    except CheckpointDamaged as e:
+        reason = e.errors[0].replace(f"; {DAMAGED_FIX}", "")  # the fix here is the fallback
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - damaged contents that load as something unexpected
+        reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+    gathered = manifest._gather((reason, began))  # every rank resumes from the same step
+    reasons = [r for r, _ in gathered if r]
+    began = any(b for r, b in gathered if r)
+    return (None, reasons[0], began) if reasons else (step, None, False)
+
+
 def resume_from_checkpoint(state: RunState) -> int:
-    """Load the newest complete checkpoint (falling back past damaged ones); the step it holds."""
+    """Load the newest complete checkpoint, falling back past ones whose files are missing, short,
+    fail their checksum or do not load (a `warning:` line each); the step it holds, or 0 when none
+    is left (said in a warning line too)."""
     rank0 = torch.distributed.get_rank() == 0
     found, warnings = resume_candidates(state.cfg)
-    for path in found:
-        try:
-            start = load_checkpoint(state, path)
-        except UserError:
-            raise
-        except Exception as e:  # damaged contents the manifest cannot see (same size, bad bytes)
-            warnings.append(f"warning: checkpoint {path} does not load ({type(e).__name__}: "
-                            f"{(str(e).splitlines() or [''])[0][:200]}); falling back to an older one")
-            continue
-        if rank0:
-            for line in warnings:
-                print(line, flush=True)
-            print(f"resuming from {path} (step {start})", flush=True)
-        return start
+    touched = False  # a load that failed part-way may have overwritten some weights
+    for k, path in enumerate(found):
+        start, reason, began = try_checkpoint(state, path)
+        if reason is None:
+            if rank0:
+                for line in warnings:
+                    print(line, flush=True)
+                print(f"resuming from {path} (step {start})", flush=True)
+            return start
+        touched = touched or began
+        then = (f"falling back to {found[k + 1].name}" if k + 1 < len(found)
+                else "no older complete checkpoint is left: starting from step 0")
+        warnings.append(f"warning: checkpoint {path} does not load ({reason}); {then}")
+    if touched:  # start from the configured weights again, and the optimizer's copy of them
+        from aipo_mp.training.state import load_policy_weights
+
+        load_policy_weights(state.built, state.cfg.model.path)
+        state.optimizer.reload_model_params()
     if rank0:
         for line in warnings:
             print(line, flush=True)
