@@ -20,6 +20,10 @@ TINY = str(ROOT / "configs" / "models" / "tiny_llama.yaml")
 BASE = ["train.global_batch_pairs=4", "train.seq_length=128", "train.lr=1e-3", "train.warmup_steps=0",
         "train.schedule=constant", "train.seed=5", "output.tensorboard=false"]
 FORMATS = ("trl_conversational_implicit", "ultrafeedback_style", "parquet", "save_to_disk", "jsonl_gz", "fields")
+# The format runs: a non-zero NLL weight makes the step-1 loss depend on which answer is chosen
+# (with lam = 0 it is ln 2 for any data at policy = reference), and a second step carries the
+# first step's gradient, so a reader that swapped chosen and rejected gives other numbers.
+FORMAT_RUN = ("train.steps=2", "objective.lam=0.5")
 HOLD_LOCK = ("import sys, time; from aipo_mp.runtime.locks import Lock; Lock(sys.argv[1], 'holder test').acquire(); "
              "print('held', flush=True); time.sleep(120)")
 
@@ -116,6 +120,7 @@ def runs(tmp_path_factory):
                for r in marker_pairs(24, seed=1)]
     pairs, other = write_jsonl(records, base / "pairs.jsonl"), write_jsonl(marker_pairs(24, seed=2), base / "other.jsonl")
     formats = write_formats(records, base)
+    swapped = write_jsonl([dict(r, chosen=r["rejected"], rejected=r["chosen"]) for r in records], base / "swapped.jsonl")
     nan = nan_model(model, base / "nan_model")
     disk = base / "disk"
     mounted = mount_tmpfs(disk, "4m")
@@ -134,7 +139,9 @@ def runs(tmp_path_factory):
                  f"from tests.dist.test_run_dir import damage_checkpoints; from pathlib import Path; "
                  f"damage_checkpoints(Path('{base}/run2'))"},
         {"name": "fallback", "cli": train("run2", "train.steps=4")},
-        *[{"name": f"fmt_{f}", "cli": train(f"fmt_{f}", "train.steps=1", data=formats[f],
+        {"name": "fmt_reference", "cli": train("fmt_reference", *FORMAT_RUN)},
+        {"name": "fmt_swapped", "cli": train("fmt_swapped", *FORMAT_RUN, data=swapped)},
+        *[{"name": f"fmt_{f}", "cli": train(f"fmt_{f}", *FORMAT_RUN, data=formats[f],
                                             *(["data.fields.prompt=question", "data.fields.chosen=good",
                                                "data.fields.rejected=bad"] if f == "fields" else []))}
           for f in FORMATS],
@@ -212,15 +219,33 @@ def test_resume_falls_back_to_newest_complete_checkpoint(runs):
     assert got[2]["loss"] == straight[2]["loss"]  # step 3 recomputed from step 2 = the original step 3
 
 
+def loss_and_grad(run: Path) -> list[tuple[float, float]]:
+    return [(m["loss"], m["grad_norm"]) for m in metrics(run)]
+
+
 @pytest.mark.dist
-def test_every_format_gives_the_step_1_loss_of_our_jsonl(runs):
+def test_every_format_trains_like_our_jsonl(runs):
+    """Two steps with lam = 0.5 on each format give our JSONL's losses and gradient norms. The
+    comparison can see a swap: the same pairs with chosen and rejected exchanged give other
+    numbers at both steps (so a reader that swapped them would fail here)."""
+    import math
+
     base = Path(runs["_base"])
-    reference = metrics(base / "run1")[0]["loss"]
+    for name in ("fmt_reference", "fmt_swapped"):
+        assert runs[name]["code"] == 0, (name, runs[name]["err"][-3000:])
+    reference, swapped = loss_and_grad(base / "fmt_reference"), loss_and_grad(base / "fmt_swapped")
+    assert len(reference) == len(swapped) == 2
+    assert abs(reference[0][0] - math.log(2)) > 1e-3, reference  # not the data-blind ln 2 of lam = 0
+    for (loss, grad), (swapped_loss, swapped_grad) in zip(reference, swapped):
+        assert abs(loss - swapped_loss) > 1e-3 and abs(grad - swapped_grad) > 1e-4, (reference, swapped)
     for f in FORMATS:
         r = runs[f"fmt_{f}"]
         assert r["code"] == 0, (f, r["err"][-3000:])
-        got = metrics(base / f"fmt_{f}")
-        assert len(got) == 1 and got[0]["loss"] == pytest.approx(reference, abs=1e-6), (f, got[0]["loss"], reference)
+        got = loss_and_grad(base / f"fmt_{f}")
+        assert len(got) == 2, (f, got)
+        for (loss, grad), (want_loss, want_grad) in zip(got, reference):
+            assert loss == pytest.approx(want_loss, abs=1e-6) and grad == pytest.approx(want_grad, rel=1e-5), \
+                (f, got, reference)
 
 
 @pytest.mark.dist
