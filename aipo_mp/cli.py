@@ -232,7 +232,7 @@ def cmd_eval(args) -> int:
         raise ConfigError("eval: give one of --baseline FILE and --baseline-round R")
     if args.judge_url:
         judge = JudgeOptions(args.judge_url, args.judge_model, args.judge_api_key_env, args.judge_rps,
-                             args.judge_retries, args.baseline, args.baseline_round)
+                             args.judge_retries, args.baseline, args.baseline_round, judge_extra_body(args))
     done = evaluate(args.run_dir, args.questions, args.format, parse_rounds(args.rounds), args.out,
                     args.overrides, args.launcher, judge)
     for r, path in done["answers"].items():
@@ -240,6 +240,23 @@ def cmd_eval(args) -> int:
     if done["results"]:
         print(results_table(done["results"]), end="")
     return 0
+
+
+def judge_extra_body(args) -> dict | None:
+    import json
+
+    from aipo_mp.errors import ConfigError
+
+    if not args.judge_extra_body:
+        return None
+    try:
+        extra = json.loads(args.judge_extra_body)
+    except ValueError as e:
+        raise ConfigError(f"--judge-extra-body: not valid JSON ({e}); give a JSON object") from None
+    if not isinstance(extra, dict):
+        raise ConfigError("--judge-extra-body: give a JSON object, e.g. '{\"structured_outputs\": "
+                          "{\"choice\": [\"A\", \"B\"]}}'")
+    return extra
 
 
 def add_stage_args(p: argparse.ArgumentParser) -> None:
@@ -313,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     p.add_argument("--judge-rps", type=float, default=2.0, help="at most this many judge requests per second")
     p.add_argument("--judge-retries", type=int, default=5, help="retries of a failed request (backoff 1, 2, 4 ... s)")
+    p.add_argument("--judge-extra-body", default=None, help="JSON object added to every judge request")
     p.add_argument("--baseline", default=None, help="judge against this answer file (the benchmark's format)")
     p.add_argument("--baseline-round", type=int, default=None, help="judge against this round (default: the first)")
     p.add_argument("overrides", nargs="*", help="sampling.* overrides, e.g. sampling.max_tokens=2048")

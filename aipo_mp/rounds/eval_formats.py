@@ -84,7 +84,8 @@ def read_questions(path: str | Path, fmt: Optional[str] = None) -> tuple[str, li
     kind, items = read_question_objects(path)
     fmt = fmt or detect_format(kind, items)
     if (kind == "json") != (fmt == "alpaca_eval"):
-        raise bad(path, "", "a JSON list" if kind == "json" else "JSON lines", fmt)
+        raise bad(path, "", f"is {'a JSON list' if kind == 'json' else 'JSON lines'}, not the {fmt} question format",
+                  fmt)
     parse = {"alpaca_eval": alpaca_question, "arena_hard": arena_question, "mt_bench": mt_bench_question}[fmt]
     rows = list(enumerate(items)) if kind == "json" else items
     questions, seen = [], {}

@@ -41,6 +41,7 @@ class JudgeOptions:
     retries: int = 5
     baseline: Optional[str] = None  # an answer file in the benchmark's format
     baseline_round: Optional[int] = None  # or another round of the run
+    extra_body: Optional[dict] = None  # JSON fields added to every judge request
 
 
 def parse_rounds(text: Optional[str]) -> Optional[list[int]]:
@@ -217,7 +218,8 @@ def judge_rounds(out: Path, fmt: str, questions: list[dict], answers: dict, run_
         ref = judge.baseline_round if judge.baseline_round is not None else min(answers)
         base_name, baseline = model_name(run_dir, ref), formats.read_answers(answers[ref], fmt)
         candidates = [r for r in answers if r != ref]
-    client = JudgeClient(judge.url, judge.model, judge.api_key_env, judge.rps, judge.retries)
+    client = JudgeClient(judge.url, judge.model, judge.api_key_env, judge.rps, judge.retries,
+                         extra_body=judge.extra_body)
     cache = JudgmentCache(out / "judgments" / "cache.jsonl")
     results = []
     for r in candidates:

@@ -9,8 +9,11 @@ Standard library only (urllib). What it guarantees:
   `[[A]]`/`[[B]]`, else "answer/response/assistant A|B"; anything else is *invalid*: it counts
   as a tie (0.5) for that order and is counted in the results (`invalid`).
 - **resumable cache**: an append-only JSONL, one line per finished request, keyed by
-  (question, pair, order, judge model) and checked against the prompt's hash (changed answers are
-  judged again); a torn last line from a kill is ignored. A rerun sends only what is missing.
+  (question, pair, order, judge model) and checked against a hash of the prompt and the extra
+  request fields (changed answers are judged again); a torn last line from a kill is ignored. A
+  rerun sends only what is missing.
+- `extra_body`: JSON fields added to every request, e.g. a vLLM server's constrained decoding
+  `{"structured_outputs": {"choice": ["A", "B"]}}` for a small local judge.
 - **retries** with exponential backoff (1, 2, 4 ... s, at most 30 s; a Retry-After header is
   honoured) on connection errors, HTTP 429 and 5xx; other HTTP errors end at once with one line.
 - **bounded rate**: at most `rps` requests started per second (one at a time).
@@ -87,7 +90,7 @@ class JudgeClient:
 
     def __init__(self, url: str, model: str, api_key_env: str = "OPENAI_API_KEY", rps: float = 2.0,
                  retries: int = 5, timeout_s: float = 120.0, max_tokens: int = 8,
-                 sleep: Callable[[float], None] = time.sleep):
+                 extra_body: Optional[dict] = None, sleep: Callable[[float], None] = time.sleep):
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"--judge-url {url!r}: not an http(s) URL; give e.g. http://localhost:8000/v1")
         if rps <= 0:
@@ -97,6 +100,7 @@ class JudgeClient:
         self._key = os.environ.get(api_key_env) or None  # kept only for the header
         self.interval, self.retries, self.timeout_s = 1.0 / rps, retries, timeout_s
         self.max_tokens = max_tokens
+        self.extra_body = dict(extra_body or {})  # e.g. a local server's constrained decoding
         self.sleep = sleep
         self.last_start = 0.0
         self.sent = 0
@@ -116,7 +120,7 @@ class JudgeClient:
     def complete(self, prompt: str) -> str:
         """The reply text to one user message (temperature 0)."""
         body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                           "max_tokens": self.max_tokens, "temperature": 0}).encode()
+                           "max_tokens": self.max_tokens, "temperature": 0, **self.extra_body}).encode()
         last, last_retry_after = "", None
         for attempt in range(self.retries + 1):
             if attempt:
@@ -215,10 +219,12 @@ def judge_pairs(items: list[dict], pair: str, client: JudgeClient, cache: Judgme
         verdicts, wins = {}, []
         for order in ORDERS:
             a, b = (item["answer"], item["baseline"]) if order == "ab" else (item["baseline"], item["answer"])
+            # The cache entry is valid for this prompt and these request settings only.
             prompt = JUDGE_PROMPT.format(question=item["question"], a=a, b=b)
-            e = cache.get(item["question_key"], pair, order, client.model, prompt)
+            request = prompt + json.dumps(client.extra_body, sort_keys=True)
+            e = cache.get(item["question_key"], pair, order, client.model, request)
             if e is None:
-                e = cache.put(item["question_key"], pair, order, client.model, prompt, client.complete(prompt))
+                e = cache.put(item["question_key"], pair, order, client.model, request, client.complete(prompt))
             verdicts[order] = e["verdict"]
             wins.append(order_win(e["verdict"], order))
         out.append({"question": item["question_key"], "win": sum(wins) / len(wins), "length": len(item["answer"]),
