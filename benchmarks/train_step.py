@@ -21,6 +21,11 @@ What the numbers are:
                 lengths (sum l² / sum l). The reference forward (F once per pair) runs before step 1
                 and is not inside step_time_s, so it is not counted (the planner amortises it).
   MFU           model FLOP/s / (ranks · the GPU's bf16 dense peak from aipo_mp.planner.GPUS).
+  core attention  the share of the step spent in the local backend's core attention
+                (`TorchCoreAttention`, forward + backward), timed inside the ranks by
+                benchmarks/attention_probe.py (loaded only for this run; --no-attention-share
+                leaves it out); median over the timed steps of (mean over ranks) / step_time_s.
+                n/a with the Transformer Engine backend, whose core attention is TE's.
   peak memory   sampled from outside (the trainer logs none): RSS of the rank processes (psutil),
                 and on a GPU `nvidia-smi memory.used` minus its value before the run (includes the
                 CUDA context and the caching allocator's reserve, so above max_memory_allocated).
@@ -243,6 +248,13 @@ def run_trainer(args, cfg: dict, work: Path, gpu: bool) -> tuple[list[dict], dic
     cfg_path.write_text(json.dumps(cfg, indent=1))  # JSON is YAML
     log = work / "train.log"
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    shutil.rmtree(work / "attention_probe", ignore_errors=True)
+    if args.attention_share:  # the ranks load the probe through a sitecustomize first on their path
+        import attention_probe
+
+        env["PYTHONPATH"] = attention_probe.write_sitecustomize(work / "probe_site") + os.pathsep + env["PYTHONPATH"]
+        env["AIPO_BENCH_ATTENTION_DIR"] = str(work / "attention_probe")
+        (work / "attention_probe").mkdir()
     cmd = [sys.executable, "-m", "aipo_mp.cli", "train", str(cfg_path), "--nproc-per-node", str(args.nproc)]
     print("running: " + " ".join(cmd), flush=True)
     t0 = time.perf_counter()
@@ -259,6 +271,25 @@ def run_trainer(args, cfg: dict, work: Path, gpu: bool) -> tuple[list[dict], dic
         raise SystemExit(f"trainer failed with exit code {code}; last lines of {log}:\n" + "\n".join(tail))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return records, sampler.peak, wall
+
+
+def attention_share(work: Path, timed: list[dict], warmup: int) -> dict | None:
+    """Core attention's share of the timed steps (benchmarks/attention_probe.py), or None."""
+    import attention_probe
+
+    per_rank = {r: steps[warmup:warmup + len(timed)] for r, steps in attention_probe.read(str(work / "attention_probe")).items()}
+    per_rank = {r: s for r, s in per_rank.items() if len(s) == len(timed)}
+    if not per_rank or not any(x["calls"] for s in per_rank.values() for x in s):
+        return None
+    ranks = len(per_rank)
+    fwd = [sum(per_rank[r][i]["fwd_s"] for r in per_rank) / ranks for i in range(len(timed))]
+    bwd = [sum(per_rank[r][i]["bwd_s"] for r in per_rank) / ranks for i in range(len(timed))]
+    shares = [(f + b) / rec["step_time_s"] for f, b, rec in zip(fwd, bwd, timed)]
+    ref = max(s[-1]["reference_fwd_s"] for s in per_rank.values())
+    return {"share": statistics.median(shares), "fwd_s_per_step": statistics.mean(fwd),
+            "bwd_s_per_step": statistics.mean(bwd), "calls_per_step_per_rank":
+            statistics.mean(x["calls"] for s in per_rank.values() for x in s), "ranks": ranks,
+            "reference_pass_s": ref}
 
 
 def main() -> int:
@@ -287,6 +318,8 @@ def main() -> int:
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench_train_step"),
                     help="work directory; checkpoints and tokenizers there are reused")
     ap.add_argument("--json", default=None, help="also write the summary to this file")
+    ap.add_argument("--attention-share", action=argparse.BooleanOptionalAction, default=True,
+                    help="time the core attention inside the ranks (benchmarks/attention_probe.py)")
     args = ap.parse_args()
     if not 0 <= args.warmup_steps < args.steps:
         ap.error("need 0 <= --warmup-steps < --steps")
@@ -342,6 +375,7 @@ def main() -> int:
         "peak_total_rss_gb": {w: peak[w]["total_rss"] / GB for w in peak},
         "peak_gpu_used_gib": {w: peak[w]["gpu_used_mib"] / 1024 for w in peak} if gpu_name else None,
         "trainer_wall_s": wall,
+        "core_attention": attention_share(work, timed, args.warmup_steps) if args.attention_share else None,
     }
 
     print(f"\n== {arch.family} {arch.num_layers}L h{arch.hidden_size}, {dtype}, tp={args.tp} pp={args.pp} dp={dp}"
@@ -368,6 +402,13 @@ def main() -> int:
         print(f"MFU                n/a: {gpu_name} is not in aipo_mp.planner.GPUS (pass --gpu)")
     else:
         print("MFU                n/a on CPU")
+    att = summary["core_attention"]
+    if att:
+        print(f"core attention     {att['share']:.1%} of the step (median): forward {att['fwd_s_per_step']:.3f} s + "
+              f"backward {att['bwd_s_per_step']:.3f} s per step and rank, {att['calls_per_step_per_rank']:.0f} calls; "
+              f"{att['reference_pass_s']:.2f} s of the reference pass")
+    elif args.attention_share:
+        print("core attention     n/a: the probe saw no TorchCoreAttention call (Transformer Engine backend?)")
     line = json.dumps(summary)
     print(line)
     if args.json:
