@@ -119,6 +119,18 @@ class ModelArch:
     moe_intermediate_size: int = count(0, 0)  # one expert's FFN width
     norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1 (Mixtral: always)
     dense_layers: list = field(default_factory=list)  # 0-based layers with a dense MLP (Qwen3-MoE mlp_only_layers)
+    # DeepSeek-V3 (deepseek_v3) only: multi-head latent attention (kv_lora_rank > 0), grouped sigmoid
+    # routing with an expert bias, a shared expert, yarn RoPE (see aipo_mp/models/deepseek_v3.py).
+    q_lora_rank: int = count(0, 0)  # 0: queries projected directly (no low-rank query)
+    kv_lora_rank: int = count(0, 0)
+    qk_nope_head_dim: int = count(0, 0)
+    qk_rope_head_dim: int = count(0, 0)
+    v_head_dim: int = count(0, 0)
+    n_group: int = count(0, 0)  # expert groups of group-limited routing
+    topk_group: int = count(0, 0)  # groups each token may use
+    routed_scaling_factor: float = setting(1.0, gt=0)
+    shared_expert_intermediate_size: int = count(0, 0)  # 0: no shared expert
+    yarn: Optional[dict] = None  # {factor, original_max_position_embeddings, beta_fast, beta_slow, mscale, mscale_all_dim}
 
 
 @dataclass
@@ -151,6 +163,10 @@ class MoEConfig:
     freeze_router: bool = False  # keep the router weights fixed (they get no gradient, no optimizer state)
     capacity_factor: Optional[float] = setting(None, gt=0)  # None: no token dropping
     dispatcher: str = setting("alltoall", choices=("alltoall", "allgather"))
+    # DeepSeek-V3's expert bias (selection only) is moved by megatron's aux-loss-free balancing after
+    # each step, by this rate times the sign of each expert's load imbalance. 0 (the default for
+    # preference training) keeps the checkpoint's bias; DeepSeek-V3 pre-training used 1e-3.
+    expert_bias_update_rate: float = setting(0.0, ge=0)
 
 
 @dataclass

@@ -120,7 +120,24 @@ def layout_errors(arch: ModelArch, par: ParallelConfig, world_size: Optional[int
             f"world size {world_size} is not a multiple of tp x pp x cp = {tp * pp * cp}; "
             f"launch a multiple of {tp * pp * cp} processes or change the layout"
         )
-    return errors + expert_layout_errors(arch, par, world_size)
+    return errors + expert_layout_errors(arch, par, world_size) + latent_attention_errors(arch, par)
+
+
+def latent_attention_errors(arch: ModelArch, par: ParallelConfig) -> list[str]:
+    """Multi-latent attention (DeepSeek-V3): its family's own checks, and TP must divide the
+    latents (megatron's local spec splits the down projections' outputs over TP)."""
+    from aipo_mp.models import FAMILIES
+
+    family = FAMILIES.get(arch.family)
+    errors = family.arch_errors(arch) if family is not None and family.arch_errors else []
+    if not arch.kv_lora_rank:
+        return errors
+    for what, size in (("q_lora_rank", arch.q_lora_rank), ("kv_lora_rank + qk_rope_head_dim",
+                                                           arch.kv_lora_rank + arch.qk_rope_head_dim)):
+        if size % par.tp:
+            errors.append(f"parallel.tp={par.tp} does not divide the latent attention's {what} ({size}); choose tp "
+                          f"from {divisors(size)}")
+    return errors
 
 
 def expert_layout_errors(arch: ModelArch, par: ParallelConfig, world_size: Optional[int]) -> list[str]:

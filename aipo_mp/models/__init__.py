@@ -10,13 +10,13 @@ from pathlib import Path
 from aipo_mp.config import ModelArch
 from aipo_mp.errors import CHECKPOINT_META as MEGATRON_META
 from aipo_mp.errors import ConfigError
-from aipo_mp.models import gemma2, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe
+from aipo_mp.models import deepseek_v3, gemma2, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe
 from aipo_mp.models.family import Family
 from aipo_mp.models.rope import rope_scaling_errors
 
 FAMILIES: dict[str, Family] = {
     f.name: f for f in (llama.FAMILY, mistral.FAMILY, gemma2.FAMILY, qwen2.FAMILY, qwen3.FAMILY,
-                        qwen3_moe.FAMILY, mixtral.FAMILY)
+                        qwen3_moe.FAMILY, mixtral.FAMILY, deepseek_v3.FAMILY)
 }
 
 

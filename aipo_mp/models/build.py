@@ -133,27 +133,57 @@ def local_layer_spec(opts: SpecOptions, num_experts: int = 0):
             "sliding_layers": opts.sliding_layers,
         },
     )
+    if opts.mla:
+        attention = mla_attention_spec(core_attention, norm)
+    else:
+        attention = ModuleSpec(
+            module=SelfAttention,
+            params={"attn_mask_type": AttnMaskType.causal},
+            submodules=SelfAttentionSubmodules(
+                linear_qkv=ColumnParallelLinear,
+                core_attention=core_attention,
+                linear_proj=out_proj,
+                q_layernorm=norm if opts.qk_norm else IdentityOp,
+                k_layernorm=norm if opts.qk_norm else IdentityOp,
+            ),
+        )
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.causal},
-                submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
-                    core_attention=core_attention,
-                    linear_proj=out_proj,
-                    q_layernorm=norm if opts.qk_norm else IdentityOp,
-                    k_layernorm=norm if opts.qk_norm else IdentityOp,
-                ),
-            ),
+            self_attention=attention,
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=norm,
             mlp=moe_mlp_spec(num_experts, use_te=False) if num_experts else ModuleSpec(
                 module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=out_proj)),
             mlp_bda=get_bias_dropout_add,
             sharded_state_dict_keys_map=checkpoint_keys_map(moe=bool(num_experts)),
+        ),
+    )
+
+
+def mla_attention_spec(core_attention, norm):
+    """megatron's multi-latent attention on local modules: column-parallel down projections (the
+    latent is gathered over TP), head-split up projections, RMSNorms on the two latents, and the
+    project's torch core attention (keys and values of different head sizes)."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.multi_latent_attention import MLASelfAttention, MLASelfAttentionSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    return ModuleSpec(
+        module=MLASelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=MLASelfAttentionSubmodules(
+            linear_q_proj=ColumnParallelLinear,
+            linear_q_down_proj=ColumnParallelLinear,
+            linear_q_up_proj=ColumnParallelLinear,
+            linear_kv_down_proj=ColumnParallelLinear,
+            linear_kv_up_proj=ColumnParallelLinear,
+            core_attention=core_attention,
+            linear_proj=RowParallelLinear,
+            q_layernorm=norm,
+            kv_layernorm=norm,
         ),
     )
 
@@ -191,8 +221,8 @@ def moe_settings(arch: ModelArch, par: ParallelConfig, moe: MoEConfig, backend: 
         num_moe_experts=arch.num_experts,
         moe_ffn_hidden_size=arch.moe_intermediate_size,
         moe_router_topk=arch.num_experts_per_tok,
-        moe_router_score_function="softmax",
-        moe_router_pre_softmax=not arch.norm_topk_prob,
+        **(grouped_sigmoid_routing(arch, moe) if arch.family == "deepseek_v3" else dict(
+            moe_router_score_function="softmax", moe_router_pre_softmax=not arch.norm_topk_prob)),
         moe_layer_freq=[0 if i in arch.dense_layers else 1 for i in range(arch.num_layers)],
         moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff else "none",
         moe_aux_loss_coeff=moe.aux_loss_coeff,
@@ -205,10 +235,50 @@ def moe_settings(arch: ModelArch, par: ParallelConfig, moe: MoEConfig, backend: 
     )
 
 
+def grouped_sigmoid_routing(arch: ModelArch, moe: MoEConfig) -> dict:
+    """DeepSeek-V3's router: sigmoid scores in fp32, the expert bias for selection only,
+    group-limited top-k, renormalised weights times routed_scaling_factor, a shared expert.
+    The bias update (aux-loss-free balancing) runs only with moe.expert_bias_update_rate > 0:
+    at 0 megatron's update adds exactly nothing, so the bias stays what the checkpoint holds
+    (freezing the router weights alone would not freeze it)."""
+    return dict(
+        moe_router_score_function="sigmoid",
+        moe_router_pre_softmax=False,
+        moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=moe.expert_bias_update_rate,
+        moe_router_num_groups=arch.n_group if arch.n_group > 1 else None,
+        moe_router_group_topk=arch.topk_group if arch.n_group > 1 else None,
+        moe_router_topk_scaling_factor=arch.routed_scaling_factor,
+        moe_router_dtype="fp32",
+        moe_shared_expert_intermediate_size=arch.shared_expert_intermediate_size or None,
+    )
+
+
+def mla_settings(arch: ModelArch) -> dict:
+    """MLATransformerConfig's fields. megatron applies the yarn mscale of rotary_scaling_factor
+    to the softmax and to cos/sin, as transformers does for yarn configs."""
+    yarn = arch.yarn
+    return dict(
+        q_lora_rank=arch.q_lora_rank or None,
+        kv_lora_rank=arch.kv_lora_rank,
+        qk_head_dim=arch.qk_nope_head_dim,
+        qk_pos_emb_head_dim=arch.qk_rope_head_dim,
+        v_head_dim=arch.v_head_dim,
+        rope_type="yarn",
+        rotary_base=arch.rope_theta,
+        rotary_scaling_factor=yarn["factor"],
+        original_max_position_embeddings=yarn["original_max_position_embeddings"],
+        beta_fast=yarn["beta_fast"],
+        beta_slow=yarn["beta_slow"],
+        mscale=yarn["mscale"],
+        mscale_all_dim=yarn["mscale_all_dim"],
+    )
+
+
 def transformer_config(arch: ModelArch, par: ParallelConfig, prec: PrecisionConfig, opts: SpecOptions,
                        recompute: str = "none", extra: Optional[dict] = None, moe: Optional[MoEConfig] = None,
                        backend: str = "local"):
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     from aipo_mp.runtime import platform
 
@@ -258,6 +328,9 @@ def transformer_config(arch: ModelArch, par: ParallelConfig, prec: PrecisionConf
         kwargs.update(fp8=prec.fp8, fp8_recipe=prec.fp8_recipe)
     kwargs.update(moe_settings(arch, par, moe or MoEConfig(), backend))
     kwargs.update(extra or {})
+    if opts.mla:
+        platform.apply_mla_shims()
+        return MLATransformerConfig(**kwargs, **mla_settings(arch))
     return TransformerConfig(**kwargs)
 
 
@@ -382,12 +455,20 @@ def attach_family_hooks(model, opts: SpecOptions) -> None:
 LOCAL_EXPERT = re.compile(r"^(mlp\.experts\.local_experts\.)(\d+)(\..*)$|^(mlp\.experts\.linear_fc[12]\.weight)(\d+)()$")
 
 
-def global_param_names(chunk) -> dict[str, str]:
+def mapped_buffer_names(built: BuiltModel, chunk) -> dict[str, str]:
+    """Local -> global names of the buffers the mapping table holds (DeepSeek's expert bias)."""
+    names = global_param_names(chunk, buffers=True)
+    return {local: g for local, g in names.items() if any(r.buffer and r.pattern().match(g)
+                                                          for r in built.family.rules(built.arch))}
+
+
+def global_param_names(chunk, buffers: bool = False) -> dict[str, str]:
     """Local parameter name -> global name: the layer index across pipeline/virtual stages, and
-    the expert index across expert-parallel ranks (rank r holds experts r*E/EP ... (r+1)*E/EP-1)."""
+    the expert index across expert-parallel ranks (rank r holds experts r*E/EP ... (r+1)*E/EP-1).
+    buffers: the same for the chunk's buffers instead."""
     out = {}
     layers = chunk.decoder.layers
-    for name, _ in chunk.named_parameters():
+    for name, _ in (chunk.named_buffers() if buffers else chunk.named_parameters()):
         m = re.match(r"^decoder\.layers\.(\d+)\.(.*)$", name)
         if not m:
             out[name] = name
@@ -416,10 +497,10 @@ def parallel_rank_and_size(rule: Rule) -> tuple[int, int]:
 
 
 def load_hf_weights(built: BuiltModel, read: Callable[[str], torch.Tensor]) -> None:
-    """Fill every parameter of this rank from HF tensors given by `read(name)`."""
+    """Fill every parameter (and mapped buffer) of this rank from HF tensors given by `read(name)`."""
     for chunk in built.chunks:
-        params = dict(chunk.named_parameters())
-        for local, gname in global_param_names(chunk).items():
+        params = {**dict(chunk.named_parameters()), **dict(chunk.named_buffers())}
+        for local, gname in {**global_param_names(chunk), **mapped_buffer_names(built, chunk)}.items():
             rule, index = built.family.rule_for(built.arch, gname)
             hf = [read(n) for n in rule.hf_at(index)]
             full = to_megatron(rule, hf, built.arch)

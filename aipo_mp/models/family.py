@@ -37,6 +37,9 @@ class Rule:
     layers: which layers hold the tensor: all | moe | dense (MoE models may keep dense-MLP layers).
     expert: one tensor per expert; expert parallelism picks a rank's experts and the split applies
            over the expert-tensor-parallel group instead of the tensor-parallel one.
+    buffer: a module buffer, not a parameter (DeepSeek-V3's router expert bias): loaded and
+           saved like a parameter, never trained by the optimizer.
+    fp32: held in fp32 whatever the model's dtype (HF keeps the expert bias so); export writes fp32.
     """
 
     megatron: str
@@ -46,6 +49,8 @@ class Rule:
     te_alias: bool = False
     layers: str = ALL_LAYERS
     expert: bool = False
+    buffer: bool = False
+    fp32: bool = False
 
     def pattern(self) -> re.Pattern:
         escaped = re.escape(self.megatron).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
@@ -142,12 +147,13 @@ class SpecOptions:
     embedding_scale: Optional[float] = None  # Gemma: sqrt(hidden)
     final_logit_softcapping: Optional[float] = None
     qk_norm: bool = False  # Qwen3: megatron's q_layernorm / k_layernorm (RMSNorm over head_dim)
+    mla: bool = False  # DeepSeek-V3: megatron's multi-latent attention (MLATransformerConfig, local spec)
 
     @property
     def te_fused_attention(self) -> bool:
         """Transformer Engine's fused attention and norms serve this layer; soft-capping, a
         sliding window and post-norms are not in TE's fused kernels (Gemma-2 keeps the local ones)."""
-        return not (self.post_norms or self.attn_logit_softcapping or self.window_size)
+        return not (self.post_norms or self.attn_logit_softcapping or self.window_size or self.mla)
 
     @property
     def norms_per_layer(self) -> int:
@@ -168,6 +174,10 @@ class Family:
     # Shape flags every model of the family has (a model.arch from YAML must say so, as config.json implies it).
     arch_flags: tuple[tuple[str, bool], ...] = (("qkv_bias", False), ("qk_norm", False))
     moe: bool = False  # a mixture-of-experts family: model.arch must give num_experts and the router's top-k
+    # Family-specific checks and tables (None: the shared llama-style ones apply).
+    arch_errors: Optional[Callable[[ModelArch], list[str]]] = None  # what megatron cannot build of an arch
+    expected_shapes: Optional[Callable[[ModelArch, list[str]], dict]] = None  # HF name -> shape config.json implies
+    dropped_on_import: Optional[Callable[[ModelArch, str], bool]] = None  # HF tensors import skips (DeepSeek MTP)
 
     def rule_for(self, arch: ModelArch, megatron_name: str) -> tuple[Rule, dict]:
         """The rule of a global Megatron name and its index ({"i": layer, "e": expert}, as present)."""

@@ -26,7 +26,10 @@ class RMSNorm(torch.nn.Module):
         self.eps = eps
         self.zero_centered = zero_centered
         init = torch.zeros if zero_centered else torch.ones
-        self.weight = torch.nn.Parameter(init(hidden_size, dtype=config.params_dtype))
+        # Created where megatron creates its own parameters: on the GPU unless CPU initialization
+        # is asked for (a CPU-only norm weight inside a CUDA model fails at the first forward).
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        self.weight = torch.nn.Parameter(init(hidden_size, dtype=config.params_dtype, device=device))
         # With sequence parallelism each TP rank sees different tokens; megatron all-reduces the
         # grads of parameters tagged like this across the TP group.
         setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
@@ -103,7 +106,11 @@ class TorchCoreAttention(MegatronModule):
         logit_softcapping: Optional[float] = None,
         window_size: Optional[int] = None,
         sliding_layers: Optional[tuple] = None,
+        k_channels: Optional[int] = None,
+        v_channels: Optional[int] = None,
     ):
+        # k_channels / v_channels: multi-latent attention's query-key and value head sizes (they
+        # differ); the output is heads x the value head size, read from the values themselves.
         super().__init__(config=config)
         self.layer_number = layer_number  # 1-based, global across pipeline stages
         self.softmax_scale = softmax_scale or config.kv_channels**-0.5
@@ -121,8 +128,8 @@ class TorchCoreAttention(MegatronModule):
             s, b, nq, hd = query.shape
             q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, h, s, d]
             context = self._attend(q, k, v, dropout_p, self._band(s, query.device), allow)
-            return context.permute(2, 0, 1, 3).reshape(s, b, nq * hd)
-        t, nq, hd = query.shape  # packed THD: [t, h, d]
+            return context.permute(2, 0, 1, 3).reshape(s, b, nq * value.shape[-1])
+        t, nq, hd = query.shape[0], query.shape[1], value.shape[-1]  # packed THD: [t, h, d]; output [t, h * dv]
         # One split (not a slice per sequence: each slice's backward would fill a [t, h, d] zero
         # gradient) into the sequences and the padding between and after them.
         sizes, is_sequence, done = [], [], 0
@@ -195,7 +202,7 @@ class TorchCoreAttention(MegatronModule):
         if dropout_p > 0:
             probs = F.dropout(probs, p=dropout_p)
         context = torch.matmul(probs.reshape(b, ng, nq // ng, length, length), v.unsqueeze(2))
-        return context.reshape(b, nq, length, hd)
+        return context.reshape(b, nq, length, v.shape[-1])
 
 
 def packed_spans(packed_seq_params, total: int) -> list[tuple[int, int]]:

@@ -212,6 +212,18 @@ def apply_moe_cpu_shims() -> None:
     mappings._gather_along_first_dim = gather_uneven
 
 
+def apply_mla_shims() -> None:
+    """megatron's multi-latent attention without Transformer Engine (the CPU machines, and GPU
+    machines without the TE wheel): megatron installs a stand-in for TE's modules when TE is
+    absent, which makes multi_latent_attention.py believe TE exists (its HAVE_TE is set) and
+    compare the spec's linears against the stand-ins. Tell it the truth; with TE installed this
+    does nothing."""
+    from megatron.core.transformer import multi_latent_attention
+
+    if not _importable("transformer_engine"):
+        multi_latent_attention.HAVE_TE = False
+
+
 # ---------------------------------------------------------------------------------------------
 # megatron's distributed optimizer over torch's AdamW (no apex / Transformer Engine installed: the
 # CPU machines, and GPU machines without those wheels). AdamW keeps a `step` tensor per parameter;

@@ -33,11 +33,15 @@ def hf_model_from_arch(arch: ModelArch, seed: int = 0, noise: float = 0.02, dtyp
                 # An MoE router: scores far apart, so no near-tie of the top-k flips between
                 # implementations that round differently.
                 p.normal_(0.0, 0.5)
-            elif "q_proj" in name or "k_proj" in name:
+            elif "q_proj" in name or "k_proj" in name or "kv_a_proj" in name or "kv_b_proj" in name:
                 # Large enough attention scores that soft-capping and masking visibly matter.
                 p.normal_(0.0, 0.15)
             else:
                 p.normal_(0.0, noise)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                # DeepSeek-V3's expert bias (selection only): non-zero, so losing it changes routing.
+                b.normal_(0.0, 0.1)
     return model.eval()
 
 

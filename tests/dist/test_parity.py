@@ -2,7 +2,9 @@
 gemma2 at TP=1, TP=2 (sequence parallel), PP=2, PP=2 x VPP=2 and TP=2 x PP=2 (4 gloo processes),
 and for the tiny Llama-3.1 (llama3 RoPE scaling), Qwen2.5 (q/k/v biases, tied) and Qwen3 (q/k
 norms) at TP=1, TP=2 + SP, PP=2 and TP=2 x PP=2 + SP, on a packed row of several sequences of
-different lengths: each sequence's logits are compared with HF's logits of that sequence alone."""
+different lengths: each sequence's logits are compared with HF's logits of that sequence alone.
+The mixtures of experts (Qwen3-MoE, Mixtral, and DeepSeek-V3: latent attention, grouped sigmoid
+routing with a non-zero expert bias, a shared expert) run at EP1, EP2 and TP2 x EP2."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 
 from aipo_mp.convert.verify import make_reference
 from aipo_mp.models import arch_from_dir
-from tests.conftest import FAMILIES, MOE_MODELS, NEW_MODELS
+from tests.conftest import FAMILIES, MOE_MODELS, NEW_MODELS, tiny_arch
 from tests.launch import run_ranks
 
 TOL = 1e-4
@@ -22,10 +24,19 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def references(tiny_hf_dirs, tmp_path_factory):
+def model_dirs(tiny_hf_dirs, tmp_path_factory):
+    """The shared tiny models plus the tiny DeepSeek-V3 (configs/models/tiny_deepseek_v3.yaml)."""
+    from aipo_mp.testing.hf_build import save_hf_model
+
+    d = save_hf_model(tiny_arch("deepseek_v3"), tmp_path_factory.mktemp("tiny_ds") / "deepseek_v3", seed=11)
+    return {**tiny_hf_dirs, "deepseek_v3": d}
+
+
+@pytest.fixture(scope="module")
+def references(model_dirs, tmp_path_factory):
     base = tmp_path_factory.mktemp("parity_ref")
     refs = {}
-    for fam, d in tiny_hf_dirs.items():
+    for fam, d in model_dirs.items():
         refs[fam] = str(base / f"{fam}.pt")
         make_reference(d, refs[fam], arch_from_dir(d))
     return refs
@@ -116,20 +127,49 @@ def test_tiny_llama3_1_scaling_really_changes_the_logits(tiny_hf_dirs):
     assert (scaled.logits - plain.logits).abs().max() > 1e-2
 
 
-def moe_cases(tiny_hf_dirs, layouts: list[dict]) -> list[dict]:
-    return [dict(family=f, hf_dir=str(tiny_hf_dirs[f]), **lay) for f in MOE_MODELS for lay in layouts]
+def moe_cases(model_dirs, layouts: list[dict], deepseek: bool = True) -> list[dict]:
+    """Every MoE family at each layout; DeepSeek-V3 (3 layers) only where no pipeline split is asked."""
+    fams = MOE_MODELS + (("deepseek_v3",) if deepseek else ())
+    return [dict(family=f, hf_dir=str(model_dirs[f]), **lay) for f in fams for lay in layouts
+            if not (f == "deepseek_v3" and lay.get("pp", 1) > 1)]
 
 
 @pytest.mark.dist
-def test_moe_parity_one_and_two_ranks(tiny_hf_dirs, references, tmp_path):
-    """Qwen3-MoE and Mixtral (4 experts, top-2) at EP1 and EP2, both token dispatchers."""
-    assert_close(run_cases(1, moe_cases(tiny_hf_dirs, [dict(tp=1, pp=1)]), references, tmp_path), 2)
+def test_moe_parity_one_and_two_ranks(model_dirs, references, tmp_path):
+    """Qwen3-MoE, Mixtral (4 experts, top-2) and DeepSeek-V3 (8 experts in 2 groups, top-2, a shared
+    expert) at EP1 and EP2, both token dispatchers."""
+    assert_close(run_cases(1, moe_cases(model_dirs, [dict(tp=1, pp=1)]), references, tmp_path), 3)
     layouts = [dict(tp=1, pp=1, ep=2), dict(tp=1, pp=1, ep=2, dispatcher="allgather"), dict(tp=1, pp=2)]
-    assert_close(run_cases(2, moe_cases(tiny_hf_dirs, layouts), references, tmp_path), 6)
+    assert_close(run_cases(2, moe_cases(model_dirs, layouts), references, tmp_path), 8)
 
 
 @pytest.mark.dist
-def test_moe_parity_four_ranks(tiny_hf_dirs, references, tmp_path):
+def test_moe_parity_four_ranks(model_dirs, references, tmp_path):
     """TP2 x EP2 (expert-TP 1 and 2) and PP2 x EP2."""
     layouts = [dict(tp=2, pp=1, sp=True, ep=2), dict(tp=2, pp=1, sp=True, ep=2, etp=2), dict(tp=1, pp=2, ep=2)]
-    assert_close(run_cases(4, moe_cases(tiny_hf_dirs, layouts), references, tmp_path), 6)
+    assert_close(run_cases(4, moe_cases(model_dirs, layouts), references, tmp_path), 8)
+
+
+def test_tiny_deepseek_v3_bias_and_yarn_really_change_the_logits(model_dirs):
+    """Guard against a vacuous DeepSeek-V3 parity case: zeroing the tiny model's expert bias (which
+    only selects experts) or its yarn scaling changes HF's logits on the reference row's lengths by
+    more than 10x the parity bar, so a Megatron model that ignored either would fail it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = model_dirs["deepseek_v3"]
+    ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(1))
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        base = model(ids).logits
+        biases = [layer.mlp.gate.e_score_correction_bias for layer in model.model.layers[1:]]
+        assert all(b.abs().max() > 0.01 for b in biases)
+        for b in biases:
+            b.zero_()
+        unbiased = model(ids).logits
+    cfg = AutoConfig.from_pretrained(d)
+    cfg.rope_parameters = {"rope_type": "default", "rope_theta": cfg.rope_parameters["rope_theta"]}
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(d, config=cfg, dtype=torch.float32,
+                                                     attn_implementation="eager").eval()(ids).logits
+    assert (base - unbiased).abs().max() > 10 * TOL
+    assert (base - plain).abs().max() > 10 * TOL

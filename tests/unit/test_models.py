@@ -222,7 +222,7 @@ def test_new_families_parameter_count_and_names_equal_transformers(name):
 
 
 def test_every_family_is_registered():
-    assert set(FAMILIES) == {"llama", "mistral", "gemma2", "qwen2", "qwen3", "qwen3_moe", "mixtral"}
+    assert set(FAMILIES) == {"llama", "mistral", "gemma2", "qwen2", "qwen3", "qwen3_moe", "mixtral", "deepseek_v3"}
     assert {get_family(tiny_arch(n).family).name for n in NEW_MODELS} == {"llama", "qwen2", "qwen3"}
 
 
@@ -384,3 +384,68 @@ def test_resume_across_the_expert_parallel_line_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"saved at parallel.ep=2; its optimizer state resumes only at "
                                                      r"parallel.ep > 1.*model.path="):
         check_expert_layout(layout_dict(ep2), ep1, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSeek-V3
+# ---------------------------------------------------------------------------------------------
+
+
+def test_deepseek_v3_names_shapes_and_config_equal_transformers(tmp_path):
+    """The table names exactly what transformers saves (per-expert layout, the expert bias, the
+    shared expert, latent attention), the shape table matches every saved shape, and the exported
+    config.json reads back to the same architecture with vLLM's routing keys."""
+    from safetensors import safe_open
+
+    from aipo_mp.models.deepseek_v3 import expected_shapes
+    from aipo_mp.testing.hf_build import hf_model_from_arch
+
+    arch = tiny_arch("deepseek_v3")
+    hf_model_from_arch(arch).save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    names = get_family("deepseek_v3").hf_names(arch)
+    assert set(names) == set(saved) and len(names) == len(saved)
+    assert expected_shapes(arch, names) == saved
+    exported = hf_config_for(arch)
+    assert (exported["topk_method"], exported["scoring_func"]) == ("noaux_tc", "sigmoid")
+    assert arch_from_hf_config(exported) == arch
+    assert arch_from_hf_config({**exported, "rope_parameters": None,
+                                "rope_scaling": {**exported["rope_parameters"], "type": "yarn"}}) == arch
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}, "RoPE type 'default' is not supported"),
+    ({"rope_interleave": False}, "rope_interleave=false"),
+    ({"norm_topk_prob": False}, "norm_topk_prob=false"),
+    ({"topk_method": "greedy"}, "topk_method='greedy'"),
+    ({"scoring_func": "softmax"}, "scoring_func='softmax'"),
+])
+def test_deepseek_v3_configs_megatron_cannot_reproduce_are_refused(change, message):
+    hf = {**hf_config_for(tiny_arch("deepseek_v3")), **change}
+    with pytest.raises(ConfigError, match=message):
+        arch_from_hf_config(hf)
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["model.arch.num_experts_per_tok=3"], "must be 2 x topk_group (2)"),
+    (["model.arch.n_group=3"], "n_group must divide the 8 experts"),
+    (["model.arch.dense_layers=[1]"], "deepseek_v3's dense layers are the first k"),
+    (["model.arch.yarn=null"], "model.arch.yarn: deepseek_v3 needs its yarn RoPE scaling"),
+    (["parallel.tp=4", "parallel.sequence_parallel=true", "parallel.etp=4", "model.arch.q_lora_rank=66"],
+     "parallel.tp=4 does not divide the latent attention's q_lora_rank (66)"),
+])
+def test_deepseek_v3_archs_and_layouts_that_do_not_fit_are_refused(overrides, fragment):
+    from aipo_mp.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "models" / "tiny_deepseek_v3.yaml", overrides)
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, world_size=4)
+    assert any(fragment in line for line in e.value.errors), e.value.errors
+
+
+def test_deepseek_v3_multi_token_prediction_layer_is_what_import_drops():
+    family, arch = get_family("deepseek_v3"), tiny_arch("deepseek_v3")
+    assert family.dropped_on_import(arch, "model.layers.3.eh_proj.weight")
+    assert family.dropped_on_import(arch, "model.layers.3.mlp.experts.5.up_proj.weight")
+    assert not any(family.dropped_on_import(arch, n) for n in family.hf_names(arch))
