@@ -112,6 +112,7 @@ def sample_turn(runner, out: Path, r: int, hf_dir: str, turn: int, prompts: list
                 overrides: list[str]) -> list[dict]:
     """One eval sample stage (resumable by its shards); returns its records."""
     from aipo_mp.data.records import read_jsonl, write_jsonl
+    from aipo_mp.rounds.progress import shard_probe
     from aipo_mp.rounds.shards import ShardDir, shard_count
 
     tag = f"round{r}_turn{turn + 1}"
@@ -126,6 +127,7 @@ def sample_turn(runner, out: Path, r: int, hf_dir: str, turn: int, prompts: list
     shard_root = out / "shards" / tag
     shards = ShardDir(shard_root, shard_count(len(prompts), placement.ntasks, per_shard))
     shards.write_plan()  # the unfinished shards the tasks split (finished ones survive a kill)
+    runner.probes = {name: shard_probe(shard_root)}  # the console's progress line
     runner.launch(name, ["--config", str(runner.config_path), "--model", hf_dir, "--prompts", str(prompts_path),
                          "--shard-dir", str(shard_root), "--shard-prompts", str(per_shard), "sampling.n=1",
                          *overrides], placement)

@@ -41,6 +41,7 @@ from aipo_mp.config import RANKER_KINDS, Config, dump_config, reward_kind
 from aipo_mp.errors import CHECKPOINT_META, EXIT_STOPPED, LATEST, RUN_STATE, ConfigError, StageFailed
 from aipo_mp.rounds.launchers import rank_log_dir
 from aipo_mp.rounds.placement import Placement, stage_kind, stage_placement
+from aipo_mp.rounds.progress import stage_progress
 from aipo_mp.rounds.shards import ShardDir, shard_count
 from aipo_mp.runtime.files import atomic_write_json
 from aipo_mp.runtime.json_files import check_object, read_json_object
@@ -158,7 +159,8 @@ class RoundRunner:
             f", {placement.gpus_per_task} GPU(s) each" if placement.gpus_per_task else "")
         print(f"[aipo-mp run] {name}: {where}; logs {rank_log_dir(log)}/", flush=True)
         t0 = time.time()
-        result = self.launcher.run(name, argv, placement, log_path=log, time_limit_min=limit)
+        with stage_progress(name, self.progress_probe(name)):  # one console line of progress
+            result = self.launcher.run(name, argv, placement, log_path=log, time_limit_min=limit)
         seconds = time.time() - t0
         if result.stopped_by_signal:
             print(f"[aipo-mp run] {name}: stopped by a signal after {seconds:.0f} s", flush=True)
@@ -185,6 +187,26 @@ class RoundRunner:
                               "look at its log for what stopped it early (a sys.exit in user code?), fix it and rerun "
                               "the same command to resume")
         return read(path) if read else path
+
+    def progress_probe(self, name: str):
+        """What the console's progress line of stage `name` counts (aipo_mp/rounds/progress.py):
+        finished shards of an engine stage, logged steps of a train stage; `self.probes` may name
+        others (aipo-mp eval's stages)."""
+        from aipo_mp.rounds.progress import shard_probe, steps_probe
+
+        if name in getattr(self, "probes", {}):
+            return self.probes[name]
+        kind, head = stage_kind(name), name.rsplit("-", 1)[0]
+        if kind == "kl":
+            return shard_probe(self.run_dir / "shards" / "kl")
+        if not (head.startswith("round") and head[5:].isdigit()):
+            return None
+        rd = self.run_dir / f"round_{head[5:]}"
+        if kind in ("sample", "reward"):
+            return shard_probe(rd / "shards" / kind)
+        if kind == "train":
+            return steps_probe(rd / "train" / "metrics.jsonl", self.cfg.train.steps or None)
+        return None
 
     def plan_entry(self, name: str, argv: list[str], placement: Placement, log: Path, limit) -> dict:
         entry = {"name": name, "ntasks": placement.ntasks, "nodes": placement.nodes,
