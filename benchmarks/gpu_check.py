@@ -117,6 +117,37 @@ def trained_weights(state) -> dict:
             if hasattr(v, "detach") and not k.endswith("_extra_state")}
 
 
+def profiled_step(state, step: int) -> dict:
+    """One training step under torch.profiler: prints the 12 costliest GPU kernels and the share of
+    the step's GPU time spent inside core attention (the local backend's per-sequence loop)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from aipo_mp.models.layers import TorchCoreAttention
+    from aipo_mp.training.loop import train_step
+
+    original = TorchCoreAttention.forward
+
+    def traced(self, *a, **k):
+        with record_function("core_attention"):
+            return original(self, *a, **k)
+
+    TorchCoreAttention.forward = traced
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            record = train_step(state, step)
+            torch.cuda.synchronize()
+    finally:
+        TorchCoreAttention.forward = original
+    events = prof.key_averages()
+    print(events.table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60), flush=True)
+    total = sum(e.self_device_time_total for e in events)
+    attn = sum(e.device_time_total for e in events if e.key == "core_attention")
+    log(f"profiled step {step + 1}: GPU time {total / 1e6:.2f} s, core attention (forward) {attn / 1e6:.2f} s "
+        f"({attn / max(total, 1):.1%}), wall {record['step_time_s']:.2f} s")
+    return record
+
+
 def check_resume(work: Path) -> dict:
     import torch
 
@@ -195,7 +226,7 @@ def check_slice(args, work: Path) -> dict:
     data = work / f"slice_pairs_{args.steps * args.global_batch_pairs}_{max_len}.jsonl"
     pairs = bench.write_pairs(ns, AutoTokenizer.from_pretrained(str(model)), data, max_len)
     f_fwd, s_eff = bench.flops_per_token(arch, pairs)
-    tp_args = types.SimpleNamespace(tp=1, pp=1, steps=args.steps, global_batch_pairs=args.global_batch_pairs,
+    tp_args = types.SimpleNamespace(tp=1, pp=1, ep=1, etp=1, steps=args.steps, global_batch_pairs=args.global_batch_pairs,
                                     seq_length=args.seq_length, seed=0)
     raw = bench.train_config(tp_args, model, data, work / "slice_out", max_len, "bf16")
     raw["precision"]["backend"] = "local"
@@ -207,7 +238,10 @@ def check_slice(args, work: Path) -> dict:
     state.ref_table = compute_reference(state).to(platform.device())
     records = []
     for step in range(args.steps):
-        records.append(train_step(state, step))
+        if args.profile and step == args.steps - 2:
+            records.append(profiled_step(state, step))
+        else:
+            records.append(train_step(state, step))
         log(f"  step {step + 1}: loss {records[-1]['loss']:.4f}, {records[-1]['step_time_s']:.3f} s, "
             f"{records[-1]['tokens_per_s']:,.0f} tokens/s")
     timed = records[args.warmup_steps:]
@@ -255,6 +289,9 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="summary file (default WORK/summary.json)")
     ap.add_argument("--allow-cpu", action="store_true", help="run on CPU with gloo (to test this script)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["parity", "resume", "slice"])
+    ap.add_argument("--profile", action="store_true", help="profile the slice's second-to-last step")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="torch deterministic algorithms (set CUBLAS_WORKSPACE_CONFIG=:4096:8 too)")
     args = ap.parse_args()
     if not 0 <= args.warmup_steps < args.steps:
         ap.error("need 0 <= --warmup-steps < --steps")
@@ -267,6 +304,8 @@ def main() -> int:
         return 2
     from aipo_mp.runtime import platform
 
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     env = platform.init_distributed()
