@@ -104,6 +104,7 @@ def sample(model, prompts, spec: Optional[SamplingConfig] = None, out_path: Opti
         records = generate_records(model, prompts, spec, index_offset=0)
     else:
         check_model_dir(model, "policy model")
+        check_prompt_lengths(model, prompts, spec)  # before any engine starts
         replicas = min(spec.replicas, len(prompts))
         if replicas > 1 or engine_in_use():
             records = sample_in_children(model, prompts, spec, replicas, out_path)
@@ -116,6 +117,47 @@ def sample(model, prompts, spec: Optional[SamplingConfig] = None, out_path: Opti
     if out_path is not None:
         write_jsonl(out_path, records)
     return records
+
+
+def engine_max_len(model_dir, spec: SamplingConfig) -> Optional[int]:
+    """The engine's max_model_len: sampling.max_model_len, else the model's max_position_embeddings."""
+    if spec.max_model_len:
+        return spec.max_model_len
+    from aipo_mp.models import read_hf_config
+
+    value = read_hf_config(str(model_dir)).get("max_position_embeddings")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def prompt_chars(prompt) -> int:
+    return len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+
+
+def check_prompt_lengths(model_dir, prompts: list[dict], spec: SamplingConfig) -> None:
+    """Refuse a prompt that leaves no room for an answer in the engine's max_model_len while the
+    prompts are read, before an engine starts (an engine costs minutes and GBs to start). A prompt
+    longer than max_model_len x the longest vocabulary entry in characters is refused without
+    being tokenized (it cannot have fewer tokens), so a hostile 50 MB prompt costs nothing; the
+    others are tokenized as the engine will tokenize them (the engine tokenizes them again)."""
+    from aipo_mp.convert.hf_io import load_tokenizer
+    from aipo_mp.data.prepare import max_chars_per_token
+
+    max_len = engine_max_len(model_dir, spec)
+    if max_len is None:
+        return
+    tokenizer = load_tokenizer(model_dir, what="policy model")
+    most_chars = max_len * max_chars_per_token(tokenizer)
+    fix = "shorten the prompt or raise sampling.max_model_len"
+    for record in prompts:
+        chars = prompt_chars(record["prompt"])
+        if chars > most_chars:
+            raise ConfigError(f"prompt {record['id']!r} has {chars} characters, more than {max_len} tokens of this "
+                              f"tokenizer can hold; the engine's max_model_len is {max_len} and leaves no room for an "
+                              f"answer; {fix}")
+        ids, _ = encode_prompt(tokenizer, record["prompt"], spec.chat_template, f"prompt {record['id']!r}")
+        if len(ids) >= max_len:
+            raise ConfigError(f"prompt {record['id']!r} has {len(ids)} tokens; the engine's max_model_len is {max_len} "
+                              f"and leaves no room for an answer; {fix}")
 
 
 def generate_records(llm, prompts: list[dict], spec: SamplingConfig, index_offset: int) -> list[dict]:
@@ -180,6 +222,7 @@ def sample_task(model_dir, prompts, spec: SamplingConfig, shard_root: str | Path
     Returns 0, or 75 when a stop signal left shards undone."""
     rank, world, local_rank, local_world = task_identity()
     prompts = normalize_prompts(prompts)
+    check_prompt_lengths(model_dir, prompts, spec)  # before this task's engine starts
     shards = ShardDir(shard_root, shard_count(len(prompts), world, shard_prompts))
     bounds = shard_bounds(len(prompts), shards.count)
     llm = None

@@ -3,6 +3,7 @@ groups, data, the policy's weights, the optimizer)."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -87,11 +88,78 @@ def load_policy_weights(built: BuiltModel, path: str) -> None:
 
 
 def prepare_data(cfg: Config, tokenizer_dir: str, vocab_size: Optional[int] = None):
-    """(pairs, stats, normalized records) of data.train (see aipo_mp.data.prepare)."""
+    """(pairs, stats, data fingerprint) of data.train, tokenized once per job: global rank 0
+    tokenizes and writes RUN_DIR/token_cache/pairs-KEY.npz (aipo_mp.data.prepare.cache_path);
+    then the local rank 0 of any node that cannot see that file (node-local output disks) does the
+    same on its node; every other rank reads the file after the barrier. A user error while
+    tokenizing reaches every rank as the same line."""
+    path = prepare.cache_path(cfg, tokenizer_dir, vocab_size)
+    rank = torch.distributed.get_rank()
+    local_rank = platform.read_dist_env(cfg.cluster.master_port or None).local_rank
+    result = None
+    if rank == 0:
+        result = tokenize_or_raise(lambda: cached_or_tokenized(cfg, tokenizer_dir, vocab_size, path), "rank 0")
+    else:
+        tokenize_or_raise(None, "rank 0")
+    if rank != 0 and local_rank == 0 and not path.is_file():  # this node does not see rank 0's file
+        result = tokenize_or_raise(lambda: cached_or_tokenized(cfg, tokenizer_dir, vocab_size, path), f"rank {rank}")
+    else:
+        tokenize_or_raise(None, "the first rank of another node")
+    if result is None:
+        result = prepare.read_token_cache(path)
+    if result is None:  # unreadable here (damaged, or a file system without the file): do it on this rank
+        result = tokenize(cfg, tokenizer_dir, vocab_size)
+    return result
+
+
+def cached_or_tokenized(cfg: Config, tokenizer_dir: str, vocab_size: Optional[int], path: Path):
+    """The cache file's content when it is there and readable, else tokenized now and written."""
+    found = prepare.read_token_cache(path) if path.is_file() else None
+    if found is not None:
+        return found
+    pairs, stats, fingerprint = tokenize(cfg, tokenizer_dir, vocab_size)
+    try:
+        prepare.write_token_cache(path, pairs, stats, fingerprint)
+    except OSError as e:  # a full or read-only output dir: the other ranks tokenize for themselves
+        print(f"warning: cannot write the token cache {path} ({e.strerror or e}); every rank tokenizes "
+              "data.train itself", flush=True)
+    return pairs, stats, fingerprint
+
+
+def tokenize(cfg: Config, tokenizer_dir: str, vocab_size: Optional[int]):
     from aipo_mp.convert.hf_io import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir, cfg.model.trust_remote_code)
-    return prepare.prepare_pairs(cfg, tok, vocab_size)
+    pairs, stats, records = prepare.prepare_pairs(cfg, tok, vocab_size)
+    return pairs, stats, run_identity.records_fingerprint(records)
+
+
+def tokenize_or_raise(fn, who: str):
+    """Collective: `fn()` on the ranks that pass one; a user error there is raised with the same
+    lines on every rank, any other failure stops every rank (the failing one keeps its traceback)."""
+    from aipo_mp import errors
+
+    if torch.distributed.get_world_size() == 1:
+        return fn() if fn is not None else None
+    result, outcome, failure = None, None, None
+    if fn is not None:
+        try:
+            result = fn()
+        except errors.UserError as e:
+            outcome, failure = (type(e).__name__, e.errors), sys.exc_info()
+        except BaseException:
+            outcome, failure = ("", []), sys.exc_info()
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, outcome)
+    outcome = next((o for o in gathered if o is not None), None) if outcome is None else outcome
+    if failure is not None:  # the failing rank raises its own exception
+        raise failure[1].with_traceback(failure[2])
+    if outcome is not None:
+        name, lines = outcome
+        if not name:
+            raise RuntimeError(f"{who} failed while tokenizing data.train (its error is reported there)")
+        raise getattr(errors, name, errors.UserError)(lines)
+    return result
 
 
 def setup(cfg: Config) -> RunState:
@@ -104,7 +172,7 @@ def setup(cfg: Config) -> RunState:
     platform.seed_model_parallel_rng(cfg.train.seed)
     lay = Layout.current()
     tokenizer_dir = tokenizer_dir_of(cfg.model.path)
-    pairs, data_stats, records = prepare_data(cfg, tokenizer_dir, arch.vocab_size)
+    pairs, data_stats, data_fingerprint = prepare_data(cfg, tokenizer_dir, arch.vocab_size)
     built = build_model(get_family(arch.family), arch, par, cfg.precision, cfg.train.recompute, initialize=False,
                         moe=cfg.moe)
     load_policy_weights(built, cfg.model.path)
@@ -118,7 +186,8 @@ def setup(cfg: Config) -> RunState:
     state = RunState(cfg, arch, built, chunks, optim.build_optimizer(chunks, cfg), params, pairs, None,
                      read_hf_config(cfg.model.path), tokenizer_dir, obj_params, lay, total)
     state.stats["data"] = data_stats
-    state.stats["identity"] = run_identity.run_identity(cfg, records, obj_params)
+    state.stats["identity"] = identity = run_identity.run_identity(cfg, [], obj_params)
+    identity["data"] = data_fingerprint  # the pairs as read (ranks reading the token cache have no records)
     state.needs_reference = objective.needs_reference
     return state
 

@@ -72,6 +72,9 @@ def runs(tmp_path_factory):
     model = save_hf_model(tiny_arch("llama"), base / "llama", seed=3, tokenizer_dir=tok)
     other = save_hf_model(tiny_arch("llama"), base / "llama_b", seed=4, tokenizer_dir=tok)
     pairs = write_jsonl(marker_pairs(16, seed=1), base / "pairs.jsonl")
+    huge = write_jsonl([{"id": "ok", "prompt": "hello"}, {"id": "huge", "prompt": "alpha beta " * (5 << 20)}],
+                       base / "huge_prompt.jsonl")  # 55 MiB in one prompt
+    long = write_jsonl([{"id": "long", "prompt": " ".join(str(k) for k in range(1500))}], base / "long_prompt.jsonl")
 
     def train(out, *extra, model_dir=model):
         return ["train", TINY, f"model.path={model_dir}", f"data.train={pairs}", *BASE, f"output.dir={base / out}",
@@ -80,7 +83,13 @@ def runs(tmp_path_factory):
     def copy_run(src, dst):
         return {"exec": f"import shutil; shutil.copytree('{base / src}', '{base / dst}')"}
 
+    def sample(prompts):
+        return ["sample", "--model", str(model), "--prompts", str(prompts), "--out", str(base / "samples.jsonl")]
+
     steps = [
+        {"name": "huge_prompt", "cli": sample(huge)},
+        {"name": "long_prompt", "cli": sample(long)},
+        {"exec": f"import sys; open('{base / 'engine_imported'}', 'w').write(str('vllm' in sys.modules))"},
         {"name": "straight", "cli": train("straight", "train.steps=4", "train.save_every=1")},
         {"name": "cut_first", "cli": train("cut", "train.steps=3", "train.save_every=1")},
         copy_run("cut", "legacy"),
@@ -117,6 +126,8 @@ CASES = [
     ("foreign_shard_train", 2, ["error: ", "content checksum", "copied in from another checkpoint"], []),
     ("foreign_shard_export", 2, ["error: ", "content checksum", "copied in from another checkpoint"], []),
     ("foreign_shard_verify", 2, ["error: ", "content checksum", "copied in from another checkpoint"], []),
+    ("huge_prompt", 2, ["error: prompt 'huge' has 57671680 characters", "max_model_len is 1024"], []),
+    ("long_prompt", 2, ["error: prompt 'long' has", "tokens; the engine's max_model_len is 1024"], []),
 ]
 
 
@@ -139,7 +150,9 @@ def test_damaged_checkpoint_cases(runs, name, code, fragments, absent):
         assert fragment in line, line
     for fragment in absent:
         assert fragment not in r["out"] + r["err"], line
-    if name.startswith("foreign_shard"):
+    if name.endswith("_prompt"):  # refused while the prompts were read: no engine, no output
+        assert (base / "engine_imported").read_text() == "False" and not (base / "samples.jsonl").exists()
+    elif name.startswith("foreign_shard"):
         assert largest_model_file(base / "conv_a").name in line, line  # the file is named
         assert not (base / "export").exists() and not list(base.glob(".export*")), "export half-written"
     elif name != "legacy_unloadable":
