@@ -77,9 +77,11 @@ def round_policies(runner, wanted: Optional[list[int]]) -> dict[int, str]:
     """{round: HF directory} of the rounds whose policy vLLM can load (the trainer's handoff, an
     export, or an HF starting point)."""
     found = {}
-    for key in sorted(runner.state.data.get("policies", {}), key=int):
+    for key, policy in sorted(runner.state.data.get("policies", {}).items(), key=lambda kv: int(kv[0])):
         r = int(key)
-        hf = Path(runner.policy_hf_dir(r))
+        hf = runner.run_dir / f"round_{r}" / "policy_hf"  # the handoff or an export (the checkpoint may be pruned)
+        if not (hf / "config.json").is_file():
+            hf = Path(policy)  # an HF starting point
         if (hf / "config.json").is_file():
             found[r] = str(hf)
     if wanted is None:

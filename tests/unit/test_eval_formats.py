@@ -229,3 +229,26 @@ def test_report_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and "not a run directory" in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["round_0"]  # nothing written
+
+
+def test_stage_progress_counts_shards_and_steps(tmp_path, capsys):
+    import time
+
+    from aipo_mp.rounds.progress import shard_probe, stage_progress, steps_probe
+
+    root = tmp_path / "shards"
+    assert shard_probe(root)() is None
+    (root / "of4").mkdir(parents=True)
+    (root / "of4" / "shard_00000.json").write_text("{}")
+    (root / "of4" / "shard_00000.jsonl").write_text("")
+    assert shard_probe(root)() == (1, 4, "shards")
+    metrics = tmp_path / "metrics.jsonl"
+    assert steps_probe(metrics, 16)() is None
+    metrics.write_text('{"step": 1}\n{"step": 2}\n')
+    assert steps_probe(metrics, 16)() == (2, 16, "steps")
+    with stage_progress("round0-train", steps_probe(metrics, 16), every_s=0.05, poll_s=0.05):
+        time.sleep(0.3)
+        metrics.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n')
+        time.sleep(0.3)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["[aipo-mp run] round0-train: 2/16 steps", "[aipo-mp run] round0-train: 3/16 steps"]
