@@ -421,8 +421,7 @@ def cmd_verify(args, argv) -> int:
     from aipo_mp.training.checkpoint import arch_differences
 
     meta = ct.checked_meta(args.ckpt)
-    _, _, hf_arch = ct.hf_config_and_arch(args.hf)
-    ct.check_weight_files(Path(args.hf), args.allow_pickle)
+    hf_arch = ct.hf_source(args.hf, args.allow_pickle).arch  # names and shapes vs config.json, headers only
     ck_arch = arch_from_hf_config(meta["hf_config"])
     diffs = arch_differences(hf_arch, ck_arch)
     if diffs:
