@@ -5,9 +5,11 @@ any process starts or any byte is written), the HF source check, and the per-ran
 from __future__ import annotations
 
 import errno
+import os
 import re
 import resource
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -267,8 +269,22 @@ def hf_config_and_arch(directory: str | Path):
     return hf, family, arch_from_hf_config(hf)
 
 
+def dropped_on_import(d: Path, family, arch: ModelArch, have: set) -> set:
+    """Tensors a family's import skips (DeepSeek-V3's multi-token-prediction layer), with a note."""
+    dropped = {n for n in have if family.dropped_on_import and family.dropped_on_import(arch, n)}
+    if dropped and os.environ.get("RANK", "0") == "0":
+        print(f"note: {d}: {len(dropped)} tensors not imported ({family.notes})", file=sys.stderr, flush=True)
+    return dropped
+
+
 def expected_hf_shapes(arch: ModelArch, names: list[str]) -> dict[str, tuple[int, ...]]:
-    """The shape config.json implies for each HF tensor name of the llama-style families."""
+    """The shape config.json implies for each HF tensor name of the llama-style families (a family
+    with its own table, DeepSeek-V3's latent attention, answers from it)."""
+    from aipo_mp.models import get_family
+
+    own = get_family(arch.family).expected_shapes
+    if own is not None:
+        return own(arch, names)
     h, f, hd = arch.hidden_size, arch.intermediate_size, arch.head_dim
     q, kv, v = arch.num_attention_heads * hd, arch.num_key_value_heads * hd, arch.vocab_size
     table = (
@@ -308,6 +324,7 @@ def hf_source(directory: str | Path, allow_pickle: bool = False, pickle_flag: Op
     expected = family.hf_names(arch)
     have = set(weights.names())
     ignorable = {n for n in have if IGNORABLE.search(n)}
+    ignorable |= dropped_on_import(d, family, arch, have)
     if arch.tie_embeddings and "lm_head.weight" in have:
         ignorable.add("lm_head.weight")  # some exports store the tied copy; the embedding is used
     missing = [n for n in expected if n not in have]

@@ -328,6 +328,8 @@ def transformer_config(arch: ModelArch, par: ParallelConfig, prec: PrecisionConf
         kwargs.update(fp8=prec.fp8, fp8_recipe=prec.fp8_recipe)
     kwargs.update(moe_settings(arch, par, moe or MoEConfig(), backend))
     kwargs.update(extra or {})
+    if kwargs.get("moe_router_enable_expert_bias"):
+        platform.apply_expert_bias_fix()
     if opts.mla:
         platform.apply_mla_shims()
         return MLATransformerConfig(**kwargs, **mla_settings(arch))

@@ -224,6 +224,32 @@ def apply_mla_shims() -> None:
         multi_latent_attention.HAVE_TE = False
 
 
+_EXPERT_BIAS_FIX_APPLIED = False
+
+
+def apply_expert_bias_fix() -> None:
+    """megatron 0.16.1 counts each expert's tokens for the expert-bias update with
+    `routing_map & ~padding_mask`, a [tokens, experts] map against a [tokens] mask: it fails (or,
+    when tokens == experts, masks the wrong entries) whenever a padding mask reaches the router,
+    which the trainer always passes to MoE models. Count with the mask per token instead; the same
+    numbers megatron means, on any device. Applied once per process, for models with an expert bias."""
+    global _EXPERT_BIAS_FIX_APPLIED
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    if _EXPERT_BIAS_FIX_APPLIED:
+        return
+
+    def count_routed_tokens(self, routing_map, padding_mask=None):
+        if self.enable_expert_bias and torch.is_grad_enabled():  # not in evaluation or recomputation
+            with torch.no_grad():
+                if padding_mask is not None:
+                    routing_map = routing_map & ~padding_mask.reshape(-1, 1)
+                self.local_tokens_per_expert += routing_map.sum(dim=0)
+
+    TopKRouter._apply_expert_bias = count_routed_tokens
+    _EXPERT_BIAS_FIX_APPLIED = True
+
+
 # ---------------------------------------------------------------------------------------------
 # megatron's distributed optimizer over torch's AdamW (no apex / Transformer Engine installed: the
 # CPU machines, and GPU machines without those wheels). AdamW keeps a `step` tensor per parameter;

@@ -1,7 +1,8 @@
 """Training mixture-of-experts policies (tiny Qwen3-MoE with a dense layer, tiny Mixtral; 4
-experts, top-2): expert parallelism equals one process, the step-1 loss equals the objective on
-transformers' log-probs, the router policy (load-balancing loss off unless set, frozen routers)
-and the expert-load metrics."""
+experts, top-2; tiny DeepSeek-V3: latent attention, 8 experts in 2 groups, an expert bias, a shared
+expert): expert parallelism equals one process, the step-1 loss equals the objective on
+transformers' log-probs, the router policy (load-balancing loss off unless set, frozen routers,
+DeepSeek's expert bias unchanged unless its update rate is set) and the expert-load metrics."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def moe_dirs(tmp_path_factory) -> dict:
 
     base = tmp_path_factory.mktemp("moe_policy")
     tok = build_tiny_tokenizer(base / "tokenizer", vocab_size=512)
-    dirs = {f: save_hf_model(tiny_arch(f), base / f, seed=3, tokenizer_dir=tok) for f in MOE_MODELS}
+    dirs = {f: save_hf_model(tiny_arch(f), base / f, seed=3, tokenizer_dir=tok) for f in MOE_MODELS + ("deepseek_v3",)}
     # An odd number of pairs, one per micro-batch: the data-parallel ranks' reference passes run
     # 48 and 47 micro-batches, which expert parallelism must even out (its all-to-all spans them).
     dirs["pairs"] = write_jsonl(marker_pairs(95, seed=1), base / "pairs.jsonl")
@@ -45,15 +46,17 @@ def router_weights(params: dict) -> dict:
 @pytest.mark.dist
 @pytest.mark.slow
 def test_moe_training_layouts_router_policy_and_metrics(moe_dirs, tmp_path):
-    single = [(f"{f}-single", []) for f in MOE_MODELS]
+    single = [(f"{f}-single", []) for f in MOE_MODELS + ("deepseek_v3",)]
     policy = [("qwen3_moe-aux", ["moe.aux_loss_coeff=0.01"]), ("qwen3_moe-frozen", ["moe.freeze_router=true"]),
               ("qwen3_moe-still", ["train.lr=0"])]
     launch(1, single + policy, moe_dirs, tmp_path)
-    launch(2, [(f"{f}-ep2", ["parallel.ep=2"]) for f in MOE_MODELS], moe_dirs, tmp_path)
+    launch(2, [(f"{f}-ep2", ["parallel.ep=2"]) for f in MOE_MODELS + ("deepseek_v3",)]
+           + [("deepseek_v3-bias", ["parallel.ep=2", "moe.freeze_router=true", "moe.expert_bias_update_rate=0.001"])],
+           moe_dirs, tmp_path)
     launch(4, [("qwen3_moe-tp2ep2", ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=2"]),
                ("mixtral-ep2dp2", ["parallel.ep=2"])], moe_dirs, tmp_path)
-    layouts = {"qwen3_moe": ("ep2", "tp2ep2"), "mixtral": ("ep2", "ep2dp2")}
-    for f in MOE_MODELS:
+    layouts = {"qwen3_moe": ("ep2", "tp2ep2"), "mixtral": ("ep2", "ep2dp2"), "deepseek_v3": ("ep2",)}
+    for f in MOE_MODELS + ("deepseek_v3",):
         base = metrics(tmp_path / f"{f}-single")
         base_params = torch.load(tmp_path / f"{f}-single" / "params.pt", weights_only=True)
         assert [m["step"] for m in base] == [1, 2, 3]
@@ -69,6 +72,8 @@ def test_moe_training_layouts_router_policy_and_metrics(moe_dirs, tmp_path):
         # Step 1 of the expert-parallel run is the objective on transformers' log-probs.
         check_loss_against_transformers(moe_dirs[f], metrics(tmp_path / f"{f}-ep2")[0])
         check_expert_load(f, base)
+
+    check_expert_bias_policy(moe_dirs["deepseek_v3"], tmp_path)
 
     # Unchanged weights route every probe token as the initial policy did.
     assert all(m["moe/routing_changed_share"] == 0.0 for m in metrics(tmp_path / "qwen3_moe-still"))
@@ -93,6 +98,39 @@ def test_moe_training_layouts_router_policy_and_metrics(moe_dirs, tmp_path):
         assert torch.equal(value, hf.get(rule.hf_at(index)[0])), name
     expert = "decoder.layers.0.mlp.experts.local_experts.3.linear_fc2.weight"
     assert not torch.equal(frozen[expert], hf.get("model.layers.0.mlp.experts.3.down_proj.weight"))
+
+
+def check_expert_bias_policy(model_dir, tmp_path) -> None:
+    """DeepSeek-V3's expert bias: after 3 steps at EP2 exactly the checkpoint's by default; with
+    moe.expert_bias_update_rate it moves (by at most the rate per step) even with frozen routers,
+    whose weights stay exactly the initial ones."""
+    from aipo_mp.convert.hf_io import HFWeights
+
+    hf = HFWeights(model_dir)
+    initial = {i: hf.get(f"model.layers.{i}.mlp.gate.e_score_correction_bias") for i in (1, 2)}
+    assert all(b.abs().max() > 0.01 for b in initial.values())  # non-zero: a reset would show
+    kept, moved = final_expert_biases(tmp_path / "deepseek_v3-ep2"), final_expert_biases(tmp_path / "deepseek_v3-bias")
+    assert set(kept) == set(moved) == set(initial)
+    for i, b in initial.items():
+        assert torch.equal(kept[i], b), i
+    steps = max(float((moved[i] - b).abs().max()) for i, b in initial.items())
+    assert 0 < steps <= 3 * 1e-3 + 1e-6
+    frozen = router_weights(torch.load(tmp_path / "deepseek_v3-bias" / "params.pt", weights_only=True))
+    assert frozen and all(torch.equal(v, hf.get(f"model.layers.{k.split('.')[2]}.mlp.gate.weight"))
+                          for k, v in frozen.items())
+
+
+def final_expert_biases(run_dir) -> dict:
+    """{layer: expert bias} from the run's last checkpoint (a buffer: not among params.pt)."""
+    from aipo_mp.convert.tensor_io import DistCheckpointReader, IOStats
+
+    reader = DistCheckpointReader(sorted((run_dir / "checkpoints").glob("step_*"))[-1] / "model")
+    out = {}
+    for key in reader.keys():
+        if key.endswith(".mlp.router.expert_bias"):
+            shape = reader.global_shape(key)
+            out[int(key.split(".")[2])] = reader.read(key, (0,) * len(shape), tuple(shape), IOStats())
+    return out
 
 
 def check_expert_load(family: str, records: list[dict]) -> None:
