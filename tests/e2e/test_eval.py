@@ -111,6 +111,8 @@ def test_wandb_offline_run_holds_metrics_and_round_rows(run):
 
     run_dir = run["dir"]
     steps = [json.loads(l) for l in (run_dir / "round_0" / "train" / "metrics.jsonl").read_text().splitlines()]
+    # Two training ranks (TP=2), one W&B run: only global rank 0 logs.
+    assert len(list((run_dir / "round_0" / "train" / "wandb").glob("offline-run-*"))) == 1
     logged = [h for h in offline_history(run_dir / "round_0" / "train" / "wandb") if "train/loss" in h]
     assert [h["_step"] for h in logged] == [s["step"] for s in steps] == [1, 2]
     for h, s in zip(logged, steps):
