@@ -222,6 +222,9 @@ def judge_rounds(out: Path, fmt: str, questions: list[dict], answers: dict, run_
         ref = judge.baseline_round if judge.baseline_round is not None else min(answers)
         base_name, baseline = model_name(run_dir, ref), formats.read_answers(answers[ref], fmt)
         candidates = [r for r in answers if r != ref]
+        if not candidates:
+            raise ConfigError(f"--judge-url: only round {ref} is chosen, nothing to judge it against; give --baseline "
+                              "FILE, --baseline-round R or more --rounds")
     client = JudgeClient(judge.url, judge.model, judge.api_key_env, judge.rps, judge.retries,
                          extra_body=judge.extra_body)
     cache = JudgmentCache(out / "judgments" / "cache.jsonl")
