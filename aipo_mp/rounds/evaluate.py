@@ -172,6 +172,9 @@ def evaluate(run_dir: str | Path, questions_path: str | Path, fmt: Optional[str]
             and judge.baseline_round not in rounds:
         rounds = sorted({*rounds, judge.baseline_round})
     policies = round_policies(runner, rounds)
+    if judge is not None and not judge.baseline and len(policies) < 2:  # before any sampling
+        raise ConfigError(f"--judge-url: only round {min(policies)} is chosen, nothing to judge it against; give "
+                          "--baseline FILE, --baseline-round R or more --rounds")
     out = Path(out).absolute() if out else run_dir / "eval" / fmt
     with hold_lock(out, "aipo-mp eval"):
         check_eval_state(out, questions_path, dataclasses.asdict(runner.cfg.sampling))
@@ -222,9 +225,6 @@ def judge_rounds(out: Path, fmt: str, questions: list[dict], answers: dict, run_
         ref = judge.baseline_round if judge.baseline_round is not None else min(answers)
         base_name, baseline = model_name(run_dir, ref), formats.read_answers(answers[ref], fmt)
         candidates = [r for r in answers if r != ref]
-        if not candidates:
-            raise ConfigError(f"--judge-url: only round {ref} is chosen, nothing to judge it against; give --baseline "
-                              "FILE, --baseline-round R or more --rounds")
     client = JudgeClient(judge.url, judge.model, judge.api_key_env, judge.rps, judge.retries,
                          extra_body=judge.extra_body)
     cache = JudgmentCache(out / "judgments" / "cache.jsonl")
