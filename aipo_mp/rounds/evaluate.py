@@ -172,7 +172,13 @@ def evaluate(run_dir: str | Path, questions_path: str | Path, fmt: Optional[str]
             and judge.baseline_round not in rounds:
         rounds = sorted({*rounds, judge.baseline_round})
     policies = round_policies(runner, rounds)
-    if judge is not None and not judge.baseline and len(policies) < 2:  # before any sampling
+    if judge is not None:  # the judge's settings and baseline file are checked before any sampling
+        from aipo_mp.rounds.judge_client import JudgeClient
+
+        JudgeClient(judge.url, judge.model, judge.api_key_env, judge.rps, judge.retries)
+        if judge.baseline:
+            formats.read_answers(judge.baseline, fmt)
+    if judge is not None and not judge.baseline and len(policies) < 2:
         raise ConfigError(f"--judge-url: only round {min(policies)} is chosen, nothing to judge it against; give "
                           "--baseline FILE, --baseline-round R or more --rounds")
     out = Path(out).absolute() if out else run_dir / "eval" / fmt
