@@ -122,10 +122,10 @@ def read(directory: Path) -> Optional[dict[str, tuple[int, Optional[str]]]]:
 def file_problem(directory: Path, name: str, size: int, crc: Optional[str]) -> Optional[str]:
     f = directory / name
     if not f.is_file():
-        return f"{f} is missing"
+        return f"{f} is missing: the checkpoint is incomplete or damaged"
     have = f.stat().st_size
     if have != size:
-        return f"{f} has {have} bytes, {size} were written"
+        return f"{f} has {have} bytes where {size} were written: the checkpoint is incomplete or damaged"
     if crc is not None:
         got = file_crc32(f)
         if got != crc:
