@@ -69,12 +69,12 @@ def tree_fingerprint(path: Optional[str]) -> Optional[str]:
 
 
 def run_identity(cfg, records: list[dict], objective_params: dict) -> dict:
-    from aipo_mp.data.prepare import effective_max_length
-
     d = cfg.data
+    # data.prepare.effective_max_length, written out: data.prepare imports this module.
+    max_length = d.max_length or cfg.train.seq_length // 2
     return {
         "data": records_fingerprint(records),
-        "data_settings": {"max_length": effective_max_length(cfg), "max_prompt_length": d.max_prompt_length,
+        "data_settings": {"max_length": max_length, "max_prompt_length": d.max_prompt_length,
                           "shuffle": d.shuffle},
         "model": tree_fingerprint(cfg.model.path),
         "reference": {"mode": cfg.reference.mode, "weights": tree_fingerprint(cfg.reference.path)},
