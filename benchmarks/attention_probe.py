@@ -15,6 +15,10 @@ PYTHONPATH (with AIPO_BENCH_ATTENTION_DIR=DIR). `install` adds an import hook th
 After each optimizer step (torch's global step hook) each rank appends one JSON line to
 DIR/attention_rank{RANK}.jsonl: {"fwd_s", "bwd_s", "calls", "reference_fwd_s"} of that step.
 On CUDA tensors the clock synchronizes the device at each boundary (which costs some overlap).
+
+With AIPO_BENCH_PROFILE_STEP=N as well, torch.profiler records training step N (from the end of
+step N-1's optimizer step to the end of step N's) and each rank writes the operators' self time
+to DIR/profile_rank{RANK}.txt: the profile that explains a step time.
 """
 
 from __future__ import annotations
@@ -121,14 +125,31 @@ def _patch(module, out_dir: str) -> None:
     cls._aipo_probe = True
     path = os.path.join(out_dir, f"attention_rank{os.environ.get('RANK', '0')}.jsonl")
 
+    profile_step = int(os.environ.get("AIPO_BENCH_PROFILE_STEP", "0") or 0)
+    state = {"step": 0, "profiler": None}
+
     def after_step(optimizer, args, kwargs):
         if not (_rec["fwd_s"] or _rec["bwd_s"]):  # a second optimizer of the same step (experts)
             return
         with open(path, "a") as f:
             f.write(json.dumps(_rec) + "\n")
         _rec.update(fwd_s=0.0, bwd_s=0.0, calls=0)
+        state["step"] += 1
+        if state["profiler"] is not None:
+            _write_profile(state.pop("profiler"), out_dir)
+            state["profiler"] = None
+        elif profile_step and state["step"] == profile_step - 1:
+            state["profiler"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            state["profiler"].__enter__()
 
     register_optimizer_step_post_hook(after_step)
+
+
+def _write_profile(prof, out_dir: str) -> None:
+    prof.__exit__(None, None, None)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=60)
+    with open(os.path.join(out_dir, f"profile_rank{os.environ.get('RANK', '0')}.txt"), "w") as f:
+        f.write(table)
 
 
 SITECUSTOMIZE = '''import os

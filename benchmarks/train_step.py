@@ -254,6 +254,8 @@ def run_trainer(args, cfg: dict, work: Path, gpu: bool) -> tuple[list[dict], dic
 
         env["PYTHONPATH"] = attention_probe.write_sitecustomize(work / "probe_site") + os.pathsep + env["PYTHONPATH"]
         env["AIPO_BENCH_ATTENTION_DIR"] = str(work / "attention_probe")
+        if args.profile_step:
+            env["AIPO_BENCH_PROFILE_STEP"] = str(args.profile_step)
         (work / "attention_probe").mkdir()
     cmd = [sys.executable, "-m", "aipo_mp.cli", "train", str(cfg_path), "--nproc-per-node", str(args.nproc)]
     print("running: " + " ".join(cmd), flush=True)
@@ -320,7 +322,11 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="also write the summary to this file")
     ap.add_argument("--attention-share", action=argparse.BooleanOptionalAction, default=True,
                     help="time the core attention inside the ranks (benchmarks/attention_probe.py)")
+    ap.add_argument("--profile-step", type=int, default=0,
+                    help="torch.profiler of this step (>= 2) in every rank: WORK/attention_probe/profile_rank*.txt")
     args = ap.parse_args()
+    if args.profile_step and not (2 <= args.profile_step <= args.steps and args.attention_share):
+        ap.error("--profile-step needs 2 <= N <= --steps and the attention probe (no --no-attention-share)")
     if not 0 <= args.warmup_steps < args.steps:
         ap.error("need 0 <= --warmup-steps < --steps")
 
@@ -409,6 +415,8 @@ def main() -> int:
               f"{att['reference_pass_s']:.2f} s of the reference pass")
     elif args.attention_share:
         print("core attention     n/a: the probe saw no TorchCoreAttention call (Transformer Engine backend?)")
+    for prof in sorted((work / "attention_probe").glob("profile_rank*.txt")):
+        print(f"profile of step {args.profile_step}: {prof}")
     line = json.dumps(summary)
     print(line)
     if args.json:

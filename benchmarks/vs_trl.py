@@ -153,7 +153,7 @@ def aipo_token_ids(records: list[dict], model_dir: Path, max_length: int) -> lis
 
     stats = DataStats()
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    pairs = tokenize_pairs(records, tok, max_length, max_length, stats)
+    pairs = tokenize_pairs(records, tok, max_length, max_length - 1, stats)  # as aipo_config sets them
     if stats.truncated or stats.dropped() or len(pairs) != len(records):
         raise SystemExit(f"error: aipo_mp's tokenization changed the benchmark data ({stats.to_dict()}); "
                          "lower --prompt-tokens/--response-tokens or raise --max-length")
@@ -414,7 +414,7 @@ def trl_result(args, work, name, precision, data, model) -> dict:
         out["ref_pass_s"] = res["ref"]["seconds"]
         out["ref_tokens_per_s"] = res["ref"]["tokens"] / res["ref"]["seconds"]
     if "ref_logps" in res:
-        out["_ref_logps"] = res["ref_logps"]
+        out["ref_logps"] = res["ref_logps"]
     return out
 
 
@@ -427,7 +427,9 @@ def aipo_config(args, model: Path, data: Path, out: Path, precision: str) -> dic
     """The job in aipo_mp's config keys; train.seq_length stays at its default."""
     return {
         "model": {"path": str(model)},
-        "data": {"train": str(data), "max_length": args.max_length, "shuffle": True},
+        # TRL has no prompt limit: aipo_mp's may take all but one token of a sequence.
+        "data": {"train": str(data), "max_length": args.max_length, "max_prompt_length": args.max_length - 1,
+                 "shuffle": True},
         "precision": {"dtype": precision},
         "objective": {"name": "dpo", "beta": 0.1},
         "reference": {"mode": "initial"},
@@ -474,7 +476,7 @@ def aipo_result(args, work: Path, name: str, precision: str, data: Path, model: 
         import torch
 
         saved = torch.load(table, map_location="cpu", weights_only=True)
-        result["_ref_logps"] = (saved["table"] if isinstance(saved, dict) else saved).tolist()
+        result["ref_logps"] = (saved["table"] if isinstance(saved, dict) else saved).tolist()
     return result
 
 
@@ -521,6 +523,8 @@ def print_table(precision: str, results: dict) -> None:
         if r.get("ref_pass_s"):
             ref = (f"{r['ref_pass_s']:.1f} s, {r['ref_tokens_per_s']:,.0f} tok/s "
                    f"({r['ref_tokens_per_s'] / r['real_tokens_per_s']:.2f}x the step)")
+        if r.get("reused_from"):
+            ref += f"  [reused: {r['reused_from']}]"
         print(f"{LABELS[name]:44s} {r['s_per_step']:7.2f} {r['real_tokens_per_s']:10,.0f} {ratio:>7s} "
               f"{r['token_utilization']:8.3f} {mem:>17s}  {ref}")
         for line in r.get("memory_lines", []):
@@ -556,9 +560,9 @@ def verdicts(results: dict) -> list[dict]:
 
 def ref_agreement(results: dict) -> float | None:
     """Largest |TRL - aipo_mp| reference log-prob (fp32): both tools computed the same thing."""
-    trl = results.get(("trl-precomputed", "fp32"), {}).get("_ref_logps")
-    aipo = next((results[(n, "fp32")].get("_ref_logps") for n in ("aipo-dp2", "aipo-1x2")
-                 if results.get((n, "fp32"), {}).get("_ref_logps")), None)
+    trl = results.get(("trl-precomputed", "fp32"), {}).get("ref_logps")
+    aipo = next((results[(n, "fp32")].get("ref_logps") for n in ("aipo-dp2", "aipo-1x2")
+                 if results.get((n, "fp32"), {}).get("ref_logps")), None)
     if not trl or not aipo or len(trl) != len(aipo):
         return None
     return max(abs(a - b) for x, y in zip(trl, aipo) for a, b in zip(x, y))
@@ -623,6 +627,9 @@ def parse_args(argv=None):
                     help="TRL's DPOConfig turns gradient checkpointing on by default; keep it (default) or set it")
     ap.add_argument("--timeout-min", type=float, default=60.0, help="per configuration")
     ap.add_argument("--json", default=None, help="also write every number to this file")
+    ap.add_argument("--reuse", default=None,
+                    help="a --json file of an earlier run of the same model and data: its configurations that are "
+                         "not run now join the table and the ratios (to split a long benchmark; say so when quoting)")
     ap.add_argument("--keep", default=None, help="build and run in this directory and keep it (default: a temp dir)")
     args = ap.parse_args(argv)
     if args.steps < 2:
@@ -639,6 +646,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the running tool's process group is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     configs = selected(args.only)
     if any(n.startswith("trl") for n, _ in configs):
         version = trl_available(args.trl_python)
@@ -674,8 +683,8 @@ def run_all(args, configs: list[tuple[str, str]], work: Path) -> int:
     print(f"machine: {os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; commit "
           f"{git_commit()}", flush=True)
 
-    results: dict = {}
     ids_sha = ids_digest(aipo_ids)
+    results = reused(args, ids_sha, configs)
     if any(n.startswith("trl") for n, _ in configs):
         spec = trl_spec(args, work, "tokenize", "fp32", data, model, steps=0)
         res, _, _ = run_trl_worker(args, work, spec)
@@ -702,7 +711,7 @@ def run_all(args, configs: list[tuple[str, str]], work: Path) -> int:
         r["load_average"] = [before, os.getloadavg()]
         results[(name, precision)] = r
         if args.json:  # after every configuration, so a run stopped early keeps what it measured
-            write_summary(args, params, records, all_tokens, load, results)
+            write_summary(args, params, records, all_tokens, load, results, ids_sha)
 
     trl_cfg = next((r for (n, _), r in results.items() if n.startswith("trl") and "error" not in r), None)
     if trl_cfg:
@@ -726,16 +735,40 @@ def run_all(args, configs: list[tuple[str, str]], work: Path) -> int:
     if readme:
         print(f"\nREADME line: {readme}")
     if args.json:
-        write_summary(args, params, records, all_tokens, load, results)
+        write_summary(args, params, records, all_tokens, load, results, ids_sha)
     return 1 if any("error" in r for r in results.values()) else 0
 
 
-def write_summary(args, params: int, records: list, all_tokens: int, load, results: dict) -> None:
-    summary = {"args": vars(args), "params": params, "pairs": len(records), "tokens_per_pair": all_tokens / len(records),
+SAME_JOB = ("steps", "pairs", "batch_pairs", "max_length", "prompt_tokens", "response_tokens", "hidden", "ffn",
+            "layers", "heads", "vocab", "seed", "trl_gradient_checkpointing")
+
+
+def reused(args, ids_sha: str, configs: list) -> dict:
+    """Results of --reuse for the configurations not run now; refuses another job's file."""
+    if not args.reuse:
+        return {}
+    try:
+        old = json.loads(Path(args.reuse).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --reuse {args.reuse}: cannot read it ({e}); give a --json file of this benchmark")
+    differ = [k for k in SAME_JOB if old.get("args", {}).get(k) != getattr(args, k)]
+    if differ or old.get("ids_sha") != ids_sha:
+        raise SystemExit(f"error: --reuse {args.reuse} measured another job ({', '.join(differ) or 'token ids'} "
+                         "differ); rerun those configurations or use the same flags")
+    out = {}
+    for key, r in old.get("results", {}).items():
+        name, precision = key.split("/")
+        if (name, precision) not in configs:
+            out[(name, precision)] = dict(r, reused_from=f"{args.reuse} ({old.get('date_utc')}, {old.get('commit')})")
+    print(f"reused from {args.reuse}: {', '.join(f'{n}/{p}' for n, p in out) or 'nothing'}")
+    return out
+
+
+def write_summary(args, params: int, records: list, all_tokens: int, load, results: dict, ids_sha: str) -> None:
+    summary = {"args": vars(args), "params": params, "ids_sha": ids_sha, "pairs": len(records), "tokens_per_pair": all_tokens / len(records),
                "commit": git_commit(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
                "load_average_start": load, "load_average_end": os.getloadavg(),
-               "results": {f"{n}/{p}": {k: v for k, v in r.items() if not k.startswith("_")}
-                           for (n, p), r in results.items()},
+               "results": {f"{n}/{p}": r for (n, p), r in results.items()},
                "verdicts": verdicts(results), "ref_logps_max_abs_diff": ref_agreement(results),
                "readme_line": readme_line(results)}
     tmp = Path(args.json).with_suffix(".tmp")
