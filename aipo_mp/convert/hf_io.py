@@ -20,6 +20,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from aipo_mp.convert import quantized
 from aipo_mp.errors import CheckpointError
 
 INDEX = "model.safetensors.index.json"
@@ -72,6 +73,9 @@ class HFWeights:
         self.virtual: dict[str, Virtual] = {}
         self.aliases: dict[str, str] = {}  # presented name -> stored name (Mixtral's fused-layout router)
         self._present_fused_experts()
+        # Block-scaled FP8 weights (DeepSeek releases): weight name -> its scale's; read as bf16.
+        self.fp8_block = quantized.fp8_block_of(self.dir)
+        self.fp8_scales = quantized.scaled_weights(self.files, self.dir, self._stored_dtype) if self.fp8_block else {}
 
     def _index(self) -> dict[str, str]:
         index = self.dir / INDEX
@@ -137,6 +141,9 @@ class HFWeights:
                 return f"model.layers.{m['i']}.mlp.experts.{part}" if part else FUSED_ROUTER.format(i=m["i"])
         return name
 
+    def _stored_dtype(self, name: str) -> str:
+        return "" if self._pickled is not None else self._handle(self.files[name]).get_slice(name).get_dtype()
+
     def _stored_shape(self, name: str) -> tuple[int, ...]:
         if self._pickled is not None:
             return tuple(self._pickled[name].shape)
@@ -157,7 +164,8 @@ class HFWeights:
                 out += by_real.get(name, [])
             else:
                 out.append(name)
-        return out
+        scales = set(self.fp8_scales.values())
+        return [n for n in out if n not in scales] if scales else out
 
     def locate(self, name: str) -> tuple[str, str, int, tuple[int, ...]]:
         """(file, stored tensor, elements before `name`'s first one in it, `name`'s shape)."""
@@ -183,6 +191,10 @@ class HFWeights:
         try:
             if v:  # only the expert's rows are read
                 return self._handle(fname).get_slice(stored)[v.expert:v.expert + 1, v.lo:v.hi][0]
+            if name in self.fp8_scales:
+                scale = self.fp8_scales[name]
+                return quantized.dequantize(self._handle(fname).get_tensor(stored),
+                                            self._handle(self.files[scale]).get_tensor(scale), self.fp8_block, name)
             return self._handle(fname).get_tensor(stored)
         except Exception as e:  # safetensors raises its own error type for bytes past the end
             raise CheckpointError(f"{self.dir / fname}: cannot read tensor {stored} ({first_line(e)}); the file "
@@ -194,6 +206,8 @@ class HFWeights:
     def dtype(self, name: str) -> str:
         """bf16 | fp32 | fp16 | fp64 (or the safetensors name of another dtype)."""
         fname, stored, _, _ = self.locate(name)
+        if name in self.fp8_scales:
+            return "bf16"  # presented dequantized
         if self._pickled is not None:
             return TORCH_DTYPE_NAMES.get(self._pickled[stored].dtype, str(self._pickled[stored].dtype))
         raw = self._handle(fname).get_slice(stored).get_dtype()

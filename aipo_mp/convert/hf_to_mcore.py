@@ -36,16 +36,18 @@ class ShardMaker:
     """view of a (never filled) parameter -> a new tensor with that view's rows, read from HF."""
 
     def __init__(self, built, source: SafetensorsSource):
-        from aipo_mp.models.build import global_param_names
+        from aipo_mp.models.build import global_param_names, mapped_buffer_names
 
         self.built, self.source = built, source
         self.params = {}
         self.buffers = set()
         for chunk in built.chunks:
-            params = dict(chunk.named_parameters())
-            for local, gname in global_param_names(chunk).items():
+            # Parameters, and the buffers the mapping table holds (DeepSeek's expert bias), come
+            # from the HF files; other buffers are written as the model holds them.
+            tensors = {**dict(chunk.named_parameters()), **dict(chunk.named_buffers())}
+            for local, gname in {**global_param_names(chunk), **mapped_buffer_names(built, chunk)}.items():
                 rule, index = built.family.rule_for(built.arch, gname)
-                p = params[local]
+                p = tensors[local]
                 self.params[p.untyped_storage().data_ptr()] = (p, rule, index, gname)
             self.buffers |= {b.untyped_storage().data_ptr() for b in chunk.buffers()}
 
@@ -80,6 +82,10 @@ class ShardMaker:
             if tuple(got[1:]) != tuple(p.shape[1:]):
                 self._mismatch(gname, rule, index, got, tuple(p.shape))
             dst = rows[lo - a:hi - a]
+            if blk.hf_name in self.source.weights.fp8_scales:  # FP8: this one tensor dequantized to bf16
+                src = self.source.weights.get(blk.hf_name).narrow(0, blk.src + lo - blk.dst, hi - lo)
+                dst.copy_(src if blk.cols is None else src.narrow(1, blk.cols[0], blk.cols[1] - blk.cols[0]))
+                continue
             # The one copy, file -> shard: a positioned read for whole rows of the same dtype,
             # else runs of rows through a small buffer (column slices; the cast happens in the copy).
             if not self.source.read_into(dst, blk.hf_name, blk.src + lo - blk.dst, blk.cols):

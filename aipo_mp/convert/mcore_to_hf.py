@@ -45,7 +45,8 @@ class Unit:
         hf_shape = (self.shape[0] // 2, *self.shape[1:]) if rule.transform == GLU else self.shape
         blocks = row_blocks(rule, index, arch, 0, 1, lambda name: hf_shape)
         self.blocks = {n: hf_rows(blocks, n) for n in names}
-        self.entries = [Entry(n, (sum(b.n for b in self.blocks[n]), *self.shape[1:]), out_dtype) for n in names]
+        dtype = torch.float32 if rule.fp32 else out_dtype  # DeepSeek's expert bias stays fp32, as HF keeps it
+        self.entries = [Entry(n, (sum(b.n for b in self.blocks[n]), *self.shape[1:]), dtype) for n in names]
 
     def read_rows(self, reader: DistCheckpointReader, start: int, n: int, stats: IOStats) -> torch.Tensor:
         offsets = (*self.prefix, start, *([0] * (len(self.shape) - 1)))
@@ -182,7 +183,8 @@ def mcore_to_hf_rank(args) -> dict:
                                   f"{first[:300]}); the checkpoint is incomplete or damaged: re-create it") from e
             raise
         torch.distributed.barrier()
-        done = on_rank0_then_agree(lambda: finalize_hf_dir(tmp, ckpt / EXTRA_SUBDIR, meta["hf_config"], out_dtype,
+        hf_config = family.export_config(meta["hf_config"]) if family.export_config else meta["hf_config"]
+        done = on_rank0_then_agree(lambda: finalize_hf_dir(tmp, ckpt / EXTRA_SUBDIR, hf_config, out_dtype,
                                                            family.hf_names(arch)))
         on_rank0_then_agree(lambda: publish_partial(final))
         t_done = time.perf_counter()

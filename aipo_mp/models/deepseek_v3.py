@@ -273,6 +273,14 @@ def expected_shapes(arch: ModelArch, names: list[str]) -> dict[str, tuple[int, .
     return {n: s for n, s in out.items() if s is not None}
 
 
+def export_config(hf: dict) -> dict:
+    """The imported config.json as export writes it: vLLM's routing keys (transformers does not
+    write them, and vLLM routes without the group limit and the bias otherwise), no
+    multi-token-prediction layer (it is not exported), and no quantization (weights are bf16/fp32)."""
+    out = {k: v for k, v in hf.items() if k != "quantization_config"}
+    return {**out, "topk_method": "noaux_tc", "scoring_func": "sigmoid", "num_nextn_predict_layers": 0}
+
+
 def dropped_on_import(arch: ModelArch, name: str) -> bool:
     """The multi-token-prediction layer(s): `model.layers.{N}.*` with N >= num_hidden_layers."""
     parts = name.split(".")
@@ -292,4 +300,5 @@ FAMILY = Family(
     arch_errors=arch_errors,
     expected_shapes=expected_shapes,
     dropped_on_import=dropped_on_import,
+    export_config=export_config,
 )

@@ -178,6 +178,7 @@ class Family:
     arch_errors: Optional[Callable[[ModelArch], list[str]]] = None  # what megatron cannot build of an arch
     expected_shapes: Optional[Callable[[ModelArch, list[str]], dict]] = None  # HF name -> shape config.json implies
     dropped_on_import: Optional[Callable[[ModelArch, str], bool]] = None  # HF tensors import skips (DeepSeek MTP)
+    export_config: Optional[Callable[[dict], dict]] = None  # config.json as exported, from the imported one
 
     def rule_for(self, arch: ModelArch, megatron_name: str) -> tuple[Rule, dict]:
         """The rule of a global Megatron name and its index ({"i": layer, "e": expert}, as present)."""

@@ -40,8 +40,9 @@ def hf_model_from_arch(arch: ModelArch, seed: int = 0, noise: float = 0.02, dtyp
                 p.normal_(0.0, noise)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
-                # DeepSeek-V3's expert bias (selection only): non-zero, so losing it changes routing.
-                b.normal_(0.0, 0.1)
+                # DeepSeek-V3's expert bias (selection only): non-zero, so losing it changes routing;
+                # fp32 whatever the model's dtype, as transformers loads it and the releases store it.
+                b.data = b.data.float().normal_(0.0, 0.1)
     return model.eval()
 
 

@@ -1,10 +1,12 @@
-"""Mixture-of-experts conversion (Qwen3-MoE with a dense layer, Mixtral): HF -> Megatron at
+"""Mixture-of-experts conversion (Qwen3-MoE with a dense layer, Mixtral, DeepSeek-V3): HF -> Megatron at
 EP=2 x TP=2 (ETP=2, 4 ranks) -> HF is bit-exact for both families and both HF expert layouts
 (per-expert tensors, and transformers 5's fused 3-D experts written by
 `save_pretrained(save_original_format=False)`; the output is always per-expert); each rank reads
 only its share; the checkpoint reads back at EP=1 with transformers' logits; peak memory per
 rank does not grow with the number of experts (32 vs 4); every broken expert tensor is one
-error line naming it.
+error line naming it. DeepSeek-V3 (latent attention, expert bias, shared expert) round-trips
+bit-exact from bf16 (the expert bias stays fp32), and its block-scaled FP8 release format converts
+to the bf16 weights transformers' dequantization gives; the multi-token-prediction layer is dropped.
 
 One 4-rank launch runs every multi-rank conversion (tests/convert_worker.py); the single-rank
 ones run in this process."""
@@ -97,7 +99,33 @@ def sources(tiny_hf_dirs, work) -> dict:
         fused = work / f"{fam}_fused"
         hf_model_from_arch(tiny_arch(fam), seed=11).save_pretrained(fused, save_original_format=False)
         out[fam, "fused"] = fused
+    bf16 = work / "deepseek_v3_bf16"
+    hf_model_from_arch(tiny_arch("deepseek_v3"), seed=11, dtype=torch.bfloat16).save_pretrained(bf16)
+    out["deepseek_v3", "bf16"] = bf16
+    out["deepseek_v3", "fp8"] = write_fp8_copy(bf16, work / "deepseek_v3_fp8")
     return out
+
+
+def write_fp8_copy(src: Path, dst: Path) -> Path:
+    """`src` as the DeepSeek releases store it: every projection weight float8_e4m3fn with fp32
+    scales per 128 x 128 block (partial blocks where 128 does not divide), the rest unchanged."""
+    from aipo_mp.convert.quantized import quantize
+
+    def to_fp8(tensors: dict) -> dict:
+        out = {}
+        for name, t in tensors.items():
+            if name.endswith("_proj.weight") or name.endswith("_proj_with_mqa.weight"):
+                out[name], out[name + "_scale_inv"] = quantize(t)
+            else:
+                out[name] = t
+        return out
+
+    rewrite_weights(src, dst, to_fp8)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [128, 128]}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +139,9 @@ def ep2(sources, work) -> dict:
     commands, out = [], {}
     for (fam, layout), src in sources.items():
         mc, back = work / f"mc_{fam}_{layout}", work / f"back_{fam}_{layout}"
-        commands += [["hf-to-mcore", "--hf", str(src), "--out", str(mc), *LAYOUT, "--report", str(mc) + ".json"],
+        # DeepSeek: bf16 weights and an fp32 expert bias (mixed): the checkpoint's dtype is asked for.
+        dtype = ["--dtype", "bf16"] if fam == "deepseek_v3" else []
+        commands += [["hf-to-mcore", "--hf", str(src), "--out", str(mc), *LAYOUT, *dtype, "--report", str(mc) + ".json"],
                      ["mcore-to-hf", "--ckpt", str(mc), "--out", str(back), "--max-shard-size", "500KB",
                       "--report", str(back) + ".json"]]
         out[fam, layout] = (mc, back)
@@ -166,6 +196,89 @@ def test_ep2_tp2_round_trip_is_bit_exact_from_both_expert_layouts(sources, ep2):
             assert total == ranks[0]["model_bytes"], (total, ranks[0]["model_bytes"])
             assert max(r["bytes_read"] for r in ranks) < 0.5 * total, [r["bytes_read"] for r in ranks]
             assert sorted((r["ep_rank"], r["etp_rank"]) for r in ranks) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+@pytest.mark.dist
+def test_deepseek_v3_round_trip_bf16_bit_exact_and_fp8_as_transformers_dequantizes(sources, ep2):
+    from aipo_mp.convert.hf_io import HFWeights
+    from aipo_mp.convert.quantized import dequantize
+    from aipo_mp.convert.tensor_io import DistCheckpointReader
+
+    src = sources["deepseek_v3", "bf16"]
+    mc, back = ep2["deepseek_v3", "bf16"]
+    assert assert_same_weights(src, back) == len(HFWeights(src).names())
+    assert HFWeights(back).dtype("model.layers.1.mlp.gate.e_score_correction_bias") == "fp32"
+    reader = DistCheckpointReader(mc / "model")
+    assert reader.global_shape("decoder.layers.1.mlp.router.expert_bias") == (8,)
+    assert reader.global_shape("decoder.layers.1.mlp.shared_experts.linear_fc1.weight") == (64, 128)
+    cfg = json.loads((back / "config.json").read_text())
+    assert (cfg["topk_method"], cfg["scoring_func"], cfg["num_nextn_predict_layers"]) == ("noaux_tc", "sigmoid", 0)
+
+    # FP8: the projections come back as their dequantized bf16 values, the rest unchanged.
+    fp8_src, (_, fp8_back) = sources["deepseek_v3", "fp8"], ep2["deepseek_v3", "fp8"]
+    from safetensors import safe_open
+
+    with safe_open(str(fp8_src / "model.safetensors"), "pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    got, quantized = HFWeights(fp8_back), 0
+    assert sorted(got.names()) == sorted(HFWeights(src).names())
+    for name in got.names():
+        if name + "_scale_inv" in stored:
+            want = dequantize(stored[name], stored[name + "_scale_inv"], (128, 128))
+            quantized += 1
+        else:
+            want = stored[name]
+        assert torch.equal(got.get(name), want), name
+    assert quantized == 3 * 5 + 2 * (8 * 3 + 3) + 3  # 5 attention projections x 3 layers, experts + shared x 2, dense MLP
+    assert "quantization_config" not in json.loads((fp8_back / "config.json").read_text())
+
+
+def test_fp8_block_dequantization_equals_transformers():
+    """Whole 128 x 128 blocks: transformers' own FP8 dequantization, bit for bit. Partial blocks
+    (which that function refuses): each block's values times its scale, rounded once to bf16.
+    A run of rows reads the same values as the whole tensor."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    from aipo_mp.convert.quantized import dequantize, quantize
+
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(256, 384, generator=g) * 0.05).to(torch.bfloat16)
+    q, s = quantize(w)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (2, 3) and s.dtype == torch.float32
+    ours = dequantize(q, s, (128, 128))
+    assert torch.equal(ours, Fp8Dequantize(None)._dequantize_one(q, s, torch.bfloat16))
+    assert (ours.float() - w.float()).abs().max() <= 0.07 * w.float().abs().max()  # e4m3: 3 mantissa bits
+    w2 = torch.randn(200, 300, generator=g).to(torch.bfloat16)
+    q2, s2 = quantize(w2)
+    assert s2.shape == (2, 3)
+    want = torch.empty(200, 300, dtype=torch.bfloat16)
+    for i in range(2):
+        for j in range(3):
+            block = q2[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128]
+            want[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] = (block.float() * s2[i, j]).to(torch.bfloat16)
+    assert torch.equal(dequantize(q2, s2, (128, 128)), want)
+    assert torch.equal(dequantize(q2[100:170], s2, (128, 128), first_row=100), want[100:170])
+
+
+def test_deepseek_v3_fp8_and_mtp_sources_are_checked_by_name(sources, work):
+    """An FP8 tensor without its scale, or a scale without its weight, is one line naming it; the
+    multi-token-prediction layer (model.layers.3.*) is dropped with a note."""
+    fp8 = sources["deepseek_v3", "fp8"]
+    scale = "model.layers.1.self_attn.o_proj.weight_scale_inv"
+    no_scale = rewrite_weights(fp8, work / "fp8_no_scale", lambda t: {k: v for k, v in t.items() if k != scale})
+    assert_user_error(run_main("inspect", no_scale), "FP8 tensor model.layers.1.self_attn.o_proj.weight has no "
+                                                    "model.layers.1.self_attn.o_proj.weight_scale_inv")
+    orphan = rewrite_weights(fp8, work / "fp8_orphan", lambda t: {**t, "model.layers.0.x_proj.weight_scale_inv":
+                                                                  torch.ones(1, 1)})
+    assert_user_error(run_main("inspect", orphan), "holds model.layers.0.x_proj.weight_scale_inv but not the weight")
+    mtp = rewrite_weights(sources["deepseek_v3", "bf16"], work / "with_mtp", lambda t: {
+        **t, "model.layers.3.eh_proj.weight": torch.zeros(128, 256, dtype=torch.bfloat16),
+        "model.layers.3.mlp.experts.0.up_proj.weight": torch.zeros(32, 128, dtype=torch.bfloat16)})
+    code, _, err = run_main("inspect", mtp)
+    assert code == 0 and "note:" in err and "2 tensors not imported" in err and "multi-token-prediction" in err, err
+    extra = rewrite_weights(sources["deepseek_v3", "bf16"], work / "with_extra", lambda t: {
+        **t, "model.layers.2.mlp.extra.weight": torch.zeros(2, 2)})
+    assert_user_error(run_main("inspect", extra), "unexpected tensors model.layers.2.mlp.extra.weight")
 
 
 @pytest.mark.dist

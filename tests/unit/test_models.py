@@ -449,3 +449,24 @@ def test_deepseek_v3_multi_token_prediction_layer_is_what_import_drops():
     assert family.dropped_on_import(arch, "model.layers.3.eh_proj.weight")
     assert family.dropped_on_import(arch, "model.layers.3.mlp.experts.5.up_proj.weight")
     assert not any(family.dropped_on_import(arch, n) for n in family.hf_names(arch))
+
+
+def test_deepseek_v3_671b_config_has_the_published_sizes_and_validates():
+    """configs/models/deepseek_v3_671b.yaml: the sizes equal transformers' DeepseekV3Config
+    defaults (DeepSeek-V3's published config.json), it reads back through config.json, and an
+    8-GPU-node layout (TP8 x EP8 on 64 GPUs) validates."""
+    from transformers import DeepseekV3Config
+
+    from aipo_mp.config import load_config
+
+    arch = _model_arch("deepseek_v3_671b")
+    exported, published = hf_config_for(arch), DeepseekV3Config()
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "n_shared_experts", "n_routed_experts", "routed_scaling_factor",
+                "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim", "n_group",
+                "topk_group", "num_experts_per_tok", "first_k_dense_replace", "rms_norm_eps"):
+        assert exported[key] == getattr(published, key), key
+    assert arch_from_hf_config(exported) == arch
+    cfg = load_config(ROOT / "configs" / "models" / "deepseek_v3_671b.yaml",
+                      ["parallel.tp=8", "parallel.ep=8", "parallel.sequence_parallel=true"])
+    validate(cfg, world_size=64)
