@@ -152,6 +152,21 @@ def source_fingerprint(path: str | Path) -> list:
                           for f in files]
 
 
+def code_fingerprint() -> str:
+    """The source of the modules that read, cut and tokenize pairs: a code change (truncation,
+    schemas) never reuses pairs tokenized by the old code."""
+    import hashlib
+
+    from aipo_mp import tokenization
+    from aipo_mp.data import pairs, readers
+
+    h = hashlib.sha256()
+    for module in (pairs, readers, tokenization):
+        h.update(Path(module.__file__).read_bytes())
+    h.update(Path(__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def cache_path(cfg, tokenizer_dir: str, vocab_size: int | None) -> Path:
     """RUN_DIR/token_cache/pairs-KEY.npz, KEY covering the data files, the tokenizer's files and
     every setting tokenization depends on."""
@@ -161,7 +176,8 @@ def cache_path(cfg, tokenizer_dir: str, vocab_size: int | None) -> Path:
     from aipo_mp.training.identity import tree_fingerprint
 
     d = cfg.data
-    key = {"version": CACHE_VERSION, "data": source_fingerprint(d.train), "tokenizer": tree_fingerprint(tokenizer_dir),
+    key = {"version": CACHE_VERSION, "code": code_fingerprint(),
+           "data": source_fingerprint(d.train), "tokenizer": tree_fingerprint(tokenizer_dir),
            "vocab_size": vocab_size, "seq_length": cfg.train.seq_length, "max_length": effective_max_length(cfg),
            "max_prompt_length": d.max_prompt_length, "fields": dict(d.fields or {}), "on_error": d.on_error}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
