@@ -1,8 +1,9 @@
 """Preference pairs: read and validate a JSONL file, tokenize, truncate, and pack into rows.
 
 A pair is a prompt with a chosen and a rejected response. It becomes two sequences,
-[prompt + chosen] and [prompt + rejected], which are packed next to each other into a row of
-exactly `seq_length` tokens together with other pairs. Attention never crosses a sequence
+[prompt + chosen] and [prompt + rejected], which are packed next to each other into a row of at
+most `seq_length` tokens together with other pairs (padded only to what the parallel layout needs
+to divide it, or to exactly `seq_length` when asked). Attention never crosses a sequence
 boundary (the row's `cu_seqlens` tell the kernel where they are), and the loss mask selects
 the response tokens, so the per-sequence sum of masked token log-probs is
 log pi(response | prompt), EOS included.
@@ -87,11 +88,11 @@ class DataStats:
 
 @dataclass
 class PackedRow:
-    tokens: torch.Tensor  # [seq_length] long, pad_id after the real tokens
-    labels: torch.Tensor  # [seq_length] long, next token of the same sequence, else 0
-    loss_mask: torch.Tensor  # [seq_length] bool, True where labels[t] is a response token
-    segment_ids: torch.Tensor  # [seq_length] long, sequence index in the row; padding -1
-    cu_seqlens: torch.Tensor  # [n_seq + 1 (+1 if padded)] int32, cu_seqlens[-1] == seq_length
+    tokens: torch.Tensor  # [T] long (T <= seq_length: the row's length), pad_id after the real tokens
+    labels: torch.Tensor  # [T] long, next token of the same sequence, else 0
+    loss_mask: torch.Tensor  # [T] bool, True where labels[t] is a response token
+    segment_ids: torch.Tensor  # [T] long, sequence index in the row; padding -1
+    cu_seqlens: torch.Tensor  # [n_seq + 1 (+1 if padded)] int32, cu_seqlens[-1] == T
     max_seqlen: int  # longest segment of cu_seqlens, padding segment included
     pair_indices: torch.Tensor  # [n_pairs] long; sequence 2k is pair k's chosen, 2k+1 its rejected
     chosen_lengths: torch.Tensor  # [n_pairs] long, response tokens incl. EOS
@@ -408,10 +409,12 @@ def keep_prompt_tail(prompt: list[int], budget: int, bos_id: int | None) -> list
 
 
 def pack_pairs(pairs: list[TokenizedPair], seq_length: int, max_pairs_per_row: int = 0,
-               pad_id: int = 0) -> list[PackedRow]:
-    """Whole pairs packed into rows of exactly `seq_length` tokens by first-fit-decreasing on pair
+               pad_id: int = 0, row_multiple: int = 0) -> list[PackedRow]:
+    """Whole pairs packed into rows of at most `seq_length` tokens by first-fit-decreasing on pair
     length (ties broken by pair index, so the result is deterministic). A pair's two sequences
-    are adjacent in one row. `max_pairs_per_row` > 0 caps the pairs in a row."""
+    are adjacent in one row. `max_pairs_per_row` > 0 caps the pairs in a row.
+    row_multiple > 0: each row is padded only up to the next multiple of it (rows sized to their
+    content); 0: every row is exactly `seq_length` long."""
     for pair in pairs:
         if pair.num_tokens > seq_length:
             raise DataError(f"pair {pair.index} needs {pair.num_tokens} tokens but train.seq_length is {seq_length}; "
@@ -424,7 +427,16 @@ def pack_pairs(pairs: list[TokenizedPair], seq_length: int, max_pairs_per_row: i
         if row == len(groups):
             groups.append([])
         groups[row].append(pairs[i])
-    return [build_row(group, seq_length, pad_id) for group in groups]
+    return [build_row(group, row_length(sum(p.num_tokens for p in group), seq_length, row_multiple), pad_id)
+            for group in groups]
+
+
+def row_length(real_tokens: int, seq_length: int, row_multiple: int) -> int:
+    """Length of a row holding `real_tokens`: the next multiple of row_multiple (at least one
+    multiple, so an empty row still divides over the layout), or seq_length when 0."""
+    if row_multiple <= 0:
+        return seq_length
+    return max(row_multiple, -(-real_tokens // row_multiple) * row_multiple)
 
 
 class FirstFitBins:
@@ -456,16 +468,17 @@ class FirstFitBins:
             self.free[node] = max(self.free[2 * node], self.free[2 * node + 1])
 
 
-def build_row(pairs: list[TokenizedPair], seq_length: int, pad_id: int) -> PackedRow:
+def build_row(pairs: list[TokenizedPair], length: int, pad_id: int) -> PackedRow:
+    """One row of `length` tokens: the pairs' sequences in order, then padding."""
     sequences = [(p.prompt, response) for p in pairs for response in (p.chosen, p.rejected)]
     flat = [t for prompt, response in sequences for t in (*prompt, *response)]
     n = len(flat)
-    tokens = torch.full((seq_length,), pad_id, dtype=torch.long)
+    tokens = torch.full((length,), pad_id, dtype=torch.long)
     tokens[:n] = torch.tensor(flat, dtype=torch.long)
-    labels = torch.zeros(seq_length, dtype=torch.long)
+    labels = torch.zeros(length, dtype=torch.long)
     labels[:n - 1] = tokens[1:n]
-    loss_mask = torch.zeros(seq_length, dtype=torch.bool)
-    segment_ids = torch.full((seq_length,), -1, dtype=torch.long)
+    loss_mask = torch.zeros(length, dtype=torch.bool)
+    segment_ids = torch.full((length,), -1, dtype=torch.long)
     bounds = [0]
     for s, (prompt, response) in enumerate(sequences):
         start, end = bounds[-1], bounds[-1] + len(prompt) + len(response)
@@ -474,8 +487,8 @@ def build_row(pairs: list[TokenizedPair], seq_length: int, pad_id: int) -> Packe
         loss_mask[start + len(prompt) - 1:end - 1] = True
         segment_ids[start:end] = s
         bounds.append(end)
-    if n < seq_length:
-        bounds.append(seq_length)  # the padding is one more segment, so cu_seqlens covers the row
+    if n < length:
+        bounds.append(length)  # the padding is one more segment, so cu_seqlens covers the row
     cu_seqlens = torch.tensor(bounds, dtype=torch.int32)
     return PackedRow(
         tokens=tokens, labels=labels, loss_mask=loss_mask, segment_ids=segment_ids, cu_seqlens=cu_seqlens,
@@ -497,7 +510,7 @@ def padded_utilization(pairs: list[TokenizedPair], seq_length: int) -> float:
 def packed_utilization(rows: list[PackedRow]) -> float:
     if not rows:
         return 0.0
-    return sum(r.num_real_tokens for r in rows) / (len(rows) * rows[0].tokens.numel())
+    return sum(r.num_real_tokens for r in rows) / sum(r.tokens.numel() for r in rows)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,9 +40,12 @@ def model_forward(model, tokens: torch.Tensor, cu_seqlens: Optional[torch.Tensor
 
 
 def forward_only(chunks: list, batches: list[dict], collect: Callable[[torch.Tensor, dict], torch.Tensor],
-                 seq_length: int, hidden_size: int) -> None:
+                 seq_length: int | None = None, hidden_size: int = 0) -> None:
     """Run `batches` (dicts with tokens [1,T], cu_seqlens, max_seqlen) through the pipeline without
-    gradients; `collect(logits, batch)` is called on the last stage for each micro-batch."""
+    gradients; `collect(logits, batch)` is called on the last stage for each micro-batch. Under
+    pipeline parallelism every batch has the same T (batches.schedule_rows), which is the
+    shape the stages exchange; `seq_length` is only a fallback when there are no batches."""
+    seq_length = batches[0]["tokens"].shape[1] if batches else seq_length
     def step(data_iterator, model):
         batch = next(data_iterator)
         out = model_forward(model, batch["tokens"], batch.get("cu_seqlens"), batch.get("max_seqlen", 0),

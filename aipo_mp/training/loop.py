@@ -3,9 +3,10 @@ any TP/PP/VPP/SP/DP layout, packed pairs, resumable checkpoints. Runs on every r
 top-down from `train`.
 
 Per step: the global batch (train.global_batch_pairs pairs, a pure function of the step, so a
-resumed run sees the same data) is split over data-parallel ranks, packed into rows of
-train.seq_length (one row = one micro-batch), and run through megatron's pipeline schedule. The
-loss of each row is scaled so that the gradient is that of the mean over the global batch.
+resumed run sees the same data) is split over data-parallel ranks by estimated cost, packed into
+rows of at most train.seq_length tokens sized to their content (one row = one micro-batch, the
+same number on every rank), and run through megatron's pipeline schedule. The loss of each row is
+scaled so that the gradient is that of the mean over the global batch.
 
 The parts, one file each: state.py (set-up and the run state), batches.py (data order, rows),
 reference.py (reference log-probs and their cache), metrics.py (what a step reports),
@@ -156,7 +157,7 @@ def train_step(state: RunState, step: int) -> dict:
         data_iterator=iters if len(iters) > 1 else iters[0],
         model=state.chunks if len(state.chunks) > 1 else state.chunks[0],
         num_microbatches=len(rows),
-        seq_length=cfg.train.seq_length,
+        seq_length=rows[0].tokens.numel(),  # rows are sized to content; under PP all of a step's are equal
         micro_batch_size=1,
         forward_only=False,
     )

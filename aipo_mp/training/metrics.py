@@ -44,7 +44,7 @@ def summarize_step(state: RunState, step: int, sums: dict, rows, grad_norm: floa
     # until here): metric sums, then real and computed tokens.
     parts = [torch.as_tensor(sums.get(k, 0.0), dtype=torch.float64, device=dev) for k in keys]
     parts += [torch.tensor(float(sum(r.num_real_tokens for r in rows)), dtype=torch.float64, device=dev),
-              torch.tensor(float(len(rows) * cfg.train.seq_length), dtype=torch.float64, device=dev)]
+              torch.tensor(float(sum(r.tokens.numel() for r in rows)), dtype=torch.float64, device=dev)]
     vec = torch.stack(parts)
     if not lay.reports:
         vec.zero_()

@@ -8,14 +8,20 @@ from pathlib import Path
 import torch
 
 from aipo_mp.config import Config
-from aipo_mp.data.pairs import pack_pairs
 from aipo_mp.errors import ConfigError
 from aipo_mp.models import get_family
 from aipo_mp.models.build import BuiltModel, build_model
 from aipo_mp.runtime import platform
 from aipo_mp.training import guards
 from aipo_mp.training import identity as run_identity
-from aipo_mp.training.batches import row_batch, schedule_rows
+from aipo_mp.training.batches import (
+    attention_cost_coefficient,
+    balanced_partition,
+    pack_share,
+    pair_cost,
+    row_batch,
+    schedule_rows,
+)
 from aipo_mp.training.forward import forward_only
 from aipo_mp.training.logprobs import sequence_logprobs, token_logprobs
 from aipo_mp.training.state import Layout, RunState, load_policy_weights, world_sum
@@ -30,10 +36,11 @@ def row_sequence_logps(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor,
 
 def reference_logps(built: BuiltModel, pairs, cfg: Config, lay: Layout) -> torch.Tensor:
     """[num_pairs, 2] (chosen, rejected) log-probs under `built`, one forward-only pass over all
-    pairs split across data-parallel ranks; every rank receives the full table."""
-    mine = [p for p in pairs if p.index % lay.dp_size == lay.dp_rank]
-    rows = pack_pairs(mine, cfg.train.seq_length, cfg.train.micro_batch_pairs)
-    rows = schedule_rows(rows, cfg)
+    pairs split across data-parallel ranks by estimated cost, as the training steps are; every
+    rank receives the full table."""
+    coeff = attention_cost_coefficient(built.arch)
+    share = balanced_partition([pair_cost(p, coeff) for p in pairs], lay.dp_size)[lay.dp_rank]
+    rows = schedule_rows(pack_share([pairs[i] for i in share], cfg), cfg)
     table = torch.zeros(len(pairs), 2, dtype=torch.float32, device=platform.device())
 
     def collect(logits, batch):
