@@ -95,14 +95,14 @@ def fp8_block_of(directory) -> Optional[tuple[int, int]]:
     the caller's config check names that problem)."""
     from pathlib import Path
 
-    from aipo_mp.convert.hf_io import read_hf_config_file
     from aipo_mp.errors import UserError
+    from aipo_mp.runtime.json_files import read_json_object
 
     cfg = Path(directory) / "config.json"
     if not cfg.is_file():
         return None
     try:
-        hf = read_hf_config_file(cfg)
+        hf = read_json_object(cfg, "config.json")
     except UserError:
         return None
     return fp8_block(hf)
