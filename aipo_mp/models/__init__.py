@@ -121,17 +121,27 @@ def moe_arch_errors(arch: ModelArch, moe_family: bool) -> list[str]:
 
 def num_params(arch: ModelArch, active: bool = False) -> int:
     """Parameter count of the whole model (embeddings, layers, final norm, output layer).
-    active: a mixture of experts counts only the experts one token uses (num_experts_per_tok)."""
+    active: a mixture of experts counts only the experts one token uses (num_experts_per_tok);
+    routers and shared experts are always active. Buffers (DeepSeek-V3's expert bias) are not
+    parameters; neither is the multi-token-prediction layer of DeepSeek-V3 releases (not imported)."""
     h, f, hd = arch.hidden_size, arch.intermediate_size, arch.head_dim
-    qkv_features = (arch.num_attention_heads + 2 * arch.num_key_value_heads) * hd
-    attn = h * qkv_features + arch.num_attention_heads * hd * h
-    attn += qkv_features if arch.qkv_bias else 0
-    attn += 2 * hd if arch.qk_norm else 0
+    if arch.kv_lora_rank:  # DeepSeek-V3's multi-head latent attention (aipo_mp/models/deepseek_v3.py)
+        a, ql, kvl = arch.num_attention_heads, arch.q_lora_rank, arch.kv_lora_rank
+        qk = arch.qk_nope_head_dim + arch.qk_rope_head_dim
+        query = h * ql + ql + a * qk * ql if ql else a * qk * h  # q_a_proj, q_a_layernorm, q_b_proj | q_proj
+        kv = h * (kvl + arch.qk_rope_head_dim) + kvl + a * (arch.qk_nope_head_dim + arch.v_head_dim) * kvl
+        attn = query + kv + h * a * arch.v_head_dim  # ... kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj; o_proj
+    else:
+        qkv_features = (arch.num_attention_heads + 2 * arch.num_key_value_heads) * hd
+        attn = h * qkv_features + arch.num_attention_heads * hd * h
+        attn += qkv_features if arch.qkv_bias else 0
+        attn += 2 * hd if arch.qk_norm else 0
     norms = get_family(arch.family).spec_options(arch).norms_per_layer * h
     moe_layers = arch.num_layers - len(arch.dense_layers) if arch.num_experts else 0
     experts = arch.num_experts_per_tok if active else arch.num_experts
+    shared = 3 * h * arch.shared_expert_intermediate_size  # DeepSeek-V3: gate, up, down of the shared expert
     mlp = ((arch.num_layers - moe_layers) * 3 * h * f
-           + moe_layers * (experts * 3 * h * arch.moe_intermediate_size + arch.num_experts * h))
+           + moe_layers * (experts * 3 * h * arch.moe_intermediate_size + arch.num_experts * h + shared))
     emb = arch.vocab_size * h
     return arch.num_layers * (attn + norms) + mlp + emb + h + (0 if arch.tie_embeddings else emb)
 

@@ -470,3 +470,32 @@ def test_deepseek_v3_671b_config_has_the_published_sizes_and_validates():
     cfg = load_config(ROOT / "configs" / "models" / "deepseek_v3_671b.yaml",
                       ["parallel.tp=8", "parallel.ep=8", "parallel.sequence_parallel=true"])
     validate(cfg, world_size=64)
+
+
+@pytest.mark.parametrize("change", [{}, {"q_lora_rank": 0}, {"shared_expert_intermediate_size": 64}])
+def test_deepseek_v3_parameter_counts_equal_transformers(change):
+    """num_params of latent attention (low-rank or direct queries), the shared expert (1 or 2 x
+    moe_intermediate_size), the router and the dense first layers equals the parameters of
+    transformers' DeepseekV3ForCausalLM built from DeepseekV3Config at tiny sizes. The expert bias
+    is a buffer on both sides (not counted); transformers' model has no multi-token-prediction
+    layer, and neither does num_params (import drops it)."""
+    import dataclasses
+
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    arch = dataclasses.replace(tiny_arch("deepseek_v3"), **change)
+    hf = hf_config_for(arch)
+    config = DeepseekV3Config(**{k: v for k, v in hf.items() if k not in ("architectures", "model_type")})
+    model = DeepseekV3ForCausalLM(config)
+    assert num_params(arch) == sum(p.numel() for p in model.parameters())
+    moe_layers = arch.num_layers - len(arch.dense_layers)
+    unused = (arch.num_experts - arch.num_experts_per_tok) * 3 * arch.hidden_size * arch.moe_intermediate_size
+    assert num_params(arch) - num_params(arch, active=True) == moe_layers * unused
+
+
+def test_deepseek_v3_671b_parameter_count_is_the_published_one():
+    """DeepSeek-V3 publishes 671B total (685B on the hub includes the 14B multi-token-prediction
+    module, which import drops) and 37B activated per token."""
+    arch = _model_arch("deepseek_v3_671b")
+    assert abs(num_params(arch) / 671e9 - 1) < 0.01
+    assert abs(num_params(arch, active=True) / 37e9 - 1) < 0.03
