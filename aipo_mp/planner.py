@@ -232,6 +232,11 @@ def layout_problems(arch: ModelArch, layout: Layout, gpus_per_node: Optional[int
         errors.append(f"dp={layout.dp}: must be >= 1")
     if arch.intermediate_size % layout.tp:
         errors.append(f"tp={layout.tp} does not divide the ffn size {arch.intermediate_size}")
+    if arch.shared_expert_intermediate_size % layout.tp:
+        errors.append(f"tp={layout.tp} does not divide the shared expert's ffn size {arch.shared_expert_intermediate_size}")
+    if arch.kv_lora_rank and (arch.q_lora_rank % layout.tp or (arch.kv_lora_rank + arch.qk_rope_head_dim) % layout.tp):
+        errors.append(f"tp={layout.tp} does not divide the latent attention's q_lora_rank ({arch.q_lora_rank}) and "
+                      f"kv_lora_rank + qk_rope_head_dim ({arch.kv_lora_rank + arch.qk_rope_head_dim})")
     if gpus_per_node and (layout.tp > gpus_per_node or gpus_per_node % layout.tp):
         errors.append(f"tp={layout.tp} must divide the {gpus_per_node} GPUs of a node (TP stays on NVLink)")
     if arch.num_experts and layout.etp > layout.tp:
@@ -329,6 +334,8 @@ def layer_params(arch: ModelArch, tp: int = 1) -> tuple[int, int]:
 
 def attention_params(arch: ModelArch, tp: int = 1) -> tuple[int, int]:
     """(TP-sharded, replicated) parameters of one layer without its MLP: attention and the norms."""
+    if arch.kv_lora_rank:
+        return mla_params(arch, tp)
     h, d = arch.hidden_size, arch.head_dim
     a, g = arch.num_attention_heads, arch.num_key_value_heads
     qkv_features = _div((a + 2 * g) * d, tp, "QKV output features / tp")
@@ -336,6 +343,41 @@ def attention_params(arch: ModelArch, tp: int = 1) -> tuple[int, int]:
     proj = h * _div(a * d, tp, "attention output features / tp")
     qk_norms = 2 * d if arch.qk_norm else 0  # Qwen3: one head_dim weight each for q and k, on every TP rank
     return qkv + proj, norms_per_layer(arch) * h + qk_norms
+
+
+def mla_tensors(arch: ModelArch, tp: int = 1) -> list[tuple[int, bool]]:
+    """DeepSeek-V3's latent attention on one TP rank, as this project's local spec builds it:
+    (elements, replicated) per tensor in megatron's registration order: linear_proj [h, a/t·v],
+    linear_q_down_proj [q_lora/t, h] and linear_q_up_proj [a/t·qk, q_lora] (or linear_q_proj
+    [a/t·qk, h]), linear_kv_down_proj [(kv_lora + rope)/t, h], linear_kv_up_proj
+    [a/t·(nope + v), kv_lora], then the q and kv latent norms. The down projections are
+    column-parallel (each rank computes 1/tp of the latent, then it is gathered); the up and
+    output projections are split by heads; the latent norms are replicated."""
+    h, a, ql, kvl = arch.hidden_size, arch.num_attention_heads, arch.q_lora_rank, arch.kv_lora_rank
+    qk, rope = arch.qk_nope_head_dim + arch.qk_rope_head_dim, arch.qk_rope_head_dim
+    heads = _div(a, tp, "attention heads / tp")
+    out = [(h * heads * arch.v_head_dim, False)]
+    if ql:
+        out += [(_div(ql, tp, "q_lora_rank / tp") * h, False), (heads * qk * ql, False)]
+    else:
+        out += [(heads * qk * h, False)]
+    out += [(_div(kvl + rope, tp, "(kv_lora_rank + qk_rope_head_dim) / tp") * h, False),
+            (heads * (arch.qk_nope_head_dim + arch.v_head_dim) * kvl, False)]
+    return out + ([(ql, True)] if ql else []) + [(kvl, True)]
+
+
+def mla_params(arch: ModelArch, tp: int = 1) -> tuple[int, int]:
+    """(TP-sharded, replicated) parameters of one latent-attention layer without its MLP."""
+    tensors = mla_tensors(arch, tp)
+    latent_norms = sum(n for n, replicated in tensors if replicated)
+    return sum(n for n, replicated in tensors if not replicated), norms_per_layer(arch) * arch.hidden_size + latent_norms
+
+
+def shared_expert_params(arch: ModelArch, tp: int = 1) -> int:
+    """DeepSeek-V3's shared expert of one MoE layer on one TP rank: a gated MLP of width S =
+    shared_expert_intermediate_size, split over TP like the dense MLP (fc1 [2·S/t, h], fc2 [h, S/t])."""
+    width = _div(arch.shared_expert_intermediate_size, tp, "shared expert ffn size / tp")
+    return 3 * width * arch.hidden_size
 
 
 def expert_params(arch: ModelArch, ep: int = 1, etp: int = 1) -> int:
@@ -385,12 +427,13 @@ def param_counts(arch: ModelArch, tp: int = 1, pp: int = 1, vpp: int = 1, ep: in
     attn, _ = attention_params(arch, tp)
     moe = moe_layer_indices(arch)
     experts = expert_params(arch, ep, etp) if moe else 0
+    moe_sharded = attn + (shared_expert_params(arch, tp) if moe else 0)  # attention + the shared expert
     router = arch.num_experts * arch.hidden_size
     vocab_shard = _div(arch.vocab_size, tp, "vocabulary / tp") * arch.hidden_size
     stages = []
     for r in range(pp):
         n_moe = sum(1 for c in range(vpp) for i in chunk_layers(arch, pp, vpp, r, c) if i in moe)
-        st = StageParams(r, per_stage, (per_stage - n_moe) * sharded + n_moe * attn, per_stage * repl,
+        st = StageParams(r, per_stage, (per_stage - n_moe) * sharded + n_moe * moe_sharded, per_stage * repl,
                          moe_layers=n_moe, experts=n_moe * experts, routers=n_moe * router)
         if r == 0:
             st.embedding = vocab_shard
@@ -400,7 +443,7 @@ def param_counts(arch: ModelArch, tp: int = 1, pp: int = 1, vpp: int = 1, ep: in
                 st.output_layer = vocab_shard
                 st.tied_copy = arch.tie_embeddings
         stages.append(st)
-    per_layer = attn + repl + router + experts if moe else sharded + repl
+    per_layer = moe_sharded + repl + router + experts if moe else sharded + repl
     return ParamCounts(tp, pp, vpp, per_layer, stages, ep, etp)
 
 
@@ -419,20 +462,25 @@ def chunk_params(arch: ModelArch, tp: int, pp: int, vpp: int, stage: int, chunk:
     """Every parameter of one model chunk on one rank, in megatron's registration order (GPTModel
     with this project's local layer spec): embedding, then per layer input norm, QKV (+ its bias,
     + the q/k norms), proj (+ Gemma-2's post-attention norm), pre-MLP norm, then either fc1, fc2
-    (+ post-MLP norm) or, in an MoE layer, the router and each local expert's fc1 and fc2; then
-    the final norm and the output layer."""
+    (+ post-MLP norm) or, in an MoE layer, the router and each local expert's fc1 and fc2 (+ the
+    shared expert's fc1 and fc2); then the final norm and the output layer. Latent attention
+    (DeepSeek-V3) replaces QKV and proj by mla_tensors."""
     h, f, d = arch.hidden_size, arch.intermediate_size, arch.head_dim
     a, g = arch.num_attention_heads, arch.num_key_value_heads
     post = spec_of(arch).post_norms
     qkv = [(a + 2 * g) * d // tp * h, *([(a + 2 * g) * d // tp] if arch.qkv_bias else []),
            *([d, d] if arch.qk_norm else [])]  # Qwen2's fused q/k/v bias; Qwen3's q and k norms
     attn = [ParamEntry(n) for n in [h, *qkv, h * (a * d // tp), *([h] if post else []), h]]
+    if arch.kv_lora_rank:  # latent attention between the input and pre-MLP norms
+        attn = [ParamEntry(h), *(ParamEntry(n) for n, _ in mla_tensors(arch, tp)), ParamEntry(h)]
     dense_mlp = [ParamEntry(n) for n in [2 * f // tp * h, h * (f // tp), *([h] if post else [])]]
     moe_mlp = []
     if arch.num_experts:
         width = arch.moe_intermediate_size // etp
         moe_mlp = [ParamEntry(arch.num_experts * h, router=True)]
         moe_mlp += [ParamEntry(n, expert=True) for _ in range(arch.num_experts // ep) for n in (2 * width * h, h * width)]
+        shared_width = arch.shared_expert_intermediate_size // tp  # DeepSeek-V3 (registered after the experts)
+        moe_mlp += [ParamEntry(n) for n in (2 * shared_width * h, h * shared_width)] if shared_width else []
     moe = moe_layer_indices(arch)
     shared = arch.tie_embeddings and pp > 1
     vocab_shard = arch.vocab_size // tp * h
@@ -562,7 +610,7 @@ def uses_flash_attention(arch: ModelArch, backend: str = "te") -> bool:
     Engine's, or, on the local backend, torch's scaled_dot_product_attention run per sequence.
     Logit soft-capping (Gemma-2) has no fused kernel: its attention is computed unfused, per
     sequence, on every backend."""
-    if backend == "te":
+    if backend == "te" and not spec_of(arch).mla:  # latent attention runs the local spec on every backend
         return spec_of(arch).te_fused_attention
     return not arch.attn_logit_softcapping
 
@@ -603,6 +651,20 @@ def moe_bytes_per_token(arch: ModelArch, dtype: str = "bf16", etp: int = 1) -> f
     return router + permute + experts
 
 
+def mla_bytes_per_token(arch: ModelArch, e: int, fused_norms: bool = False) -> tuple[int, int]:
+    """(replicated, TP-sharded) bytes DeepSeek-V3's latent attention keeps per token for the
+    backward, besides the layer input norm and its output (counted as for any layer):
+        replicated  (q_lora + kv_lora)·(norm + e)   each latent norm's input (fp32) and normalised
+                                                    copy, and the latent as the up projection's input
+                                                    (/t with SP: megatron scatters the gathered latent)
+        sharded     e·a·(2·(nope + rope) + 2·v)     q and k after RoPE (the shared RoPE key expanded
+                                                    over the heads), v, and the attention output
+    The RoPE halves keep only the cos/sin tables (left out, as for standard attention)."""
+    latent = (arch.q_lora_rank + arch.kv_lora_rank) * (_norm_bytes(arch, e, fused_norms) + e)
+    a, qk = arch.num_attention_heads, arch.qk_nope_head_dim + arch.qk_rope_head_dim
+    return latent, e * a * (2 * qk + 2 * arch.v_head_dim)
+
+
 def layer_activation_bytes(arch: ModelArch, seq_length: int, rows: int = 1, tp: int = 1, sp: bool = False,
                            recompute: str = "none", dtype: str = "bf16", backend: str = "te",
                            moe: Optional[bool] = None, etp: int = 1, pairs_per_row: int = 1) -> float:
@@ -623,8 +685,13 @@ def layer_activation_bytes(arch: ModelArch, seq_length: int, rows: int = 1, tp: 
     n_norm = norms_per_layer(arch)
     replicated = n_norm * _norm_bytes(arch, e, fused_norms) * h + 2 * e * h  # QKV input, fc1 (or router) input
     sharded = e * (2 * hq + 2 * hkv)
+    if arch.kv_lora_rank:  # latent attention: see mla_bytes_per_token
+        latent, sharded = mla_bytes_per_token(arch, e, fused_norms)
+        replicated += latent
     if not moe:
         sharded += e * 5 * f
+    elif arch.shared_expert_intermediate_size:  # DeepSeek-V3's shared expert keeps what a dense MLP keeps
+        sharded += e * 5 * arch.shared_expert_intermediate_size
     if arch.qk_norm:  # Qwen3: the per-head q/k norms keep what the hidden-size norms keep, per q/k feature
         sharded += (hq + hkv) * _norm_bytes(arch, e, fused_norms)
     if flash:
@@ -823,6 +890,8 @@ def sampling_memory(arch: ModelArch, gpu: str | GPUSpec, tp_vllm: int, seq_lengt
     weights = 2.0 * param_counts(arch, tp_vllm, 1, etp=tp_vllm if arch.num_experts else 1).max_per_rank
     kv_heads = math.ceil(arch.num_key_value_heads / tp_vllm)
     per_token = 2.0 * arch.num_layers * kv_heads * arch.head_dim * 2
+    if arch.kv_lora_rank:  # latent attention: vLLM caches the latent and the RoPE key, whole on every TP rank
+        per_token = 2.0 * arch.num_layers * (arch.kv_lora_rank + arch.qk_rope_head_dim)
     free = utilization * g.memory_bytes - weights - VLLM_OVERHEAD
     tokens = max(0, int(free // per_token))
     return SamplingMemory(tp_vllm, weights, per_token, tokens, tokens // seq_length, utilization)
@@ -831,7 +900,8 @@ def sampling_memory(arch: ModelArch, gpu: str | GPUSpec, tp_vllm: int, seq_lengt
 def vllm_tp_options(arch: ModelArch, gpus_per_node: int = 8) -> list[int]:
     return [t for t in range(1, gpus_per_node + 1)
             if gpus_per_node % t == 0 and arch.num_attention_heads % t == 0 and arch.vocab_size % t == 0
-            and (not arch.num_experts or arch.moe_intermediate_size % t == 0)]
+            and (not arch.num_experts or arch.moe_intermediate_size % t == 0)
+            and arch.shared_expert_intermediate_size % t == 0]
 
 
 def choose_vllm_tp(arch: ModelArch, gpu: str | GPUSpec, gpus_per_node: int = 8, seq_length: int = 2560,
@@ -869,9 +939,19 @@ class StepTime:
     a2a_s: float = 0.0  # part of total_s (policy passes, in the pipeline, and the reference forward)
 
 
-def forward_flops_per_token(arch: ModelArch, seq_length: int, pairs_per_row: int = 1) -> float:
+def attention_flops_per_token(arch: ModelArch, seq_length: int, pairs_per_row: int = 1) -> float:
+    """Forward FLOPs of the score and value products per token: 2·L·a·(d_qk + d_v)·s_seq, i.e.
+    4·L·hq·s_seq with one head size; latent attention: d_qk = nope + rope, d_v = v_head_dim."""
     s_seq = seq_length / (2 * pairs_per_row)
-    return 2.0 * compute_params(arch) + 4.0 * arch.num_layers * arch.num_attention_heads * arch.head_dim * s_seq
+    if arch.kv_lora_rank:
+        dims = arch.qk_nope_head_dim + arch.qk_rope_head_dim + arch.v_head_dim
+    else:
+        dims = 2 * arch.head_dim
+    return 2.0 * arch.num_layers * arch.num_attention_heads * dims * s_seq
+
+
+def forward_flops_per_token(arch: ModelArch, seq_length: int, pairs_per_row: int = 1) -> float:
+    return 2.0 * compute_params(arch) + attention_flops_per_token(arch, seq_length, pairs_per_row)
 
 
 def moe_exchange_bytes(arch: ModelArch, layout: Layout, seq_length: int, rows: int = 1,
@@ -914,8 +994,7 @@ def step_time(arch: ModelArch, layout: Layout, gpus: Optional[int] = None, gpu: 
     passes = 4.0 if recompute == "full" else 3.0
     policy_hw = passes * f_fwd * hw_tokens
     if recompute == "selective" and not uses_flash_attention(arch, backend):
-        attn = 4.0 * arch.num_layers * arch.num_attention_heads * arch.head_dim * seq_length / (2 * pairs_per_row)
-        policy_hw += attn * hw_tokens
+        policy_hw += attention_flops_per_token(arch, seq_length, pairs_per_row) * hw_tokens
     ref_hw = f_fwd * tokens if reference_forward else 0.0
     rate = n * spec.peak_tflops * 1e12 * efficiency
     bubble = (layout.pp - 1) / (layout.vpp * m)

@@ -3,6 +3,7 @@ ranking and the `aipo-mp plan` CLI. Pure arithmetic: no torch, no processes."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -348,7 +349,8 @@ def test_cli_missing_config(capsys, tmp_path):
 # Mixtures of experts
 # ---------------------------------------------------------------------------------------------
 
-MOE_MODELS = ["tiny_qwen3_moe", "tiny_mixtral", "qwen3_30b_a3b", "qwen3_235b_a22b", "mixtral_8x22b"]
+MOE_MODELS = ["tiny_qwen3_moe", "tiny_mixtral", "qwen3_30b_a3b", "qwen3_235b_a22b", "mixtral_8x22b",
+              "tiny_deepseek_v3", "deepseek_v3_671b"]
 
 # tiny_qwen3_moe: h=128, ffn=256 (dense layer 1 only), 4 heads, 2 KV heads, head_dim 64, vocab 512,
 # q/k norms, 4 experts of width 64, top-2. At tp=2 every layer has:
@@ -648,3 +650,116 @@ def test_moe_slurm_scripts_ask_for_their_recipes_nodes(script, recipe):
     cfg = load_config(ROOT / "configs" / "recipes" / f"{recipe}.yaml")
     assert int(re.search(r"^#SBATCH --nodes=(\d+)$", text, re.M).group(1)) == cfg.cluster.nodes
     assert int(re.search(r"^#SBATCH --ntasks-per-node=(\d+)$", text, re.M).group(1)) == cfg.cluster.nproc_per_node
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSeek-V3: latent attention, a shared expert, dense first layers
+# ---------------------------------------------------------------------------------------------
+
+# tiny_deepseek_v3: h=128, ffn=256 (layer 0 dense), 4 heads, q_lora 64, kv_lora 512, qk 32 + RoPE
+# 64, v 32, vocab 512, 8 experts of width 32, top-2, a shared expert of width 32. At tp=2:
+DSV3_TP2_ATTN = [
+    (128,),  # input norm
+    (128, 64),  # linear_proj: [h, 4/2 heads * v 32]
+    (32, 128),  # linear_q_down_proj: [q_lora 64 / 2, h] (column-parallel latent)
+    (192, 64),  # linear_q_up_proj: [2 heads * (32 + 64), q_lora]
+    (288, 128),  # linear_kv_down_proj: [(512 + 64) / 2, h]
+    (128, 512),  # linear_kv_up_proj: [2 heads * (32 + 32), kv_lora]
+    (64,), (512,),  # q and kv latent norms (replicated)
+    (128,),  # pre-MLP norm
+]
+DSV3_DENSE_MLP_TP2 = [(256, 128), (128, 128)]
+DSV3_SHARED_TP2 = [(32, 128), (128, 16)]  # shared expert fc1 [2*32/2, h], fc2 [h, 32/2]
+
+
+def test_tiny_deepseek_v3_tp2_pp3_ep2_by_hand():
+    arch = arch_of("tiny_deepseek_v3")
+    counts = param_counts(arch, tp=2, pp=3, ep=2, etp=1)
+    moe_layer = DSV3_TP2_ATTN + [(8, 128)] + 4 * [(64, 128), (128, 32)] + DSV3_SHARED_TP2  # router, 8/2 experts
+    first = [(256, 128)] + DSV3_TP2_ATTN + DSV3_DENSE_MLP_TP2
+    last = moe_layer + [(128,), (256, 128)]
+    assert counts.per_rank() == [numel(first), numel(moe_layer), numel(last)]
+    assert counts.per_layer == numel(moe_layer)
+    assert counts.model_total == num_params(arch)
+    # megatron's registration order lists the same tensors (the optimizer's buffer layout).
+    for stage, shapes in enumerate([first, moe_layer, last]):
+        entries = planner.chunk_params(arch, 2, 3, 1, stage, 0, ep=2)
+        assert sorted(e.numel for e in entries) == sorted(math.prod(s) for s in shapes)
+    assert not planner.layout_problems(arch, Layout(2, 1, 1, 2, None, 2, 1))
+    odd = dataclasses.replace(arch, q_lora_rank=66)
+    assert any("q_lora_rank (66)" in p for p in planner.layout_problems(odd, Layout(4, 1, 1, 1, None, 1, 4)))
+    assert not planner.layout_problems(odd, Layout(2, 1, 1, 2, None, 2, 1))
+
+
+def test_deepseek_v3_activation_flops_and_kv_by_hand():
+    arch = arch_of("tiny_deepseek_v3")
+    e, s = 2, 64
+    # The local spec's norms keep an fp32 input and a bf16 normalised copy: 4 + 2 bytes per element.
+    replicated = 2 * 6 * 128 + 2 * e * 128 + (64 + 512) * (6 + e)  # hidden norms + GEMM inputs + latents
+    attn = e * 4 * (2 * 96 + 2 * 32) + 4 * 4  # q, k (nope + rope), v, output; fp32 log-sum-exp per head
+    dense = replicated + attn + e * 5 * 256
+    assert planner.layer_activation_bytes(arch, s, tp=1, backend="te", moe=False) == s * dense
+    assert planner.layer_activation_bytes(arch, s, tp=2, sp=True, backend="local", moe=False) == \
+        s * (replicated / 2 + (attn + e * 5 * 256) / 2)
+    moe = replicated + attn + e * 5 * 32 + planner.moe_bytes_per_token(arch, "bf16")  # shared expert + experts
+    assert planner.layer_activation_bytes(arch, s, tp=1, backend="te", moe=True) == s * moe
+    # Attention FLOPs: q·k over 32 + 64 dims and p·v over 32, per sequence of s/2 tokens.
+    attn_flops = 2 * 3 * 4 * (96 + 32) * (s / 2)
+    assert planner.forward_flops_per_token(arch, s) == 2 * planner.compute_params(arch) + attn_flops
+    # vLLM caches the 512 latent + 64 RoPE key per layer, whole on every TP rank.
+    assert planner.sampling_memory(arch, "h100-80gb", 2).kv_bytes_per_token == 2 * 3 * (512 + 64)
+
+
+def test_deepseek_v3_671b_plan():
+    """671B: no pipeline depth but 1 (61 layers, no uneven stages); 8 H200 nodes cannot hold the
+    training state (18 bytes a parameter over 64 GPUs), 16 nodes fit at tp 8 x ep 128; no vLLM
+    engine of one node holds the bf16 weights."""
+    arch = arch_of("deepseek_v3_671b")
+    assert 18 * num_params(arch) / 64 > 0.9 * planner.GPUS["h200-141gb"].memory_bytes
+    assert not any(r.fits for r in plan(arch, 64, "h200-141gb"))
+    rows = plan(arch, 128, "h200-141gb")
+    assert rows[0].fits and {r.layout.pp for r in rows} == {1}
+    assert all(planner.sampling_memory(arch, "h200-141gb", t).kv_tokens == 0 for t in (1, 2, 4, 8))
+
+
+def test_deepseek_v3_recipe_is_the_planners_top_row_and_its_sampling_is_refused(tmp_path, capsys, monkeypatch):
+    """configs/recipes/aipo_deepseek_v3.yaml trains on the planner's top layout for its 16 H200
+    nodes (the layout validates), and asks for a 2-node vLLM engine, which `aipo-mp check` refuses
+    with one line until engines can span nodes."""
+    import json
+    import os
+    import shutil
+
+    from aipo_mp.cli import main as cli_main
+    from aipo_mp.models import hf_config_for
+    from aipo_mp.testing.tiny import build_tiny_tokenizer
+    from aipo_mp.validate import validate
+
+    path = ROOT / "configs" / "recipes" / "aipo_deepseek_v3.yaml"
+    cfg = load_config(path)
+    gpus = cfg.cluster.nodes * cfg.cluster.nproc_per_node
+    top = plan(cfg.model.arch, gpus, "h200-141gb")[0]
+    par = cfg.parallel
+    assert top.fits and top.recompute == cfg.train.recompute
+    assert (top.layout.tp, top.layout.pp, top.layout.vpp, top.layout.ep, top.layout.etp) == \
+        (par.tp, par.pp, par.vpp, par.ep, par.etp)
+    assert cfg.sampling.tensor_parallel > cfg.cluster.nproc_per_node
+    assert 2 * num_params(cfg.model.arch) > cfg.cluster.nproc_per_node * planner.GPUS["h200-141gb"].memory_bytes
+    one_node = load_config(path, ["sampling.tensor_parallel=8", "sampling.replicas=16"])
+    one_node.model.path = None
+    validate(one_node, world_size=gpus)  # the training layout itself is valid
+    for name in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+    policy = tmp_path / "policy"
+    shutil.copytree(build_tiny_tokenizer(tmp_path / "tok", vocab_size=512), policy)
+    (policy / "config.json").write_text(json.dumps(hf_config_for(cfg.model.arch)))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n')
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_code:
+        cli_main(["check", str(path), f"model.path={policy}", f"rounds.prompts={prompts}",
+                  f"output.dir={tmp_path / 'run'}", "--world-size", str(gpus)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_code.value.code == 2
+    assert err == ["error: sampling.tensor_parallel=16 is more than the 8 GPUs of one node (a TP group must stay "
+                   "inside a node): use sampling.tensor_parallel <= 8"]
