@@ -21,7 +21,12 @@ Parameters per TP rank (megatron shapes, no biases, no padded vocabulary):
                 where the last stage holds a trained copy that is all-reduced with the embedding)
     MoE layer   the attention and norms above; instead of fc1/fc2: E·h (router, replicated over
                 TP and EP) + E/ep·(2·I/etp·h + h·I/etp) (the rank's experts, each a gated MLP);
-                layers in `dense_layers` keep the dense MLP
+                layers in `dense_layers` keep the dense MLP; DeepSeek-V3 adds a shared expert of
+                width S (3·S/t·h, split like the dense MLP)
+    latent attention (DeepSeek-V3, instead of QKV and proj; see mla_tensors): q down [q_lora/t, h]
+                + q up [a·(nope + rope)/t, q_lora] (or q [a·(nope + rope)/t, h]) + kv down
+                [(kv_lora + rope)/t, h] + kv up [a·(nope + v)/t, kv_lora] + proj [h, a·v/t], and
+                the q_lora and kv_lora latent norms (replicated)
 Each pipeline rank holds L/pp layers (with vpp > 1 in vpp chunks of L/(pp·vpp), chunk c of rank r
 from layer c·L/vpp + r·L/(pp·vpp), as megatron offsets them); the binding rank is the one with the
 most parameters.
@@ -57,6 +62,9 @@ GQA, gated MLP, fused or unfused attention). Every term is divided by t with seq
                 the repeated v replace q, k, v: + 8·hq + e·hq − e·(hq + 2·hkv)
                                      + L·a·(4 + e + 4·[softcap]) (fp32 softmax, probs in dtype,
                                        fp32 tanh output) per token, + L² bytes of mask per sequence
+    latent attn (DeepSeek-V3, mla_bytes_per_token) instead of e·(2·hq + 2·hkv): e·a·(2·(nope +
+                rope) + 2·v) sharded, + (q_lora + kv_lora)·(norm + e) replicated (the latent
+                norms' inputs and the up projections' inputs); shared expert: + e·5·S sharded
     MoE layer   instead of e·5f, per token entering the layer (/t with SP), see moe_bytes_per_token:
                 k·(8 + 4) + E·(1 + e) + 8·k   router top-k indices and fp32 probabilities, the
                                               routing mask/probabilities and permutation index
@@ -93,11 +101,12 @@ Reference (one forward pass per pair, before training):
     model-live  the reference weights stay resident through training: + e·P
 
 Sampling (vLLM, a separate stage on the same GPUs): weights 2·P_total/t_v, KV cache per token
-2·L·ceil(g/t_v)·d·2 bytes (K and V, bf16; vLLM replicates KV heads when t_v > g); KV tokens that
+2·L·ceil(g/t_v)·d·2 bytes (K and V, bf16; vLLM replicates KV heads when t_v > g; latent attention:
+2·L·(kv_lora + rope), the latent whole on every rank); KV tokens that
 fit = (0.9·memory − weights − 2 GiB activations/CUDA graphs) / KV bytes per token.
 
 Step time (model FLOPs, Megatron/PaLM accounting):
-    forward FLOPs per token  F = 2·N + 4·L·hq·s_seq
+    forward FLOPs per token  F = 2·N + 4·L·hq·s_seq  (latent attention: 2·L·a·(nope + rope + v)·s_seq)
         N      = parameters other than the input embedding (the embedding is a lookup; the output
                  layer's V·h GEMM is counted, once, also when tied); for a mixture of experts the
                  ACTIVE ones: routers + k experts per MoE layer (num_params(arch, active=True))
