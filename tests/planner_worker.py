@@ -24,8 +24,9 @@ from aipo_mp.training.reference import compute_reference
 from aipo_mp.training.state import setup
 
 
-def saved_activation_bytes(state) -> int:
-    """Unique storage bytes autograd keeps for the backward of one row's forward."""
+def saved_activation_bytes(state) -> tuple[int, int]:
+    """Unique storage bytes autograd keeps for the backward of one row's forward, and the row's
+    length in tokens (rows are sized to their content, so each rank's first row has its own)."""
     seen: dict[int, int] = {}
     params = {p.data_ptr() for c in state.chunks for p in c.parameters()}  # frozen ones too
 
@@ -39,7 +40,7 @@ def saved_activation_bytes(state) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model_forward(state.chunks[0], batch["tokens"], batch["cu_seqlens"], batch["max_seqlen"])
     del out
-    return sum(seen.values())
+    return sum(seen.values()), int(batch["tokens"].numel())
 
 
 def measure(state) -> dict:
@@ -73,7 +74,7 @@ def main():
         row = measure(state)
         row["name"] = run["name"]
         if cfg.parallel.pp == 1:
-            row["activation_bytes"] = saved_activation_bytes(state)
+            row["activation_bytes"], row["row_tokens"] = saved_activation_bytes(state)
         gathered = [None] * env.world_size
         torch.distributed.all_gather_object(gathered, row)
         results.append(gathered)

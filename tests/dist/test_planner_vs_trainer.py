@@ -1,12 +1,14 @@
 """The planner's per-rank parameter, gradient and optimizer-state bytes equal what the trainer
 allocates (exact; bf16 with megatron's distributed optimizer, at DP=2 (tp1) and DP=1), and its
-activation estimate is within 25% of the bytes autograd really saves for one micro-batch, for tiny
+activation estimate (for the measured row's length) is within 25% of the bytes autograd really saves
+for one micro-batch, for tiny
 llama and gemma2 at several layouts, and Qwen2.5 (q/k/v biases, tied embeddings) and Qwen3 (q/k
 norms) at TP=2 + SP and PP=2. The same for mixtures of experts (tiny Qwen3-MoE with a dense layer,
 tiny Mixtral; 4 experts, top-2) on 4 ranks: EP=2 (DP=4, expert-DP=2: megatron's separate expert
 buffer sharded over 2 ranks, the dense one over 4), EP=4 (expert-DP=1), TP=2 x EP=2 with SP (DP=2,
 expert-DP=2), TP=2 x EP=2 x ETP=2 (expert-DP=1), PP=2 x EP=2, and frozen routers (no gradient, no
-optimizer state)."""
+optimizer state); tiny DeepSeek-V3 (latent attention, a shared expert, 8 experts in 2 groups, a
+dense layer 0) at TP=2 x EP=2 with SP."""
 
 from __future__ import annotations
 
@@ -50,8 +52,11 @@ def check_against_plan(run: dict, ranks: list[dict], world: int) -> None:
         assert r["optimizer_bytes"] == want, (name, r, want)
         if tp * pp == 1 and world > 1:  # DP>1: each rank holds about 1/DP of the fp32 state
             assert want < 1.1 * stage.optimizer_plain / min(lay.dp, lay.edp), (name, want, stage.optimizer_plain)
-        if "activation_bytes" in r:
-            planned = stage.activations_by_recompute["none"] + stage.logits
+        if "activation_bytes" in r:  # planned for the measured row's length (rows are sized to content)
+            row = planner.memory_per_gpu(arch, lay, dtype="bf16", seq_length=r["row_tokens"], distributed_optimizer=True,
+                                         num_microbatches_in_flight=1, backend="local", overlap_grad_reduce=False,
+                                         freeze_router=frozen).stages[r["pp_rank"]]
+            planned = row.activations_by_recompute["none"] + row.logits
             ratio = planned / r["activation_bytes"]
             assert 0.75 <= ratio <= 1.25, (name, planned, r["activation_bytes"], ratio)
 
@@ -83,7 +88,7 @@ def moe_dirs(tmp_path_factory) -> dict:
 
     base = tmp_path_factory.mktemp("moe_planner")
     tok = build_tiny_tokenizer(base / "tokenizer", vocab_size=512)
-    dirs = {f: save_hf_model(tiny_arch(f), base / f, seed=3, tokenizer_dir=tok) for f in ("qwen3_moe", "mixtral")}
+    dirs = {f: save_hf_model(tiny_arch(f), base / f, seed=3, tokenizer_dir=tok) for f in ("qwen3_moe", "mixtral", "deepseek_v3")}
     dirs["pairs"] = write_jsonl(marker_pairs(32, seed=1), base / "pairs.jsonl")
     return dirs
 
@@ -96,6 +101,7 @@ MOE_LAYOUTS = {
     "qwen3_moe-pp2ep2": ("qwen3_moe", 1, 2, False, 2, 1, False),  # stage 0 holds the dense layer 1
     "mixtral-ep4": ("mixtral", 1, 1, False, 4, 1, False),  # DP 4, expert-DP 1
     "mixtral-ep2frozen": ("mixtral", 1, 1, False, 2, 1, True),
+    "deepseek_v3-tp2ep2": ("deepseek_v3", 2, 1, True, 2, 1, False),  # latent attention, shared expert
 }
 
 
