@@ -469,8 +469,7 @@ def aipo_result(args, work: Path, name: str, precision: str, data: Path, model: 
     if ref_s:
         result["ref_pass_s"] = ref_s
         result["ref_tokens_per_s"] = all_tokens / ref_s
-    result["memory_lines"] = [line.strip() for line in log.read_text(errors="replace").splitlines()
-                              if "memory" in line.lower() and "error" not in line.lower()][:8]
+    result["memory_lines"] = planned_memory(args, model, data, out, name, precision)
     table = out / "reference_logps.pt"
     if table.exists():
         import torch
@@ -478,6 +477,39 @@ def aipo_result(args, work: Path, name: str, precision: str, data: Path, model: 
         saved = torch.load(table, map_location="cpu", weights_only=True)
         result["ref_logps"] = (saved["table"] if isinstance(saved, dict) else saved).tolist()
     return result
+
+
+def planned_memory(args, model: Path, data: Path, out: Path, name: str, precision: str) -> list[str]:
+    """The planner's bytes per rank for the rows this run really trains on: the trainer's own split
+    and packing of every step (rows sized to content), the longest row's tokens as the activation
+    length and the most rows a rank runs as the micro-batches; printed next to the measured peak."""
+    import types
+
+    from aipo_mp import planner
+    from aipo_mp.config import config_from_dict
+    from aipo_mp.data.pairs import TokenizedPair, read_pairs
+    from aipo_mp.models import arch_from_dir
+    from aipo_mp.training.batches import pack_share, step_shares
+
+    cfg = config_from_dict(aipo_config(args, model, data, out, precision))
+    records, _ = read_pairs(data)
+    ids = aipo_token_ids(records, model, args.max_length)
+    pairs = [TokenizedPair(i, p["prompt"], p["chosen"], p["rejected"]) for i, p in enumerate(ids)]
+    arch = arch_from_dir(model)
+    dp = 2 if name == "aipo-dp2" else 1
+    state = types.SimpleNamespace(cfg=cfg, layout=types.SimpleNamespace(dp_size=dp), pairs=pairs, arch=arch)
+    rows = [pack_share(share, cfg) for step in range(args.steps) for share in step_shares(state, step)]
+    longest = max(r.tokens.numel() for rank_rows in rows for r in rank_rows)
+    most = max(len(rank_rows) for rank_rows in rows)
+    est = planner.memory_per_gpu(arch, planner.Layout(dp=dp), dtype=precision, seq_length=longest,
+                                 num_microbatches=most, backend="local", reference_mode="initial",
+                                 distributed_optimizer=cfg.train.use_distributed_optimizer,
+                                 recompute=cfg.train.recompute, overlap_grad_reduce=False)
+    b = est.binding
+    parts = ", ".join(f"{k} {getattr(b, k) / GB:.2f}" for k in ("weights", "grads", "optimizer", "activations",
+                                                                  "logits", "overhead"))
+    return [f"planned per rank from real tokens (longest row {longest} tokens, {most} rows per rank per step): "
+            f"{parts}; total {b.total / GB:.2f} GB"]
 
 
 def reference_seconds(out: Path) -> float | None:
@@ -528,7 +560,7 @@ def print_table(precision: str, results: dict) -> None:
         print(f"{LABELS[name]:44s} {r['s_per_step']:7.2f} {r['real_tokens_per_s']:10,.0f} {ratio:>7s} "
               f"{r['token_utilization']:8.3f} {mem:>17s}  {ref}")
         for line in r.get("memory_lines", []):
-            print(f"    trainer: {line}")
+            print(f"    {line}")
 
 
 def verdicts(results: dict) -> list[dict]:
