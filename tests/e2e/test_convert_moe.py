@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from aipo_mp.training import manifest
 from tests.conftest import MOE_MODELS, tiny_arch
 from tests.e2e.test_checkpoint_tools import (
     TOL,
@@ -341,6 +342,11 @@ def drop_stored_expert(ckpt: Path, key: str, expert: int) -> None:
     chunks[:] = [c for c in chunks if c.offsets[0] != expert]
     with open(meta_file, "wb") as f:
         pickle.dump(md, f)
+    # As if written that way: the manifest records the new metadata (else its size/CRC check,
+    # not the expert check under test, would refuse the file).
+    recorded = manifest.read(ckpt)
+    assert recorded and "model/.metadata" in recorded
+    manifest.write(ckpt, manifest.collect(ckpt, sorted(recorded)))
 
 
 def test_broken_experts_are_one_line_naming_the_tensor(tiny_hf_dirs, sources, work):
