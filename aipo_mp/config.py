@@ -298,7 +298,10 @@ class SamplingConfig:
     seed: int = count(0, 0)
     chat_template: bool = True  # wrap string prompts as one user message (chat prompts always use it)
     tensor_parallel: int = count(1)  # GPUs (or CPU core groups) per engine
-    replicas: int = count(1)  # data-parallel engines, each in its own task (or process)
+    pipeline_parallel: int = count(1)  # pipeline stages per engine (engine = TP x PP x DP GPUs)
+    data_parallel: int = count(1)  # vLLM data-parallel ranks inside ONE engine (MoE: with expert_parallel)
+    expert_parallel: bool = False  # vLLM --enable-expert-parallel: EP size = DP x TP; MoE policies only
+    replicas: int = count(1)  # engines, each in its own task(s); an engine wider than a node spans whole nodes
     kv_cache_gib: float = setting(1.0, gt=0)  # CPU only (on GPUs vLLM sizes it from gpu_memory_utilization)
     max_model_len: Optional[int] = setting(None, ge=2)  # None: the model's max_position_embeddings
     dtype: Optional[str] = setting(None, choices=(None, "auto", "float32", "bfloat16", "float16"))  # None: fp32 on CPU, "auto" on GPUs
@@ -322,6 +325,7 @@ class RewardConfig:
     chat_template: bool = False  # judge: wrap the judge prompt in the judge's chat template
     batch_size: int = count(16)  # pairwise classifier batch
     tensor_parallel: int = count(1)  # GPUs per reward engine (reward.model, the judge)
+    pipeline_parallel: int = count(1)  # pipeline stages per reward engine (engine = TP x PP GPUs)
     # model, rule: reward tasks, each scoring its shard of the samples; judge: engines in child
     # processes of the one ranking task (data parallel, like sampling.replicas)
     replicas: int = count(1)

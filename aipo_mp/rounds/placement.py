@@ -33,6 +33,8 @@ class Placement:
     nodes: int
     ntasks_per_node: int  # at most this many tasks on one node
     gpus_per_task: int  # 0: a CPU-only stage
+    engines: int = 0  # engine stages: vLLM engines (0: not an engine stage)
+    nodes_per_engine: int = 1  # an engine wider than a node spans this many whole nodes, one task each
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -42,7 +44,7 @@ def engine_placement(replicas: int, tensor_parallel: int, gpus_per_node: int) ->
     """`replicas` engines of `tensor_parallel` GPUs, as many per node as fit, over the fewest nodes."""
     per_node = max(1, min(replicas, gpus_per_node // max(1, tensor_parallel)))
     return Placement(ntasks=replicas, nodes=math.ceil(replicas / per_node), ntasks_per_node=per_node,
-                     gpus_per_task=tensor_parallel)
+                     gpus_per_task=tensor_parallel, engines=replicas)
 
 
 def packed_placement(ntasks: int, gpus_per_node: int) -> Placement:
