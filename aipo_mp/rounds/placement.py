@@ -3,10 +3,15 @@
 Every stage declares what it needs and the launcher turns that into one step (one `srun` over the
 right nodes, or local subprocesses):
 
-    sample  `sampling.replicas` vLLM engines, one task each, `gpus_per_node // sampling.tensor_parallel`
-            engines per node (a TP group never spans nodes; replicas spread over the nodes)
-    reward  the same with `reward.replicas` x `reward.tensor_parallel` (a rule reward: CPU tasks;
-            a pairwise or judge ranker: one engine, since a prompt's candidates are ranked together)
+    sample  `sampling.replicas` vLLM engines of TP x PP x DP GPUs (`sampling.tensor_parallel` x
+            `pipeline_parallel` x `data_parallel`). An engine that fits a node is one task, and as
+            many engines as fit share a node. A wider engine spans `TP x PP x DP // gpus_per_node`
+            whole nodes, one task per node (task k: engine k // nodes_per_engine, node-rank
+            k % nodes_per_engine; node-rank 0 drives, the others run headless); spanning engines
+            never share a node.
+    reward  the same with `reward.replicas` x (`reward.tensor_parallel` x `reward.pipeline_parallel`)
+            (a rule reward: CPU tasks; a pairwise or judge ranker: one engine, since a prompt's
+            candidates are ranked together)
     synthesize, compare   one engine (the sampling layout; the ranker's)
     kl      the sampling layout (a large policy never goes into one TP=1 engine)
     export  one converter rank per stored TP x PP shard, packed `gpus_per_node` per node so a TP
@@ -15,7 +20,7 @@ right nodes, or local subprocesses):
     train   every node, one task per GPU
 
 "GPUs" are the allocation's ranks per node (`cluster.nproc_per_node`); on CPU they are CPU slots.
-`placement_errors` checks that the engines fit before any stage starts.
+`aipo_mp.validate.placement_errors` checks that the engines fit before any stage starts.
 """
 
 from __future__ import annotations
@@ -40,11 +45,45 @@ class Placement:
         return asdict(self)
 
 
-def engine_placement(replicas: int, tensor_parallel: int, gpus_per_node: int) -> Placement:
-    """`replicas` engines of `tensor_parallel` GPUs, as many per node as fit, over the fewest nodes."""
-    per_node = max(1, min(replicas, gpus_per_node // max(1, tensor_parallel)))
+def engine_gpus(tensor_parallel: int, pipeline_parallel: int = 1, data_parallel: int = 1) -> int:
+    """GPUs of one engine: TP x PP x DP."""
+    return max(1, tensor_parallel) * max(1, pipeline_parallel) * max(1, data_parallel)
+
+
+def nodes_per_engine(gpus: int, gpus_per_node: int) -> int:
+    """Whole nodes one engine of `gpus` GPUs spans (1 when it fits a node). Validation refuses an
+    engine wider than a node that does not fill whole nodes; here such a one rounds up."""
+    return max(1, math.ceil(gpus / max(1, gpus_per_node)))
+
+
+def engine_placement(replicas: int, tensor_parallel: int, gpus_per_node: int, pipeline_parallel: int = 1,
+                     data_parallel: int = 1) -> Placement:
+    """`replicas` engines of TP x PP x DP GPUs. Engines that fit a node: one task each, as many per
+    node as fit, over the fewest nodes. Wider engines: one task per node of each engine, every
+    task a whole node, so two engines never share a node."""
+    gpus = engine_gpus(tensor_parallel, pipeline_parallel, data_parallel)
+    span = nodes_per_engine(gpus, gpus_per_node)
+    if span > 1:
+        return Placement(ntasks=replicas * span, nodes=replicas * span, ntasks_per_node=1,
+                         gpus_per_task=gpus_per_node, engines=replicas, nodes_per_engine=span)
+    per_node = max(1, min(replicas, gpus_per_node // gpus))
     return Placement(ntasks=replicas, nodes=math.ceil(replicas / per_node), ntasks_per_node=per_node,
-                     gpus_per_task=tensor_parallel, engines=replicas)
+                     gpus_per_task=gpus, engines=replicas)
+
+
+def sampling_engines(cfg: Config, gpus_per_node: int, replicas: Optional[int] = None) -> Placement:
+    """Engines on the sampling layout (sample, kl, synthesize); `replicas` defaults to sampling.replicas."""
+    s = cfg.sampling
+    return engine_placement(s.replicas if replicas is None else replicas, s.tensor_parallel, gpus_per_node,
+                            s.pipeline_parallel, s.data_parallel)
+
+
+def reward_engines(cfg: Config, gpus_per_node: int, replicas: Optional[int] = None) -> Placement:
+    """Engines on the reward layout (reward.model, the judge, the pairwise ranker, compare);
+    `replicas` defaults to reward.replicas."""
+    r = cfg.reward
+    return engine_placement(r.replicas if replicas is None else replicas, r.tensor_parallel, gpus_per_node,
+                            r.pipeline_parallel)
 
 
 def packed_placement(ntasks: int, gpus_per_node: int) -> Placement:
@@ -73,7 +112,7 @@ def stage_placement(kind: str, cfg: Config, nodes: int, gpus_per_node: int,
     """The placement of one stage kind (sample, reward, pairs, train, export, kl)."""
     s = cfg.sampling
     if kind in ("sample", "kl"):
-        return engine_placement(s.replicas, s.tensor_parallel, gpus_per_node)
+        return sampling_engines(cfg, gpus_per_node)
     if kind == "reward":
         return reward_placement(cfg, gpus_per_node)
     if kind == "synthesize":  # one engine on the sampling layout
