@@ -41,8 +41,6 @@ def validate(cfg: Config, world_size: Optional[int] = None, stages: Sequence[str
     errors: list[str] = []
     if RECIPE in stages:
         errors += recipe_errors(cfg, plan)
-    if PLACEMENT in stages:
-        errors += allocation_errors(cfg, world_size)
     if arch is None:
         if plan and cfg.model.arch and not Path(cfg.model.path or "").exists():
             arch = cfg.model.arch
@@ -51,6 +49,8 @@ def validate(cfg: Config, world_size: Optional[int] = None, stages: Sequence[str
                 arch = resolve_arch(cfg)
             except UserError as e:
                 raise type(e)(errors + e.errors) from None
+    if PLACEMENT in stages:
+        errors += allocation_errors(cfg, world_size, arch)
     if TRAIN in stages or PLACEMENT in stages:
         errors += layout_errors(arch, cfg.parallel, world_size)
         errors += arch_problems(arch)
@@ -304,36 +304,117 @@ def synthesize_errors(synth: SynthesizeConfig) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def allocation_errors(cfg: Config, world_size: Optional[int]) -> list[str]:
+def allocation_errors(cfg: Config, world_size: Optional[int], arch: Optional[ModelArch] = None) -> list[str]:
     """The training ranks split over cluster.nodes, and every engine stage fits the nodes."""
     nodes = cfg.cluster.nodes
     world = world_size if world_size is not None else nodes * cfg.cluster.nproc_per_node
     if world % nodes:
         return [f"{world} training ranks do not split evenly over cluster.nodes={nodes}; "
                 "use a multiple of the node count"]
-    return placement_errors(cfg, nodes, world // nodes)
+    return placement_errors(cfg, nodes, world // nodes, arch)
 
 
-def _engine_errors(section: str, replicas: int, tp: int, nodes: int, gpus_per_node: int) -> list[str]:
-    total = nodes * gpus_per_node
-    if tp > gpus_per_node:
-        return [f"{section}.tensor_parallel={tp} is more than the {gpus_per_node} GPUs of one node (a TP group must "
-                f"stay inside a node): use {section}.tensor_parallel <= {gpus_per_node}"]
-    if replicas * tp > total:
-        return [f"{section}.replicas={replicas} x {section}.tensor_parallel={tp} needs {replicas * tp} GPUs; the "
-                f"allocation has {nodes} node(s) x {gpus_per_node} GPUs = {total}: use {section}.replicas <= "
-                f"{total // tp} or more nodes"]
+def engine_shape_errors(section: str, tp: int, pp: int, shape: Optional[dict], what: str) -> list[str]:
+    """vLLM's own limits on one engine of a model `shape` {heads, kv_heads, layers}: TP divides
+    the attention heads, and the key/value heads (or is a multiple of them: vLLM then replicates
+    them); PP divides the layers (so every pipeline stage holds the same layers, as planned)."""
+    if not shape:
+        return []
+    heads, kv, layers = shape["heads"], shape["kv_heads"] or shape["heads"], shape["layers"]
+    if heads % tp:
+        return [f"{section}.tensor_parallel={tp} does not divide the {heads} attention heads of {what}; choose "
+                f"{section}.tensor_parallel from {divisors(heads)}"]
+    if (tp % kv if tp >= kv else kv % tp):
+        return [f"{section}.tensor_parallel={tp} neither divides nor is a multiple of the {kv} key/value heads of "
+                f"{what}; choose {section}.tensor_parallel from {divisors(heads, kv)} or a multiple of {kv}"]
+    if layers and layers % pp:
+        return [f"{section}.pipeline_parallel={pp} does not divide the {layers} layers of {what}; choose "
+                f"{section}.pipeline_parallel from {divisors(layers)}"]
     return []
 
 
-def placement_errors(cfg: Config, nodes: int, gpus_per_node: int) -> list[str]:
-    """Every stage must fit `nodes` x `gpus_per_node`: checked before any stage starts."""
+def sampling_shape_errors(cfg: Config, arch: Optional[ModelArch]) -> list[str]:
+    """The sampling engine's layout against the policy: heads, layers, and DP x EP for MoE only."""
+    s = cfg.sampling
+    if arch is None:
+        return []
+    moe = bool(arch.num_experts)
+    if s.expert_parallel and not moe:
+        return ["sampling.expert_parallel=true needs a mixture-of-experts policy (this one is dense); set "
+                "sampling.expert_parallel=false"]
+    if s.data_parallel > 1 and not moe:
+        return [f"sampling.data_parallel={s.data_parallel} (data-parallel ranks inside one engine, with expert "
+                "parallelism) is for mixture-of-experts policies; for a dense policy set sampling.data_parallel=1 "
+                "and use sampling.replicas"]
+    shape = {"heads": arch.num_attention_heads, "kv_heads": arch.num_key_value_heads, "layers": arch.num_layers}
+    return engine_shape_errors("sampling", s.tensor_parallel, s.pipeline_parallel, shape, "the policy")
+
+
+def reward_model_shape(reward: RewardConfig) -> Optional[dict]:
+    """{heads, kv_heads, layers} from reward.model's config.json when it is on this machine (a
+    dry run may name a directory that exists only on the cluster: then nothing is checked)."""
+    from aipo_mp.runtime.json_files import read_json_object
+
+    path = Path(reward.model or "") / "config.json"
+    if not reward.model or not path.is_file():
+        return None
+    hf = read_json_object(path, "the reward model's config.json")
+    hf = hf.get("text_config", hf)
+    heads = hf.get("num_attention_heads")
+    if not isinstance(heads, int) or heads < 1:
+        return None
+    kv = hf.get("num_key_value_heads") or heads
+    return {"heads": heads, "kv_heads": kv if isinstance(kv, int) else heads,
+            "layers": hf.get("num_hidden_layers") if isinstance(hf.get("num_hidden_layers"), int) else 0}
+
+
+def engine_fit_errors(section: str, replicas: int, gpus: int, width: str, nodes: int, gpus_per_node: int) -> list[str]:
+    """`replicas` engines of `gpus` GPUs (`width` names the keys that multiply to it) on `nodes` x
+    `gpus_per_node`: an engine wider than a node fills whole nodes, and spanning engines need
+    `replicas` x nodes-per-engine nodes (they never share a node)."""
+    total = nodes * gpus_per_node
+    if gpus > gpus_per_node:
+        if gpus % gpus_per_node:
+            return [f"{width} ({gpus} GPUs per engine) does not fill whole nodes of {gpus_per_node} GPUs (an engine "
+                    f"wider than a node spans whole nodes); make it a multiple of {gpus_per_node}"]
+        span = gpus // gpus_per_node
+        if replicas * span > nodes:
+            return [f"{section}.replicas={replicas} engines x {span} nodes each ({width}) need "
+                    f"{replicas * span} nodes; the allocation has {nodes}: use {section}.replicas <= "
+                    f"{nodes // span} or more nodes" if nodes >= span else
+                    f"{width} ({gpus} GPUs per engine) spans {span} nodes; the allocation has {nodes} node(s) x "
+                    f"{gpus_per_node} GPUs: use a smaller engine or at least {span} nodes"]
+        return []
+    if replicas * gpus > total:
+        return [f"{section}.replicas={replicas} x {gpus} GPUs per engine ({width}) needs {replicas * gpus} GPUs; the "
+                f"allocation has {nodes} node(s) x {gpus_per_node} GPUs = {total}: use {section}.replicas <= "
+                f"{total // gpus} or more nodes"]
+    return []
+
+
+def placement_errors(cfg: Config, nodes: int, gpus_per_node: int, arch: Optional[ModelArch] = None) -> list[str]:
+    """Every stage must fit `nodes` x `gpus_per_node`, and every engine must suit its model
+    (`arch`: the policy; reward.model's config.json when present): checked before any stage starts.
+    One line per engine section: its shape first, then whether it fits."""
     if nodes < 1 or gpus_per_node < 1:
         return [f"allocation of {nodes} node(s) x {gpus_per_node} GPUs: need at least 1 x 1 "
                 "(cluster.nodes, cluster.nproc_per_node)"]
-    errors = _engine_errors("sampling", cfg.sampling.replicas, cfg.sampling.tensor_parallel, nodes, gpus_per_node)
-    reward_tp = cfg.reward.tensor_parallel if cfg.reward.model else 1
-    errors += _engine_errors("reward", cfg.reward.replicas, reward_tp, nodes, gpus_per_node)
+    s, r = cfg.sampling, cfg.reward
+    errors = sampling_shape_errors(cfg, arch)
+    if not errors:
+        width = (f"sampling.tensor_parallel x pipeline_parallel x data_parallel = {s.tensor_parallel} x "
+                 f"{s.pipeline_parallel} x {s.data_parallel}" if s.pipeline_parallel * s.data_parallel > 1
+                 else f"sampling.tensor_parallel={s.tensor_parallel}")
+        errors = engine_fit_errors("sampling", s.replicas, s.tensor_parallel * s.pipeline_parallel * s.data_parallel,
+                                   width, nodes, gpus_per_node)
+    reward_errors_ = engine_shape_errors("reward", r.tensor_parallel, r.pipeline_parallel,
+                                         reward_model_shape(r), f"reward.model ({r.model})") if r.model else []
+    if not reward_errors_:
+        gpus = r.tensor_parallel * r.pipeline_parallel if r.model else 1
+        width = (f"reward.tensor_parallel x pipeline_parallel = {r.tensor_parallel} x {r.pipeline_parallel}"
+                 if r.pipeline_parallel > 1 else f"reward.tensor_parallel={r.tensor_parallel}")
+        reward_errors_ = engine_fit_errors("reward", r.replicas, gpus, width, nodes, gpus_per_node)
+    errors += reward_errors_
     for kind, minutes in (cfg.cluster.stage_minutes or {}).items():
         if kind not in STAGE_KINDS:
             errors.append(f"cluster.stage_minutes.{kind}: unknown stage; use {', '.join(STAGE_KINDS)}")

@@ -58,7 +58,26 @@ INVALID = [
     ("parallel.tp=1 parallel.sequence_parallel=false train.global_batch_pairs=7",
      "train.global_batch_pairs=7 is not divisible by the data-parallel size"),
     ("train.min_lr=1", "train.lr=0.001, train.min_lr=1.0: need 0 <= min_lr <= lr"),
-    ("sampling.tensor_parallel=4", "sampling.tensor_parallel=4 is more than the 2 GPUs of one node"),
+    # engine layouts (the tiny policy: 4 heads, 2 key/value heads, 4 layers, dense; 1 node x 2 GPUs)
+    ("sampling.tensor_parallel=3", "sampling.tensor_parallel=3 does not divide the 4 attention heads of the policy; "
+     "choose sampling.tensor_parallel from [1, 2, 4]"),
+    ("sampling.pipeline_parallel=3", "sampling.pipeline_parallel=3 does not divide the 4 layers of the policy; "
+     "choose sampling.pipeline_parallel from [1, 2, 4]"),
+    ("sampling.expert_parallel=true", "sampling.expert_parallel=true needs a mixture-of-experts policy"),
+    ("sampling.data_parallel=2", "sampling.data_parallel=2 (data-parallel ranks inside one engine, with expert "
+     "parallelism) is for mixture-of-experts policies; for a dense policy set sampling.data_parallel=1"),
+    ("sampling.tensor_parallel=4", "sampling.tensor_parallel=4 (4 GPUs per engine) spans 2 nodes; the allocation "
+     "has 1 node(s) x 2 GPUs: use a smaller engine or at least 2 nodes"),
+    ("cluster.nodes=2 sampling.tensor_parallel=2 sampling.pipeline_parallel=2 sampling.replicas=2",
+     "sampling.replicas=2 engines x 2 nodes each (sampling.tensor_parallel x pipeline_parallel x data_parallel = "
+     "2 x 2 x 1) need 4 nodes; the allocation has 2: use sampling.replicas <= 1"),
+    ("parallel.tp=1 parallel.sequence_parallel=false cluster.nproc_per_node=3 train.global_batch_pairs=15 "
+     "sampling.tensor_parallel=4", "sampling.tensor_parallel=4 (4 GPUs per engine) does not fill whole nodes of "
+     "3 GPUs"),
+    ("reward.rule=null reward.kind=judge reward.model={llama} reward.tensor_parallel=3",
+     "reward.tensor_parallel=3 does not divide the 4 attention heads of reward.model"),
+    ("reward.rule=null reward.kind=judge reward.model={llama} reward.pipeline_parallel=3",
+     "reward.pipeline_parallel=3 does not divide the 4 layers of reward.model"),
     ("rounds.synthesize.enabled=true rounds.synthesize.min_tokens=9 rounds.synthesize.max_tokens=8",
      "rounds.synthesize.max_tokens=8: must be >= min_tokens (9)"),
     ("reward.model=some_dir", "reward: set exactly one of reward.rule (module:function) or reward.model"),
@@ -98,14 +117,15 @@ def test_the_valid_recipe_passes_every_entry(recipe_args, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("override,fragment", INVALID, ids=[o for o, _ in INVALID])
-def test_check_run_and_dry_run_refuse_the_same_way(override, fragment, recipe_args, capsys, monkeypatch):
+def test_check_run_and_dry_run_refuse_the_same_way(override, fragment, recipe_args, tiny_hf_dirs, capsys,
+                                                   monkeypatch):
     from aipo_mp.rounds import run
 
     def started(*_args, **_kwargs):
         raise AssertionError("a stage started although the config is invalid")
 
     monkeypatch.setattr(run.RoundRunner, "run", started)
-    overrides = override.split()
+    overrides = override.format(llama=tiny_hf_dirs["llama"]).split()  # {llama}: a tiny HF model dir
     refuses_with_one_line(*run_cli(["check", *recipe_args, *overrides], capsys), fragment)
     refuses_with_one_line(*run_cli(["run", *recipe_args, *overrides, "--dry-run"], capsys), fragment)
     refuses_with_one_line(*run_cli(["run", *recipe_args, *overrides], capsys), fragment)
