@@ -141,9 +141,11 @@ def cmd_reward(args) -> int:
     cfg = stage_config(args)
     rule, model = args.rule or cfg.reward.rule, args.model or cfg.reward.model
     if cfg.reward.kind in ("pairwise", "judge"):  # rankers: aipo_mp/rounds/rankers.py
-        from aipo_mp.rounds.rankers import rank_with_config
+        from aipo_mp.rounds.rankers import rank_task, rank_with_config
 
         reward = dataclasses.replace(cfg.reward, model=model)
+        if args.shard_dir:  # one engine task of `aipo-mp run`'s ranker stage: its shards (whole prompts)
+            return rank_task(args.samples, reward, args.shard_dir, stop)
         ranked = rank_with_config(args.samples, reward, args.out)
         print(f"ranked {len(ranked)} samples with the {reward.kind} ranker into {args.out}")
         return 0
@@ -161,7 +163,10 @@ def cmd_reward(args) -> int:
 
 
 def cmd_synthesize(args) -> int:
-    from aipo_mp.rounds.synthesize import previous_new_prompts, run_stage
+    from aipo_mp.rounds.shards import StopFlag
+
+    stop = StopFlag() if args.shard_dir else None  # a placed task: before the slow imports
+    from aipo_mp.rounds.synthesize import previous_new_prompts, run_stage, synthesize_task
 
     cfg = stage_config(args)
     extra = []
@@ -169,6 +174,9 @@ def cmd_synthesize(args) -> int:
         from pathlib import Path
 
         extra = previous_new_prompts(Path(args.run_dir), args.round)
+    if args.shard_dir:  # one engine task of `aipo-mp run`'s synthesize stage: its shard of each batch
+        return synthesize_task(cfg, args.model, args.seeds or cfg.rounds.prompts, args.out_dir, args.round, extra,
+                               args.shard_dir, stop)
     records, stats = run_stage(cfg, args.model, args.seeds or cfg.rounds.prompts, args.out_dir, args.round, extra)
     print(f"synthesized {stats['kept']} new prompts ({stats['completions']} completions, dropped {stats['dropped']}); "
           f"wrote {len(records)} prompts to {args.out_dir}/prompts.jsonl")
@@ -306,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True, help="writes prompts.jsonl, synthesize_stats.json, synthesize/")
     p.add_argument("--round", type=int, default=0, help="round index (ids r<round>-n<k>, generation seeds)")
     p.add_argument("--run-dir", default=None, help="with rounds.synthesize.include_previous: earlier rounds' prompts")
+    p.add_argument("--shard-dir", default=None, help="one engine task of a placed stage: its shard of each batch here")
     add_stage_args(p)
     p.set_defaults(func=cmd_synthesize)
     p = sub.add_parser("pairs", help="best vs worst answer per prompt -> pairs.jsonl and pairs_stats.json")

@@ -9,11 +9,13 @@ right nodes, or local subprocesses):
             whole nodes, one task per node (task k: engine k // nodes_per_engine, node-rank
             k % nodes_per_engine; node-rank 0 drives, the others run headless); spanning engines
             never share a node.
-    reward  the same with `reward.replicas` x (`reward.tensor_parallel` x `reward.pipeline_parallel`)
-            (a rule reward: CPU tasks; a pairwise or judge ranker: one engine, since a prompt's
-            candidates are ranked together)
-    synthesize, compare   one engine (the sampling layout; the ranker's)
-    kl      the sampling layout (a large policy never goes into one TP=1 engine)
+    reward  the same with `reward.replicas` engines of `reward.tensor_parallel` x
+            `reward.pipeline_parallel` GPUs: a reward model, or a pairwise or judge ranker (each
+            engine ranks its shards of whole prompts); a rule reward: `reward.replicas` CPU tasks
+    compare the ranker's engines (the reward layout), each judging its shards of the answers
+    synthesize  `sampling.replicas` engines of the sampling layout, splitting each generation batch
+    kl      `sampling.replicas` engines of the sampling layout (a large policy never goes into one
+            TP=1 engine), each on every E-th sample of each round
     export  one converter rank per stored TP x PP shard, packed `gpus_per_node` per node so a TP
             group stays inside a node
     pairs   one CPU task
@@ -97,11 +99,11 @@ def cpu_placement() -> Placement:
 
 
 def reward_placement(cfg: Config, gpus_per_node: int) -> Placement:
+    """A reward model or a ranker (pairwise, judge): `reward.replicas` engines of the reward layout;
+    a rule: `reward.replicas` CPU tasks, one per slot."""
     r = cfg.reward
-    if r.kind in ("pairwise", "judge"):  # a prompt's candidates are ranked together: one engine
-        return engine_placement(1, r.tensor_parallel, gpus_per_node)
-    if r.model:
-        return engine_placement(r.replicas, r.tensor_parallel, gpus_per_node)
+    if r.model or r.kind in ("pairwise", "judge"):
+        return reward_engines(cfg, gpus_per_node)
     per_node = max(1, min(r.replicas, gpus_per_node))  # a rule: CPU tasks, one per slot
     return Placement(ntasks=r.replicas, nodes=math.ceil(r.replicas / per_node), ntasks_per_node=per_node,
                      gpus_per_task=0)
@@ -110,15 +112,14 @@ def reward_placement(cfg: Config, gpus_per_node: int) -> Placement:
 def stage_placement(kind: str, cfg: Config, nodes: int, gpus_per_node: int,
                     export_shards: Optional[int] = None) -> Placement:
     """The placement of one stage kind (sample, reward, pairs, train, export, kl)."""
-    s = cfg.sampling
     if kind in ("sample", "kl"):
         return sampling_engines(cfg, gpus_per_node)
     if kind == "reward":
         return reward_placement(cfg, gpus_per_node)
-    if kind == "synthesize":  # one engine on the sampling layout
-        return engine_placement(1, s.tensor_parallel, gpus_per_node)
-    if kind == "compare":  # the ranker's engine
-        return engine_placement(1, cfg.reward.tensor_parallel, gpus_per_node)
+    if kind == "synthesize":  # the sampling layout's engines split each generation batch
+        return sampling_engines(cfg, gpus_per_node)
+    if kind == "compare":  # the ranker's engines (the reward layout)
+        return reward_engines(cfg, gpus_per_node)
     if kind == "export":
         return packed_placement(export_shards or cfg.parallel.tp * cfg.parallel.pp, gpus_per_node)
     if kind == "train":

@@ -6,8 +6,8 @@ A comparator maps (prompt, answer A, answer B) to P(A better than B):
 * `PairwiseClassifier`: an HF `*ForSequenceClassification` model with one label (a PairRM-style
   comparator) reading `reward.template` filled with {prompt}, {a}, {b}; P = sigmoid(logit).
   Run with transformers (these comparators are small; a GPU is used when present).
-* `JudgeComparator`: an instruction model served by vLLM (tensor parallel like sampling, and
-  `reward.replicas` engines in their own processes splitting the comparisons) given
+* `JudgeComparator`: an instruction model served by vLLM (the reward layout: engines of
+  `reward.tensor_parallel` GPUs) given
   `reward.template` (a question asking which answer is better); the verdict is read from the
   teacher-forced log-probs of the two answer strings `reward.judge_answers` (" A", " B"):
   P(A) = exp(lp_A) / (exp(lp_A) + exp(lp_B)), an answer string's log-prob summed over its tokens.
@@ -27,12 +27,16 @@ The output is `scored.jsonl` like a reward's: every sample with "score" (the agg
 stage is unchanged (`pairs.min_rank_gap` reads the ranks). Ranker scores order candidates of one
 prompt only; the report compares rounds with `compare` (below), which judges round r's answers
 against round 0's directly (both orders), into `round_R/judgments_vs_round0.jsonl`.
+
+Placement: in `aipo-mp run` the ranker and compare stages run `reward.replicas` engines over the
+allocation, one task each (`rank_task`, `compare_task`), each on its shards: a ranker's shards are
+whole prompts, compare's are runs of matched answers; the driver merges them in input order, so the
+output equals one engine's.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -165,17 +169,22 @@ def compare_answers(current, baseline, comparator: Comparator, kind: str = "pair
     "baseline_length"} (the report's length-controlled win rate reads them)."""
     from aipo_mp.rounds.report import match_baseline
 
-    matched = match_baseline(load_samples(current), load_samples(baseline))
+    out = judge_matched(match_baseline(load_samples(current), load_samples(baseline)), comparator, kind)
+    if out_path is not None:
+        write_jsonl(out_path, out)
+    return out
+
+
+def judge_matched(matched: Sequence[tuple[dict, dict]], comparator: Comparator, kind: str) -> list[dict]:
+    """The judgments of (current, baseline) answer pairs (see compare_answers); each depends on
+    its own pair only, so any split of the list gives the same judgments."""
     items = [(c["prompt"], c["text"], b["text"]) for c, b in matched]
     items += [(c["prompt"], b["text"], c["text"]) for c, b in matched]
     verdicts = check_probabilities(comparator(items) if items else [], len(items), f"the {kind} ranker")
     m = len(matched)
-    out = [{"prompt_id": c["prompt_id"], "sample_index": c["sample_index"],
-            "win": (verdicts[k] + 1.0 - verdicts[m + k]) / 2.0,
-            "length": c.get("num_tokens"), "baseline_length": b.get("num_tokens")} for k, (c, b) in enumerate(matched)]
-    if out_path is not None:
-        write_jsonl(out_path, out)
-    return out
+    return [{"prompt_id": c["prompt_id"], "sample_index": c["sample_index"],
+             "win": (verdicts[k] + 1.0 - verdicts[m + k]) / 2.0,
+             "length": c.get("num_tokens"), "baseline_length": b.get("num_tokens")} for k, (c, b) in enumerate(matched)]
 
 
 def fill_template(template: str, prompt, a: str, b: str) -> str:
@@ -279,70 +288,15 @@ class JudgeComparator:
         return out
 
 
-class JudgeReplicas:
-    """The judge on `replicas` engines, each in its own process with its own devices (or CPU
-    cores), like sampling's replicas: the comparisons are split into contiguous shards and the
-    verdicts merged back in order."""
-
-    def __init__(self, model_dir: str | Path, replicas: int, options: dict):
-        self.model_dir, self.replicas, self.options = str(model_dir), replicas, options
-
-    def __call__(self, items: Sequence[tuple]) -> list[float]:
-        import tempfile
-
-        from aipo_mp.rounds.engines import replica_env, run_children
-        from aipo_mp.rounds.shards import shard_bounds
-
-        if not items:
-            return []
-        replicas = min(self.replicas, len(items))
-        with tempfile.TemporaryDirectory(prefix=".aipo_judge.") as tmp:
-            tmp = Path(tmp)
-            (tmp / "options.json").write_text(json.dumps(self.options))
-            jobs = []
-            for k, (start, end) in enumerate(shard_bounds(len(items), replicas)):
-                write_jsonl(tmp / f"items{k}.jsonl", [{"prompt": p, "a": a, "b": b} for p, a, b in items[start:end]])
-                args = ["judge-shard", "--model", self.model_dir, "--items", str(tmp / f"items{k}.jsonl"),
-                        "--options", str(tmp / "options.json"), "--out", str(tmp / f"verdicts{k}.json")]
-                jobs.append((args, replica_env(k, replicas, self.options["tensor_parallel"])))
-            run_children("aipo_mp.rounds.rankers", jobs, tmp)
-            return [v for k in range(replicas) for v in json.loads((tmp / f"verdicts{k}.json").read_text())]
-
-
-def judge_shard_main(argv: list[str]) -> int:
-    """One judge replica: verdicts of the items of a shard (a child of JudgeReplicas)."""
-    from aipo_mp.data.records import read_jsonl
-    from aipo_mp.rounds.engines import close_engine, pin_to_assigned_cores, start_engine
-    from aipo_mp.runtime.files import atomic_write_text
-
-    parser = argparse.ArgumentParser(prog="python -m aipo_mp.rounds.rankers judge-shard")
-    for name in ("--model", "--items", "--options", "--out"):
-        parser.add_argument(name, required=True)
-    args = parser.parse_args(argv)
-    pin_to_assigned_cores()
-    options = json.loads(Path(args.options).read_text())
-    try:
-        llm = start_engine(args.model, tensor_parallel=options["tensor_parallel"], kv_cache_gib=options["kv_cache_gib"],
-                           max_model_len=options["max_model_len"], what="judge model")
-        try:
-            judge = JudgeComparator(llm, options["template"], options["answers"], options["chat_template"])
-            verdicts = judge([(r["prompt"], r["a"], r["b"]) for r in read_jsonl(args.items)])
-        finally:
-            close_engine(llm)
-    except UserError as e:
-        atomic_write_text(args.out + ".error", str(e) + "\n")
-        return 2
-    atomic_write_text(args.out, json.dumps(verdicts))
-    return 0
-
-
 # ---------------------------------------------------------------------------------------------
 # From the config: validation, building a comparator, the reward stage
 # ---------------------------------------------------------------------------------------------
 
 
 def open_comparator(reward, model=None):
-    """(comparator, close) for a ranker kind. `model` may be a live vLLM engine for the judge."""
+    """(comparator, close) for a ranker kind: the pairwise classifier, or one judge engine (a
+    stage's `reward.replicas` engines are its tasks, each with its own). `model` may be a live
+    vLLM engine for the judge."""
     kind = reward_kind(reward)
     if kind == "pairwise":
         return PairwiseClassifier(model or reward.model, reward.template, reward.batch_size), lambda: None
@@ -350,15 +304,77 @@ def open_comparator(reward, model=None):
 
     if model is not None and is_engine(model):
         return JudgeComparator(model, reward.template, reward.judge_answers, reward.chat_template), lambda: None
-    if reward.replicas > 1:
-        options = dict(tensor_parallel=reward.tensor_parallel, kv_cache_gib=reward.kv_cache_gib,
-                       max_model_len=reward.max_model_len, template=reward.template,
-                       answers=list(reward.judge_answers), chat_template=reward.chat_template)
-        return JudgeReplicas(model or reward.model, reward.replicas, options), lambda: None
     llm = start_engine(model or reward.model, tensor_parallel=reward.tensor_parallel, kv_cache_gib=reward.kv_cache_gib,
                        max_model_len=reward.max_model_len, what="judge model")
     return (JudgeComparator(llm, reward.template, reward.judge_answers, reward.chat_template),
             lambda: close_engine(llm))
+
+
+class TaskComparator:
+    """This engine task's comparator, opened at its first shard (on its own devices) and kept for
+    the rest: an engine task with no shard left starts no engine."""
+
+    def __init__(self, reward):
+        self.reward = reward
+        self.comparator: Optional[Comparator] = None
+        self.close: Callable[[], None] = lambda: None
+
+    def __call__(self, items: Sequence[tuple]) -> list[float]:
+        if self.comparator is None:
+            from aipo_mp.rounds.shards import claim_engine_devices, task_identity
+
+            _, _, local_rank, local_world = task_identity()
+            claim_engine_devices(local_rank, local_world, self.reward.tensor_parallel)
+            self.comparator, self.close = open_comparator(self.reward)
+        return self.comparator(items)
+
+
+def rank_task(samples, reward, shard_root: str | Path, stop) -> int:
+    """One engine task of a placed ranker stage (`aipo-mp reward --shard-dir` with reward.kind
+    pairwise or judge): rank the prompts of this engine's unfinished shards (whole prompts, laid
+    out by `prompt_shards`); the driver merges them back in input order. 0, or 75 when stopped."""
+    from aipo_mp.rounds.shards import ShardDir, engine_identity, prompt_shards, run_shard_task
+
+    errors = reward_errors(reward)
+    if errors:
+        raise ConfigError(errors)
+    engine, engines, drives = engine_identity()
+    if not drives:
+        return 0
+    records = load_samples(samples)
+    order, bounds = prompt_shards([r["prompt_id"] for r in records], engines)
+    laid_out = [records[k] for k in order]
+    comparator = TaskComparator(reward)
+    work = lambda start, end: rank_samples(laid_out[start:end], comparator, reward.aggregate, reward_kind(reward))
+    try:
+        return run_shard_task(ShardDir(shard_root, len(bounds)), bounds, work, stop, engine, engines)
+    finally:
+        comparator.close()
+
+
+def compare_task(samples, against: Sequence[tuple[str, str]], reward, shard_root: str | Path, stop) -> int:
+    """One engine task of a placed compare stage: for every (baseline answers, judgments file)
+    pair k, the judgments of this engine's unfinished shards of the matched answers into
+    SHARD_ROOT/k/; the driver merges each into its judgments file. 0, or 75 when stopped."""
+    from aipo_mp.rounds.report import match_baseline
+    from aipo_mp.rounds.shards import ShardDir, engine_identity, run_shard_task, shard_bounds, shard_count
+
+    engine, engines, drives = engine_identity()
+    if not drives:
+        return 0
+    current = load_samples(samples)
+    comparator = TaskComparator(reward)
+    try:
+        for k, (baseline, _out) in enumerate(against):
+            matched = match_baseline(current, load_samples(baseline))
+            shards = ShardDir(Path(shard_root) / str(k), shard_count(len(matched), engines))
+            work = lambda start, end, m=matched: judge_matched(m[start:end], comparator, reward_kind(reward))
+            code = run_shard_task(shards, shard_bounds(len(matched), shards.count), work, stop, engine, engines)
+            if code:
+                return code
+        return 0
+    finally:
+        comparator.close()
 
 
 def rank_with_config(samples, reward, out_path: Optional[str | Path] = None) -> list[dict]:
@@ -373,22 +389,28 @@ def rank_with_config(samples, reward, out_path: Optional[str | Path] = None) -> 
 
 
 def compare_main(argv: Optional[list[str]] = None) -> int:
-    """`aipo-mp compare --config RECIPE --samples S --against BASELINE OUT ...`:
-    one comparator, every (baseline answers, judgments file) pair."""
+    """`aipo-mp compare --config RECIPE --samples S --against BASELINE OUT ... [--shard-dir DIR]`:
+    one comparator, every (baseline answers, judgments file) pair; with --shard-dir, one engine
+    task of the placed compare stage (its shards only; `aipo-mp run` merges them into OUT)."""
     from aipo_mp.config import load_config
+    from aipo_mp.rounds.shards import StopFlag
 
     parser = argparse.ArgumentParser(prog="aipo-mp compare")
     parser.add_argument("--config", required=True)
     parser.add_argument("--samples", required=True, help="the round's samples.jsonl (or scored.jsonl)")
     parser.add_argument("--against", nargs=2, action="append", required=True, metavar=("BASELINE", "OUT"),
                         help="baseline answers (samples JSONL) and the judgments JSONL to write")
+    parser.add_argument("--shard-dir", default=None, help="one engine task of a placed stage: its shards here")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
+    stop = StopFlag() if args.shard_dir else None  # a placed task: before the slow imports
     try:
         reward = load_config(args.config, args.overrides).reward
         errors = reward_errors(reward)
         if errors:
             raise ConfigError(errors)
+        if args.shard_dir:
+            return compare_task(args.samples, args.against, reward, args.shard_dir, stop)
         comparator, close = open_comparator(reward)
         try:
             for baseline, out in args.against:
@@ -407,8 +429,6 @@ def compare_main(argv: Optional[list[str]] = None) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["judge-shard"]:
-        return judge_shard_main(argv[1:])
     if argv[:1] != ["compare"]:
         print("usage: python -m aipo_mp.rounds.rankers compare --config RECIPE --samples S --against BASELINE OUT",
               file=sys.stderr)

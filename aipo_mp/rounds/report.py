@@ -484,14 +484,16 @@ def kl_from_sums(rows: list[dict]) -> dict:
 
 def kl_main(args) -> int:
     run_dir = Path(args.run_dir)
-    if args.shard_dir:  # one task of the placed kl stage: its slice of every round, merged by the driver
-        from aipo_mp.rounds.shards import ShardDir, StopFlag, run_shard_task, task_identity
+    if args.shard_dir:  # one engine task of the placed kl stage: its slice of every round, merged by the driver
+        from aipo_mp.rounds.shards import ShardDir, StopFlag, engine_identity, run_shard_task
 
         stop = StopFlag()
-        rank, world, _, _ = task_identity()
-        shards = ShardDir(args.shard_dir, world)
-        work = lambda k, _end: kl_sums(run_dir, args.rounds, args.initial, (k, world), args.tensor_parallel)
-        return run_shard_task(shards, [(k, k + 1) for k in range(world)], work, stop, rank, world)
+        engine, engines, drives = engine_identity()
+        if not drives:
+            return 0
+        shards = ShardDir(args.shard_dir, engines)
+        work = lambda k, _end: kl_sums(run_dir, args.rounds, args.initial, (k, engines), args.tensor_parallel)
+        return run_shard_task(shards, [(k, k + 1) for k in range(engines)], work, stop, engine, engines)
     rows = kl_sums(run_dir, args.rounds, args.initial, tensor_parallel=args.tensor_parallel)
     atomic_write_json(args.out, kl_from_sums(rows))
     return 0

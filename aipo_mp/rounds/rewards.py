@@ -267,29 +267,43 @@ def _score_in_child(model_dir, records: list[dict], engine_options: dict) -> lis
 
 def reward_task(samples, shard_root: str | Path, stop, rule: Optional[str] = None, model: Optional[str] = None,
                 **engine_options) -> int:
-    """One task of a placed reward stage (`aipo-mp reward --shard-dir`): score this task's shard
-    of the samples (by SLURM_PROCID / RANK) with the rule or its own reward engine; the driver
-    merges the shards. Returns 0, or 75 when a stop signal came before its shard was scored."""
+    """One engine task of a placed reward stage (`aipo-mp reward --shard-dir`): score this
+    engine's unfinished shards of the samples with the rule or its own reward engine (started at
+    its first shard, kept for the rest); the driver merges the shards. Returns 0, or 75 when a stop
+    signal came before its shards were scored."""
     from aipo_mp.rounds.shards import (
         ShardDir,
         claim_engine_devices,
+        engine_identity,
         run_shard_task,
         shard_bounds,
         shard_count,
         task_identity,
     )
 
-    rank, world, local_rank, local_world = task_identity()
+    engine, engines, drives = engine_identity()
+    if not drives:
+        return 0
+    _, _, local_rank, local_world = task_identity()
     records = load_samples(samples)
-    shards = ShardDir(shard_root, shard_count(len(records), world))
+    shards = ShardDir(shard_root, shard_count(len(records), engines))
+    llm = None
 
     def work(start: int, end: int) -> list[dict]:
+        nonlocal llm
         if rule:
             return score_with_rule(records[start:end], rule)
-        claim_engine_devices(local_rank, local_world, engine_options.get("tensor_parallel", 1))
-        return score_with_model(records[start:end], model, **engine_options)
+        if llm is None:
+            check_reward_model(model)
+            claim_engine_devices(local_rank, local_world, engine_options.get("tensor_parallel", 1))
+            llm = start_engine(model, runner="pooling", what="reward model", **engine_options)
+        return score_with_model(records[start:end], llm)
 
-    return run_shard_task(shards, shard_bounds(len(records), shards.count), work, stop, rank, world)
+    try:
+        return run_shard_task(shards, shard_bounds(len(records), shards.count), work, stop, engine, engines)
+    finally:
+        if llm is not None:
+            close_engine(llm)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

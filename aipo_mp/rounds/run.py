@@ -18,19 +18,20 @@ Layout of RUN_DIR:
   round_R/judgments_vs_round0.jsonl   rankers only, R >= 1 (and judgments_vs_baseline.jsonl)
   baseline/                   rounds.baseline_answers as samples (and scored by a scalar reward)
   round_R/train/              the trainer's output dir (metrics.jsonl, checkpoints/)
-  round_R/shards/sample/, shards/reward/   finished shards of the placed engine stages (kept across a requeue)
+  round_R/shards/STAGE/        finished shards of the placed engine stages (sample, reward, compare/K,
+                              synthesize/batch_NNN; baseline/shards/reward, shards/kl): kept across a requeue
   logs/STAGE.log              the launcher's lines and srun's messages of one stage
   logs/STAGE/rank<K>.log      every task's stdout and stderr
   report/                     report.md, report.json, *.png
   ../.RUN_DIR.lock             held while `aipo-mp run` runs (a second one on RUN_DIR fails at once)
 
 Placement (aipo_mp/rounds/placement.py): each stage declares its tasks, nodes, tasks per node and
-GPUs per task; the engine stages (sample, reward, kl) run one task per engine, each on its shard.
+GPUs per task; the engine stages (sample, reward and the rankers, compare, synthesize, kl, the
+baseline's scores) run one task per engine over the allocation, each on its shards, merged in order.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shlex
 import time
@@ -292,9 +293,12 @@ class RoundRunner:
             return {"skipped": "rounds.synthesize.enabled is false"}
         rd = self.round_dir(r)
         name = f"round{r}-synthesize"
+        # The sampling layout's engines split every generation batch (rd/shards/synthesize/batch_NNN/);
+        # engine 0 writes the merged batches and the prompts.
         self.launch(name, ["--config", str(self.config_path),
                            "--model", self.policy_hf_dir(r), "--out-dir", str(rd),
-                           "--round", str(r), "--run-dir", str(self.run_dir)], self.placement(name))
+                           "--round", str(r), "--run-dir", str(self.run_dir),
+                           "--shard-dir", str(rd / "shards" / "synthesize")], self.placement(name))
         self.stage_output(name, rd / "prompts.jsonl")
         return {"prompts": str(rd / "prompts.jsonl")}
 
@@ -330,8 +334,16 @@ class RoundRunner:
         if not against or reward_kind(self.cfg.reward) not in RANKER_KINDS:
             return {"skipped": "scalar rewards compare rounds by score"}
         name = f"round{r}-compare"
-        self.launch(name, ["--config", str(self.config_path),
-                           "--samples", str(self.round_dir(r) / "samples.jsonl"), *against], self.placement(name))
+        placement, shard_root = self.placement(name), self.round_dir(r) / "shards" / "compare"
+        engines, samples = engine_count(placement), self.round_dir(r) / "samples.jsonl"
+        pairs = list(zip(against[1::3], against[2::3]))  # (baseline answers, judgments file)
+        totals = [0 if self.plan_only else matched_count(samples, baseline) for baseline, _ in pairs]
+        for k, total in enumerate(totals):  # each judgments file in shards over the engines
+            self.plan_shards(shard_root / str(k), total, engines)
+        self.launch(name, ["--config", str(self.config_path), "--samples", str(samples), *against,
+                           "--shard-dir", str(shard_root)], placement)
+        for k, ((_, out), total) in enumerate(zip(pairs, totals)):
+            self.merge_shards(name, shard_root / str(k), total, engines, Path(out))
         return {"judgments": against[2::3]}
 
     def baseline(self, r: int) -> dict:
@@ -344,31 +356,34 @@ class RoundRunner:
         out = self.run_dir / "baseline"
         write_jsonl(out / "samples.jsonl", baseline_samples(self.cfg.rounds.baseline_answers, self.cfg.rounds.prompts,
                                                             self.state.policy(0)))
-        if reward_kind(self.cfg.reward) not in RANKER_KINDS:
-            one_task = dataclasses.replace(self.placement("baseline-reward"), ntasks=1, nodes=1, ntasks_per_node=1)
-            self.launch("baseline-reward", ["--config", str(self.config_path),
-                                            "--samples", str(out / "samples.jsonl"), "--out", str(out / "scored.jsonl")],
-                        one_task)
-            self.stage_output("baseline-reward", out / "scored.jsonl")
+        if reward_kind(self.cfg.reward) not in RANKER_KINDS:  # placed like a round's reward stage
+            self.score("baseline-reward", out / "samples.jsonl", out / "scored.jsonl", out / "shards" / "reward")
         return {"samples": str(out / "samples.jsonl")}
 
     def reward(self, r: int) -> dict:
-        from aipo_mp.data.records import read_jsonl
-
         rd = self.round_dir(r)
-        out, shard_root = rd / "scored.jsonl", rd / "shards" / "reward"
-        name = f"round{r}-reward"
+        return self.score(f"round{r}-reward", rd / "samples.jsonl", rd / "scored.jsonl", rd / "shards" / "reward")
+
+    def score(self, name: str, samples: Path, out: Path, shard_root: Path) -> dict:
+        """Scores (a rule, a reward model) or ranks (pairwise, judge) of `samples` into `out`: one
+        task per engine, each on its shards (a ranker's shards are whole prompts), merged in input order."""
+        from aipo_mp.rounds.rewards import load_samples
+        from aipo_mp.rounds.shards import prompt_shards, restore_order
+
         placement = self.placement(name)
-        if reward_kind(self.cfg.reward) in RANKER_KINDS:  # a prompt's candidates are ranked together: one task
-            self.launch(name, ["--config", str(self.config_path),
-                               "--samples", str(rd / "samples.jsonl"), "--out", str(out)], placement)
-            self.stage_output(name, out)
-            return {"scored": str(out)}
-        total = 0 if self.plan_only else len(read_jsonl(rd / "samples.jsonl"))
-        self.plan_shards(shard_root, total, placement.ntasks)
-        self.launch(name, ["--config", str(self.config_path),
-                           "--samples", str(rd / "samples.jsonl"), "--shard-dir", str(shard_root)], placement)
-        _, markers = self.merge_shards(name, shard_root, total, placement.ntasks, out)
+        engines = engine_count(placement)
+        records = [] if self.plan_only else load_samples(samples)
+        ranker = reward_kind(self.cfg.reward) in RANKER_KINDS
+        order, bounds = prompt_shards([s["prompt_id"] for s in records], engines) if ranker else (None, None)
+        total = len(bounds) if ranker else len(records)  # rankers: one unit per shard of whole prompts
+        self.plan_shards(shard_root, total, engines)
+        self.launch(name, ["--config", str(self.config_path), "--samples", str(samples),
+                           "--shard-dir", str(shard_root)], placement)
+        merged, markers = self.merge_shards(name, shard_root, total, engines, None if ranker else out)
+        if ranker and not self.plan_only:
+            from aipo_mp.data.records import write_jsonl
+
+            write_jsonl(out, restore_order(merged, order))
         return {"scored": str(out), "nodes": sorted({m["node"] for m in markers})}
 
     def pairs(self, r: int) -> dict:
@@ -427,19 +442,21 @@ class RoundRunner:
         self.write_report(final=True)
 
     def kl(self, last: int) -> dict:
-        """Sampled KL(π_r || π_0) for every round with samples: one child command (vLLM engines)."""
+        """Sampled KL(π_r || π_0) for every round with samples: the sampling layout's engines, one
+        task each, each on every E-th sample of each round; the sums are merged."""
         from aipo_mp.rounds.report import kl_from_sums
 
         out, shard_root = self.run_dir / "kl.json", self.run_dir / "shards" / "kl"
         rounds = [r for r in range(last + 1) if self.state.done(r, "sample") or self.plan_only]
         placement = self.placement("kl")
-        self.plan_shards(shard_root, placement.ntasks, placement.ntasks)
+        engines = engine_count(placement)  # shard k of E: every E-th sample of each round
+        self.plan_shards(shard_root, engines, engines)
         args = ["--run-dir", str(self.run_dir), "--shard-dir", str(shard_root),
                 "--tensor-parallel", str(self.cfg.sampling.tensor_parallel), "--initial", self.policy_hf_dir(0),
                 *[f"{r}={self.policy_hf_dir(r)}" for r in rounds]]
         self.launch("kl", args, placement)
         if not self.plan_only:
-            rows, _ = self.merge_shards("kl", shard_root, placement.ntasks, placement.ntasks)
+            rows, _ = self.merge_shards("kl", shard_root, engines, engines)
             atomic_write_json(out, kl_from_sums(rows))
         return {"kl": str(out)}
 
@@ -483,6 +500,19 @@ def baseline_samples(answers_path: str, prompts_path: str, policy: str) -> list[
     if not out:
         raise ConfigError(f"rounds.baseline_answers {answers_path} holds no answers")
     return out
+
+
+def engine_count(placement: Placement) -> int:
+    """The engines of an engine stage (work shards are per engine, never per task)."""
+    return getattr(placement, "engines", 0) or placement.ntasks
+
+
+def matched_count(samples: Path, baseline: str) -> int:
+    """How many answers of `samples` the compare stage judges against `baseline` (its work units)."""
+    from aipo_mp.rounds.report import match_baseline
+    from aipo_mp.rounds.rewards import load_samples
+
+    return len(match_baseline(load_samples(samples), load_samples(baseline)))
 
 
 def last_error_line(log: Path) -> str:

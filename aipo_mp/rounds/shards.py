@@ -1,9 +1,13 @@
-"""One task of a multi-task engine stage (sample, reward, kl): who am I, which devices and which
-shards are mine, and the shard files that survive a requeue.
+"""One task of a multi-engine stage (sample, reward, the rankers, compare, synthesize, kl, the
+baseline's scores): which engine am I, which devices and which shards are mine, and the shard
+files that survive a requeue.
 
-A stage of W tasks (srun tasks, or local subprocesses) splits its work into N contiguous shards
-(N = W unless the stage asks for smaller shards). Task `rank` takes every W-th shard that is not
-finished yet, so a preempted stage redoes only its unfinished shards. Each finished shard is two
+A stage of E engines (one srun task, or local subprocess, per engine) splits its work into N
+contiguous shards (N = E unless the stage asks for smaller shards). Engine `e` takes every E-th
+shard that is not finished yet, so a preempted stage redoes only its unfinished shards. Shards are
+per engine, never per task: an engine spanning several nodes has one driving task. A ranker's
+shards are whole prompts (a prompt's candidates are ranked together): `prompt_shards` orders the
+records prompt by prompt, and `restore_order` puts the merged records back in the input order. Each finished shard is two
 files in the shard directory, written atomically in this order:
 
     shard_00003.jsonl   its records
@@ -38,6 +42,47 @@ def task_identity(environ: Optional[dict] = None) -> tuple[int, int, int, int]:
         return rank, world, local, max(1, local_world)
     rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
     return rank, world, int(env.get("LOCAL_RANK", rank)), int(env.get("LOCAL_WORLD_SIZE", world))
+
+
+def engine_identity(environ: Optional[dict] = None) -> tuple[int, int, bool]:
+    """(engine index, engines, drives) of this task: `engine_task()` of aipo_mp/rounds/engines.py
+    when the launcher placed engines that span nodes, else one task per engine (engine = task rank).
+    `drives` is false on an engine's headless tasks, which take no shards."""
+    from aipo_mp.rounds import engines
+
+    if hasattr(engines, "engine_task"):
+        task = engines.engine_task(os.environ if environ is None else environ)
+        return task.engine, task.engines, task.node_rank == 0
+    rank, world, _, _ = task_identity(environ)
+    return rank, world, True
+
+
+def prompt_shards(prompt_ids: Sequence, engines: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """(order, bounds) that shard records by whole prompts: `order` lists the record positions
+    prompt by prompt (prompts in order of first appearance, records in input order inside), and
+    `bounds` are [start, end) ranges of `order`, each holding whole prompts, one shard per engine
+    (fewer when there are fewer prompts)."""
+    import json
+
+    groups: dict[str, list[int]] = {}
+    for k, pid in enumerate(prompt_ids):
+        groups.setdefault(json.dumps(pid), []).append(k)
+    sizes = [len(g) for g in groups.values()]
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + n)
+    bounds = [(offsets[a], offsets[b]) for a, b in shard_bounds(len(sizes), shard_count(len(sizes), engines))]
+    return [k for g in groups.values() for k in g], bounds
+
+
+def restore_order(merged: Sequence[dict], order: Sequence[int]) -> list[dict]:
+    """Merged records (in `order`, as `prompt_shards` laid them out) back in input order."""
+    if len(merged) != len(order):
+        raise ValueError(f"{len(merged)} merged records for {len(order)} inputs")
+    out: list = [None] * len(order)
+    for record, position in zip(merged, order):
+        out[position] = record
+    return out
 
 
 def node_name(environ: Optional[dict] = None) -> str:
@@ -163,10 +208,13 @@ class ShardDir:
 
 
 def run_shard_task(shard_dir: ShardDir, bounds: list[tuple[int, int]], work: Callable[[int, int], list[dict]],
-                   stop: StopFlag, rank: int, world: int) -> int:
-    """Do this task's unfinished shards with `work(start, end) -> records`; 75 when a stop signal
-    left some of them undone (the stage is rerun after a requeue), else 0."""
-    mine = [k for k in shard_dir.planned()[rank::world] if not shard_dir.done(k)]
+                   stop: StopFlag, rank: int, world: int, fixed: bool = False) -> int:
+    """Do this engine's unfinished shards with `work(start, end) -> records`; 75 when a stop signal
+    left some of them undone (the stage is rerun after a requeue), else 0. `rank`/`world` are the
+    engine index and the engines. The shards are every `world`-th of the driver's plan, or with
+    `fixed` (no driver plan: engines that meet between batches) every `world`-th shard from `rank`."""
+    planned = list(range(shard_dir.count)) if fixed else shard_dir.planned()
+    mine = [k for k in planned[rank::world] if not shard_dir.done(k)]
     print(f"[shards] task {rank}/{world} on {node_name()}: shards {mine} of {shard_dir.count}", flush=True)
     for n, k in enumerate(mine):
         if stop.requested:
@@ -178,3 +226,14 @@ def run_shard_task(shard_dir: ShardDir, bounds: list[tuple[int, int]], work: Cal
         shard_dir.write(k, records, {"node": node_name(), "rank": rank, "restart": int(os.environ.get(
             "SLURM_RESTART_COUNT", 0) or 0), "start": start, "end": end, "seconds": round(time.time() - t0, 3)})
     return 0
+
+
+def wait_for_shards(shard_dir: ShardDir, stop: StopFlag, poll_s: float = 0.2) -> bool:
+    """Wait until every shard of `shard_dir` is finished (the other engines write theirs): True,
+    or False when a stop signal came first. An engine that fails ends the whole step (the local
+    launcher stops the other ranks, srun --kill-on-bad-exit), so no wait outlives its peers."""
+    while shard_dir.todo():
+        if stop.requested:
+            return False
+        time.sleep(poll_s)
+    return True

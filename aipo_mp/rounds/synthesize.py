@@ -338,15 +338,18 @@ class Filter:
 
 def synthesize(seed_records: list[dict], generate: Generator, count_tokens: Callable[[str], int],
                settings: SynthesizeConfig, out_dir: str | Path, round_idx: int = 0,
-               extra_seeds: Sequence[str] = ()) -> tuple[list[dict], dict]:
-    """Run the stage into `out_dir` (see the module docstring); returns (prompt records, stats)."""
+               extra_seeds: Sequence[str] = (), writes: bool = True) -> tuple[list[dict], dict]:
+    """Run the stage into `out_dir` (see the module docstring); returns (prompt records, stats).
+    `writes` false: the same pass without writing anything (the engines of a placed stage but
+    engine 0, which writes the batches and the prompts)."""
     check_section(settings, "rounds.synthesize.")
     errors = synthesize_errors(settings)
     if errors:
         raise ConfigError(errors)
     out_dir = Path(out_dir)
     work = out_dir / "synthesize"
-    work.mkdir(parents=True, exist_ok=True)
+    if writes:
+        work.mkdir(parents=True, exist_ok=True)
     seed_texts = [prompt_text(r["prompt"]) for r in seed_records] + list(extra_seeds)
     labels = cluster_prompts(seed_texts, settings.num_clusters, settings.seed)
     flt = Filter(settings, seed_texts, count_tokens)
@@ -363,7 +366,8 @@ def synthesize(seed_records: list[dict], generate: Generator, count_tokens: Call
             if len(outputs) != len(prompts):
                 raise RuntimeError(f"the generator returned {len(outputs)} completions for {len(prompts)} prompts")
             rows = [{"prompt": p, "text": t, "finish_reason": f} for p, (t, f) in zip(prompts, outputs)]
-            write_jsonl(path, rows)
+            if writes:
+                write_jsonl(path, rows)
         for row in rows:
             flt.feed(row["text"], row["finish_reason"])
         completions += len(rows)
@@ -384,21 +388,27 @@ def synthesize(seed_records: list[dict], generate: Generator, count_tokens: Call
              "parsed_instructions": flt.parsed, "kept": len(new), "over_total": len(flt.kept) - len(new), "dropped": {r: flt.dropped.get(r, 0) for r in DROP_REASONS},
              "cut_answer_parts": flt.cut_answer_parts, "seed_prompts_kept": len(kept_seeds),
              "prompts_written": len(records), "reached_total": len(new) >= settings.total}
-    write_jsonl(work / "new_prompts.jsonl", new_records)
-    atomic_write_json(out_dir / "synthesize_stats.json", stats)
-    write_jsonl(out_dir / "prompts.jsonl", records)  # last: its presence means the stage finished
+    if writes:
+        write_jsonl(work / "new_prompts.jsonl", new_records)
+        atomic_write_json(out_dir / "synthesize_stats.json", stats)
+        write_jsonl(out_dir / "prompts.jsonl", records)  # last: its presence means the stage finished
     return records, stats
 
 
+def batch_spec(synth, sampling, round_idx: int, batch: int):
+    """The sampling settings of generation batch `batch`: one completion per prompt, seeded per batch."""
+    return dataclasses.replace(sampling, n=1, temperature=synth.temperature, top_p=synth.top_p,
+                               max_tokens=synth.generation_max_tokens, stop=[], chat_template=False,
+                               seed=synth.seed + 1000 * round_idx + batch)
+
+
 def vllm_generator(model, synth, sampling, round_idx: int) -> Generator:
-    """Completions by the policy with vLLM on the sampling layout (tensor parallel, replicas).
-    `model` is an HF directory or a live engine."""
+    """Completions by the policy with vLLM on the sampling layout. `model` is an HF directory or
+    a live engine."""
     from aipo_mp.rounds.sampling import sample
 
     def generate(prompts: list[str], batch: int) -> list[tuple[str, str]]:
-        spec = dataclasses.replace(sampling, n=1, temperature=synth.temperature, top_p=synth.top_p,
-                                   max_tokens=synth.generation_max_tokens, stop=[], chat_template=False,
-                                   seed=synth.seed + 1000 * round_idx + batch)
+        spec = batch_spec(synth, sampling, round_idx, batch)
         records = sample(model, [{"id": k, "prompt": p} for k, p in enumerate(prompts)], spec)
         by_id = {r["prompt_id"]: r for r in records}
         return [(by_id[k]["text"], by_id[k]["finish_reason"]) for k in range(len(prompts))]
@@ -430,3 +440,81 @@ def run_stage(cfg, model_dir: str, seeds_path: str, out_dir: str | Path, round_i
     seeds = read_prompts(seeds_path)
     return synthesize(seeds, vllm_generator(model_dir, synth, cfg.sampling, round_idx), token_counter(model_dir),
                       synth, out_dir, round_idx, extra_seeds)
+
+
+class StageStopped(Exception):
+    """A stop signal (preemption) came while an engine task of the stage waited or generated."""
+
+
+class ShardedGenerator:
+    """One engine task's generator of a placed synthesize stage: every batch's generation prompts
+    are split into one contiguous shard per engine (SHARD_ROOT/batch_NNN/ofN/); this engine
+    generates its unfinished shards with its own engine (started at its first shard, kept across
+    batches), waits for the other engines' shards and returns the whole batch merged in order. A
+    prompt's seed depends on its position in the batch only, so the batch equals one engine's."""
+
+    def __init__(self, model_dir, synth, sampling, round_idx: int, shard_root: str | Path, stop,
+                 engine: int, engines: int):
+        self.model_dir, self.synth, self.sampling, self.round_idx = model_dir, synth, sampling, round_idx
+        self.shard_root, self.stop, self.engine, self.engines = Path(shard_root), stop, engine, engines
+        self.llm = None
+
+    def __call__(self, prompts: list[str], batch: int) -> list[tuple[str, str]]:
+        from aipo_mp.rounds.shards import ShardDir, run_shard_task, shard_bounds, shard_count, wait_for_shards
+
+        spec = batch_spec(self.synth, self.sampling, self.round_idx, batch)
+        records = [{"id": k, "prompt": p} for k, p in enumerate(prompts)]
+        shards = ShardDir(self.shard_root / f"batch_{batch:03d}", shard_count(len(prompts), self.engines))
+
+        def work(start: int, end: int) -> list[dict]:
+            from aipo_mp.rounds.sampling import generate_records
+
+            return generate_records(self.engine_for(spec), records[start:end], spec, index_offset=start)
+
+        code = run_shard_task(shards, shard_bounds(len(prompts), shards.count), work, self.stop, self.engine,
+                              self.engines, fixed=True)  # no driver plan: the same split in every task
+        if code or not wait_for_shards(shards, self.stop):
+            raise StageStopped(f"batch {batch}")
+        by_id = {r["prompt_id"]: r for r in shards.merge()}
+        return [(by_id[k]["text"], by_id[k]["finish_reason"]) for k in range(len(prompts))]
+
+    def engine_for(self, spec):
+        if self.llm is None:
+            from aipo_mp.rounds.engines import engine_kwargs, start_engine
+            from aipo_mp.rounds.shards import claim_engine_devices, task_identity
+
+            _, _, local_rank, local_world = task_identity()
+            claim_engine_devices(local_rank, local_world, spec.tensor_parallel)
+            self.llm = start_engine(self.model_dir, **engine_kwargs(spec), what="policy model")
+        return self.llm
+
+    def close(self) -> None:
+        if self.llm is not None:
+            from aipo_mp.rounds.engines import close_engine
+
+            close_engine(self.llm)
+            self.llm = None
+
+
+def synthesize_task(cfg, model_dir: str, seeds_path: str, out_dir: str | Path, round_idx: int,
+                    extra_seeds: Sequence[str], shard_root: str | Path, stop) -> int:
+    """One engine task of a placed synthesize stage (`aipo-mp synthesize --shard-dir`): every
+    engine runs the same deterministic pass over the batches, generating its shard of each; engine
+    0 writes the merged batches and the prompts. 0, or 75 when a stop signal came first (a rerun
+    reuses the finished batches and shards)."""
+    from aipo_mp.rounds.shards import engine_identity
+
+    engine, engines, drives = engine_identity()
+    if not drives:
+        return 0
+    generate = ShardedGenerator(model_dir, cfg.rounds.synthesize, cfg.sampling, round_idx, shard_root, stop,
+                                engine, engines)
+    try:
+        synthesize(read_prompts(seeds_path), generate, token_counter(model_dir), cfg.rounds.synthesize, out_dir,
+                   round_idx, extra_seeds, writes=engine == 0)
+    except StageStopped as e:
+        print(f"[synthesize] stopped by a signal in {e}", flush=True)
+        return 75
+    finally:
+        generate.close()
+    return 0
