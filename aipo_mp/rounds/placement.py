@@ -28,7 +28,7 @@ right nodes, or local subprocesses):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 from aipo_mp.config import Config
@@ -45,6 +45,11 @@ class Placement:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Placement":
+        """The placement held in a dict with more keys (a dry-run entry)."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
 def engine_gpus(tensor_parallel: int, pipeline_parallel: int = 1, data_parallel: int = 1) -> int:
@@ -127,6 +132,29 @@ def stage_placement(kind: str, cfg: Config, nodes: int, gpus_per_node: int,
     if kind == "pairs":
         return cpu_placement()
     raise ValueError(f"unknown stage kind {kind!r}")
+
+
+def engine_layout(kind: str, cfg: Config) -> dict:
+    """The layout of one engine of an engine stage: {tp, pp, dp, ep} (ep: expert parallel on,
+    EP size = DP x TP). Sample, kl and synthesize use the sampling layout; reward, compare, the
+    judge and the pairwise ranker the reward layout."""
+    if kind in ("reward", "compare"):
+        return {"tp": cfg.reward.tensor_parallel, "pp": cfg.reward.pipeline_parallel, "dp": 1, "ep": False}
+    s = cfg.sampling
+    return {"tp": s.tensor_parallel, "pp": s.pipeline_parallel, "dp": s.data_parallel, "ep": s.expert_parallel}
+
+
+def describe_engines(placement: Placement, layout: dict) -> str:
+    """'14 engines x 2 nodes (TP 8 x PP 2), node-rank 0 drives, 28 tasks' (the dry run's line)."""
+    shape = " x ".join([f"TP {layout['tp']}"] + [f"{k.upper()} {layout[k]}" for k in ("pp", "dp") if layout[k] > 1])
+    if layout["ep"]:
+        shape += f", EP {layout['tp'] * layout['dp']}"
+    n, span = placement.engines, placement.nodes_per_engine
+    if span > 1:
+        return (f"{n} engine(s) x {span} nodes ({shape}), node-rank 0 drives, {span - 1} headless, "
+                f"{placement.ntasks} tasks")
+    return f"{n} engine(s) of {placement.gpus_per_task} GPU(s) ({shape}), {placement.ntasks_per_node} per node, " \
+           f"{placement.ntasks} tasks"
 
 
 def stage_kind(name: str) -> str:

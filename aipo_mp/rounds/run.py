@@ -41,7 +41,7 @@ from typing import Optional
 from aipo_mp.config import RANKER_KINDS, Config, dump_config, reward_kind
 from aipo_mp.errors import CHECKPOINT_META, EXIT_STOPPED, LATEST, RUN_STATE, ConfigError, StageFailed
 from aipo_mp.rounds.launchers import rank_log_dir
-from aipo_mp.rounds.placement import Placement, stage_kind, stage_placement
+from aipo_mp.rounds.placement import Placement, describe_engines, engine_layout, stage_kind, stage_placement
 from aipo_mp.rounds.progress import stage_progress
 from aipo_mp.rounds.shards import ShardDir, shard_count
 from aipo_mp.runtime.files import atomic_write_json
@@ -211,7 +211,11 @@ class RoundRunner:
 
     def plan_entry(self, name: str, argv: list[str], placement: Placement, log: Path, limit) -> dict:
         entry = {"name": name, "ntasks": placement.ntasks, "nodes": placement.nodes,
-                 "ntasks_per_node": placement.ntasks_per_node, "gpus_per_task": placement.gpus_per_task}
+                 "ntasks_per_node": placement.ntasks_per_node, "gpus_per_task": placement.gpus_per_task,
+                 "engines": placement.engines, "nodes_per_engine": placement.nodes_per_engine}
+        if placement.engines:  # an engine stage: its layout, and which task of an engine drives it
+            entry["engine_layout"] = engine_layout(stage_kind(name), self.cfg)
+            entry["driver_node_rank"] = 0
         if hasattr(self.launcher, "command"):
             entry["argv"] = self.launcher.command(name, argv, placement, log, limit)[0]
         else:
@@ -575,7 +579,9 @@ def dry_run(cfg: Config, launcher_kind: str, as_json: bool = False) -> int:
         return 0
     print(f"plan ({launcher_kind}, {nodes} node(s) x {gpus_per_node} GPUs); nothing is started")
     for e in stages:
-        print(f"{e['stage']:>14}: {e['ntasks']} task(s) on {e['nodes']} node(s), {e['ntasks_per_node']} per node, "
-              f"{e['gpus_per_task']} GPU(s) per task\n{'':>16}{shlex.join(e['argv'])}")
+        where = (describe_engines(Placement.from_dict(e), e["engine_layout"]) + f", on "
+                 f"{e['nodes']} node(s)" if e["engines"] else f"{e['ntasks']} task(s) on {e['nodes']} node(s), "
+                 f"{e['ntasks_per_node']} per node, {e['gpus_per_task']} GPU(s) per task")
+        print(f"{e['stage']:>14}: {where}\n{'':>16}{shlex.join(e['argv'])}")
     return 0
 
