@@ -72,6 +72,10 @@ class HFWeights:
         # Presented name -> where it lives, for the names that are not stored as such.
         self.virtual: dict[str, Virtual] = {}
         self.aliases: dict[str, str] = {}  # presented name -> stored name (Mixtral's fused-layout router)
+        # MXFP4 experts (gpt-oss releases): X -> (X_blocks, X_scales), presented as the bf16 tensor X
+        # (also to the fused-expert presentation below), dequantized expert by expert when read.
+        self.mxfp4 = quantized.mxfp4_pairs(self.files, self.dir, self._stored_shape, self._stored_dtype) \
+            if self._pickled is None and quantized.mxfp4_of(self.dir) else {}
         self._present_fused_experts()
         # Block-scaled FP8 weights (DeepSeek releases): weight name -> its scale's; read as bf16.
         self.fp8_block = quantized.fp8_block_of(self.dir)
@@ -145,6 +149,8 @@ class HFWeights:
         return "" if self._pickled is not None else self._handle(self.files[name]).get_slice(name).get_dtype()
 
     def _stored_shape(self, name: str) -> tuple[int, ...]:
+        if name in getattr(self, "mxfp4", {}) and name not in self.files:  # as dequantized
+            return quantized.mxfp4_shape(self._stored_shape(self.mxfp4[name][0]))
         if self._pickled is not None:
             return tuple(self._pickled[name].shape)
         return tuple(self._handle(self.files[name]).get_slice(name).get_shape())
@@ -157,7 +163,10 @@ class HFWeights:
             by_real.setdefault(v.real, []).append(name)
         renamed = {stored: shown for shown, stored in self.aliases.items()}
         out = []
-        for name in self.files:
+        # An MXFP4 pair is shown as the tensor it stands for, where its blocks are stored.
+        shown = {blocks: name for name, (blocks, _) in self.mxfp4.items()}
+        mx_scales = {sc for _, sc in self.mxfp4.values()}
+        for name in (shown.get(n, n) for n in self.files if n not in mx_scales):
             if name in renamed:
                 out.append(renamed[name])
             elif name in hidden:
@@ -169,6 +178,10 @@ class HFWeights:
 
     def locate(self, name: str) -> tuple[str, str, int, tuple[int, ...]]:
         """(file, stored tensor, elements before `name`'s first one in it, `name`'s shape)."""
+        real, v = self.mxfp4_part(name)
+        if real is not None:  # MXFP4: the blocks' file; the shape is the dequantized one (read only by mxfp4_rows)
+            blocks = self.mxfp4[real][0]
+            return self.files[blocks], blocks, 0, v.shape if v else self._stored_shape(real)
         if name in self.virtual:
             v = self.virtual[name]
             return self.files[v.real], v.real, v.elem_offset(self._stored_shape(v.real)), v.shape
@@ -189,6 +202,8 @@ class HFWeights:
             t = self._pickled[stored]
             return t[v.expert, v.lo:v.hi] if v else t
         try:
+            if self.mxfp4_part(name)[0] is not None:
+                return self.mxfp4_rows(name, 0, self.shape(name)[0])
             if v:  # only the expert's rows are read
                 return self._handle(fname).get_slice(stored)[v.expert:v.expert + 1, v.lo:v.hi][0]
             if name in self.fp8_scales:
@@ -200,13 +215,47 @@ class HFWeights:
             raise CheckpointError(f"{self.dir / fname}: cannot read tensor {stored} ({first_line(e)}); the file "
                               "is truncated or damaged: copy or convert it again") from None
 
+    def mxfp4_part(self, name: str) -> tuple[Optional[str], Optional[Virtual]]:
+        """(the MXFP4 tensor `name` is or is a per-expert slice of, that slice), or (None, None)."""
+        if name in self.mxfp4:
+            return name, None
+        v = self.virtual.get(name)
+        return (v.real, v) if v is not None and v.real in self.mxfp4 else (None, None)
+
+    def mxfp4_rows(self, name: str, start: int, n: int, out: Optional[torch.Tensor] = None,
+                   cols: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Rows start .. start + n (columns `cols` of them when given) of an MXFP4 tensor (rows are
+        experts) or of a per-expert slice of one, dequantized into `out` (cast to its dtype) or a
+        new bf16 tensor. One expert's blocks and scales are read and dequantized at a time."""
+        real, v = self.mxfp4_part(name)
+        blocks, scales = self.mxfp4[real]
+        bh, sh = self._handle(self.files[blocks]).get_slice(blocks), self._handle(self.files[scales]).get_slice(scales)
+
+        def expert(j: int) -> torch.Tensor:
+            return quantized.dequantize_mxfp4(bh[j:j + 1], sh[j:j + 1], real)[0]
+
+        def pick(t: torch.Tensor, dim: int) -> torch.Tensor:  # the columns of rows: dim 1 of the tensor read
+            return t if cols is None else t.narrow(dim, cols[0], cols[1] - cols[0])
+
+        if v is not None:  # rows of one expert's slice: that expert dequantized once
+            rows = pick(expert(v.expert)[v.lo + start:v.lo + start + n], 1)
+            return rows.clone() if out is None else out.copy_(rows)
+        if out is None:
+            row = list(self.shape(name)[1:])
+            if cols is not None:
+                row[0] = cols[1] - cols[0]
+            out = torch.empty(n, *row, dtype=torch.bfloat16)
+        for j in range(start, start + n):
+            out[j - start].copy_(pick(expert(j), 0))
+        return out
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self.locate(name)[3]
 
     def dtype(self, name: str) -> str:
         """bf16 | fp32 | fp16 | fp64 (or the safetensors name of another dtype)."""
         fname, stored, _, _ = self.locate(name)
-        if name in self.fp8_scales:
+        if name in self.fp8_scales or self.mxfp4_part(name)[0] is not None:
             return "bf16"  # presented dequantized
         if self._pickled is not None:
             return TORCH_DTYPE_NAMES.get(self._pickled[stored].dtype, str(self._pickled[stored].dtype))

@@ -123,6 +123,10 @@ class SafetensorsSource:
         False for a pickled source (the caller copies from `view`)."""
         if self.weights._pickled is not None:
             return False
+        if self.weights.mxfp4_part(name)[0] is not None:  # MXFP4: dequantized one expert at a time
+            n = dst.shape[0] if dst.dim() else 1
+            self.weights.mxfp4_rows(name, start, n, dst.view(n, *dst.shape[1:]), cols)
+            return True
         fd, dtype, shape, pos = self._where(name)
         row_shape = tuple(shape[1:])
         row_elems = 1
@@ -148,7 +152,9 @@ class SafetensorsSource:
         return True
 
     def view(self, name: str) -> torch.Tensor:
-        if self.weights._pickled is not None:
+        """The whole tensor without a copy (MXFP4: dequantized, so a copy of the whole tensor:
+        read experts with `read_into` to hold only them)."""
+        if self.weights._pickled is not None or self.weights.mxfp4_part(name)[0] is not None:
             return self.weights.get(name)
         fd, dtype, shape, pos = self._where(name)
         raw = self._file(self.weights.locate(name)[0])[0]
