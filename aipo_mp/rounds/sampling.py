@@ -50,14 +50,17 @@ from aipo_mp.config import SamplingConfig, build_section, check_section
 from aipo_mp.data.records import normalize_prompts, read_jsonl, write_jsonl
 from aipo_mp.errors import ConfigError, UserError
 from aipo_mp.rounds.engines import (
+    EngineTask,
     check_model_dir,
     close_engine,
     engine_in_use,
     engine_kwargs,
+    engine_task,
     is_engine,
     pin_to_assigned_cores,
     replica_env,
     run_children,
+    serve_headless,
     start_engine,
 )
 from aipo_mp.rounds.shards import ShardDir, StopFlag, run_shard_task, shard_bounds, shard_count, task_identity
@@ -217,30 +220,42 @@ def sample_in_children(model_dir, prompts: list[dict], spec: SamplingConfig, rep
 
 def sample_task(model_dir, prompts, spec: SamplingConfig, shard_root: str | Path, stop: StopFlag,
                 shard_prompts: int = 0) -> int:
-    """One task of a placed sample stage (`aipo-mp sample --shard-dir`): its own engine on its own
-    devices, its unfinished shards of the prompts (by SLURM_PROCID / RANK); the driver merges them.
-    Returns 0, or 75 when a stop signal left shards undone."""
-    rank, world, local_rank, local_world = task_identity()
+    """One task of a placed sample stage (`aipo-mp sample --shard-dir`). Shards are per engine:
+    the engine's head task (node-rank 0) starts the engine on its devices (on every node of an
+    engine that spans nodes) and samples the engine's unfinished shards of the prompts; the
+    engine's other tasks serve its headless part until the head ends. The driver merges the
+    shards. Returns 0, or 75 when a stop signal left shards undone."""
+    _, _, local_rank, local_world = task_identity()
+    task = engine_task()
     prompts = normalize_prompts(prompts)
+    shards = ShardDir(shard_root, shard_count(len(prompts), task.engines, shard_prompts))
+    if not task.is_head:
+        return serve_headless(task, finished=lambda: not engine_todo(shards, task))
     check_prompt_lengths(model_dir, prompts, spec)  # before this task's engine starts
-    shards = ShardDir(shard_root, shard_count(len(prompts), world, shard_prompts))
     bounds = shard_bounds(len(prompts), shards.count)
     llm = None
 
     def work(start: int, end: int) -> list[dict]:
         nonlocal llm
         if llm is None:
-            from aipo_mp.rounds.shards import claim_engine_devices
+            if not task.spans:  # a task of a node shared with other engines: its slice of the node
+                from aipo_mp.rounds.shards import claim_engine_devices
 
-            claim_engine_devices(local_rank, local_world, spec.tensor_parallel)
-            llm = start_engine(model_dir, **engine_kwargs(spec), what="policy model")
+                claim_engine_devices(local_rank, local_world, spec.tensor_parallel * spec.pipeline_parallel
+                                     * spec.data_parallel)
+            llm = start_engine(model_dir, **engine_kwargs(spec), what="policy model", task=task)
         return generate_records(llm, prompts[start:end], spec, index_offset=start)
 
     try:
-        return run_shard_task(shards, bounds, work, stop, rank, world)
+        return run_shard_task(shards, bounds, work, stop, task.engine, task.engines)
     finally:
         if llm is not None:
             close_engine(llm)
+
+
+def engine_todo(shards: ShardDir, task: EngineTask) -> list[int]:
+    """The unfinished shards of `task`'s engine (every engines-th of the driver's plan)."""
+    return [k for k in shards.planned()[task.engine::task.engines] if not shards.done(k)]
 
 
 # ---------------------------------------------------------------------------------------------
