@@ -162,6 +162,9 @@ def expert_layout_errors(arch: ModelArch, par: ParallelConfig, world_size: Optio
         # of an expert on each TP rank (etp < tp) would never have its gradients summed over TP.
         errors.append(f"parallel.ep=1 with parallel.tp={par.tp} needs parallel.etp={par.tp} (experts split like the "
                       f"dense layers); or use expert parallelism (parallel.ep > 1)")
+    if etp > 1 and arch.family == "gpt_oss":  # megatron 0.16.1 asserts: expert biases need ETP 1
+        errors.append(f"parallel.etp={etp}: gpt-oss's experts have biases, which megatron supports only unsplit; "
+                      "set parallel.etp=1 (with parallel.tp > 1 use parallel.ep > 1)")
     if par.tp > 1 and not par.sequence_parallel:
         errors.append(f"a mixture-of-experts model with parallel.tp={par.tp} needs sequence parallelism "
                       "(megatron dispatches tokens per TP rank); set parallel.sequence_parallel=true")

@@ -13,6 +13,7 @@ so everything downstream sees one layout.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ class Virtual:
 
     def elem_offset(self, fused_shape: tuple[int, ...]) -> int:
         """Elements before this tensor's first one, inside the fused tensor."""
-        rows, cols = fused_shape[1], fused_shape[2]
+        rows, cols = fused_shape[1], math.prod(fused_shape[2:])  # a fused bias [E, n]: cols 1
         return (self.expert * rows + self.lo) * cols
 
 
@@ -99,6 +100,8 @@ class HFWeights:
         """Replace transformers 5's fused expert tensors by the family's per-expert names (row
         ranges of them; nothing is read). The family and its sizes come from config.json; a fused
         tensor whose shape config.json does not imply is one error line naming it."""
+        if self._present_expert_slices():
+            return
         fused = {n: m for n in self.files if (m := FUSED_EXPERTS.match(n))}
         if not fused:
             return
@@ -135,6 +138,28 @@ class HFWeights:
                     raise CheckpointError(f"{self.dir}: holds both {fused_router} and {router.format(i=i)}; keep one "
                                           "layout: re-save the model")
                 self.aliases[router.format(i=i)] = fused_router
+
+    def _present_expert_slices(self) -> bool:
+        """gpt-oss stores every expert tensor fused over a layer's experts ([E, ...]): present
+        expert e's slice [e] under the family's per-expert name (Family.expert_slices). True when
+        config.json names such a family."""
+        found = expert_slice_names(self.dir)
+        if found is None:
+            return False
+        arch, slices = found
+        for i in range(arch.num_layers):
+            for fused_template, per_expert in slices:
+                name = fused_template.format(i=i)
+                if name not in self.files and name not in self.mxfp4:  # MXFP4: presented as dequantized
+                    continue  # the name check then names the expert tensors that are missing
+                shape = self._stored_shape(name)
+                if len(shape) < 2 or shape[0] != arch.num_experts:
+                    raise CheckpointError(f"{self.dir}: tensor {name} has shape {shape} but config.json implies "
+                                          f"{arch.num_experts} experts on its first dimension; the weights do not "
+                                          "match config.json")
+                for e in range(arch.num_experts):
+                    self.virtual[per_expert.format(i=i, e=e)] = Virtual(name, e, 0, shape[1], tuple(shape[1:]))
+        return True
 
     def stored_name(self, name: str) -> str:
         """The tensor that would hold `name` in this directory's layout: with fused experts, the
@@ -300,6 +325,25 @@ def fused_expert_names(directory: Path):
         elif rule.megatron.endswith(".mlp.router.weight"):
             (router,) = rule.hf
     return arch, gate, up, down, router
+
+
+def expert_slice_names(directory: Path):
+    """(arch, ((fused, per-expert) name templates)) when config.json names a family whose experts
+    are stored fused and sliced per expert (gpt-oss); None otherwise."""
+    from aipo_mp.errors import UserError
+    from aipo_mp.models import arch_from_hf_config, family_for_hf_config
+
+    cfg = Path(directory) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        hf = read_hf_config_file(cfg)
+        family = family_for_hf_config(hf)
+    except UserError:
+        return None  # the caller's config check names the problem
+    if not family.expert_slices:
+        return None
+    return arch_from_hf_config(hf), family.expert_slices
 
 
 def check_index_files(directory: str | Path) -> dict[str, str]:
