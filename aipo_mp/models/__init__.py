@@ -10,13 +10,13 @@ from pathlib import Path
 from aipo_mp.config import ModelArch
 from aipo_mp.errors import CHECKPOINT_META as MEGATRON_META
 from aipo_mp.errors import ConfigError
-from aipo_mp.models import deepseek_v3, gemma2, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe
+from aipo_mp.models import deepseek_v3, gemma2, gpt_oss, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe
 from aipo_mp.models.family import Family
 from aipo_mp.models.rope import rope_scaling_errors
 
 FAMILIES: dict[str, Family] = {
     f.name: f for f in (llama.FAMILY, mistral.FAMILY, gemma2.FAMILY, qwen2.FAMILY, qwen3.FAMILY,
-                        qwen3_moe.FAMILY, mixtral.FAMILY, deepseek_v3.FAMILY)
+                        qwen3_moe.FAMILY, mixtral.FAMILY, deepseek_v3.FAMILY, gpt_oss.FAMILY)
 }
 
 
@@ -143,7 +143,9 @@ def num_params(arch: ModelArch, active: bool = False) -> int:
     mlp = ((arch.num_layers - moe_layers) * 3 * h * f
            + moe_layers * (experts * 3 * h * arch.moe_intermediate_size + arch.num_experts * h + shared))
     emb = arch.vocab_size * h
-    return arch.num_layers * (attn + norms) + mlp + emb + h + (0 if arch.tie_embeddings else emb)
+    extra = get_family(arch.family).extra_params  # e.g. gpt-oss's sinks and linear biases
+    return (arch.num_layers * (attn + norms) + mlp + emb + h + (0 if arch.tie_embeddings else emb)
+            + (extra(arch, active) if extra else 0))
 
 
 def hf_config_for(arch: ModelArch) -> dict:

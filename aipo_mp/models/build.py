@@ -19,18 +19,24 @@ from aipo_mp.models.family import (
     COPY,
     GLU,
     GLU_COLUMN,
+    GLU_INTERLEAVED,
     NONE,
     ROW,
+    TRANSPOSE,
     Family,
     Rule,
     SpecOptions,
 )
-from aipo_mp.models.rope import apply_rope_scaling
+from aipo_mp.models.rope import apply_rope_scaling, apply_yarn
 
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 def activation_function(name: str) -> Callable:
+    if name == "quick_gelu":  # gpt-oss: x·sigmoid(1.702·x), megatron's own (its fused GLU kernels know it)
+        from megatron.core.fusions.fused_bias_geglu import quick_gelu
+
+        return quick_gelu
     return ACTIVATIONS[name]
 
 
@@ -39,6 +45,12 @@ def to_megatron(rule: Rule, tensors: list[torch.Tensor], arch: ModelArch) -> tor
         return tensors[0]
     if rule.transform == GLU:
         return torch.cat(tensors, dim=0)
+    if rule.transform == GLU_INTERLEAVED:  # [.., 2I] with gate, up alternating -> [gate; up] rows
+        t = tensors[0]
+        return torch.cat([t[..., 0::2], t[..., 1::2]], dim=-1).t().contiguous() if t.dim() == 2 else \
+            torch.cat([t[0::2], t[1::2]])
+    if rule.transform == TRANSPOSE:
+        return tensors[0].t().contiguous()
     q, k, v = (t if t.dim() == 2 else t[:, None] for t in tensors)  # a bias is one column
     ng, hd = arch.num_key_value_heads, arch.head_dim
     h = q.shape[-1]
@@ -52,6 +64,12 @@ def to_hf(rule: Rule, tensor: torch.Tensor, arch: ModelArch) -> list[torch.Tenso
         return [tensor]
     if rule.transform == GLU:
         return list(torch.chunk(tensor, 2, dim=0))
+    if rule.transform == GLU_INTERLEAVED:  # [gate; up] rows -> gate, up alternating (a matrix transposed)
+        gate, up = torch.chunk(tensor, 2, dim=0)
+        out = torch.stack([gate, up], dim=1).reshape(tensor.shape)  # rows g0, u0, g1, u1, ...
+        return [out.t().contiguous() if tensor.dim() == 2 else out]
+    if rule.transform == TRANSPOSE:
+        return [tensor.t().contiguous()]
     ng, hd = arch.num_key_value_heads, arch.head_dim
     matrix = tensor if tensor.dim() == 2 else tensor[:, None]
     h = matrix.shape[-1]
@@ -131,6 +149,7 @@ def local_layer_spec(opts: SpecOptions, num_experts: int = 0):
             "logit_softcapping": opts.attn_logit_softcapping,
             "window_size": opts.window_size,
             "sliding_layers": opts.sliding_layers,
+            **({"attention_sinks": True} if opts.attention_sinks else {}),
         },
     )
     if opts.mla:
@@ -319,6 +338,10 @@ def transformer_config(arch: ModelArch, par: ParallelConfig, prec: PrecisionConf
         deallocate_pipeline_outputs=False,
         **platform.p2p_settings(),
     )
+    if opts.linear_bias:  # gpt-oss: q/k/v/o, router and expert biases
+        kwargs.update(add_bias_linear=True, add_qkv_bias=True)
+    if opts.glu_linear_offset or opts.activation_clamp is not None:  # gpt-oss's clamped SwiGLU
+        kwargs.update(glu_linear_offset=opts.glu_linear_offset, activation_func_clamp_value=opts.activation_clamp)
     kwargs.update(platform.gpu_fast_paths(activation_function(opts.activation)))
     if recompute != "none":
         kwargs["recompute_granularity"] = recompute
@@ -392,6 +415,8 @@ def build_model(family: Family, arch: ModelArch, par: ParallelConfig, prec: Prec
         )
         attach_family_hooks(model, opts)
         apply_rope_scaling(model, arch.rope_scaling)
+        if not opts.mla:  # gpt-oss's yarn (DeepSeek-V3's latent attention does its own)
+            apply_yarn(model, arch.head_dim, arch.rope_theta, arch.yarn)
         chunks.append(model)
     built = BuiltModel(chunks, family, arch, config, opts)
     if not initialize:

@@ -20,6 +20,9 @@ from aipo_mp.models.rope import rope_scaling_of, rope_theta_of
 # ---------------------------------------------------------------------------------------------
 
 COPY, QKV, GLU = "copy", "qkv", "glu"
+# gpt-oss experts: gate and up interleaved in the columns of one [hidden, 2 x width] matrix (or in
+# one [2 x width] bias), and the down projection stored [width, hidden] (aipo_mp/models/gpt_oss.py).
+GLU_INTERLEAVED, TRANSPOSE = "glu_interleaved", "transpose"
 NONE, COLUMN, ROW, GLU_COLUMN = "none", "column", "row", "glu_column"
 ALL_LAYERS, MOE_LAYERS, DENSE_LAYERS = "all", "moe", "dense"
 
@@ -30,6 +33,8 @@ class Rule:
     `{e}` the global expert index (expert rules).
 
     transform: copy | qkv (q, k, v fused per query group; weights and biases) | glu (gate and up stacked)
+           | glu_interleaved (one HF tensor, gate and up alternating along its last dim; a matrix is
+           transposed) | transpose (a matrix stored [in, out])
     split: how tensor parallelism slices the Megatron tensor: none | column (dim 0) | row (dim 1)
            | glu_column (each rank holds [gate shard; up shard])
     te_alias: the Transformer Engine spec's name of a tensor the local spec names otherwise (TE fuses
@@ -148,12 +153,17 @@ class SpecOptions:
     final_logit_softcapping: Optional[float] = None
     qk_norm: bool = False  # Qwen3: megatron's q_layernorm / k_layernorm (RMSNorm over head_dim)
     mla: bool = False  # DeepSeek-V3: megatron's multi-latent attention (MLATransformerConfig, local spec)
+    attention_sinks: bool = False  # gpt-oss: a learned per-head logit in every softmax's denominator
+    linear_bias: bool = False  # gpt-oss: biases on every linear (q/k/v/o, router, experts)
+    glu_linear_offset: float = 0.0  # gpt-oss: act(gate) * (up + 1)
+    activation_clamp: Optional[float] = None  # gpt-oss: gate <= c, -c <= up <= c before the GLU
 
     @property
     def te_fused_attention(self) -> bool:
         """Transformer Engine's fused attention and norms serve this layer; soft-capping, a
         sliding window and post-norms are not in TE's fused kernels (Gemma-2 keeps the local ones)."""
-        return not (self.post_norms or self.attn_logit_softcapping or self.window_size or self.mla)
+        return not (self.post_norms or self.attn_logit_softcapping or self.window_size or self.mla
+                    or self.attention_sinks)
 
     @property
     def norms_per_layer(self) -> int:
@@ -179,6 +189,11 @@ class Family:
     expected_shapes: Optional[Callable[[ModelArch, list[str]], dict]] = None  # HF name -> shape config.json implies
     dropped_on_import: Optional[Callable[[ModelArch, str], bool]] = None  # HF tensors import skips (DeepSeek MTP)
     export_config: Optional[Callable[[dict], dict]] = None  # config.json as exported, from the imported one
+    # Parameters the shared count (aipo_mp.models.num_params) does not know: (arch, active) -> count.
+    extra_params: Optional[Callable[[ModelArch, bool], int]] = None
+    # HF tensors stored fused over the experts of a layer, each expert's slice [e] presented under a
+    # per-expert name by the HF reader: ((stored name template, per-expert name template), ...).
+    expert_slices: tuple[tuple[str, str], ...] = ()
 
     def rule_for(self, arch: ModelArch, megatron_name: str) -> tuple[Rule, dict]:
         """The rule of a global Megatron name and its index ({"i": layer, "e": expert}, as present)."""

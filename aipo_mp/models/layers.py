@@ -3,7 +3,7 @@
 - `RMSNorm`: Llama-style (x̂·w) and Gemma-style (x̂·(1+w), computed in fp32) RMS norms that
   also work with sequence parallelism (megatron's WrappedTorchNorm refuses it).
 - `TorchCoreAttention`: causal attention with grouped-query heads, sliding windows, logit
-  soft-capping and packed sequences (THD layout with cumulative sequence lengths), computed one
+  soft-capping, attention sinks (gpt-oss) and packed sequences (THD layout with cumulative sequence lengths), computed one
   sequence at a time so its cost follows the sequences, not the packed row.
 - `RowParallelLinearWithPostNorm`: a row-parallel projection followed by an RMSNorm of its
   output, which is how Gemma-2's post-attention and post-feed-forward norms enter the spec.
@@ -108,6 +108,7 @@ class TorchCoreAttention(MegatronModule):
         sliding_layers: Optional[tuple] = None,
         k_channels: Optional[int] = None,
         v_channels: Optional[int] = None,
+        attention_sinks: bool = False,
     ):
         # k_channels / v_channels: multi-latent attention's query-key and value head sizes (they
         # differ); the output is heads x the value head size, read from the values themselves.
@@ -119,6 +120,9 @@ class TorchCoreAttention(MegatronModule):
         uses_window = window_size is not None and (sliding_layers is None or layer_number in sliding_layers)
         self.window_size = window_size if uses_window else None
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        # gpt-oss's sinks: one learned logit per head that joins every softmax's denominator (and
+        # attends nothing). Named as megatron's own learnable softmax offset; split by heads over TP.
+        self.softmax_offset = sink_parameter(config) if attention_sinks else None
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
@@ -183,26 +187,47 @@ class TorchCoreAttention(MegatronModule):
             allow = causal & allow
         else:
             allow = band
-        if self.logit_softcapping:
-            return self._attend_softcapped(q, k, v, dropout_p, allow)
+        if self.logit_softcapping or self.softmax_offset is not None:
+            if allow is None:  # plain causal
+                length = q.shape[-2]
+                allow = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+            return self._attend_unfused(q, k, v, dropout_p, allow)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=allow, dropout_p=dropout_p, is_causal=allow is None,
             scale=self.softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
 
-    def _attend_softcapped(self, q, k, v, dropout_p: float, allow: torch.Tensor) -> torch.Tensor:
-        """The exact unfused computation (fp32 scores and softmax), for what SDPA cannot express."""
+    def _attend_unfused(self, q, k, v, dropout_p: float, allow: torch.Tensor) -> torch.Tensor:
+        """The exact unfused computation (fp32 scores and softmax), for what SDPA cannot express:
+        soft-capping, and sinks (an extra logit per head in the softmax, dropped after it)."""
         b, nq, length, hd = q.shape
         ng = k.shape[1]
         qg = q.float().reshape(b, ng, nq // ng, length, hd)  # the heads of a query group share k/v
         scores = torch.matmul(qg, k.float().unsqueeze(2).transpose(-1, -2)) * self.softmax_scale
         cap = self.logit_softcapping
-        scores = torch.tanh(scores / cap) * cap
+        if cap:
+            scores = torch.tanh(scores / cap) * cap
         scores = torch.where(allow, scores.reshape(b, nq, length, length), float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        if self.softmax_offset is not None:
+            sinks = self.softmax_offset.float().reshape(1, nq, 1, 1).expand(b, nq, length, 1)
+            probs = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :-1].to(q.dtype)
+        else:
+            probs = torch.softmax(scores, dim=-1).to(q.dtype)
         if dropout_p > 0:
             probs = F.dropout(probs, p=dropout_p)
         context = torch.matmul(probs.reshape(b, ng, nq // ng, length, length), v.unsqueeze(2))
         return context.reshape(b, nq, length, v.shape[-1])
+
+
+def sink_parameter(config) -> torch.nn.Parameter:
+    """This TP rank's heads' sink logits (zeros until loaded), tagged as split over TP by heads so
+    gradient norms and checkpoints count each head once."""
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    heads = config.num_attention_heads // parallel_state.get_tensor_model_parallel_world_size()
+    device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+    param = torch.nn.Parameter(torch.zeros(heads, dtype=config.params_dtype, device=device))
+    set_tensor_model_parallel_attributes(param, is_parallel=True, dim=0, stride=1)
+    return param
 
 
 def packed_spans(packed_seq_params, total: int) -> list[tuple[int, int]]:

@@ -112,3 +112,51 @@ def apply_rope_scaling(model, scaling: Optional[dict]) -> None:
         return
     rotary = model.rotary_pos_emb
     rotary.inv_freq = rotary._apply_scaling(rotary.inv_freq, **{k: scaling[k] for k in LLAMA3_FIELDS})
+
+
+# ---------------------------------------------------------------------------------------------
+# yarn, as transformers computes it for gpt-oss (aipo_mp/models/gpt_oss.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def yarn_attention_factor(yarn: dict) -> float:
+    """The factor transformers multiplies cos and sin by (0.1·ln(factor) + 1, or 1 when factor <= 1).
+    Scaling both q and k by it scales every attention score by its square."""
+    import math
+
+    factor = yarn["factor"]
+    return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
+
+
+def yarn_inv_freq(head_dim: int, theta: float, yarn: dict):
+    """transformers' yarn inverse frequencies (fp32, the same operations in the same order):
+    interpolated by `factor` below the beta_slow rotations, extrapolated above beta_fast, a linear
+    ramp between; `truncate` rounds the ramp's ends to whole dimensions (gpt-oss: false)."""
+    import math
+
+    import torch
+
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(yarn["original_max_position_embeddings"] / (rotations * 2 * math.pi)) / (
+            2 * math.log(theta))
+
+    low, high = correction_dim(yarn["beta_fast"]), correction_dim(yarn["beta_slow"])
+    if yarn.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no division by zero
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2).to(dtype=torch.float) / head_dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (yarn["factor"] * pos_freqs)
+    ramp = torch.clamp((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp
+    return interpolation * (1 - keep) + extrapolation * keep
+
+
+def apply_yarn(model, head_dim: int, theta: float, yarn: Optional[dict]) -> None:
+    """Replace a GPTModel's RoPE inverse frequencies by yarn's (the attention factor enters the
+    softmax scale instead: see yarn_attention_factor)."""
+    if not yarn or getattr(model, "rotary_pos_emb", None) is None:
+        return
+    rotary = model.rotary_pos_emb
+    rotary.inv_freq = yarn_inv_freq(head_dim, theta, yarn).to(rotary.inv_freq.device)

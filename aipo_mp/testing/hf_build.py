@@ -29,13 +29,19 @@ def hf_model_from_arch(arch: ModelArch, seed: int = 0, noise: float = 0.02, dtyp
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
-            elif name.endswith(".gate.weight"):
+            elif name.endswith(".gate.weight") or name.endswith(".router.weight"):
                 # An MoE router: scores far apart, so no near-tie of the top-k flips between
                 # implementations that round differently.
                 p.normal_(0.0, 0.5)
             elif "q_proj" in name or "k_proj" in name or "kv_a_proj" in name or "kv_b_proj" in name:
                 # Large enough attention scores that soft-capping and masking visibly matter.
                 p.normal_(0.0, 0.15)
+            elif name.endswith(".sinks"):
+                # gpt-oss's attention sinks: logits of the order of the scores, so they matter.
+                p.normal_(0.0, 1.0)
+            elif name.endswith("experts.gate_up_proj"):
+                # gpt-oss: gate/up pre-activations of a few units, so the SwiGLU clamp (7) is hit.
+                p.normal_(0.0, 0.3)
             else:
                 p.normal_(0.0, noise)
         for name, b in model.named_buffers():

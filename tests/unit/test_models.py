@@ -222,7 +222,8 @@ def test_new_families_parameter_count_and_names_equal_transformers(name):
 
 
 def test_every_family_is_registered():
-    assert set(FAMILIES) == {"llama", "mistral", "gemma2", "qwen2", "qwen3", "qwen3_moe", "mixtral", "deepseek_v3"}
+    assert set(FAMILIES) == {"llama", "mistral", "gemma2", "qwen2", "qwen3", "qwen3_moe", "mixtral", "deepseek_v3",
+                             "gpt_oss"}
     assert {get_family(tiny_arch(n).family).name for n in NEW_MODELS} == {"llama", "qwen2", "qwen3"}
 
 
