@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, tiny_arch
-from tests.slurm_cluster import SlurmCluster, SlurmUnavailable, ensure_installed
+from tests.slurm_cluster import SlurmCluster
 
 TRAIN = ["train.global_batch_pairs=8", "train.seq_length=128", "data.max_prompt_length=32", "parallel.tp=2",
          "train.lr=1e-3", "train.warmup_steps=0", "train.schedule=constant", "output.tensorboard=false"]
@@ -31,29 +31,7 @@ TINY_LLAMA = ROOT / "configs" / "models" / "tiny_llama.yaml"
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
-    """A two-node Slurm cluster (n1, n2; 2 CPUs each) on localhost for the whole session."""
-    try:
-        ensure_installed()
-    except SlurmUnavailable as e:
-        pytest.skip(str(e))
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), cpus=2, nodes=2)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-@pytest.fixture(scope="session")
-def slurm_env(slurm_cluster) -> dict:
-    """Environment for Slurm commands and the jobs they submit (sbatch exports it): SLURM_CONF,
-    the repository on PYTHONPATH, one thread per rank."""
-    env = slurm_cluster.command_env()
-    env.update(PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}".rstrip(os.pathsep), OMP_NUM_THREADS="1",
-               PYTHONUNBUFFERED="1")
-    return env
+# slurm_cluster and slurm_env: tests/e2e/conftest.py
 
 
 @pytest.fixture(scope="module")
