@@ -389,9 +389,8 @@ def engine_fit_errors(section: str, replicas: int, gpus: int, width: str, nodes:
                     f"{gpus_per_node} GPUs: use a smaller engine or at least {span} nodes"]
         return []
     if replicas * gpus > total:
-        return [f"{section}.replicas={replicas} x {gpus} GPUs per engine ({width}) needs {replicas * gpus} GPUs; the "
-                f"allocation has {nodes} node(s) x {gpus_per_node} GPUs = {total}: use {section}.replicas <= "
-                f"{total // gpus} or more nodes"]
+        return [f"{section}.replicas={replicas} x {width} needs {replicas * gpus} GPUs; the allocation has {nodes} "
+                f"node(s) x {gpus_per_node} GPUs = {total}: use {section}.replicas <= {total // gpus} or more nodes"]
     return []
 
 

@@ -145,16 +145,14 @@ def engine_layout(kind: str, cfg: Config) -> dict:
 
 
 def describe_engines(placement: Placement, layout: dict) -> str:
-    """'14 engines x 2 nodes (TP 8 x PP 2), node-rank 0 drives, 28 tasks' (the dry run's line)."""
+    """'14 engine(s) x 2 nodes (TP 8 x PP 2), node-rank 0 drives' (the dry run's line, after the tasks)."""
     shape = " x ".join([f"TP {layout['tp']}"] + [f"{k.upper()} {layout[k]}" for k in ("pp", "dp") if layout[k] > 1])
     if layout["ep"]:
         shape += f", EP {layout['tp'] * layout['dp']}"
     n, span = placement.engines, placement.nodes_per_engine
     if span > 1:
-        return (f"{n} engine(s) x {span} nodes ({shape}), node-rank 0 drives, {span - 1} headless, "
-                f"{placement.ntasks} tasks")
-    return f"{n} engine(s) of {placement.gpus_per_task} GPU(s) ({shape}), {placement.ntasks_per_node} per node, " \
-           f"{placement.ntasks} tasks"
+        return f"{n} engine(s) x {span} nodes ({shape}), node-rank 0 drives, the other {span - 1} headless"
+    return f"{n} engine(s) of {placement.gpus_per_task} GPU(s) ({shape}), {placement.ntasks_per_node} per node"
 
 
 def stage_kind(name: str) -> str:

@@ -579,9 +579,9 @@ def dry_run(cfg: Config, launcher_kind: str, as_json: bool = False) -> int:
         return 0
     print(f"plan ({launcher_kind}, {nodes} node(s) x {gpus_per_node} GPUs); nothing is started")
     for e in stages:
-        where = (describe_engines(Placement.from_dict(e), e["engine_layout"]) + f", on "
-                 f"{e['nodes']} node(s)" if e["engines"] else f"{e['ntasks']} task(s) on {e['nodes']} node(s), "
-                 f"{e['ntasks_per_node']} per node, {e['gpus_per_task']} GPU(s) per task")
+        where = f"{e['ntasks']} task(s) on {e['nodes']} node(s)" + (
+            ": " + describe_engines(Placement.from_dict(e), e["engine_layout"]) if e["engines"] else
+            f", {e['ntasks_per_node']} per node, {e['gpus_per_task']} GPU(s) per task")
         print(f"{e['stage']:>14}: {where}\n{'':>16}{shlex.join(e['argv'])}")
     return 0
 

@@ -196,7 +196,8 @@ def test_dry_run_places_every_stage_of_the_123b_recipe(capsys, monkeypatch):
     text = dry_run(capsys)
     assert text.returncode == 0 and "round0-sample: 8 task(s) on 8 node(s)" in text.stdout, text.stdout
     for override, key in (("sampling.replicas=16", "sampling.replicas=16 x sampling.tensor_parallel=8 needs 128"),
-                          ("sampling.tensor_parallel=16", "sampling.tensor_parallel=16 is more than the 8 GPUs"),
+                          ("sampling.tensor_parallel=16", "sampling.replicas=8 engines x 2 nodes each (sampling.tensor_parallel=16) "
+                           "need 16 nodes; the allocation has 8"),
                           ("reward.replicas=9", "reward.replicas=9 x reward.tensor_parallel=8 needs 72")):
         bad = dry_run(capsys, override)
         lines = bad.stderr.strip().splitlines()
