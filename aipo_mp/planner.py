@@ -137,9 +137,10 @@ Step time (model FLOPs, Megatron/PaLM accounting):
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
 from aipo_mp.config import ModelArch, ParallelConfig
@@ -924,6 +925,136 @@ def choose_vllm_tp(arch: ModelArch, gpu: str | GPUSpec, gpus_per_node: int = 8, 
     return options[-1]
 
 
+@dataclass(frozen=True)
+class SamplingSettings:
+    """What one round's sampling asks of an engine: `n` samples per prompt for `prompts_per_engine`
+    prompts in flight, each up to `seq_length` tokens (sampling.max_model_len, or the prompt limit
+    plus sampling.max_tokens), in `utilization` of each GPU's memory (gpu_memory_utilization)."""
+
+    n: int = 5
+    prompts_per_engine: int = 32
+    seq_length: int = 2560
+    utilization: float = 0.9
+    max_nodes_per_engine: int = 8
+
+    @property
+    def sequences(self) -> int:
+        return self.n * self.prompts_per_engine
+
+
+@dataclass
+class EngineOption:
+    """One vLLM engine layout with its memory per GPU (bytes) for the sampling batch."""
+
+    tp: int
+    pp: int
+    dp: int
+    ep: int  # expert parallel size (dp x tp) for an MoE policy; 1: experts split over TP like a dense MLP
+    gpus: int
+    nodes_per_engine: int
+    weights: float
+    kv_bytes_per_token: float
+    sequences_per_gpu: int  # the batch's sequences whose KV one GPU holds (a DP rank holds its share)
+    kv_needed: float
+    kv_capacity_sequences: int  # full-length sequences the free memory holds per GPU
+    budget: float  # utilization x GPU memory
+    fits: bool
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("weights", "kv_needed", "budget"):
+            d[k + "_gib"] = round(d.pop(k) / GiB, 2)
+        return d
+
+    def short(self) -> str:
+        parts = [f"TP {self.tp}"] + [f"{k} {v}" for k, v in (("PP", self.pp), ("DP", self.dp)) if v > 1]
+        return " x ".join(parts) + (f", EP {self.ep}" if self.ep > 1 else "")
+
+
+def engine_kv_bytes_per_token(arch: ModelArch, tp: int, pp: int = 1) -> float:
+    """KV cache bytes per token on one GPU of an engine (bf16): the key/value heads of its TP rank
+    (at least one: vLLM replicates them when TP exceeds them) over its pipeline stage's layers; a
+    latent-attention model caches the latent and the RoPE key whole on every TP rank."""
+    layers = arch.num_layers / pp
+    if arch.kv_lora_rank:
+        return 2.0 * layers * (arch.kv_lora_rank + arch.qk_rope_head_dim)
+    return 2.0 * layers * math.ceil(arch.num_key_value_heads / tp) * arch.head_dim * 2
+
+
+def engine_option(arch: ModelArch, gpu: str | GPUSpec, gpus_per_node: int, ss: SamplingSettings, tp: int,
+                  pp: int = 1, dp: int = 1) -> EngineOption:
+    """An engine of tp x pp x dp GPUs. Dense: weights split over TP x PP, every GPU holds its heads'
+    KV of the whole batch. MoE (dp x tp > 1): attention and dense layers split over TP and copied
+    per DP rank, experts split over EP = dp x tp; each DP rank holds the KV of its share."""
+    g = get_gpu(gpu)
+    moe = bool(arch.num_experts)
+    ep = dp * tp if moe else 1
+    counts = param_counts(arch, tp, pp, ep=ep, etp=1) if moe else param_counts(arch, tp, pp)
+    weights = 2.0 * counts.max_per_rank
+    per_token = engine_kv_bytes_per_token(arch, tp, pp)
+    per_gpu = math.ceil(ss.sequences / dp)
+    kv_needed = per_gpu * ss.seq_length * per_token
+    budget = ss.utilization * g.memory_bytes
+    free = budget - weights - VLLM_OVERHEAD
+    capacity = max(0, int(free // (per_token * ss.seq_length)))
+    gpus = tp * pp * dp
+    return EngineOption(tp, pp, dp, ep, gpus, max(1, math.ceil(gpus / gpus_per_node)), weights, per_token, per_gpu,
+                        kv_needed, capacity, budget, free >= kv_needed)
+
+
+def engine_tp_ok(arch: ModelArch, tp: int) -> bool:
+    """vLLM's TP limits: TP divides the attention heads and the vocabulary, and divides the
+    key/value heads or is a multiple of them (then they are replicated)."""
+    kv = arch.num_key_value_heads or arch.num_attention_heads
+    return (arch.num_attention_heads % tp == 0 and arch.vocab_size % tp == 0
+            and (tp % kv == 0 if tp >= kv else kv % tp == 0))
+
+
+def engine_options(arch: ModelArch, gpu: str | GPUSpec, gpus_per_node: int = 8,
+                   ss: SamplingSettings = SamplingSettings()) -> list[EngineOption]:
+    """Candidate engines, smallest first. Up to a node: TP (dense), or TP x DP with EP = DP x TP
+    (MoE, the most DP first). Wider: whole nodes, TP = gpus_per_node x PP across nodes (dense), or
+    DP x EP across nodes (MoE; EP must divide the experts)."""
+    tps = [t for t in range(1, gpus_per_node + 1) if gpus_per_node % t == 0 and engine_tp_ok(arch, t)]
+    sizes = list(tps) + [gpus_per_node * k for k in range(2, ss.max_nodes_per_engine + 1)]
+    out = []
+    for size in sizes:
+        if arch.num_experts:
+            for t in (t for t in tps if size % t == 0 and t <= size):
+                if arch.num_experts % size == 0:
+                    out.append(engine_option(arch, gpu, gpus_per_node, ss, t, 1, size // t))
+        elif size <= gpus_per_node:
+            out.append(engine_option(arch, gpu, gpus_per_node, ss, size))
+        elif tps and tps[-1] == gpus_per_node and arch.num_layers % (size // gpus_per_node) == 0:
+            out.append(engine_option(arch, gpu, gpus_per_node, ss, gpus_per_node, size // gpus_per_node))
+    return out
+
+
+def choose_engine(options: list[EngineOption]) -> Optional[EngineOption]:
+    """The first (smallest) engine whose weights and the batch's KV cache fit; None when none does."""
+    return next((o for o in options if o.fits), None)
+
+
+def format_sampling(arch: ModelArch, gpu: str | GPUSpec, gpus_per_node: int, ss: SamplingSettings,
+                    recipe: Optional[EngineOption] = None) -> str:
+    """The sampling section of `aipo-mp plan`: each candidate engine's memory per GPU, the chosen
+    one, and the recipe's own layout when a recipe was given."""
+    options = engine_options(arch, gpu, gpus_per_node, ss)
+    chosen = choose_engine(options)
+    lines = [f"sampling (vLLM, bf16, {ss.utilization:.0%} of GPU memory, batch {ss.n} x {ss.prompts_per_engine} "
+             f"prompts per engine = {ss.sequences} sequences of {ss.seq_length} tokens): GiB per GPU",
+             "  engine                 gpus nodes | weights | KV/token KiB | KV batch | holds seqs | fits"]
+    shown = [o for o in options if chosen is None or o.gpus <= chosen.gpus]  # up to the chosen size
+    for o in shown + ([recipe] if recipe is not None else []):
+        mark = "  <- recipe" if o is recipe else ("  <- chosen (smallest that fits)" if o is chosen else "")
+        lines.append(f"  {o.short():<22} {o.gpus:>4} {o.nodes_per_engine:>5} | {_g(o.weights):>7} | "
+                     f"{o.kv_bytes_per_token / 1024:>12.1f} | {_g(o.kv_needed):>8} | {o.kv_capacity_sequences:>10,} | "
+                     f"{'yes' if o.fits else 'no':>4}{mark}")
+    if chosen is None:
+        lines.append(f"  no engine of up to {ss.max_nodes_per_engine} nodes holds the weights and the batch's KV cache")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------
 # Step time
 # ---------------------------------------------------------------------------------------------
@@ -1240,9 +1371,10 @@ def columns(moe: bool) -> list[tuple[str, int]]:
     return out
 
 
-def format_plan(rows: list[PlanRow], top: int = 10) -> str:
-    """The ranked table (GiB per GPU on the binding pipeline stage), the sampling stage, the
-    assumptions and a `why` line for the top choice."""
+def format_plan(rows: list[PlanRow], top: int = 10, sampling: Optional[SamplingSettings] = None,
+                recipe_engine: Optional[EngineOption] = None) -> str:
+    """The ranked table (GiB per GPU on the binding pipeline stage), the sampling engine it would
+    choose (format_sampling), the assumptions and a `why` line for the top choice."""
     if not rows:
         return "no valid layout\n"
     st = rows[0].settings
@@ -1292,18 +1424,7 @@ def format_plan(rows: list[PlanRow], top: int = 10) -> str:
                  + ("; experts = the expert weights within weights; a2a_s = token all-to-all (EP) and expert-TP "
                     "gather/scatter seconds per step, within step_s" if moe else ""))
     lines.append("")
-    chosen = choose_vllm_tp(arch, st.gpu, st.gpus_per_node, st.seq_length)
-    lines.append(f"sampling (vLLM, {chosen.utilization:.0%} GPU memory): tp_vllm | weights GiB/GPU | KV bytes/token/GPU"
-                 f" | KV tokens | sequences of {st.seq_length}")
-    for t in vllm_tp_options(arch, st.gpus_per_node):
-        sm = sampling_memory(arch, st.gpu, t, st.seq_length)
-        mark = ""
-        if t == chosen.tp:
-            mark = ("  <- smallest tp holding 64 sequences" if chosen.full_sequences >= 64
-                    else "  <- largest tp in a node (none holds 64 sequences)")
-        lines.append(f"  {t:>2} | {_g(sm.weights):>6} | {sm.kv_bytes_per_token:>9.0f} | {sm.kv_tokens:>10,} | "
-                     f"{sm.full_sequences:>6,}{mark}")
-    lines.append("")
+    lines.append(format_sampling(arch, st.gpu, st.gpus_per_node, sampling or SamplingSettings(), recipe_engine))
     lines.append("why: " + why(rows))
     return "\n".join(lines) + "\n"
 
@@ -1336,7 +1457,46 @@ def build_parser(prog: str = "aipo-mp plan") -> argparse.ArgumentParser:
                    "(default 1; each up to tp); ep is enumerated over the divisors of the expert count")
     p.add_argument("--freeze-router", action="store_true", help="moe.freeze_router: routers without gradient or "
                    "optimizer state")
+    p.add_argument("--prompts-per-engine", type=int, default=32, help="sampling: prompts one vLLM engine holds at "
+                   "once; with sampling.n of the config they size the KV cache (default 32)")
+    p.add_argument("--json", action="store_true", help="one JSON object: the training rows and the sampling engines")
     return p
+
+
+def sampling_settings(cfg, prompts_per_engine: int) -> SamplingSettings:
+    """The sampling batch of a config: sampling.n x prompts per engine, each of sampling.max_model_len
+    tokens (else the prompt limit plus sampling.max_tokens), in gpu_memory_utilization."""
+    s = cfg.sampling
+    length = s.max_model_len or cfg.data.max_prompt_length + s.max_tokens
+    return SamplingSettings(s.n, prompts_per_engine, length, s.gpu_memory_utilization)
+
+
+def recipe_engine(cfg, arch: ModelArch, gpu: str, gpus_per_node: int, ss: SamplingSettings) -> Optional[EngineOption]:
+    """The engine a recipe (a config naming rounds.prompts) asks for, sized like the candidates;
+    None for a model config, or a layout the planner cannot split (validation names why)."""
+    if not cfg.rounds.prompts:
+        return None
+    s = cfg.sampling
+    try:
+        return engine_option(arch, gpu, gpus_per_node, ss, s.tensor_parallel, s.pipeline_parallel, s.data_parallel)
+    except PlanError:
+        return None
+
+
+def plan_json(rows: list[PlanRow], top: int, arch: ModelArch, gpu: str, gpus_per_node: int, ss: SamplingSettings,
+              recipe: Optional[EngineOption]) -> dict:
+    """The numbers of the text plan as one JSON object (GiB per GPU)."""
+    training = [{"tp": r.layout.tp, "pp": r.layout.pp, "vpp": r.layout.vpp, "dp": r.layout.dp, "ep": r.layout.ep,
+                 "etp": r.layout.etp, "recompute": r.recompute, "peak_gib": round(r.memory.total / GiB, 2),
+                 "fits": r.fits, "headroom": round(r.headroom, 3), "step_s": round(r.time.total_s, 3)}
+                for r in rows[:top]]
+    options = engine_options(arch, gpu, gpus_per_node, ss)
+    chosen = choose_engine(options)
+    return {"gpus": rows[0].settings.gpus if rows else None, "gpu": get_gpu(gpu).name, "gpus_per_node": gpus_per_node,
+            "training": training,
+            "sampling": {"settings": asdict(ss), "sequences": ss.sequences,
+                         "chosen": chosen.to_dict() if chosen else None, "options": [o.to_dict() for o in options],
+                         "recipe": recipe.to_dict() if recipe else None}}
 
 
 def parse_sizes(text: str, flag: str) -> tuple[int, ...]:
@@ -1364,13 +1524,19 @@ def run(args: argparse.Namespace) -> int:
         raise PlanError(f"--reference-mode={args.reference_mode}: choose one of {', '.join(REFERENCE_MODES)}")
     get_gpu(args.gpu)
     etps = parse_sizes(args.etp, "--etp")
+    if args.prompts_per_engine < 1:
+        raise PlanError(f"--prompts-per-engine={args.prompts_per_engine}: must be >= 1")
     source = Path(args.model_config)
     if source.is_dir():  # an HF directory (config.json) or an aipo_mp checkpoint
+        from aipo_mp.config import Config
         from aipo_mp.models import arch_from_dir
 
-        arch = arch_from_dir(source)
+        cfg, arch = Config(), arch_from_dir(source)
     else:
-        arch = resolve_arch(load_config(args.model_config))
+        cfg = load_config(args.model_config)
+        if cfg.model.arch is not None and cfg.model.path and not Path(cfg.model.path).exists():
+            cfg.model.path = None  # a recipe naming a cluster path: its model.arch stands in
+        arch = resolve_arch(cfg)
     if arch.num_layers < 1 or arch.hidden_size < 1:
         raise PlanError(f"{args.model_config}: model.arch is incomplete (num_layers, hidden_size, ...)")
     rows = plan(arch, args.gpus, args.gpu, args.seq_length, args.global_batch_pairs, args.gpus_per_node,
@@ -1381,7 +1547,13 @@ def run(args: argparse.Namespace) -> int:
         raise PlanError(f"no valid layout of {args.gpus} GPUs for this model: tp must divide the heads "
                         f"({arch.num_attention_heads}/{arch.num_key_value_heads}) and {args.gpus_per_node}, pp the "
                         f"{arch.num_layers} layers, and dp = gpus/(tp·pp) the global batch {args.global_batch_pairs}")
-    sys.stdout.write(format_plan(rows, args.top))
+    ss = sampling_settings(cfg, args.prompts_per_engine)
+    recipe = recipe_engine(cfg, arch, args.gpu, args.gpus_per_node, ss)
+    if args.json:
+        sys.stdout.write(json.dumps(plan_json(rows, args.top, arch, args.gpu, args.gpus_per_node, ss, recipe),
+                                    indent=1) + "\n")
+        return 0
+    sys.stdout.write(format_plan(rows, args.top, ss, recipe))
     return 0
 
 

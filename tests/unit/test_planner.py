@@ -4,6 +4,7 @@ ranking and the `aipo-mp plan` CLI. Pure arithmetic: no torch, no processes."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -302,7 +303,8 @@ def test_format_plan():
                 "ref:model", "peak", "fits", "head", "step_s", "MFU"):
         assert col in header
     assert sum(1 for l in lines if l.strip()[:2].strip().isdigit() and " yes " in l) == 5
-    assert "KV tokens" in text and text.rstrip().splitlines()[-1].startswith("why: tp=8")
+    assert "KV/token KiB" in text and "<- chosen (smallest that fits)" in text
+    assert text.rstrip().splitlines()[-1].startswith("why: tp=8")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -632,8 +634,9 @@ def test_moe_recipes_pass_check_and_dry_run(recipe, model, tmp_path, capsys, mon
                                 "--gpus-per-node", str(cfg.cluster.nproc_per_node), "--json"]))
     stages = {s["name"]: s for s in plan_json["stages"]}
     assert (stages["train"]["ntasks"], stages["train"]["nodes"]) == (gpus, nodes)
-    assert (stages["sample"]["ntasks"], stages["sample"]["gpus_per_task"]) == \
-        (cfg.sampling.replicas, cfg.sampling.tensor_parallel)
+    s = cfg.sampling
+    assert (stages["sample"]["engines"], stages["sample"]["ntasks"], stages["sample"]["gpus_per_task"]) == \
+        (s.replicas, s.replicas, s.tensor_parallel * s.pipeline_parallel * s.data_parallel)
 
 
 @pytest.mark.parametrize("script,recipe", [("aipo_235b_a22b.sh", "aipo_qwen3_235b_a22b"),
@@ -722,10 +725,10 @@ def test_deepseek_v3_671b_plan():
     assert all(planner.sampling_memory(arch, "h200-141gb", t).kv_tokens == 0 for t in (1, 2, 4, 8))
 
 
-def test_deepseek_v3_recipe_is_the_planners_top_row_and_its_sampling_is_refused(tmp_path, capsys, monkeypatch):
+def test_deepseek_v3_recipe_is_the_planners_top_row_and_samples_on_two_node_engines(tmp_path, capsys, monkeypatch):
     """configs/recipes/aipo_deepseek_v3.yaml trains on the planner's top layout for its 16 H200
-    nodes (the layout validates), and asks for a 2-node vLLM engine, which `aipo-mp check` refuses
-    with one line until engines can span nodes."""
+    nodes and samples with the planner's engine: DP x EP over 2 nodes (no one-node engine holds the
+    bf16 weights); `aipo-mp check` passes it, and one engine more than the nodes hold is refused."""
     import json
     import os
     import shutil
@@ -733,7 +736,6 @@ def test_deepseek_v3_recipe_is_the_planners_top_row_and_its_sampling_is_refused(
     from aipo_mp.cli import main as cli_main
     from aipo_mp.models import hf_config_for
     from aipo_mp.testing.tiny import build_tiny_tokenizer
-    from aipo_mp.validate import validate
 
     path = ROOT / "configs" / "recipes" / "aipo_deepseek_v3.yaml"
     cfg = load_config(path)
@@ -743,11 +745,11 @@ def test_deepseek_v3_recipe_is_the_planners_top_row_and_its_sampling_is_refused(
     assert top.fits and top.recompute == cfg.train.recompute
     assert (top.layout.tp, top.layout.pp, top.layout.vpp, top.layout.ep, top.layout.etp) == \
         (par.tp, par.pp, par.vpp, par.ep, par.etp)
-    assert cfg.sampling.tensor_parallel > cfg.cluster.nproc_per_node
-    assert 2 * num_params(cfg.model.arch) > cfg.cluster.nproc_per_node * planner.GPUS["h200-141gb"].memory_bytes
-    one_node = load_config(path, ["sampling.tensor_parallel=8", "sampling.replicas=16"])
-    one_node.model.path = None
-    validate(one_node, world_size=gpus)  # the training layout itself is valid
+    s = cfg.sampling
+    chosen = planner.choose_engine(planner.engine_options(cfg.model.arch, "h200-141gb", 8))
+    assert (s.tensor_parallel, s.pipeline_parallel, s.data_parallel, s.expert_parallel) == \
+        (chosen.tp, chosen.pp, chosen.dp, True)
+    assert chosen.nodes_per_engine == 2 and s.replicas * chosen.nodes_per_engine == cfg.cluster.nodes
     for name in [k for k in os.environ if k.startswith("SLURM_")]:
         monkeypatch.delenv(name)
     policy = tmp_path / "policy"
@@ -755,11 +757,94 @@ def test_deepseek_v3_recipe_is_the_planners_top_row_and_its_sampling_is_refused(
     (policy / "config.json").write_text(json.dumps(hf_config_for(cfg.model.arch)))
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "hello"}\n')
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_code:
-        cli_main(["check", str(path), f"model.path={policy}", f"rounds.prompts={prompts}",
-                  f"output.dir={tmp_path / 'run'}", "--world-size", str(gpus)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_code.value.code == 2
-    assert err == ["error: sampling.tensor_parallel=16 is more than the 8 GPUs of one node (a TP group must stay "
-                   "inside a node): use sampling.tensor_parallel <= 8"]
+    args = ["check", str(path), f"model.path={policy}", f"rounds.prompts={prompts}", f"output.dir={tmp_path / 'run'}",
+            "--world-size", str(gpus)]
+    for extra, code in (([], 0), (["sampling.replicas=9"], 2)):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_code:
+            cli_main(args + extra)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_code.value.code == code, err
+    assert err == ["error: sampling.replicas=9 engines x 2 nodes each (sampling.tensor_parallel x pipeline_parallel x "
+                   "data_parallel = 1 x 1 x 16) need 18 nodes; the allocation has 16: use sampling.replicas <= 8 or "
+                   "more nodes"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling engines: the layout `aipo-mp plan` chooses next to the training layout
+# ---------------------------------------------------------------------------------------------
+
+
+def test_405b_bf16_on_h100_needs_a_two_node_engine():
+    """Hand-worked: 405.9B params x 2 bytes = 756 GiB. At TP 8 a GPU holds 94.5 GiB of weights, more
+    than 90% of 79.6 GiB; at TP 8 x PP 2 it holds ~47.3 GiB (plus its stage's embedding share) and
+    the batch's KV cache: 160 sequences (5 x 32 prompts) x 2560 tokens x 63 layers x 1 KV head of
+    128 x K,V x 2 bytes = 12.3 GiB, within 0.9 x 79.6 - 47.3 - 2 GiB."""
+    arch = arch_of("llama3_1_405b")
+    gib = planner.GiB
+    assert 755 < 2 * num_params(arch) / gib < 757
+    options = planner.engine_options(arch, "h100-80gb", 8)
+    by_shape = {(o.tp, o.pp, o.dp): o for o in options}
+    tp8, tp8pp2 = by_shape[(8, 1, 1)], by_shape[(8, 2, 1)]
+    budget = 0.9 * planner.GPUS["h100-80gb"].memory_bytes
+    assert tp8.weights > budget and not tp8.fits
+    assert abs(tp8pp2.weights - 2 * num_params(arch) / 16) / tp8pp2.weights < 0.01
+    assert tp8pp2.kv_bytes_per_token == 2 * 2 * 63 * 1 * 128
+    assert tp8pp2.kv_needed == 160 * 2560 * 2 * 2 * 63 * 128
+    assert tp8pp2.weights + planner.VLLM_OVERHEAD + tp8pp2.kv_needed <= budget
+    chosen = planner.choose_engine(options)
+    assert (chosen.tp, chosen.pp, chosen.dp, chosen.gpus, chosen.nodes_per_engine) == (8, 2, 1, 16, 2)
+    assert all(not o.fits for o in options if o.gpus < 16)
+    h200 = planner.choose_engine(planner.engine_options(arch, "h200-141gb", 8))
+    assert (h200.tp, h200.pp, h200.gpus) == (8, 1, 8)  # 94.5 + 2 + 24.6 GiB <= 0.9 x 140.4 GiB
+
+
+def test_moe_engines_split_experts_over_dp_x_tp():
+    """DeepSeek-V3 at TP 1 x DP 16 (EP 16): each GPU holds every non-expert weight and 1/16 of
+    the experts (58 MoE layers x 256 experts x 3 x 7168 x 2048), and the latent KV cache
+    (kv_lora_rank 512 + RoPE key 64 per layer, 61 layers, bf16) of its 160 / 16 sequences."""
+    arch = arch_of("deepseek_v3_671b")
+    experts = (arch.num_layers - len(arch.dense_layers)) * arch.num_experts * 3 * arch.hidden_size * \
+        arch.moe_intermediate_size
+    assert experts == 58 * 256 * 3 * 7168 * 2048
+    o = planner.engine_option(arch, "h200-141gb", 8, planner.SamplingSettings(), 1, 1, 16)
+    assert (o.ep, o.gpus, o.nodes_per_engine, o.sequences_per_gpu) == (16, 16, 2, 10)
+    assert abs(o.weights - 2 * (num_params(arch) - experts + experts / 16)) / o.weights < 1e-3
+    assert o.kv_bytes_per_token == 2 * 61 * (512 + 64)
+    assert o.kv_needed == 10 * 2560 * 2 * 61 * 576
+
+
+ENGINE_RECIPES = [("aipo_llama3_1_405b", "h100-80gb"), ("aipo_llama3_1_405b_h200", "h200-141gb"),
+                  ("aipo_qwen3_235b_a22b", "h100-80gb"), ("aipo_qwen3_235b_a22b_h200", "h200-141gb"),
+                  ("aipo_mixtral_8x22b", "h100-80gb"), ("aipo_deepseek_v3", "h200-141gb")]
+
+
+@pytest.mark.parametrize("recipe,gpu", ENGINE_RECIPES)
+def test_recipes_sample_on_the_planners_engine(recipe, gpu):
+    """Each large recipe's sampling layout is the engine `aipo-mp plan` chooses for its GPU (expert
+    parallel exactly for MoE), and its engines fill the allocation's nodes."""
+    cfg = load_config(ROOT / "configs" / "recipes" / f"{recipe}.yaml")
+    ss = planner.sampling_settings(cfg, 32)
+    chosen = planner.choose_engine(planner.engine_options(cfg.model.arch, gpu, cfg.cluster.nproc_per_node, ss))
+    s = cfg.sampling
+    assert (s.tensor_parallel, s.pipeline_parallel, s.data_parallel) == (chosen.tp, chosen.pp, chosen.dp)
+    assert s.expert_parallel == bool(cfg.model.arch.num_experts)
+    assert s.replicas * chosen.gpus == cfg.cluster.nodes * cfg.cluster.nproc_per_node
+
+
+def test_plan_json_gives_the_sampling_engine_next_to_the_training_rows(capsys):
+    recipe = str(ROOT / "configs" / "recipes" / "aipo_llama3_1_405b.yaml")
+    assert planner.main([recipe, "--gpus", "224", "--top", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    train = out["training"][0]
+    assert (train["tp"], train["pp"], train["dp"], train["fits"]) == (8, 14, 2, True)
+    chosen = out["sampling"]["chosen"]
+    assert (chosen["tp"], chosen["pp"], chosen["gpus"], chosen["nodes_per_engine"]) == (8, 2, 16, 2)
+    assert out["sampling"]["recipe"] == chosen and out["sampling"]["sequences"] == 160
+    assert chosen["weights_gib"] + 2 + chosen["kv_needed_gib"] <= chosen["budget_gib"]
+    assert planner.main([recipe, "--gpus", "224", "--top", "2"]) == 0
+    text = capsys.readouterr().out
+    line = next(line for line in text.splitlines() if "<- chosen" in line)
+    assert line.split()[:6] == ["TP", "8", "x", "PP", "2", "16"]
+    assert planner.main([recipe, "--gpus", "224", "--prompts-per-engine", "0"]) == 2
+    assert capsys.readouterr().err.startswith("error: --prompts-per-engine=0: must be >= 1")
