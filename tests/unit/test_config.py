@@ -132,7 +132,7 @@ def test_local_rendezvous_ports_are_free_and_below_the_ephemeral_range(monkeypat
 @pytest.mark.parametrize("recipe", ["aipo_mistral_large_123b", "aipo_llama3_70b", "aipo_gemma2_27b",
                                     "aipo_mistral_nemo_12b", "aipo_tiny", "aipo_llama3_3_70b", "aipo_llama3_1_405b",
                                     "aipo_qwen3_235b_a22b", "aipo_qwen3_235b_a22b_h200", "aipo_qwen3_30b_a3b",
-                                    "aipo_mixtral_8x22b"])
+                                    "aipo_mixtral_8x22b", "aipo_llama3_1_405b_h200", "aipo_deepseek_v3"])
 def test_recipes_validate_at_their_world_size(recipe):
     """Every shipped recipe is a valid layout for the cluster it names (architecture from the
     model config it includes; the checkpoint path is a placeholder on this machine)."""
