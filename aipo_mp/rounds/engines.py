@@ -513,8 +513,11 @@ class DataParallelEngine:
         return self._run(self.engine.reset_prefix_cache())
 
     def shutdown(self) -> None:
-        try:
-            self.engine.shutdown()
+        engine, self.engine, self.llm_engine = self.engine, None, None
+        try:  # shut down here, not in AsyncLLM.__del__ at interpreter exit (module globals gone by then)
+            if engine is not None:
+                engine.shutdown()
+            del engine
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=30)
