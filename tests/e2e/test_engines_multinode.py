@@ -91,7 +91,8 @@ def head_pids(marker: str) -> list[int]:
             ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-        if marker in cmdline and "aipo_mp.cli" in cmdline and b"SLURM_PROCID=0" in environ:
+        if (marker in cmdline and "aipo_mp.cli" in cmdline and b"SLURM_PROCID=0" in environ
+                and "srun" not in cmdline.split()[0]):  # the task's Python, not the srun launching it
             found[int(proc.name)] = ppid
     return [pid for pid, ppid in found.items() if ppid not in found]
 
