@@ -84,8 +84,9 @@ class TorchCoreAttention(MegatronModule):
       grouped k/v): torch's flash kernel on CPU and GPU, which keeps only the output and an fp32
       log-sum-exp per head and token; with dropout torch falls back to its math kernel, still per
       sequence;
-    - with soft-capping (Gemma-2), which no SDPA kernel expresses, the same per-sequence loop runs
-      the exact unfused computation (fp32 scores, tanh cap, mask, fp32 softmax, probs in dtype).
+    - with soft-capping (Gemma-2) or sinks (gpt-oss: one learned logit per head joins each
+      softmax's denominator), which no SDPA kernel expresses, the same per-sequence loop runs the
+      exact unfused computation (fp32 scores, tanh cap, mask, sink column, fp32 softmax, probs in dtype).
     Padding costs nothing and its output is zero when it is marked: tokens after
     `cu_seqlens_q[-1]`, and, when `cu_seqlens_q_padded` is given (megatron/TE convention: sequence
     i's real tokens start at `cu_seqlens_q_padded[i]` and are `cu_seqlens_q[i+1] - cu_seqlens_q[i]`
