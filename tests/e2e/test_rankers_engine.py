@@ -1,11 +1,17 @@
 """The vLLM-served parts of ranking and synthesis, on one in-process CPU engine of a tiny
 locally built Llama: the LLM judge's verdicts against transformers' log-probs, its ranking and
 invariance to the answer order, and the self-instruct stage generating with vLLM, stopped in its
-second batch and rerun (same prompts as an uninterrupted run)."""
+second batch and rerun (same prompts as an uninterrupted run). Placed over the allocation: the
+judge's reward stage of `aipo-mp run` on two engine tasks (the local launcher, two processes with
+their own engines) ranks as the one engine does, and the synthesize stage split over two engine
+tasks writes the one engine's prompts."""
 
 from __future__ import annotations
 
+import json
 import math
+import threading
+import time
 
 import pytest
 
@@ -87,9 +93,120 @@ def test_synthesize_with_vllm_stopped_and_rerun(judge, tmp_path):
             raise KeyboardInterrupt("stopped")
         return generate(prompts, batch)
 
+    # Split over two engine tasks (each generating its half of every batch): the one engine's prompts.
+    t0 = time.time()
+    two = synthesize_on_two_engine_tasks(judge, seeds, settings, synth, sampling, tmp_path / "two",
+                                         tmp_path / "shards")
+    print(f"\nsynthesize split over two engine tasks: {time.time() - t0:.0f} s")
+    assert two[0] == two[1] == (straight, stats)
+    assert (tmp_path / "two" / "prompts.jsonl").read_text() == (tmp_path / "straight" / "prompts.jsonl").read_text()
+    markers = [json.loads((tmp_path / "shards" / "batch_000" / "of2" / f"shard_{k:05d}.json").read_text())
+               for k in range(2)]  # batch 0's 20 generation prompts: 10 per engine
+    assert [(m["rank"], m["start"], m["end"]) for m in markers] == [(0, 0, 10), (1, 10, 20)]
+
     with pytest.raises(KeyboardInterrupt):
         synthesize(seeds, stopped_in_batch_1, count, settings, tmp_path / "resumed", 2)
     resumed, again = synthesize(seeds, generate, count, settings, tmp_path / "resumed", 2)
     assert resumed == straight and again == stats
     assert (tmp_path / "resumed" / "prompts.jsonl").read_text() == (tmp_path / "straight" / "prompts.jsonl").read_text()
 
+
+
+@pytest.mark.slow
+def test_judge_stage_on_two_engine_tasks_ranks_as_one_engine(judge, tmp_path):
+    from aipo_mp.config import config_from_dict, dump_config
+    from aipo_mp.rounds.launchers import LocalLauncher
+    from aipo_mp.rounds.run import RoundRunner
+    from aipo_mp.rounds.shards import ShardDir
+
+    texts = ["green silver orange", "the a of", "purple yellow", "one two three four", "yes", "red red"]
+    samples = [{"prompt_id": p, "prompt": f"Name some colors, {p}.", "sample_index": s, "text": texts[(p + s) % 6]}
+               for s in range(3) for p in range(4)]  # interleaved prompts: merged back in this order
+    want = rank_samples(samples, JudgeComparator(judge["llm"], TEMPLATE), "bradley_terry", kind="judge")
+
+    cfg = config_from_dict({"model": {"path": "x"}, "output": {"dir": str(tmp_path / "run")},
+                            "reward": {"kind": "judge", "model": str(judge["dir"]), "replicas": 2, "template": TEMPLATE,
+                                       "kv_cache_gib": 0.25, "max_model_len": 512},
+                            "cluster": {"nproc_per_node": 2}})
+    (tmp_path / "run").mkdir()
+    dump_config(cfg, tmp_path / "run" / "config.yaml")
+    runner = RoundRunner(cfg, tmp_path / "run" / "config.yaml", LocalLauncher(handle_signals=False), world_size=2)
+    rd = runner.round_dir(0)
+    (rd / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
+    t0 = time.time()
+    runner.reward(0)
+    print(f"\njudge stage on two engine tasks: {time.time() - t0:.0f} s")
+    got = [json.loads(line) for line in (rd / "scored.jsonl").read_text().splitlines()]
+    assert [(g["prompt_id"], g["sample_index"]) for g in got] == [(w["prompt_id"], w["sample_index"]) for w in want]
+    assert [g["rank"] for g in got] == [w["rank"] for w in want]
+    assert [g["score"] for g in got] == pytest.approx([w["score"] for w in want], abs=1e-6)
+    markers = ShardDir(rd / "shards" / "reward", 2).markers()
+    assert [(m["rank"], m["start"], m["end"]) for m in markers] == [(0, 0, 6), (1, 6, 12)]  # 2 prompts each
+
+
+class SharedEngine:
+    """TEST-ONLY: the module's one live engine shared by two engine tasks running as threads, so
+    that the sharded synthesize stage can be compared without two more engine starts. vLLM's
+    in-process engine runs only in the main thread: a task's `generate` is queued and served
+    there (`serve`), one request at a time. What each task generates, with which seeds, is the
+    stage's own code."""
+
+    def __init__(self, llm):
+        import queue
+
+        self.llm, self.requests = llm, queue.Queue()
+
+    def __getattr__(self, name):
+        return getattr(self.llm, name)
+
+    def generate(self, *args, **kwargs):
+        import queue
+
+        reply: queue.Queue = queue.Queue()
+        self.requests.put((args, kwargs, reply))
+        ok, value = reply.get()
+        if not ok:
+            raise value
+        return value
+
+    def serve(self, threads) -> None:
+        import queue
+
+        while any(t.is_alive() for t in threads):
+            try:
+                args, kwargs, reply = self.requests.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            try:
+                reply.put((True, self.llm.generate(*args, **kwargs)))
+            except BaseException as e:  # noqa: BLE001 - handed back to the task that asked
+                reply.put((False, e))
+
+
+class NoStop:
+    def __init__(self):
+        self.requested = False
+
+
+def synthesize_on_two_engine_tasks(judge, seeds, settings, synth, sampling, out_dir, shard_root):
+    from aipo_mp.rounds.synthesize import ShardedGenerator
+
+    count, results, errors = token_counter(judge["dir"]), {}, []
+    shared = SharedEngine(judge["llm"])
+
+    def task(engine):
+        generate = ShardedGenerator(judge["dir"], synth, sampling, 2, shard_root, stop, engine, 2)
+        generate.llm = shared  # never closed here: the fixture closes it
+        try:
+            results[engine] = synthesize(seeds, generate, count, settings, out_dir, 2, writes=engine == 0)
+        except BaseException as e:  # noqa: BLE001 - reported by the test thread
+            errors.append(e)
+            stop.requested = True  # the other task stops waiting for this one's shards
+
+    stop = NoStop()
+    threads = [threading.Thread(target=task, args=(e,)) for e in (0, 1)]
+    for t in threads:
+        t.start()
+    shared.serve(threads)
+    assert not errors, errors
+    return results
