@@ -91,8 +91,8 @@ def head_pids(marker: str) -> list[int]:
             ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-        if (marker in cmdline and "aipo_mp.cli" in cmdline and b"SLURM_PROCID=0" in environ
-                and "srun" not in cmdline.split()[0]):  # the task's Python, not the srun launching it
+        # the task's `python -m aipo_mp.cli`, not the job's driver or srun (their command lines hold the argv too)
+        if marker in cmdline and " -m aipo_mp.cli " in cmdline and b"SLURM_PROCID=0" in environ:
             found[int(proc.name)] = ppid
     return [pid for pid, ppid in found.items() if ppid not in found]
 
