@@ -92,7 +92,8 @@ def head_pids(marker: str) -> list[int]:
         except (OSError, ValueError, IndexError):
             continue
         # the task's `python -m aipo_mp.cli`, not the job's driver or srun (their command lines hold the argv too)
-        if marker in cmdline and " -m aipo_mp.cli " in cmdline and b"SLURM_PROCID=0" in environ:
+        if (marker in cmdline and " -m aipo_mp.cli " in cmdline and b"SLURM_PROCID=0" in environ
+                and not cmdline.split()[0].endswith("srun")):
             found[int(proc.name)] = ppid
     return [pid for pid, ppid in found.items() if ppid not in found]
 
