@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from aipo_mp.models.build import global_param_names, parallel_rank_and_size, to_hf
+from aipo_mp.models.build import global_param_names, mapped_buffer_names, parallel_rank_and_size, to_hf
 from aipo_mp.models.family import COLUMN, GLU_COLUMN, NONE, ROW
 
 
@@ -48,6 +48,8 @@ def write_policy_hf(built, directory: str | Path, hf_config: dict, extra_files_f
         write_stage(built, tmp, DTYPES[dtype], max_shard_bytes, IOStats())
         torch.distributed.barrier()
         names = built.family.hf_names(built.arch)
+        # As mcore-to-hf writes it (DeepSeek-V3: the routing keys vLLM needs, no quantization_config).
+        hf_config = built.family.export_config(hf_config) if built.family.export_config else hf_config
         on_rank0_then_agree(lambda: finalize_hf_dir(tmp, Path(extra_files_from) if extra_files_from else None,
                                                     hf_config, dtype, names))
         on_rank0_then_agree(lambda: publish_partial(final))
@@ -68,8 +70,9 @@ def stage_units(built, out_dtype: torch.dtype, experts: bool = False) -> list[tu
     grow = {COLUMN: 0, GLU_COLUMN: 0, ROW: 1}
     units = []
     for chunk in built.chunks:
-        params = dict(chunk.named_parameters())
-        for local, gname in global_param_names(chunk).items():
+        # Parameters, and the buffers the mapping table holds (DeepSeek's expert bias, kept fp32).
+        params = {**dict(chunk.named_parameters()), **dict(chunk.named_buffers())}
+        for local, gname in {**global_param_names(chunk), **mapped_buffer_names(built, chunk)}.items():
             rule, index = built.family.rule_for(built.arch, gname)
             if rule.expert != experts:
                 continue
@@ -80,7 +83,8 @@ def stage_units(built, out_dtype: torch.dtype, experts: bool = False) -> list[tu
             if rule.split in grow:
                 shape[grow[rule.split]] *= parallel_rank_and_size(rule)[1]
             hf = to_hf(rule, torch.empty(shape, device="meta"), built.arch)
-            entries = [Entry(n, tuple(t.shape), out_dtype) for n, t in zip(rule.hf_at(index), hf)]
+            dtype = torch.float32 if rule.fp32 else out_dtype
+            entries = [Entry(n, tuple(t.shape), dtype) for n, t in zip(rule.hf_at(index), hf)]
             units.append((p, rule, index, entries))
     return units
 
@@ -121,7 +125,7 @@ def write_units(built, directory: Path, part: str, units: list[tuple], group, ra
         t = p.detach()
         merged = receive_merged(t, rule, group, 0, size) if size > 1 and rule.split != NONE else [t]
         hf = merged if len(merged) == len(entries) else to_hf(rule, merged[0], built.arch)
-        return [x.to(device="cpu", dtype=out_dtype) for x in hf]
+        return [x.to(device="cpu", dtype=e.dtype) for x, e in zip(hf, entries)]
 
     # One writer thread: the gathers must run in the same order on every rank of the group.
     files = plan_files([u[3] for u in units], max_bytes)

@@ -4,8 +4,13 @@ dense layer) and Mixtral (4 experts, top-2), written at TP2 x EP2 x ETP2 with se
 equal transformers' on the same directory (fp32, <= 1e-4); it samples (fields, seeded
 determinism); the KL stage's sums (aipo_mp.rounds.report.kl_sums, vLLM log-probs of the policy and
 of an initial MoE policy) equal transformers'; and a one-label MoE reward classifier of each
-family scores through the reward stage (vLLM pooling) as transformers does. Real vLLM and
-transformers, tiny models built here; no mocks."""
+family scores through the reward stage (vLLM pooling) as transformers does. Tiny DeepSeek-V3
+(latent attention at the only latent size vLLM's CPU kernel takes, 512 + 64; yarn RoPE; grouped
+sigmoid routing with an expert bias; a shared expert), handed off by the trainer from a
+config.json without vLLM's routing keys (as transformers writes it), and a transformers-built tiny
+gpt-oss (attention sinks, biases, a sliding-window layer, yarn RoPE): `aipo-mp sample` samples with
+each, and vLLM's teacher-forced log-probs equal transformers'. Real vLLM and transformers, tiny
+models built here; no mocks."""
 
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ PROMPTS = [
     {"id": "c", "prompt": "Step 1:"},
 ]
 SPEC = dict(n=3, temperature=1.0, max_tokens=16, seed=7, kv_cache_gib=0.125, max_model_len=256)
+LARGE_MOE = ("deepseek_v3", "gpt_oss")  # the issue-20 families
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +49,57 @@ def moe(tiny_hf_dirs, tmp_path_factory) -> dict:
         dirs[fam] = {"policy": out,
                      "initial": save_hf_model(tiny_arch(fam), base / f"{fam}_initial", seed=12, tokenizer_dir=tok),
                      "reward": save_reward_model(fam, base / f"{fam}_reward", tok)}
+    # DeepSeek-V3 from a config.json without topk_method/scoring_func (transformers does not write
+    # them): the handoff must add them, or vLLM routes without the groups and the expert bias.
+    source = save_hf_model(tiny_arch("deepseek_v3"), base / "deepseek_v3_source", seed=11, tokenizer_dir=tok)
+    cfg = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({k: v for k, v in cfg.items()
+                                                    if k not in ("topk_method", "scoring_func")}))
+    cases.append(dict(hf_dir=str(source), out=str(base / "deepseek_v3_handoff"), extra=str(tok), **LAYOUT))
+    dirs["deepseek_v3"] = {"policy": base / "deepseek_v3_handoff", "source": source}
+    dirs["gpt_oss"] = {"policy": save_tiny_gpt_oss(base / "gpt_oss", tok)}
     spec = base / "handoff.json"
     spec.write_text(json.dumps({"cases": cases}))
     run_ranks(4, "tests.handoff_worker", [str(spec)])
     for fam in MOE_MODELS:  # vLLM reads the tokenizer from the model directory
         assert (dirs[fam]["policy"] / "tokenizer.json").exists() or (dirs[fam]["policy"] / "tokenizer.model").exists()
     return dirs
+
+
+def assert_same_tensors(source: Path, copy: Path) -> None:
+    """Every tensor of `source` in `copy`, bit for bit and in its dtype, and nothing else."""
+    import torch
+
+    from aipo_mp.convert.hf_io import HFWeights
+
+    a, b = HFWeights(source), HFWeights(copy)
+    assert sorted(a.names()) == sorted(b.names())
+    for name in a.names():
+        x, y = a.get(name), b.get(name)
+        assert x.dtype == y.dtype and torch.equal(x, y), name
+
+
+def save_tiny_gpt_oss(out: Path, tok_dir: Path) -> Path:
+    """A tiny GptOssForCausalLM built and saved by transformers (fp32): head_dim 64 (vLLM's CPU
+    attention needs >= 32), layer 0 sliding (window 8, shorter than most test rows), layer 1 full,
+    yarn RoPE; sinks, routers and every bias drawn away from 0."""
+    import torch
+    from transformers import AutoTokenizer, GptOssConfig, GptOssForCausalLM
+
+    cfg = GptOssConfig(vocab_size=512, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_local_experts=4,
+                       num_experts_per_tok=2, sliding_window=8, max_position_embeddings=256,
+                       layer_types=["sliding_attention", "full_attention"],
+                       rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                                        "beta_slow": 1.0, "original_max_position_embeddings": 64, "truncate": False})
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.5 if ("sinks" in name or "router" in name) else 0.05)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(tok_dir)).save_pretrained(out)
+    return out
 
 
 def save_reward_model(fam: str, out: Path, tok_dir: Path) -> Path:
@@ -167,3 +218,37 @@ def test_moe_reward_model_in_vllm(moe, fam):
     print(f"\n{fam} MoE reward model: vLLM vs transformers scores, max |diff| = {diff:.2e} "
           f"(scores span {min(want):.3f}..{max(want):.3f})")
     assert diff <= TOL and max(want) - min(want) > 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fam", LARGE_MOE)
+def test_deepseek_v3_and_gpt_oss_sample_in_vllm(moe, fam, tmp_path):
+    """`aipo-mp sample` on the policy directory (its own engine, in this process), then vLLM's
+    teacher-forced log-probs equal transformers' on the same directory."""
+    from aipo_mp.cli import main
+    from aipo_mp.rounds.engines import logprobs_of
+
+    policy = moe[fam]["policy"]
+    if fam == "deepseek_v3":
+        assert "topk_method" not in json.loads((moe[fam]["source"] / "config.json").read_text())
+        cfg = json.loads((policy / "config.json").read_text())
+        assert (cfg["topk_method"], cfg["scoring_func"]) == ("noaux_tc", "sigmoid")
+        assert_same_tensors(moe[fam]["source"], policy)  # the expert bias (a buffer) included, fp32
+    prompts, out = tmp_path / "prompts.jsonl", tmp_path / "samples.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    with pytest.raises(SystemExit) as done:
+        main(["sample", "--model", str(policy), "--prompts", str(prompts), "--out", str(out),
+              *(f"sampling.{k}={v}" for k, v in SPEC.items())])
+    assert done.value.code == 0
+    samples = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(samples) == len(PROMPTS) * SPEC["n"]
+    assert all(1 <= s["num_tokens"] <= SPEC["max_tokens"] and s["finish_reason"] in ("stop", "length")
+               for s in samples), samples
+    assert len({s["text"] for s in samples}) > len(samples) // 2, samples  # temperature 1: diverse
+
+    ids = token_lists()
+    got = logprobs_of(str(policy), ids, kv_cache_gib=SPEC["kv_cache_gib"], max_model_len=SPEC["max_model_len"])
+    diff = max_diff(got, hf_logprobs(policy, ids))
+    print(f"\n{fam}: vLLM vs transformers teacher-forced log-probs over {sum(map(len, ids))} tokens, "
+          f"max |diff| = {diff:.2e}")
+    assert diff <= TOL
