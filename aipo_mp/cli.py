@@ -153,7 +153,7 @@ def cmd_reward(args) -> int:
         raise ConfigError("reward: give exactly one of --rule module:function or --model DIR (or reward.rule / reward.model)")
     if args.shard_dir:  # one task of `aipo-mp run`'s reward stage: this task's shard only
         return reward_task(args.samples, args.shard_dir, stop, rule=rule, model=model,
-                           tensor_parallel=cfg.reward.tensor_parallel)
+                           tensor_parallel=cfg.reward.tensor_parallel, pipeline_parallel=cfg.reward.pipeline_parallel)
     if not args.out:
         raise ConfigError("reward: give --out FILE (or --shard-dir DIR for one task of a placed stage)")
     scored = score_with_rule(args.samples, rule, args.out) if rule else score_with_model(args.samples, model, args.out)

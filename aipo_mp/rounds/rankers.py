@@ -293,10 +293,10 @@ class JudgeComparator:
 # ---------------------------------------------------------------------------------------------
 
 
-def open_comparator(reward, model=None):
+def open_comparator(reward, model=None, task=None):
     """(comparator, close) for a ranker kind: the pairwise classifier, or one judge engine (a
-    stage's `reward.replicas` engines are its tasks, each with its own). `model` may be a live
-    vLLM engine for the judge."""
+    stage's `reward.replicas` engines are its tasks, each with its own; `task`: the head task of a
+    placed engine, from engine_task()). `model` may be a live vLLM engine for the judge."""
     kind = reward_kind(reward)
     if kind == "pairwise":
         return PairwiseClassifier(model or reward.model, reward.template, reward.batch_size), lambda: None
@@ -304,8 +304,9 @@ def open_comparator(reward, model=None):
 
     if model is not None and is_engine(model):
         return JudgeComparator(model, reward.template, reward.judge_answers, reward.chat_template), lambda: None
-    llm = start_engine(model or reward.model, tensor_parallel=reward.tensor_parallel, kv_cache_gib=reward.kv_cache_gib,
-                       max_model_len=reward.max_model_len, what="judge model")
+    llm = start_engine(model or reward.model, tensor_parallel=reward.tensor_parallel,
+                       pipeline_parallel=reward.pipeline_parallel, kv_cache_gib=reward.kv_cache_gib,
+                       max_model_len=reward.max_model_len, what="judge model", task=task)
     return (JudgeComparator(llm, reward.template, reward.judge_answers, reward.chat_template),
             lambda: close_engine(llm))
 
@@ -314,18 +315,17 @@ class TaskComparator:
     """This engine task's comparator, opened at its first shard (on its own devices) and kept for
     the rest: an engine task with no shard left starts no engine."""
 
-    def __init__(self, reward):
-        self.reward = reward
+    def __init__(self, reward, task):
+        self.reward, self.task = reward, task
         self.comparator: Optional[Comparator] = None
         self.close: Callable[[], None] = lambda: None
 
     def __call__(self, items: Sequence[tuple]) -> list[float]:
         if self.comparator is None:
-            from aipo_mp.rounds.shards import claim_engine_devices, task_identity
+            from aipo_mp.rounds.shards import claim_head_devices
 
-            _, _, local_rank, local_world = task_identity()
-            claim_engine_devices(local_rank, local_world, self.reward.tensor_parallel)
-            self.comparator, self.close = open_comparator(self.reward)
+            claim_head_devices(self.task, self.reward.tensor_parallel * self.reward.pipeline_parallel)
+            self.comparator, self.close = open_comparator(self.reward, task=self.task)
         return self.comparator(items)
 
 
@@ -333,21 +333,23 @@ def rank_task(samples, reward, shard_root: str | Path, stop) -> int:
     """One engine task of a placed ranker stage (`aipo-mp reward --shard-dir` with reward.kind
     pairwise or judge): rank the prompts of this engine's unfinished shards (whole prompts, laid
     out by `prompt_shards`); the driver merges them back in input order. 0, or 75 when stopped."""
-    from aipo_mp.rounds.shards import ShardDir, engine_identity, prompt_shards, run_shard_task
+    from aipo_mp.rounds.engines import engine_task, serve_headless
+    from aipo_mp.rounds.shards import ShardDir, engine_todo, prompt_shards, run_shard_task
 
     errors = reward_errors(reward)
     if errors:
         raise ConfigError(errors)
-    engine, engines, drives = engine_identity()
-    if not drives:
-        return 0
+    task = engine_task()
     records = load_samples(samples)
-    order, bounds = prompt_shards([r["prompt_id"] for r in records], engines)
+    order, bounds = prompt_shards([r["prompt_id"] for r in records], task.engines)
+    shards = ShardDir(shard_root, len(bounds))
+    if not task.is_head:  # a spanning engine's other nodes: its headless part
+        return serve_headless(task, finished=lambda: not engine_todo(shards, task.engine, task.engines))
     laid_out = [records[k] for k in order]
-    comparator = TaskComparator(reward)
+    comparator = TaskComparator(reward, task)
     work = lambda start, end: rank_samples(laid_out[start:end], comparator, reward.aggregate, reward_kind(reward))
     try:
-        return run_shard_task(ShardDir(shard_root, len(bounds)), bounds, work, stop, engine, engines)
+        return run_shard_task(shards, bounds, work, stop, task.engine, task.engines)
     finally:
         comparator.close()
 
@@ -356,20 +358,22 @@ def compare_task(samples, against: Sequence[tuple[str, str]], reward, shard_root
     """One engine task of a placed compare stage: for every (baseline answers, judgments file)
     pair k, the judgments of this engine's unfinished shards of the matched answers into
     SHARD_ROOT/k/; the driver merges each into its judgments file. 0, or 75 when stopped."""
+    from aipo_mp.rounds.engines import engine_task, serve_headless
     from aipo_mp.rounds.report import match_baseline
-    from aipo_mp.rounds.shards import ShardDir, engine_identity, run_shard_task, shard_bounds, shard_count
+    from aipo_mp.rounds.shards import ShardDir, engine_todo, run_shard_task, shard_bounds, shard_count
 
-    engine, engines, drives = engine_identity()
-    if not drives:
-        return 0
+    task = engine_task()
     current = load_samples(samples)
-    comparator = TaskComparator(reward)
+    matched = [match_baseline(current, load_samples(baseline)) for baseline, _out in against]
+    shards = [ShardDir(Path(shard_root) / str(k), shard_count(len(m), task.engines)) for k, m in enumerate(matched)]
+    if not task.is_head:  # a spanning engine's other nodes: its headless part
+        return serve_headless(task, finished=lambda: not any(engine_todo(d, task.engine, task.engines)
+                                                             for d in shards))
+    comparator = TaskComparator(reward, task)
     try:
-        for k, (baseline, _out) in enumerate(against):
-            matched = match_baseline(current, load_samples(baseline))
-            shards = ShardDir(Path(shard_root) / str(k), shard_count(len(matched), engines))
-            work = lambda start, end, m=matched: judge_matched(m[start:end], comparator, reward_kind(reward))
-            code = run_shard_task(shards, shard_bounds(len(matched), shards.count), work, stop, engine, engines)
+        for m, d in zip(matched, shards):
+            work = lambda start, end, m=m: judge_matched(m[start:end], comparator, reward_kind(reward))
+            code = run_shard_task(d, shard_bounds(len(m), d.count), work, stop, task.engine, task.engines)
             if code:
                 return code
         return 0

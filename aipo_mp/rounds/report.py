@@ -485,15 +485,16 @@ def kl_from_sums(rows: list[dict]) -> dict:
 def kl_main(args) -> int:
     run_dir = Path(args.run_dir)
     if args.shard_dir:  # one engine task of the placed kl stage: its slice of every round, merged by the driver
-        from aipo_mp.rounds.shards import ShardDir, StopFlag, engine_identity, run_shard_task
+        from aipo_mp.rounds.engines import engine_task, serve_headless
+        from aipo_mp.rounds.shards import ShardDir, StopFlag, engine_todo, run_shard_task
 
         stop = StopFlag()
-        engine, engines, drives = engine_identity()
-        if not drives:
-            return 0
-        shards = ShardDir(args.shard_dir, engines)
-        work = lambda k, _end: kl_sums(run_dir, args.rounds, args.initial, (k, engines), args.tensor_parallel)
-        return run_shard_task(shards, [(k, k + 1) for k in range(engines)], work, stop, engine, engines)
+        task = engine_task()
+        shards = ShardDir(args.shard_dir, task.engines)
+        if not task.is_head:  # a spanning engine's other nodes: the headless part of each engine the head starts
+            return serve_headless(task, finished=lambda: not engine_todo(shards, task.engine, task.engines))
+        work = lambda k, _end: kl_sums(run_dir, args.rounds, args.initial, (k, task.engines), args.tensor_parallel)
+        return run_shard_task(shards, [(k, k + 1) for k in range(task.engines)], work, stop, task.engine, task.engines)
     rows = kl_sums(run_dir, args.rounds, args.initial, tensor_parallel=args.tensor_parallel)
     atomic_write_json(args.out, kl_from_sums(rows))
     return 0

@@ -271,22 +271,21 @@ def reward_task(samples, shard_root: str | Path, stop, rule: Optional[str] = Non
     engine's unfinished shards of the samples with the rule or its own reward engine (started at
     its first shard, kept for the rest); the driver merges the shards. Returns 0, or 75 when a stop
     signal came before its shards were scored."""
+    from aipo_mp.rounds.engines import engine_task, serve_headless
     from aipo_mp.rounds.shards import (
         ShardDir,
-        claim_engine_devices,
-        engine_identity,
+        claim_head_devices,
+        engine_todo,
         run_shard_task,
         shard_bounds,
         shard_count,
-        task_identity,
     )
 
-    engine, engines, drives = engine_identity()
-    if not drives:
-        return 0
-    _, _, local_rank, local_world = task_identity()
+    task = engine_task()
     records = load_samples(samples)
-    shards = ShardDir(shard_root, shard_count(len(records), engines))
+    shards = ShardDir(shard_root, shard_count(len(records), task.engines))
+    if not task.is_head:  # a spanning reward engine's other nodes: its headless part
+        return serve_headless(task, finished=lambda: not engine_todo(shards, task.engine, task.engines))
     llm = None
 
     def work(start: int, end: int) -> list[dict]:
@@ -295,12 +294,12 @@ def reward_task(samples, shard_root: str | Path, stop, rule: Optional[str] = Non
             return score_with_rule(records[start:end], rule)
         if llm is None:
             check_reward_model(model)
-            claim_engine_devices(local_rank, local_world, engine_options.get("tensor_parallel", 1))
-            llm = start_engine(model, runner="pooling", what="reward model", **engine_options)
+            claim_head_devices(task, engine_options.get("tensor_parallel", 1) * engine_options.get("pipeline_parallel", 1))
+            llm = start_engine(model, runner="pooling", what="reward model", task=task, **engine_options)
         return score_with_model(records[start:end], llm)
 
     try:
-        return run_shard_task(shards, shard_bounds(len(records), shards.count), work, stop, engine, engines)
+        return run_shard_task(shards, shard_bounds(len(records), shards.count), work, stop, task.engine, task.engines)
     finally:
         if llm is not None:
             close_engine(llm)

@@ -44,17 +44,19 @@ def task_identity(environ: Optional[dict] = None) -> tuple[int, int, int, int]:
     return rank, world, int(env.get("LOCAL_RANK", rank)), int(env.get("LOCAL_WORLD_SIZE", world))
 
 
-def engine_identity(environ: Optional[dict] = None) -> tuple[int, int, bool]:
-    """(engine index, engines, drives) of this task: `engine_task()` of aipo_mp/rounds/engines.py
-    when the launcher placed engines that span nodes, else one task per engine (engine = task rank).
-    `drives` is false on an engine's headless tasks, which take no shards."""
-    from aipo_mp.rounds import engines
+def engine_todo(shards: "ShardDir", engine: int, engines: int) -> list[int]:
+    """The unfinished shards of engine `engine` of `engines` (every engines-th of the driver's plan):
+    an engine's headless tasks serve it until none is left."""
+    return [k for k in shards.planned()[engine::engines] if not shards.done(k)]
 
-    if hasattr(engines, "engine_task"):
-        task = engines.engine_task(os.environ if environ is None else environ)
-        return task.engine, task.engines, task.node_rank == 0
-    rank, world, _, _ = task_identity(environ)
-    return rank, world, True
+
+def claim_head_devices(task, gpus_per_engine: int) -> None:
+    """Devices of an engine's head task before its engine starts: an engine that fits a node takes
+    its slice of the node (several engines share it); a spanning engine's task holds its whole node
+    (start_engine with task= binds its workers)."""
+    if not task.spans:
+        _, _, local_rank, local_world = task_identity()
+        claim_engine_devices(local_rank, local_world, gpus_per_engine)
 
 
 def prompt_shards(prompt_ids: Sequence, engines: int) -> tuple[list[int], list[tuple[int, int]]]:

@@ -454,9 +454,10 @@ class ShardedGenerator:
     prompt's seed depends on its position in the batch only, so the batch equals one engine's."""
 
     def __init__(self, model_dir, synth, sampling, round_idx: int, shard_root: str | Path, stop,
-                 engine: int, engines: int):
+                 engine: int, engines: int, task=None):
         self.model_dir, self.synth, self.sampling, self.round_idx = model_dir, synth, sampling, round_idx
         self.shard_root, self.stop, self.engine, self.engines = Path(shard_root), stop, engine, engines
+        self.task = task  # engine_task() of a placed stage (None: a test's preset engine)
         self.llm = None
 
     def __call__(self, prompts: list[str], batch: int) -> list[tuple[str, str]]:
@@ -481,11 +482,10 @@ class ShardedGenerator:
     def engine_for(self, spec):
         if self.llm is None:
             from aipo_mp.rounds.engines import engine_kwargs, start_engine
-            from aipo_mp.rounds.shards import claim_engine_devices, task_identity
+            from aipo_mp.rounds.shards import claim_head_devices
 
-            _, _, local_rank, local_world = task_identity()
-            claim_engine_devices(local_rank, local_world, spec.tensor_parallel)
-            self.llm = start_engine(self.model_dir, **engine_kwargs(spec), what="policy model")
+            claim_head_devices(self.task, spec.tensor_parallel * spec.pipeline_parallel * spec.data_parallel)
+            self.llm = start_engine(self.model_dir, **engine_kwargs(spec), what="policy model", task=self.task)
         return self.llm
 
     def close(self) -> None:
@@ -502,16 +502,16 @@ def synthesize_task(cfg, model_dir: str, seeds_path: str, out_dir: str | Path, r
     engine runs the same deterministic pass over the batches, generating its shard of each; engine
     0 writes the merged batches and the prompts. 0, or 75 when a stop signal came first (a rerun
     reuses the finished batches and shards)."""
-    from aipo_mp.rounds.shards import engine_identity
+    from aipo_mp.rounds.engines import engine_task, serve_headless
 
-    engine, engines, drives = engine_identity()
-    if not drives:
-        return 0
+    task = engine_task()
+    if not task.is_head:  # a spanning engine's other nodes: its headless part until the prompts exist
+        return serve_headless(task, finished=lambda: (Path(out_dir) / "prompts.jsonl").exists())
     generate = ShardedGenerator(model_dir, cfg.rounds.synthesize, cfg.sampling, round_idx, shard_root, stop,
-                                engine, engines)
+                                task.engine, task.engines, task)
     try:
         synthesize(read_prompts(seeds_path), generate, token_counter(model_dir), cfg.rounds.synthesize, out_dir,
-                   round_idx, extra_seeds, writes=engine == 0)
+                   round_idx, extra_seeds, writes=task.engine == 0)
     except StageStopped as e:
         print(f"[synthesize] stopped by a signal in {e}", flush=True)
         return 75
