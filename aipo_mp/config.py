@@ -326,8 +326,8 @@ class RewardConfig:
     batch_size: int = count(16)  # pairwise classifier batch
     tensor_parallel: int = count(1)  # GPUs per reward engine (reward.model, the judge)
     pipeline_parallel: int = count(1)  # pipeline stages per reward engine (engine = TP x PP GPUs)
-    # model, rule: reward tasks, each scoring its shard of the samples; judge: engines in child
-    # processes of the one ranking task (data parallel, like sampling.replicas)
+    # engines of the reward layout (reward.model, the pairwise and judge rankers, compare; a rule:
+    # CPU tasks), one task each over the allocation, each on its shards (a ranker's: whole prompts)
     replicas: int = count(1)
     kv_cache_gib: float = setting(1.0, gt=0)  # judge engine, CPU only
     max_model_len: Optional[int] = setting(None, ge=2)  # judge engine
