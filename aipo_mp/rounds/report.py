@@ -442,18 +442,20 @@ def sample_token_lists(samples: list[dict], tokenizer) -> list[tuple[list[int], 
 
 
 def response_logprob_sums(model_dir: str, token_lists: list[tuple[list[int], int]],
-                          tensor_parallel: int = 1) -> list[float]:
+                          tensor_parallel: int = 1, **engine_options) -> list[float]:
     from aipo_mp.rounds.engines import logprobs_of
 
-    per_token = logprobs_of(model_dir, [ids for ids, _ in token_lists], tensor_parallel=tensor_parallel)
+    per_token = logprobs_of(model_dir, [ids for ids, _ in token_lists], tensor_parallel=tensor_parallel,
+                            **engine_options)
     # logprobs_of gives L-1 values: position t is log p(ids[t+1] | ids[:t+1]).
     return [sum(lp[n_prompt - 1:]) for lp, (_, n_prompt) in zip(per_token, token_lists)]
 
 
 def kl_sums(run_dir: Path, rounds: list[str], initial: str, shard: tuple[int, int] = (0, 1),
-            tensor_parallel: int = 1) -> list[dict]:
-    """{"round", "sum", "count"} of log pi_r - log pi_0 over this task's slice (task k of W takes
-    every W-th sample) of each round's first KL_SAMPLES samples."""
+            tensor_parallel: int = 1, **engine_options) -> list[dict]:
+    """{"round", "sum", "count"} of log pi_r - log pi_0 over this engine's slice (engine k of E
+    takes every E-th sample) of each round's first KL_SAMPLES samples. `engine_options` (the
+    sampling layout's pipeline_parallel, data_parallel, expert_parallel; task) go to start_engine."""
     from transformers import AutoTokenizer
 
     k, world = shard
@@ -468,8 +470,8 @@ def kl_sums(run_dir: Path, rounds: list[str], initial: str, shard: tuple[int, in
             continue
         tok = AutoTokenizer.from_pretrained(model_dir)
         lists = sample_token_lists(samples, tok)
-        lp_policy = response_logprob_sums(model_dir, lists, tensor_parallel)
-        lp_initial = response_logprob_sums(initial, lists, tensor_parallel)
+        lp_policy = response_logprob_sums(model_dir, lists, tensor_parallel, **engine_options)
+        lp_initial = response_logprob_sums(initial, lists, tensor_parallel, **engine_options)
         out.append({"round": r, "sum": sum(a - b for a, b in zip(lp_policy, lp_initial)), "count": len(lists)})
     return out
 
@@ -484,18 +486,25 @@ def kl_from_sums(rows: list[dict]) -> dict:
 
 def kl_main(args) -> int:
     run_dir = Path(args.run_dir)
+    layout = dict(pipeline_parallel=args.pipeline_parallel, data_parallel=args.data_parallel,
+                  expert_parallel=args.expert_parallel)
     if args.shard_dir:  # one engine task of the placed kl stage: its slice of every round, merged by the driver
         from aipo_mp.rounds.engines import engine_task, serve_headless
-        from aipo_mp.rounds.shards import ShardDir, StopFlag, engine_todo, run_shard_task
+        from aipo_mp.rounds.shards import ShardDir, StopFlag, claim_head_devices, engine_todo, run_shard_task
 
         stop = StopFlag()
         task = engine_task()
         shards = ShardDir(args.shard_dir, task.engines)
         if not task.is_head:  # a spanning engine's other nodes: the headless part of each engine the head starts
             return serve_headless(task, finished=lambda: not engine_todo(shards, task.engine, task.engines))
-        work = lambda k, _end: kl_sums(run_dir, args.rounds, args.initial, (k, task.engines), args.tensor_parallel)
+        if engine_todo(shards, task.engine, task.engines):  # this task's engines: its slice of the node
+            claim_head_devices(task, args.tensor_parallel * args.pipeline_parallel * args.data_parallel)
+        options = dict(layout, task=task)
+        work = lambda k, _end: kl_sums(run_dir, args.rounds, args.initial, (k, task.engines), args.tensor_parallel,
+                                       **options)
+
         return run_shard_task(shards, [(k, k + 1) for k in range(task.engines)], work, stop, task.engine, task.engines)
-    rows = kl_sums(run_dir, args.rounds, args.initial, tensor_parallel=args.tensor_parallel)
+    rows = kl_sums(run_dir, args.rounds, args.initial, tensor_parallel=args.tensor_parallel, **layout)
     atomic_write_json(args.out, kl_from_sums(rows))
     return 0
 
@@ -508,6 +517,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     k.add_argument("--out", default=None)
     k.add_argument("--shard-dir", default=None, help="one task of the placed kl stage: write its shard here")
     k.add_argument("--tensor-parallel", type=int, default=1, help="GPUs per engine (the sampling layout)")
+    k.add_argument("--pipeline-parallel", type=int, default=1, help="pipeline stages per engine (the sampling layout)")
+    k.add_argument("--data-parallel", type=int, default=1, help="vLLM data-parallel ranks per engine")
+    k.add_argument("--expert-parallel", action="store_true", help="vLLM expert parallelism (MoE policies)")
     k.add_argument("--initial", required=True)
     k.add_argument("rounds", nargs="*", help="ROUND=HF_DIR")
     args = parser.parse_args(argv)

@@ -456,7 +456,7 @@ class RoundRunner:
         engines = engine_count(placement)  # shard k of E: every E-th sample of each round
         self.plan_shards(shard_root, engines, engines)
         args = ["--run-dir", str(self.run_dir), "--shard-dir", str(shard_root),
-                "--tensor-parallel", str(self.cfg.sampling.tensor_parallel), "--initial", self.policy_hf_dir(0),
+                *kl_layout_args(self.cfg.sampling), "--initial", self.policy_hf_dir(0),
                 *[f"{r}={self.policy_hf_dir(r)}" for r in rounds]]
         self.launch("kl", args, placement)
         if not self.plan_only:
@@ -509,6 +509,13 @@ def baseline_samples(answers_path: str, prompts_path: str, policy: str) -> list[
 def engine_count(placement: Placement) -> int:
     """The engines of an engine stage (work shards are per engine, never per task)."""
     return getattr(placement, "engines", 0) or placement.ntasks
+
+
+def kl_layout_args(sampling) -> list[str]:
+    """The kl stage's engines: the sampling layout."""
+    args = ["--tensor-parallel", str(sampling.tensor_parallel), "--pipeline-parallel", str(sampling.pipeline_parallel),
+            "--data-parallel", str(sampling.data_parallel)]
+    return args + (["--expert-parallel"] if sampling.expert_parallel else [])
 
 
 def matched_count(samples: Path, baseline: str) -> int:
