@@ -173,7 +173,7 @@ def local_layer_spec(opts: SpecOptions, num_experts: int = 0):
             self_attention=attention,
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=norm,
-            mlp=moe_mlp_spec(num_experts, use_te=False) if num_experts else ModuleSpec(
+            mlp=moe_mlp_spec(num_experts, use_te=False, expert_bias=opts.linear_bias) if num_experts else ModuleSpec(
                 module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=out_proj)),
             mlp_bda=get_bias_dropout_add,
             sharded_state_dict_keys_map=checkpoint_keys_map(moe=bool(num_experts)),
@@ -207,11 +207,18 @@ def mla_attention_spec(core_attention, norm):
     )
 
 
-def moe_mlp_spec(num_experts: int, use_te: bool):
-    """megatron's MoELayer: per-expert MLPs (SequentialMLP) locally, TE's grouped GEMM on GPUs."""
+def moe_mlp_spec(num_experts: int, use_te: bool, expert_bias: bool = False):
+    """megatron's MoELayer: per-expert MLPs (SequentialMLP) locally, TE's grouped GEMM on GPUs.
+    expert_bias (gpt-oss): the experts' output projection hands back a copy (see
+    ExpertRowParallelLinear)."""
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 
-    return get_moe_module_spec(use_te=use_te, num_experts=num_experts, moe_grouped_gemm=use_te)
+    spec = get_moe_module_spec(use_te=use_te, num_experts=num_experts, moe_grouped_gemm=use_te)
+    if expert_bias and not use_te:
+        from aipo_mp.models.layers import ExpertRowParallelLinear
+
+        spec.submodules.experts.submodules.linear_fc2 = ExpertRowParallelLinear
+    return spec
 
 
 def checkpoint_keys_map(moe: bool) -> dict:

@@ -70,6 +70,25 @@ class RowParallelLinearWithPostNorm(RowParallelLinear):
         return self.post_norm(output), bias
 
 
+class ExpertRowParallelLinear(RowParallelLinear):
+    """An expert's output projection, fixed for expert biases (gpt-oss), two megatron 0.16.1 slips:
+    - its MLP adds the bias in place (`output += bias * probs`, mlp.py); at expert-TP 1 the output
+      is the TP reduction's input handed back as a view, which autograd refuses in training: the
+      output is handed back as a copy (the expert's rows; small);
+    - the bias is tagged `sequence_parallel` like a dense layer's, so with sequence parallelism its
+      gradient would be summed over the TP group, whose ranks hold other experts (or the same
+      expert's other tokens, already counted by the expert-data-parallel reduction): untagged."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.bias is not None:
+            self.bias.sequence_parallel = False
+
+    def forward(self, input_, *args, **kwargs):
+        output, bias = super().forward(input_, *args, **kwargs)
+        return (output.clone() if bias is not None else output), bias
+
+
 class TorchCoreAttention(MegatronModule):
     """softmax(softcap(q·kᵀ·scale) + mask)·v for the local backend, computed per sequence.
 

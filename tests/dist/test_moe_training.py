@@ -1,6 +1,7 @@
 """Training mixture-of-experts policies (tiny Qwen3-MoE with a dense layer, tiny Mixtral; 4
 experts, top-2; tiny DeepSeek-V3: latent attention, 8 experts in 2 groups, an expert bias, a shared
-expert): expert parallelism equals one process, the step-1 loss equals the objective on
+expert; tiny gpt-oss: sinks, biases, fused interleaved experts, clamped SwiGLU): expert
+parallelism equals one process, the step-1 loss equals the objective on
 transformers' log-probs, the router policy (load-balancing loss off unless set, frozen routers,
 DeepSeek's expert bias unchanged unless its update rate is set) and the expert-load metrics."""
 
@@ -15,6 +16,15 @@ from tests.conftest import MOE_MODELS, tiny_arch
 from tests.dist.test_trainer import COMMON, check_loss_against_transformers, metrics, relative_param_diff
 from tests.launch import run_ranks
 
+FAMS = MOE_MODELS + ("deepseek_v3", "gpt_oss")
+# Relative bar of a layout against one process after the first update (step 1, before any, is
+# always held to 1e-5). gpt-oss: the tiny model's expert pre-activations sit around the SwiGLU
+# clamp (limit 7), whose gradient switches off there, and the summation order of another layout
+# moves a few across it; Adam turns that into ~1e-4 (measured 2026-12-04: EP2 1.4e-5, TP2xEP2
+# 1.3e-4 on grad norms, parameters 1.1e-4). A wrong reduction is far larger (the experts' fc2
+# bias summed over TP gave 4.5e-3 and parameters 0.10).
+LATER_STEPS_BAR = {"gpt_oss": 5e-4}
+
 
 @pytest.fixture(scope="module")
 def moe_dirs(tmp_path_factory) -> dict:
@@ -24,7 +34,7 @@ def moe_dirs(tmp_path_factory) -> dict:
 
     base = tmp_path_factory.mktemp("moe_policy")
     tok = build_tiny_tokenizer(base / "tokenizer", vocab_size=512)
-    dirs = {f: save_hf_model(tiny_arch(f), base / f, seed=3, tokenizer_dir=tok) for f in MOE_MODELS + ("deepseek_v3",)}
+    dirs = {f: save_hf_model(tiny_arch(f), base / f, seed=3, tokenizer_dir=tok) for f in FAMS}
     # An odd number of pairs, one per micro-batch: the data-parallel ranks' reference passes run
     # 48 and 47 micro-batches, which expert parallelism must even out (its all-to-all spans them).
     dirs["pairs"] = write_jsonl(marker_pairs(95, seed=1), base / "pairs.jsonl")
@@ -46,29 +56,33 @@ def router_weights(params: dict) -> dict:
 @pytest.mark.dist
 @pytest.mark.slow
 def test_moe_training_layouts_router_policy_and_metrics(moe_dirs, tmp_path):
-    single = [(f"{f}-single", []) for f in MOE_MODELS + ("deepseek_v3",)]
+    single = [(f"{f}-single", []) for f in FAMS]
     policy = [("qwen3_moe-aux", ["moe.aux_loss_coeff=0.01"]), ("qwen3_moe-frozen", ["moe.freeze_router=true"]),
               ("qwen3_moe-still", ["train.lr=0"])]
     launch(1, single + policy, moe_dirs, tmp_path)
-    launch(2, [(f"{f}-ep2", ["parallel.ep=2"]) for f in MOE_MODELS + ("deepseek_v3",)]
+    launch(2, [(f"{f}-ep2", ["parallel.ep=2"]) for f in FAMS]
            + [("deepseek_v3-bias", ["parallel.ep=2", "moe.freeze_router=true", "moe.expert_bias_update_rate=0.001"])],
            moe_dirs, tmp_path)
     launch(4, [("qwen3_moe-tp2ep2", ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=2"]),
-               ("mixtral-ep2dp2", ["parallel.ep=2"])], moe_dirs, tmp_path)
-    layouts = {"qwen3_moe": ("ep2", "tp2ep2"), "mixtral": ("ep2", "ep2dp2"), "deepseek_v3": ("ep2",)}
-    for f in MOE_MODELS + ("deepseek_v3",):
+               ("mixtral-ep2dp2", ["parallel.ep=2"]),
+               ("gpt_oss-tp2ep2", ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=2"])],
+           moe_dirs, tmp_path)
+    layouts = {"qwen3_moe": ("ep2", "tp2ep2"), "mixtral": ("ep2", "ep2dp2"), "deepseek_v3": ("ep2",),
+               "gpt_oss": ("ep2", "tp2ep2")}
+    for f in FAMS:
         base = metrics(tmp_path / f"{f}-single")
         base_params = torch.load(tmp_path / f"{f}-single" / "params.pt", weights_only=True)
         assert [m["step"] for m in base] == [1, 2, 3]
         for name in layouts[f]:
             got = metrics(tmp_path / f"{f}-{name}")
             for a, b in zip(got, base):
+                bar = 1e-5 if a["step"] == 1 else LATER_STEPS_BAR.get(f, 1e-5)
                 for key in ("loss", "grad_norm"):
-                    assert abs(a[key] - b[key]) <= 1e-5 * abs(b[key]), (f, name, a["step"], key, a[key], b[key])
+                    assert abs(a[key] - b[key]) <= bar * abs(b[key]), (f, name, a["step"], key, a[key], b[key])
                 assert a["moe/load_max"] == b["moe/load_max"] and a["moe/load_mean"] == b["moe/load_mean"], (f, name)
             params = torch.load(tmp_path / f"{f}-{name}" / "params.pt", weights_only=True)
             assert set(params) == set(base_params), (f, name)  # every expert came back from its EP rank
-            assert relative_param_diff(params, base_params) <= 1e-4, (f, name)
+            assert relative_param_diff(params, base_params) <= max(1e-4, LATER_STEPS_BAR.get(f, 0)), (f, name)
         # Step 1 of the expert-parallel run is the objective on transformers' log-probs.
         check_loss_against_transformers(moe_dirs[f], metrics(tmp_path / f"{f}-ep2")[0])
         check_expert_load(f, base)
