@@ -175,3 +175,49 @@ def test_gpt_oss_120b_recipe_is_the_planners_top_row():
     assert s.expert_parallel and s.replicas * chosen.gpus == gpus
     cfg.model.path = None  # a placeholder path on this machine
     validate(cfg, world_size=gpus)
+
+
+def test_table_round_trip_at_tp2_ep2_is_bit_exact_and_transformers_loads_it(tmp_path):
+    """HF (bf16) -> Megatron shards of a TP2 x EP2 layout (the table's transforms and TP slices,
+    as weight loading applies them) -> merged -> HF per-expert tensors -> re-fused: bit-exact,
+    fused interleaved experts and biases included, and transformers loads the result with the
+    same logits. (The streaming `hf-to-mcore` / `mcore-to-hf` converters do not take gpt-oss yet.)"""
+    from transformers import AutoModelForCausalLM
+
+    from aipo_mp.convert.hf_io import HFWeights
+    from aipo_mp.models.build import to_hf, to_megatron, tp_merge, tp_slice
+    from aipo_mp.models.family import rule_indices
+    from aipo_mp.testing.hf_build import save_hf_model
+
+    arch = tiny_arch("gpt_oss")
+    d = save_hf_model(arch, tmp_path / "m", seed=5)
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    weights, family, tp = HFWeights(tmp_path / "bf16"), get_family("gpt_oss"), 2
+    per_expert = {}
+    for rule in family.rules(arch):
+        for index in rule_indices(rule, arch):
+            full = to_megatron(rule, [weights.get(n) for n in rule.hf_at(index)], arch)
+            size = 1 if rule.expert else tp  # expert-TP 1; experts split over EP by index
+            shards = [tp_slice(full, rule.split, r, size).clone() for r in range(size)]
+            for name, t in zip(rule.hf_at(index), to_hf(rule, tp_merge(shards, rule.split), arch)):
+                per_expert[name] = t
+    fused = {}
+    for name, t in per_expert.items():
+        parts = name.split(".")
+        if "experts" in parts:  # model.layers.i.mlp.experts.e.part -> model.layers.i.mlp.experts.part [E, ...]
+            k = parts.index("experts")
+            fused.setdefault(".".join(parts[:k + 1] + parts[k + 2:]), {})[int(parts[k + 1])] = t
+        else:
+            fused[name] = t
+    fused = {n: torch.stack([v[e] for e in range(arch.num_experts)]) if isinstance(v, dict) else v
+             for n, v in fused.items()}
+    original = model.state_dict()
+    assert set(fused) == set(original)
+    for name, t in fused.items():
+        assert t.dtype == original[name].dtype and torch.equal(t, original[name]), name
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    back.load_state_dict(fused)
+    ids = torch.randint(0, arch.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)
