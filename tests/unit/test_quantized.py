@@ -3,7 +3,8 @@ transformers' own dequantization bit for bit (random bytes, every code and every
 the HF reader presents `X_blocks` / `X_scales` as the bf16 tensor `X` (names, shape, dtype, whole
 tensor, experts by `read_into` with and without a column range, one expert dequantized at a time);
 a broken pair (no scales, scales without blocks, wrong shapes or dtype) is one error line naming
-the tensor, also through the CLI."""
+the tensor, also through the CLI; a whole MXFP4 tiny gpt-oss directory reads, expert by expert,
+as transformers' own loader dequantizes it."""
 
 from __future__ import annotations
 
@@ -165,3 +166,55 @@ def test_broken_mxfp4_source_through_the_cli_is_one_error_line(release, tmp_path
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), err.getvalue()
     assert f"{GATE_UP}_blocks has no {GATE_UP}_scales" in lines[0]
     assert not (tmp_path / "mc").exists()
+
+
+def test_mxfp4_gpt_oss_directory_reads_as_transformers_loads_it(tmp_path):
+    """The tiny gpt-oss with its experts stored as the releases store them (gate_up_proj and
+    down_proj as MXFP4 blocks + scales, quantization_config mxfp4): the project's checks pass
+    (every name and shape against config.json) and every tensor it presents, each expert's slice
+    included, equals what transformers' own loader (dequantize=True) makes of the directory."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    from aipo_mp.convert.common import hf_source
+    from aipo_mp.convert.quantized import quantize_mxfp4
+    from aipo_mp.testing.hf_build import save_hf_model
+    from tests.conftest import tiny_arch
+
+    plain = save_hf_model(tiny_arch("gpt_oss"), tmp_path / "plain", seed=11)
+    release = tmp_path / "mxfp4"
+    shutil.copytree(plain, release)
+    stored, quantized = {}, 0
+    for name, t in load_file(plain / "model.safetensors").items():
+        if name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")):
+            stored[name + "_blocks"], stored[name + "_scales"] = quantize_mxfp4(t)
+            quantized += 1
+        else:
+            stored[name] = t
+    save_file(stored, str(release / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((release / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4"}
+    (release / "config.json").write_text(json.dumps(cfg))
+    assert quantized == 2 * tiny_arch("gpt_oss").num_layers
+
+    src = hf_source(release)  # names and shapes, as hf-to-mcore, inspect and train check them
+    model, info = AutoModelForCausalLM.from_pretrained(str(release), quantization_config=Mxfp4Config(dequantize=True),
+                                                       dtype=torch.bfloat16, output_loading_info=True)
+    assert not any(info.values()), info
+    theirs = model.state_dict()
+    experts = 0
+    for name in src.weights.names():
+        parts = name.split(".")
+        if "experts" in parts and parts[parts.index("experts") + 1].isdigit():  # expert e's slice
+            k = parts.index("experts")
+            want = theirs[".".join(parts[:k + 1] + parts[k + 2:])][int(parts[k + 1])]
+            experts += name.endswith("_proj")
+        else:
+            want = theirs[name]
+        got = src.weights.get(name)
+        if ".experts." in name and name.endswith(("gate_up_proj", "down_proj")):
+            assert src.weights.dtype(name) == "bf16" and got.dtype == torch.bfloat16, name  # dequantized
+        assert torch.equal(bits(got.to(torch.bfloat16)), bits(want)), name
+    assert experts == 2 * tiny_arch("gpt_oss").num_layers * tiny_arch("gpt_oss").num_experts
