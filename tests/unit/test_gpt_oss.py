@@ -221,3 +221,14 @@ def test_table_round_trip_at_tp2_ep2_is_bit_exact_and_transformers_loads_it(tmp_
     ids = torch.randint(0, arch.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(back(ids).logits, model(ids).logits)
+
+
+def test_streaming_converters_refuse_gpt_oss_in_one_line():
+    """hf-to-mcore / mcore-to-hf plan tensors as runs of HF rows, which the interleaved, transposed
+    experts are not: refused before any process starts, naming the tensor; other MoE families pass."""
+    from aipo_mp.convert.cli import refuse_unstreamable
+
+    with pytest.raises(ConfigError, match=r"cannot map model\.layers\.0\.mlp\.experts\.0\.gate_up_proj"):
+        refuse_unstreamable(tiny_arch("gpt_oss"))
+    for name in ("qwen3_moe", "mixtral", "deepseek_v3"):
+        refuse_unstreamable(tiny_arch(name))
