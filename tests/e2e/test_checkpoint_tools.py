@@ -280,7 +280,8 @@ def test_user_mistakes_are_one_line_and_leave_nothing(tiny_hf_dirs, tp1, broken,
     out = work / "never"
     cases = [
         (("hf-to-mcore", "--hf", broken["unsupported"], "--out", out),
-         "unsupported architecture GPT2LMHeadModel; supported: DeepseekV3ForCausalLM, Gemma2ForCausalLM, LlamaForCausalLM, "
+         "unsupported architecture GPT2LMHeadModel; supported: DeepseekV3ForCausalLM, Gemma2ForCausalLM, GptOssForCausalLM, "
+         "LlamaForCausalLM, "
          "MistralForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM"),
         (("hf-to-mcore", "--hf", broken["missing"], "--out", out), "missing tensors model.layers.2.mlp.up_proj.weight"),
         (("hf-to-mcore", "--hf", broken["unexpected"], "--out", out), "unexpected tensors model.layers.9.mlp.up_proj.weight"),
