@@ -618,11 +618,11 @@ def compute_params(arch: ModelArch) -> int:
 def uses_flash_attention(arch: ModelArch, backend: str = "te") -> bool:
     """A fused attention kernel that keeps only its output and an fp32 log-sum-exp: Transformer
     Engine's, or, on the local backend, torch's scaled_dot_product_attention run per sequence.
-    Logit soft-capping (Gemma-2) has no fused kernel: its attention is computed unfused, per
-    sequence, on every backend."""
+    Logit soft-capping (Gemma-2) and attention sinks (gpt-oss) have no fused kernel: their attention
+    is computed unfused, per sequence, on every backend."""
     if backend == "te" and not spec_of(arch).mla:  # latent attention runs the local spec on every backend
         return spec_of(arch).te_fused_attention
-    return not arch.attn_logit_softcapping
+    return not (arch.attn_logit_softcapping or spec_of(arch).attention_sinks)
 
 
 def uses_fused_norms(arch: ModelArch, backend: str = "te") -> bool:

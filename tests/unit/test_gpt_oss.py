@@ -232,3 +232,13 @@ def test_streaming_converters_refuse_gpt_oss_in_one_line():
         refuse_unstreamable(tiny_arch("gpt_oss"))
     for name in ("qwen3_moe", "mixtral", "deepseek_v3"):
         refuse_unstreamable(tiny_arch(name))
+
+
+def test_planner_counts_the_sink_attention_unfused():
+    """Sinks have no fused attention kernel (the torch core attention computes them unfused, per
+    sequence): the planner keeps the scores for backward on both backends, as for Gemma-2."""
+    from aipo_mp.planner import uses_flash_attention
+
+    for backend in ("local", "te"):
+        assert not uses_flash_attention(tiny_arch("gpt_oss"), backend)
+        assert uses_flash_attention(tiny_arch("qwen3_moe"), backend)
