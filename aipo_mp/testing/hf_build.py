@@ -39,7 +39,7 @@ def hf_model_from_arch(arch: ModelArch, seed: int = 0, noise: float = 0.02, dtyp
             elif name.endswith(".sinks"):
                 # gpt-oss's attention sinks: logits of the order of the scores, so they matter.
                 p.normal_(0.0, 1.0)
-            elif name.endswith("experts.gate_up_proj"):
+            elif arch.family == "gpt_oss" and name.endswith("experts.gate_up_proj"):
                 # gpt-oss: gate/up pre-activations of a few units, so the SwiGLU clamp (7) is hit.
                 p.normal_(0.0, 0.3)
             else:
