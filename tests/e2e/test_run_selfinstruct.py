@@ -1,6 +1,8 @@
 """`aipo-mp run` of the second tiny recipe end to end on CPU: a self-instruct stage each round, a
 pairwise ranker (a tiny classifier built locally) instead of a reward, the compare stage, and the
-report with raw vs length-controlled win rate and length per round."""
+report with raw vs length-controlled win rate and length per round. Every engine stage runs on two
+engine tasks (sampling.replicas=2, reward.replicas=2): synthesize, the ranker, compare and the KL
+stage give what one engine gives (checked here on one engine/comparator after the run)."""
 
 from __future__ import annotations
 
@@ -36,8 +38,9 @@ def test_run_with_synthesize_and_pairwise_ranker(tmp_path):
            "rounds.synthesize.min_tokens=1", "pairs.min_rank_gap=1", "pairs.allow_truncated=true",
            "sampling.n=3", "sampling.max_tokens=10", "train.steps=2", "train.save_every=0",
            "train.global_batch_pairs=4", f"rounds.baseline_answers={baseline}",
-           # one training rank (the recipe trains on two; the suite's time budget)
-           "parallel.tp=1", "parallel.sequence_parallel=false", "cluster.nproc_per_node=1"]
+           # two engine tasks per engine stage; training data parallel over the two slots
+           "sampling.replicas=2", "reward.replicas=2", "rounds.kl_estimate=true",
+           "parallel.tp=1", "parallel.sequence_parallel=false", "cluster.nproc_per_node=2"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -74,3 +77,42 @@ def test_run_with_synthesize_and_pairwise_ranker(tmp_path):
     md = (run_dir / "report" / "report.md").read_text()
     assert "Length-aware evaluation" in md and "length-controlled" in md
     assert "length-controlled" in done.stdout  # the report is printed at the end
+    assert_engine_stages_equal_one_engine(run_dir, policy, ranker, prompts)
+
+
+def assert_engine_stages_equal_one_engine(run_dir, policy, ranker, prompts):
+    """The run's engine stages ran on two engine tasks each; one engine (one comparator) gives the same."""
+    from aipo_mp.config import load_config
+    from aipo_mp.data.records import read_prompts
+    from aipo_mp.rounds.rankers import compare_answers, open_comparator, rank_samples
+    from aipo_mp.rounds.report import kl_from_sums, kl_sums
+    from aipo_mp.rounds.synthesize import synthesize, token_counter, vllm_generator
+
+    cfg = load_config(str(run_dir / "config.yaml"), [])
+    for r, stage, shards in ((0, "synthesize", "batch_000/of2"), (0, "reward", "of2"), (1, "compare/0", "of2")):
+        markers = sorted((run_dir / f"round_{r}" / "shards" / stage / shards).glob("shard_*.json"))
+        assert [json.loads(m.read_text())["rank"] for m in markers] == [0, 1], stage  # one shard per engine
+
+    comparator, _ = open_comparator(cfg.reward)
+    for r in (0, 1):
+        rd = run_dir / f"round_{r}"
+        got = [json.loads(l) for l in (rd / "scored.jsonl").read_text().splitlines()]
+        want = rank_samples(rd / "samples.jsonl", comparator, cfg.reward.aggregate, "pairwise")
+        assert [(g["prompt_id"], g["sample_index"], g["rank"]) for g in got] == \
+            [(w["prompt_id"], w["sample_index"], w["rank"]) for w in want]
+        assert [g["score"] for g in got] == pytest.approx([w["score"] for w in want], abs=1e-6)
+    got = [json.loads(l) for l in (run_dir / "round_1" / "judgments_vs_round0.jsonl").read_text().splitlines()]
+    want = compare_answers(run_dir / "round_1" / "samples.jsonl", run_dir / "round_0" / "samples.jsonl", comparator)
+    assert [(g["prompt_id"], g["sample_index"]) for g in got] == [(w["prompt_id"], w["sample_index"]) for w in want]
+    assert [g["win"] for g in got] == pytest.approx([w["win"] for w in want], abs=1e-6)
+
+    # Round 0's self-instruct prompts on one engine: the same file.
+    synth = cfg.rounds.synthesize
+    synthesize(read_prompts(str(prompts)), vllm_generator(str(policy), synth, cfg.sampling, 0), token_counter(policy),
+               synth, run_dir / "one_engine", 0)
+    assert (run_dir / "one_engine" / "prompts.jsonl").read_text() == (run_dir / "round_0" / "prompts.jsonl").read_text()
+
+    # KL(round 1 || round 0) over two engine tasks (every other sample each) vs one engine.
+    kl = json.loads((run_dir / "kl.json").read_text())
+    one = kl_from_sums(kl_sums(run_dir, [f"1={run_dir / 'round_1' / 'policy_hf'}"], str(policy)))
+    assert kl["1"] is not None and kl["1"] == pytest.approx(one["1"], rel=1e-6, abs=1e-7)
