@@ -316,16 +316,13 @@ def run_distributed(args, argv: list[str], world: int) -> list[dict]:
 
 
 def refuse_unstreamable(arch) -> None:
-    """The streaming converters plan every tensor as runs of HF rows (convert/row_map.py); a
-    family whose table transposes or interleaves (gpt-oss's fused experts) is refused up front."""
+    """A family whose table the row-run plans cannot express (gpt-oss) is refused up front."""
     from aipo_mp.convert.common import ConfigError
-    from aipo_mp.models import get_family
-    from aipo_mp.models.family import COPY, GLU, QKV
+    from aipo_mp.models import unstreamable_tensor
 
-    rule = next((r for r in get_family(arch.family).rules(arch) if r.transform not in (COPY, GLU, QKV)), None)
-    if rule is not None:
-        name = rule.hf_at({"i": 0, "e": 0})[0]
-        raise ConfigError(f"{arch.family}: the converters cannot map {name} ({rule.transform}) yet; train "
+    found = unstreamable_tensor(arch)
+    if found is not None:
+        raise ConfigError(f"{arch.family}: the converters cannot map {found[0]} ({found[1]}) yet; train "
                           "from the HF directory instead (model.path=DIR; docs/models.md#gpt-oss)")
 
 

@@ -177,6 +177,34 @@ def test_gpt_oss_120b_recipe_is_the_planners_top_row():
     validate(cfg, world_size=gpus)
 
 
+def test_runs_that_need_the_hf_export_are_refused_before_training(capsys, monkeypatch):
+    """gpt-oss has no HF export yet: `aipo-mp run` (which hands every round's policy to vLLM through
+    it) and `train` with output.hf_dir are refused with one line before any process starts; plain
+    training validates."""
+    import os
+
+    from aipo_mp.cli import main
+
+    cfg = load_config(ROOT / "configs" / "recipes" / "aipo_gpt_oss_120b.yaml")
+    cfg.model.path, gpus = None, cfg.cluster.nodes * cfg.cluster.nproc_per_node
+    validate(cfg, world_size=gpus)
+    cfg.output.hf_dir = "/tmp/handoff"
+    with pytest.raises(ConfigError) as refused:
+        validate(cfg, world_size=gpus)
+    assert len(refused.value.errors) == 1 and refused.value.errors[0].startswith("output.hf_dir: the HF export of gpt_oss")
+
+    for name in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_code:
+        main(["run", str(ROOT / "configs" / "recipes" / "aipo_gpt_oss_120b.yaml"), "--launcher", "slurm", "--dry-run"])
+    out, err = capsys.readouterr()
+    assert exit_code.value.code == 2 and "round0-sample" not in out
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "aipo-mp run hands each round's policy to vLLM" in lines[0], err
+    assert "Traceback" not in err
+
+
 def test_table_round_trip_at_tp2_ep2_is_bit_exact_and_transformers_loads_it(tmp_path):
     """HF (bf16) -> Megatron shards of a TP2 x EP2 layout (the table's transforms and TP slices,
     as weight loading applies them) -> merged -> HF per-expert tensors -> re-fused: bit-exact,
