@@ -2,8 +2,8 @@
 locally built Llama: the LLM judge's verdicts against transformers' log-probs, its ranking and
 invariance to the answer order, and the self-instruct stage generating with vLLM, stopped in its
 second batch and rerun (same prompts as an uninterrupted run). Placed over the allocation: the
-judge's reward stage of `aipo-mp run` on two engine tasks (the local launcher, two processes with
-their own engines) ranks as the one engine does, and the synthesize stage split over two engine
+judge's reward stage of `aipo-mp run` on the two-node Slurm cluster on localhost (one srun task and
+engine per node) ranks as the one engine does, and the synthesize stage split over two engine
 tasks writes the one engine's prompts."""
 
 from __future__ import annotations
@@ -112,36 +112,57 @@ def test_synthesize_with_vllm_stopped_and_rerun(judge, tmp_path):
 
 
 
+JUDGE_STAGE = """
+import sys
+from pathlib import Path
+from aipo_mp.config import load_config
+from aipo_mp.rounds.launchers import SlurmLauncher
+from aipo_mp.rounds.run import RoundRunner
+path = Path(sys.argv[1])
+RoundRunner(load_config(str(path)), path, SlurmLauncher(handle_signals=False), world_size=2).reward(0)
+"""
+
+
 @pytest.mark.slow
-def test_judge_stage_on_two_engine_tasks_ranks_as_one_engine(judge, tmp_path):
+def test_judge_stage_on_two_slurm_nodes_ranks_as_one_engine(judge, tmp_path, slurm_cluster, slurm_env):
+    """The judge's reward stage of `aipo-mp run` inside an sbatch job on the two-node cluster on
+    localhost (reward.replicas=2, one GPU slot per node): one srun task per node, each with its
+    own judge engine on its own shard of whole prompts; the merged ranking equals one engine's."""
+    import sys
+
     from aipo_mp.config import config_from_dict, dump_config
-    from aipo_mp.rounds.launchers import LocalLauncher
-    from aipo_mp.rounds.run import RoundRunner
     from aipo_mp.rounds.shards import ShardDir
+    from tests.e2e.test_slurm import read, submit_and_wait, write_script
 
     texts = ["green silver orange", "the a of", "purple yellow", "one two three four", "yes", "red red"]
     samples = [{"prompt_id": p, "prompt": f"Name some colors, {p}.", "sample_index": s, "text": texts[(p + s) % 6]}
                for s in range(3) for p in range(4)]  # interleaved prompts: merged back in this order
     want = rank_samples(samples, JudgeComparator(judge["llm"], TEMPLATE), "bradley_terry", kind="judge")
 
-    cfg = config_from_dict({"model": {"path": "x"}, "output": {"dir": str(tmp_path / "run")},
+    run = tmp_path / "run"
+    cfg = config_from_dict({"model": {"path": "x"}, "output": {"dir": str(run)},
                             "reward": {"kind": "judge", "model": str(judge["dir"]), "replicas": 2, "template": TEMPLATE,
                                        "kv_cache_gib": 0.25, "max_model_len": 512},
-                            "cluster": {"nproc_per_node": 2}})
-    (tmp_path / "run").mkdir()
-    dump_config(cfg, tmp_path / "run" / "config.yaml")
-    runner = RoundRunner(cfg, tmp_path / "run" / "config.yaml", LocalLauncher(handle_signals=False), world_size=2)
-    rd = runner.round_dir(0)
-    (rd / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
+                            "cluster": {"launcher": "slurm", "nodes": 2, "nproc_per_node": 1}})
+    (run / "round_0").mkdir(parents=True)
+    dump_config(cfg, run / "config.yaml")
+    (run / "round_0" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
+    (tmp_path / "driver.py").write_text(JUDGE_STAGE)
     t0 = time.time()
-    runner.reward(0)
-    print(f"\njudge stage on two engine tasks: {time.time() - t0:.0f} s")
-    got = [json.loads(line) for line in (rd / "scored.jsonl").read_text().splitlines()]
+    info = submit_and_wait(slurm_cluster, slurm_env, write_script(
+        tmp_path / "judge.sh", ["-N 2", "-n 2", f"-o {tmp_path}/judge.out"],
+        f"{sys.executable} {tmp_path}/driver.py {run / 'config.yaml'}"), tmp_path / "judge.out", timeout=900)
+    print(f"\njudge stage on two Slurm nodes: {time.time() - t0:.0f} s")
+    logs = read(tmp_path / "judge.out")[-3000:] + read(run / "logs" / "round0-reward.log")[-3000:]
+    assert info["JobState"] == "COMPLETED", logs
+    rank_logs = sorted((run / "logs" / "round0-reward").glob("rank*.log"))
+    got = [json.loads(line) for line in (run / "round_0" / "scored.jsonl").read_text().splitlines()]
     assert [(g["prompt_id"], g["sample_index"]) for g in got] == [(w["prompt_id"], w["sample_index"]) for w in want]
     assert [g["rank"] for g in got] == [w["rank"] for w in want]
     assert [g["score"] for g in got] == pytest.approx([w["score"] for w in want], abs=1e-6)
-    markers = ShardDir(rd / "shards" / "reward", 2).markers()
+    markers = ShardDir(run / "round_0" / "shards" / "reward", 2).markers()
     assert [(m["rank"], m["start"], m["end"]) for m in markers] == [(0, 0, 6), (1, 6, 12)]  # 2 prompts each
+    assert sorted(m["node"] for m in markers) == ["n1", "n2"] and len(rank_logs) == 2, logs  # one engine per node
 
 
 class SharedEngine:
