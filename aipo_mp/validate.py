@@ -25,7 +25,7 @@ from aipo_mp.config import (
     reward_kind,
 )
 from aipo_mp.errors import ConfigError, UserError
-from aipo_mp.models import arch_from_dir, arch_problems, unstreamable_tensor
+from aipo_mp.models import arch_from_dir, arch_problems
 
 TRAIN, RECIPE, PLACEMENT = "train", "recipe", "placement"
 
@@ -56,25 +56,9 @@ def validate(cfg: Config, world_size: Optional[int] = None, stages: Sequence[str
         errors += arch_problems(arch)
         errors += training_errors(cfg, world_size)
         errors += objective_errors(cfg)
-    if RECIPE in stages or (TRAIN in stages and cfg.output.hf_dir):
-        errors += handoff_errors(cfg, arch, RECIPE in stages)
     if errors:
         raise ConfigError(errors)
     return arch
-
-
-def handoff_errors(cfg: Config, arch: ModelArch, rounds: bool) -> list[str]:
-    """A family the HF export cannot write yet (gpt-oss) cannot hand a trained policy to vLLM:
-    refused here rather than after a round of training."""
-    found = unstreamable_tensor(arch)
-    if found is None:
-        return []
-    why = (f"the HF export of {arch.family} policies is not built yet (it cannot map {found[0]}, "
-           f"{found[1]}; docs/models.md#gpt-oss)")
-    if rounds:
-        return [f"model.path: aipo-mp run hands each round's policy to vLLM through the HF export, and {why}; "
-                "train on a pairs file with aipo-mp train instead"]
-    return [f"output.hf_dir: {why}; unset output.hf_dir (the Megatron checkpoints are still written)"]
 
 
 def resolve_arch(cfg: Config) -> ModelArch:

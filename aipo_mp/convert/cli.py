@@ -315,22 +315,10 @@ def run_distributed(args, argv: list[str], world: int) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 
-def refuse_unstreamable(arch) -> None:
-    """A family whose table the row-run plans cannot express (gpt-oss) is refused up front."""
-    from aipo_mp.convert.common import ConfigError
-    from aipo_mp.models import unstreamable_tensor
-
-    found = unstreamable_tensor(arch)
-    if found is not None:
-        raise ConfigError(f"{arch.family}: the converters cannot map {found[0]} ({found[1]}) yet; train "
-                          "from the HF directory instead (model.path=DIR; docs/models.md#gpt-oss)")
-
-
 def cmd_hf_to_mcore(args, argv) -> int:
     from aipo_mp.convert import common as ct
 
     src = ct.hf_source(args.hf, args.allow_pickle)
-    refuse_unstreamable(src.arch)
     dtype = ct.choose_dtype(args.dtype, src.dtype, str(src.dir))
     etp = ct.expert_tp(src.arch, args.tp, args.ep, args.etp)
     ct.check_layout(src.arch, args.tp, args.pp, args.vpp or 1, args.ep, etp)
@@ -362,7 +350,6 @@ def cmd_mcore_to_hf(args, argv) -> int:
     meta = ct.checked_meta(args.ckpt)
     family_for_hf_config(meta["hf_config"])
     arch = arch_from_hf_config(meta["hf_config"])
-    refuse_unstreamable(arch)
     ct.parse_size(args.max_shard_size)
     if args.ranks is not None and args.ranks < 1:
         raise ct.ConfigError(f"--ranks={args.ranks}: must be >= 1")

@@ -15,6 +15,10 @@ expert-tensor-parallel group on ETP rank 0, which writes them (global expert ind
 per-expert names) into a part of its own. Dense parameters (the router included) keep the path
 above. Every HF tensor is written exactly once (finalize_hf_dir checks the names; tested against
 the source HF directory at EP2, TP2 x EP2 x ETP2 with SP, and PP2 x EP2).
+
+Families that store a layer's experts fused (gpt-oss) need all of a layer's experts in one HF
+tensor: each expert is merged over expert-TP on its EP rank and sent to EP rank 0, which appends
+it to the fused tensor expert by expert (write_fused_experts), holding one expert at a time.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Optional
 import torch
 
 from aipo_mp.models.build import global_param_names, mapped_buffer_names, parallel_rank_and_size, to_hf
-from aipo_mp.models.family import COLUMN, GLU_COLUMN, NONE, ROW
+from aipo_mp.models.family import COLUMN, GLU, GLU_COLUMN, NONE, ROW
 
 
 def write_policy_hf(built, directory: str | Path, hf_config: dict, extra_files_from: Optional[str | Path],
@@ -47,7 +51,7 @@ def write_policy_hf(built, directory: str | Path, hf_config: dict, extra_files_f
     try:
         write_stage(built, tmp, DTYPES[dtype], max_shard_bytes, IOStats())
         torch.distributed.barrier()
-        names = built.family.hf_names(built.arch)
+        names = built.family.export_names(built.arch)
         # As mcore-to-hf writes it (DeepSeek-V3: the routing keys vLLM needs, no quantization_config).
         hf_config = built.family.export_config(hf_config) if built.family.export_config else hf_config
         on_rank0_then_agree(lambda: finalize_hf_dir(tmp, Path(extra_files_from) if extra_files_from else None,
@@ -102,7 +106,9 @@ def write_stage(built, directory: Path, out_dtype: torch.dtype, max_bytes: int, 
                     max_bytes, stats)
     if built.arch.num_experts and ps.get_expert_data_parallel_rank() == 0:
         units = stage_units(built, out_dtype, experts=True)
-        if units:
+        if units and built.family.expert_slices:  # gpt-oss: a layer's experts fused in one tensor
+            write_fused_experts(built, directory, f"{stage}-experts", units, out_dtype, max_bytes, stats)
+        elif units:
             write_units(built, directory, f"{stage}-experts{ps.get_expert_model_parallel_rank():05d}", units,
                         ps.get_expert_tensor_parallel_group(), ps.get_expert_tensor_parallel_rank(),
                         ps.get_expert_tensor_parallel_world_size(), out_dtype, max_bytes, stats)
@@ -124,11 +130,80 @@ def write_units(built, directory: Path, part: str, units: list[tuple], group, ra
         p, rule, layer, entries = by_first[group_entries[0].name]
         t = p.detach()
         merged = receive_merged(t, rule, group, 0, size) if size > 1 and rule.split != NONE else [t]
-        hf = merged if len(merged) == len(entries) else to_hf(rule, merged[0], built.arch)
-        return [x.to(device="cpu", dtype=e.dtype) for x, e in zip(hf, entries)]
+        return [x.to(device="cpu", dtype=e.dtype) for x, e in zip(hf_tensors(rule, merged, built.arch), entries)]
 
     # One writer thread: the gathers must run in the same order on every rank of the group.
     files = plan_files([u[3] for u in units], max_bytes)
+    write_part_files(directory, part, files, produce, 1, stats)
+
+
+def hf_tensors(rule, merged: list[torch.Tensor], arch) -> list[torch.Tensor]:
+    """The HF tensors of a parameter merged over its split group: receive_merged gives the gated
+    MLP as [gate, up], which are its HF tensors as they are (GLU) or fused first (gpt-oss's
+    interleaved experts); every other transform applies to the one merged tensor."""
+    if rule.transform == GLU and len(merged) == 2:
+        return merged
+    return to_hf(rule, torch.cat(merged) if len(merged) == 2 else merged[0], arch)
+
+
+def write_fused_experts(built, directory: Path, part: str, units: list[tuple], out_dtype: torch.dtype,
+                        max_bytes: int, stats) -> None:
+    """A family that stores each layer's experts fused ([experts, ...]: gpt-oss) on one pipeline
+    stage: ETP rank 0 of EP rank 0 writes every fused tensor expert by expert (`Pieces`). Expert
+    e's parameter is merged over expert-TP on its owner EP rank's ETP rank 0, turned into its HF
+    tensor there and sent over the expert-parallel group to the writer, which appends it and
+    drops it: the writer holds one expert's tensor (plus its merge buffer), never a layer's.
+    Every rank of the stage's EP x ETP grid (expert-data-parallel rank 0) walks the same order:
+    layer, tensor, global expert."""
+    from megatron.core import parallel_state as ps
+
+    from aipo_mp.convert.tensor_io import Entry, Pieces, plan_files, write_part_files
+
+    ep_group, etp_group = ps.get_expert_model_parallel_group(), ps.get_expert_tensor_parallel_group()
+    ep_rank, etp_rank = ps.get_expert_model_parallel_rank(), ps.get_expert_tensor_parallel_rank()
+    etp_size = ps.get_expert_tensor_parallel_world_size()
+    experts = built.arch.num_experts
+    local = experts // ps.get_expert_model_parallel_world_size()
+    mine, fused = {}, {}  # (fused name, global expert) -> unit; fused name -> (entry of one expert, rule)
+    for unit in units:
+        name = built.family.fused_name(unit[3][0].name)
+        mine[name, unit[2]["e"]] = unit
+        fused.setdefault(name, (unit[3][0], unit[1]))
+
+    def expert_tensor(name: str, e: int) -> Optional[torch.Tensor]:
+        """Expert e's HF tensor on the writer (None elsewhere); every rank calls it in the same order."""
+        owner, (one, rule) = e // local, fused[name]
+        if ep_rank == owner:
+            p = mine[name, e][0].detach()
+            merged = receive_merged(p, rule, etp_group, etp_rank, etp_size) \
+                if etp_size > 1 and rule.split != NONE else [p]
+            if etp_rank != 0:
+                return None
+            t = hf_tensors(rule, merged, built.arch)[0].to(device="cpu", dtype=one.dtype).contiguous()
+            if owner == 0:
+                return t
+            torch.distributed.send(t, dst=torch.distributed.get_global_rank(ep_group, 0), group=ep_group)
+            return None
+        if ep_rank == 0 and etp_rank == 0:
+            buf = torch.empty(one.shape, dtype=one.dtype)
+            torch.distributed.recv(buf, src=torch.distributed.get_global_rank(ep_group, owner), group=ep_group)
+            return buf
+        return None
+
+    if ep_rank != 0 or etp_rank != 0:
+        for name in fused:
+            for e in range(experts):
+                expert_tensor(name, e)
+        return
+    entries = {name: Entry(name, (experts, *one.shape), one.dtype) for name, (one, _) in fused.items()}
+
+    def produce(group_entries) -> list[Pieces]:
+        e0 = group_entries[0]
+        return [Pieces(e0.shape, e0.dtype,
+                       lambda: (expert_tensor(e0.name, e).unsqueeze(0) for e in range(experts)))]
+
+    # One writer thread: the sends and merges must run in the same order on every rank.
+    files = plan_files([[entries[name]] for name in fused], max_bytes)
     write_part_files(directory, part, files, produce, 1, stats)
 
 

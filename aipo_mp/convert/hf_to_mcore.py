@@ -6,7 +6,9 @@ touched), and saves them through `dist_checkpointing` with a planner that makes 
 item's tensor only when a writer thread writes it: the rank's slice is copied straight from the
 memory-mapped HF file into a fresh tensor (the fused QKV, gated-MLP and TP slicing happen in
 that one copy), written, and dropped. A rank therefore holds about `--threads` tensors at a
-time, whatever the number of layers. With expert parallelism a rank holds (and so reads and
+time, whatever the number of layers. A rule whose transform reorders columns (gpt-oss's
+interleaved gate/up and transposed down projections) is made from one expert's whole HF tensor,
+transformed and then sliced: bounded by one expert. With expert parallelism a rank holds (and so reads and
 writes) only its experts: global experts ep_rank * E/EP ... (ep_rank + 1) * E/EP - 1, each split
 over the expert-tensor-parallel group; expert-data-parallel replicas write nothing twice.
 """
@@ -30,6 +32,7 @@ from aipo_mp.convert.common import (
 from aipo_mp.convert.row_map import row_blocks
 from aipo_mp.convert.tensor_io import IOStats, SafetensorsSource, save_lazily
 from aipo_mp.errors import CheckpointError
+from aipo_mp.models.family import WHOLE_TENSOR
 
 
 class ShardMaker:
@@ -70,6 +73,9 @@ class ShardMaker:
         a, b = start // row, (start + view.numel()) // row
         out = torch.empty(view.shape, dtype=p.dtype)
         rows = out.view(b - a, *p.shape[1:])
+        if rule.transform in WHOLE_TENSOR:  # gpt-oss's experts: one expert's whole tensor, then its slice
+            rows.copy_(self._whole_then_slice(p, rule, index, gname)[a:b])
+            return out
         blocks = row_blocks(rule, index, self.built.arch, *parallel_rank_and_size(rule), self.source.shape)
         if sum(blk.n for blk in blocks) != p.shape[0]:
             self._mismatch(gname, rule, index, (sum(blk.n for blk in blocks),), tuple(p.shape))
@@ -92,6 +98,24 @@ class ShardMaker:
                 src = self.source.view(blk.hf_name).narrow(0, blk.src + lo - blk.dst, hi - lo)
                 dst.copy_(src if blk.cols is None else src.narrow(1, blk.cols[0], blk.cols[1] - blk.cols[0]))
         return out
+
+    def _whole_then_slice(self, p: torch.Tensor, rule, index: dict, gname: str) -> torch.Tensor:
+        """This rank's tensor of a rule whose transform reorders columns (interleaved gate/up,
+        transposed down projection): the expert's whole HF tensor is read (the reader presents one
+        expert's slice of the fused tensor; MXFP4 dequantized), transformed, then TP-sliced. One
+        expert at a time: bounded by an expert's bytes, not a layer's."""
+        from aipo_mp.models.build import parallel_rank_and_size, to_megatron, tp_slice
+
+        hf = []
+        for name in rule.hf_at(index):
+            t = torch.empty(self.source.shape(name), dtype=p.dtype)
+            if not self.source.read_into(t, name, 0):
+                t.copy_(self.source.view(name))
+            hf.append(t)
+        shard = tp_slice(to_megatron(rule, hf, self.built.arch), rule.split, *parallel_rank_and_size(rule))
+        if tuple(shard.shape) != tuple(p.shape):
+            self._mismatch(gname, rule, index, tuple(shard.shape), tuple(p.shape))
+        return shard
 
     @staticmethod
     def _mismatch(gname, rule, index, got, want):

@@ -7,6 +7,12 @@ checkpoint's metadata, then `--threads` writer threads each fill one file: read 
 chunks of one Megatron tensor of one layer (TP shards are merged on read, whatever layout the
 checkpoint was saved at), split it into its HF tensors, append them, drop them. A rank holds
 about `--threads` Megatron tensors of one layer at a time, whatever the number of layers.
+
+Families that store a layer's experts fused (gpt-oss: `mlp.experts.gate_up_proj` [E, H, 2I] with
+gate and up interleaved, `down_proj` [E, I, H], and their biases) are written in that layout: the
+fused tensor's header entry is planned from the metadata, then its bytes are appended expert by
+expert (each expert's Megatron tensor read whole, transposed / interleaved, written, dropped), so
+a writer thread holds one expert's tensor, not the layer's.
 """
 
 from __future__ import annotations
@@ -23,13 +29,15 @@ from aipo_mp.convert.tensor_io import (
     DistCheckpointReader,
     Entry,
     IOStats,
+    Pieces,
     finalize_hf_dir,
     plan_files,
     write_part_files,
 )
 from aipo_mp.errors import CheckpointError
 from aipo_mp.models import num_params
-from aipo_mp.models.family import GLU, rule_indices
+from aipo_mp.models.build import to_hf
+from aipo_mp.models.family import GLU, WHOLE_TENSOR, rule_indices
 
 
 class Unit:
@@ -41,11 +49,17 @@ class Unit:
         full = reader.global_shape(key)
         self.shape = tuple(full[len(self.prefix):])
         names = rule.hf_at(index)
+        self.arch = arch
+        dtype = torch.float32 if rule.fp32 else out_dtype  # DeepSeek's expert bias stays fp32, as HF keeps it
+        if rule.transform in WHOLE_TENSOR:  # reordered columns (gpt-oss's experts): the whole tensor, transformed
+            self.blocks = None
+            hf = to_hf(rule, torch.empty(self.shape, device="meta"), arch)
+            self.entries = [Entry(n, tuple(t.shape), dtype) for n, t in zip(names, hf)]
+            return
         # The HF shape a copy or gate/up rule implies (the fused QKV needs none: the arch has it).
         hf_shape = (self.shape[0] // 2, *self.shape[1:]) if rule.transform == GLU else self.shape
         blocks = row_blocks(rule, index, arch, 0, 1, lambda name: hf_shape)
         self.blocks = {n: hf_rows(blocks, n) for n in names}
-        dtype = torch.float32 if rule.fp32 else out_dtype  # DeepSeek's expert bias stays fp32, as HF keeps it
         self.entries = [Entry(n, (sum(b.n for b in self.blocks[n]), *self.shape[1:]), dtype) for n in names]
 
     def read_rows(self, reader: DistCheckpointReader, start: int, n: int, stats: IOStats) -> torch.Tensor:
@@ -54,6 +68,10 @@ class Unit:
         return reader.read(self.key, offsets, sizes, stats).view(n, *self.shape[1:])
 
     def produce(self, reader: DistCheckpointReader, stats: IOStats) -> list[torch.Tensor]:
+        if self.blocks is None:
+            whole = self.read_rows(reader, 0, self.shape[0], stats)
+            with stats.timed("transform"):
+                return [t.to(e.dtype).contiguous() for t, e in zip(to_hf(self.rule, whole, self.arch), self.entries)]
         out, whole = [], None
         for e in self.entries:
             blocks = self.blocks[e.name]
@@ -71,6 +89,40 @@ class Unit:
                     t = t.to(e.dtype)
             out.append(t)
         return out
+
+
+class FusedUnit:
+    """A layer's expert tensor as the family stores it fused over the experts ([experts, ...]:
+    gpt-oss), from the per-expert units of that layer: written expert by expert (`Pieces`), so a
+    writer holds one expert's tensor, never the layer's."""
+
+    def __init__(self, name: str):
+        self.name, self.parts = name, []
+
+    @property
+    def entries(self) -> list[Entry]:
+        one = self.parts[0].entries[0]
+        return [Entry(self.name, (len(self.parts), *one.shape), one.dtype)]
+
+    def produce(self, reader: DistCheckpointReader, stats: IOStats) -> list[Pieces]:
+        e = self.entries[0]
+        return [Pieces(e.shape, e.dtype, lambda: (u.produce(reader, stats)[0].unsqueeze(0) for u in self.parts))]
+
+
+def fuse_expert_units(family, units: list) -> list:
+    """Units of a family with fused expert storage: each layer's per-expert units of one tensor
+    (consecutive, experts in order) become one FusedUnit in place of the first."""
+    out, fused = [], {}
+    for u in units:
+        name = family.fused_name(u.entries[0].name) if len(u.entries) == 1 else None
+        if name is None:
+            out.append(u)
+            continue
+        if name not in fused:
+            fused[name] = FusedUnit(name)
+            out.append(fused[name])
+        fused[name].parts.append(u)
+    return out
 
 
 def export_units(family, arch, reader: DistCheckpointReader, out_dtype: torch.dtype) -> list[Unit]:
@@ -113,7 +165,7 @@ def export_units(family, arch, reader: DistCheckpointReader, out_dtype: torch.dt
                 layers.setdefault(index["i"], []).append(unit)
             else:
                 (first if rule.megatron.startswith("embedding.") else last).append(unit)
-    return first + [u for i in sorted(layers) for u in layers[i]] + last
+    return fuse_expert_units(family, first + [u for i in sorted(layers) for u in layers[i]] + last)
 
 
 def split_evenly(units: list[Unit], rank: int, world: int) -> list[Unit]:
@@ -185,7 +237,7 @@ def mcore_to_hf_rank(args) -> dict:
         torch.distributed.barrier()
         hf_config = family.export_config(meta["hf_config"]) if family.export_config else meta["hf_config"]
         done = on_rank0_then_agree(lambda: finalize_hf_dir(tmp, ckpt / EXTRA_SUBDIR, hf_config, out_dtype,
-                                                           family.hf_names(arch)))
+                                                           family.export_names(arch)))
         on_rank0_then_agree(lambda: publish_partial(final))
         t_done = time.perf_counter()
     except BaseException:

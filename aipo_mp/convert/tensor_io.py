@@ -26,7 +26,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -207,6 +207,17 @@ class Entry:
         return n * torch.empty((), dtype=self.dtype).element_size()
 
 
+@dataclass(frozen=True)
+class Pieces:
+    """A tensor written in consecutive parts along its first dimension, each made only when it is
+    written: a layer's fused expert tensor (gpt-oss: [experts, ...]), expert by expert, so the
+    writer holds one expert's part, never the layer's tensor (120b: 33 MB, not 4.2 GB)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    parts: Callable[[], Iterator[torch.Tensor]]
+
+
 def write_bytes(f, tensor: torch.Tensor) -> None:
     """The raw bytes of a contiguous CPU tensor, without an intermediate copy."""
     f.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
@@ -231,14 +242,29 @@ class SafetensorsStreamWriter:
         self._f.write(struct.pack("<Q", len(blob)))
         self._f.write(blob)
 
-    def write(self, name: str, tensor: torch.Tensor) -> int:
+    def write(self, name: str, tensor: torch.Tensor | Pieces) -> int:
         want = self.entries[self._next]
         if name != want.name or tuple(tensor.shape) != want.shape or tensor.dtype != want.dtype:
             raise RuntimeError(f"{self.path.name}: got {name} {tuple(tensor.shape)} {tensor.dtype}, planned "
                                f"{want.name} {want.shape} {want.dtype} (internal error)")
-        write_bytes(self._f, tensor.contiguous())
+        if isinstance(tensor, Pieces):
+            self._write_pieces(name, tensor)
+        else:
+            write_bytes(self._f, tensor.contiguous())
         self._next += 1
         return want.nbytes
+
+    def _write_pieces(self, name: str, pieces: Pieces) -> None:
+        rows = 0
+        for part in pieces.parts():
+            if tuple(part.shape[1:]) != tuple(pieces.shape[1:]) or part.dtype != pieces.dtype:
+                raise RuntimeError(f"{self.path.name}: part of {name} is {tuple(part.shape)} {part.dtype}, planned "
+                                   f"rows of {pieces.shape} {pieces.dtype} (internal error)")
+            write_bytes(self._f, part.contiguous())
+            rows += part.shape[0]
+            del part
+        if rows != pieces.shape[0]:
+            raise RuntimeError(f"{self.path.name}: {name} got {rows} of its {pieces.shape[0]} rows (internal error)")
 
     def close(self) -> None:
         if self._next != len(self.entries):

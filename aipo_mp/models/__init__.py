@@ -6,7 +6,6 @@ Adding a family: one module with a `FAMILY` record, plus a line in FAMILIES.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from aipo_mp.config import ModelArch
 from aipo_mp.errors import CHECKPOINT_META as MEGATRON_META
@@ -19,19 +18,6 @@ FAMILIES: dict[str, Family] = {
     f.name: f for f in (llama.FAMILY, mistral.FAMILY, gemma2.FAMILY, qwen2.FAMILY, qwen3.FAMILY,
                         qwen3_moe.FAMILY, mixtral.FAMILY, deepseek_v3.FAMILY, gpt_oss.FAMILY)
 }
-
-
-def unstreamable_tensor(arch: ModelArch) -> Optional[tuple[str, str]]:
-    """(HF name, transform) of the first tensor the streaming converters cannot map, or None.
-
-    They plan every tensor as runs of HF rows (convert/row_map.py); a table that transposes or
-    interleaves (gpt-oss's fused experts) does not fit, so `hf-to-mcore`, `mcore-to-hf` and the
-    trainer's HF handoff cannot take that family yet."""
-    from aipo_mp.models.family import COPY, GLU, QKV
-
-    rule = next((r for r in get_family(arch.family).rules(arch) if r.transform not in (COPY, GLU, QKV)), None)
-    return None if rule is None else (rule.hf_at({"i": 0, "e": 0})[0], rule.transform)
-
 
 
 def supported_architectures() -> list[str]:

@@ -23,6 +23,9 @@ COPY, QKV, GLU = "copy", "qkv", "glu"
 # gpt-oss experts: gate and up interleaved in the columns of one [hidden, 2 x width] matrix (or in
 # one [2 x width] bias), and the down projection stored [width, hidden] (aipo_mp/models/gpt_oss.py).
 GLU_INTERLEAVED, TRANSPOSE = "glu_interleaved", "transpose"
+# Transforms the converters apply to a whole (per-expert) tensor rather than as runs of HF rows:
+# they reorder columns. One expert's tensor is small (gpt-oss-120b: 2880 x 5760 bf16, 33 MB).
+WHOLE_TENSOR = (GLU_INTERLEAVED, TRANSPOSE)
 NONE, COLUMN, ROW, GLU_COLUMN = "none", "column", "row", "glu_column"
 ALL_LAYERS, MOE_LAYERS, DENSE_LAYERS = "all", "moe", "dense"
 
@@ -211,6 +214,27 @@ class Family:
                 continue
             names += [n for index in rule_indices(rule, arch) for n in rule.hf_at(index)]
         return names
+
+    def fused_name(self, name: str) -> Optional[str]:
+        """The stored tensor a per-expert name is a slice of (gpt-oss: `model.layers.{i}.mlp.experts.
+        {e}.down_proj` -> `model.layers.{i}.mlp.experts.down_proj`); None for a tensor stored as such."""
+        for fused, per_expert in self.expert_slices:
+            m = re.match("^" + re.escape(per_expert).replace(r"\{i\}", r"(?P<i>\d+)")
+                         .replace(r"\{e\}", r"\d+") + "$", name)
+            if m:
+                return fused.format(i=m["i"])
+        return None
+
+    def export_names(self, arch: ModelArch) -> list[str]:
+        """Every HF tensor name an export writes: `hf_names`, with each layer's fused expert tensor
+        (expert_slices) in place of its per-expert slices."""
+        out, seen = [], set()
+        for name in self.hf_names(arch):
+            stored = self.fused_name(name) or name
+            if stored not in seen:
+                seen.add(stored)
+                out.append(stored)
+        return out
 
 
 def rule_indices(rule: Rule, arch: ModelArch) -> list[dict]:

@@ -22,7 +22,8 @@
 
 Not supported: other swiglu_alpha/swiglu_limit values (refused), attention_bias=false (refused),
 RoPE types other than yarn and default (refused). The released MXFP4 experts (`*_blocks`/`*_scales`)
-are dequantized by aipo_mp/convert/quantized.py on read.
+are dequantized by aipo_mp/convert/quantized.py on read; exports (mcore-to-hf, the trainer's
+handoff) write the fused layout above in bf16, without the quantization_config.
 """
 
 from __future__ import annotations
@@ -241,6 +242,12 @@ def extra_params(arch: ModelArch, active: bool) -> int:
     return arch.num_layers * per_layer
 
 
+def export_config(hf: dict) -> dict:
+    """The imported config.json as export writes it: the experts are written bf16 (fused, as
+    transformers stores them), so a release's MXFP4 quantization_config is dropped."""
+    return {k: v for k, v in hf.items() if k != "quantization_config"}
+
+
 FAMILY = Family(
     name="gpt_oss",
     hf_architectures=("GptOssForCausalLM",),
@@ -256,4 +263,5 @@ FAMILY = Family(
     expected_shapes=expected_shapes,
     extra_params=extra_params,
     expert_slices=EXPERT_SLICES,
+    export_config=export_config,
 )
