@@ -20,7 +20,7 @@ PORTS_ENV = "AIPO_TEST_PORTS"  # free ports for workers that start several proce
 
 
 def run_ranks(world_size: int, module: str, args: list[str], timeout: int = 600, env_extra: dict | None = None):
-    port, *more = spawn.free_ports(17)
+    port, *more = spawn.free_ports(33)  # the rendezvous port and one per command of a multi-command worker
     extra = {"OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", PORTS_ENV: ",".join(map(str, more)),
              **(env_extra or {})}
     with tempfile.TemporaryDirectory(prefix="ranks.") as logs:

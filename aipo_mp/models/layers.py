@@ -144,6 +144,21 @@ class TorchCoreAttention(MegatronModule):
         # attends nothing). Named as megatron's own learnable softmax offset; split by heads over TP.
         self.softmax_offset = sink_parameter(config) if attention_sinks else None
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """The sinks are split over TP by heads: saved as one global [heads] tensor (dim 0 split),
+        as megatron saves its own learnable softmax offset. The default would save each rank's
+        heads as if replicated, so a checkpoint at TP > 1 would keep only TP rank 0's heads."""
+        from megatron.core.transformer.utils import (
+            ensure_metadata_has_dp_cp_group,
+            make_sharded_tensors_for_checkpoint,
+        )
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix,
+                                                   {"softmax_offset": 0}, sharded_offsets,
+                                                   tp_group=parallel_state.get_tensor_model_parallel_group(),
+                                                   dp_cp_group=metadata["dp_cp_group"])
+
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
         dropout_p = self.dropout_p if self.training else 0.0

@@ -7,6 +7,9 @@ rank does not grow with the number of experts (32 vs 4); every broken expert ten
 error line naming it. DeepSeek-V3 (latent attention, expert bias, shared expert) round-trips
 bit-exact from bf16 (the expert bias stays fp32), and its block-scaled FP8 release format converts
 to the bf16 weights transformers' dequantization gives; the multi-token-prediction layer is dropped.
+gpt-oss (fused, gate/up-interleaved experts with biases) round-trips bit-exact at TP2 x EP2 x PP2
+into the same fused layout, which transformers loads with the source's logits; its MXFP4 release
+format converts to the bf16 experts transformers' dequantization gives.
 
 One 4-rank launch runs every multi-rank conversion (tests/convert_worker.py); the single-rank
 ones run in this process."""
@@ -35,6 +38,8 @@ from tests.e2e.test_checkpoint_tools import (
 )
 
 LAYOUT = ["--tp", "2", "--ep", "2", "--etp", "2"]
+# gpt-oss: megatron takes expert biases only at expert-TP 1, so TP2 x EP2 with PP2 fills the 4 ranks.
+GPT_OSS_LAYOUT = ["--tp", "2", "--ep", "2", "--etp", "1", "--pp", "2"]
 MEMORY_EXPERTS = (4, 32)
 MEMORY_RATIO = 1.2
 # glibc's malloc otherwise raises its mmap threshold as blocks are freed and keeps later tensors
@@ -104,7 +109,32 @@ def sources(tiny_hf_dirs, work) -> dict:
     hf_model_from_arch(tiny_arch("deepseek_v3"), seed=11, dtype=torch.bfloat16).save_pretrained(bf16)
     out["deepseek_v3", "bf16"] = bf16
     out["deepseek_v3", "fp8"] = write_fp8_copy(bf16, work / "deepseek_v3_fp8")
+    gpt_oss = work / "gpt_oss_bf16"  # transformers writes gpt-oss's experts fused, gate/up interleaved
+    hf_model_from_arch(tiny_arch("gpt_oss"), seed=11, dtype=torch.bfloat16).save_pretrained(gpt_oss)
+    out["gpt_oss", "bf16"] = gpt_oss
+    out["gpt_oss", "mxfp4"] = write_mxfp4_copy(gpt_oss, work / "gpt_oss_mxfp4")
     return out
+
+
+def write_mxfp4_copy(src: Path, dst: Path) -> Path:
+    """`src` as the gpt-oss releases store it: the fused gate_up_proj and down_proj as MXFP4
+    `_blocks` + `_scales`, everything else (the biases included) unchanged."""
+    from aipo_mp.convert.quantized import quantize_mxfp4
+
+    def to_mxfp4(tensors: dict) -> dict:
+        out = {}
+        for name, t in tensors.items():
+            if name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")):
+                out[name + "_blocks"], out[name + "_scales"] = quantize_mxfp4(t)
+            else:
+                out[name] = t
+        return out
+
+    rewrite_weights(src, dst, to_mxfp4)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
 
 
 def write_fp8_copy(src: Path, dst: Path) -> Path:
@@ -142,7 +172,9 @@ def ep2(sources, work) -> dict:
         mc, back = work / f"mc_{fam}_{layout}", work / f"back_{fam}_{layout}"
         # DeepSeek: bf16 weights and an fp32 expert bias (mixed): the checkpoint's dtype is asked for.
         dtype = ["--dtype", "bf16"] if fam == "deepseek_v3" else []
-        commands += [["hf-to-mcore", "--hf", str(src), "--out", str(mc), *LAYOUT, *dtype, "--report", str(mc) + ".json"],
+        layout_args = GPT_OSS_LAYOUT if fam == "gpt_oss" else LAYOUT
+        commands += [["hf-to-mcore", "--hf", str(src), "--out", str(mc), *layout_args, *dtype,
+                      "--report", str(mc) + ".json"],
                      ["mcore-to-hf", "--ckpt", str(mc), "--out", str(back), "--max-shard-size", "500KB",
                       "--report", str(back) + ".json"]]
         out[fam, layout] = (mc, back)
@@ -232,6 +264,70 @@ def test_deepseek_v3_round_trip_bf16_bit_exact_and_fp8_as_transformers_dequantiz
         assert torch.equal(got.get(name), want), name
     assert quantized == 3 * 5 + 2 * (8 * 3 + 3) + 3  # 5 attention projections x 3 layers, experts + shared x 2, dense MLP
     assert "quantization_config" not in json.loads((fp8_back / "config.json").read_text())
+
+
+def stored_tensors(directory: Path) -> dict:
+    """Every tensor of an HF directory under its stored name (fused experts stay fused)."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+@pytest.mark.dist
+def test_gpt_oss_round_trip_writes_the_fused_layout_and_mxfp4_converts_as_transformers_dequantizes(sources, ep2):
+    """gpt-oss at TP2 x EP2 x PP2 (expert-TP 1): the export holds exactly the source's stored
+    tensors (fused, gate/up-interleaved experts and their biases), bit for bit, and transformers
+    loads it with the source's logits; each rank read only its share. An MXFP4 copy converts to
+    the bf16 experts transformers' own dequantization gives, and its export drops
+    quantization_config."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from aipo_mp.convert.tensor_io import DistCheckpointReader
+
+    arch, src = tiny_arch("gpt_oss"), sources["gpt_oss", "bf16"]
+    mc, back = ep2["gpt_oss", "bf16"]
+    want, got = stored_tensors(src), stored_tensors(back)
+    assert "model.layers.1.mlp.experts.gate_up_proj" in want and sorted(got) == sorted(want)
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+    meta = json.loads((mc / "aipo_checkpoint.json").read_text())
+    assert meta["layout"] == {"tp": 2, "pp": 2, "vpp": 1, "ep": 2, "etp": 1}
+    e, i, h = arch.num_experts, arch.moe_intermediate_size, arch.hidden_size
+    reader = DistCheckpointReader(mc / "model")
+    assert reader.global_shape("decoder.layers.1.mlp.experts.experts.linear_fc1.weight") == (e, 2 * i, h)
+    assert reader.global_shape("decoder.layers.1.mlp.experts.experts.linear_fc2.weight") == (e, h, i)
+    # The sinks are split over TP by heads: stored whole (saved as replicated, TP rank 0's half only).
+    assert reader.global_shape("decoder.layers.0.self_attention.core_attention.softmax_offset") == \
+        (arch.num_attention_heads,)
+    ranks = report(str(mc) + ".json")["ranks"]
+    assert sum(r["bytes_read"] for r in ranks) == ranks[0]["model_bytes"]
+    assert max(r["bytes_read"] for r in ranks) < 0.5 * ranks[0]["model_bytes"], [r["bytes_read"] for r in ranks]
+    ids = torch.randint(0, arch.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for d in (src, back):
+        model, info = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32, output_loading_info=True)
+        assert not any(info.values()), (d, info)
+        with torch.no_grad():
+            logits[d] = model(ids).logits
+    assert torch.equal(logits[src], logits[back])
+
+    quantized, (_, mx_back) = stored_tensors(sources["gpt_oss", "mxfp4"]), ep2["gpt_oss", "mxfp4"]
+    got, dequantized = stored_tensors(mx_back), 0
+    assert sorted(got) == sorted(want)
+    for name, t in got.items():
+        if name + "_blocks" in quantized:
+            expect = convert_moe_packed_tensors(quantized[name + "_blocks"].clone(), quantized[name + "_scales"].clone())
+            dequantized += 1
+        else:
+            expect = quantized[name]
+        assert t.dtype == expect.dtype == torch.bfloat16 and torch.equal(t, expect), name
+    assert dequantized == 2 * arch.num_layers
+    assert "quantization_config" not in json.loads((mx_back / "config.json").read_text())
 
 
 def test_fp8_block_dequantization_equals_transformers():
