@@ -8,8 +8,9 @@ family scores through the reward stage (vLLM pooling) as transformers does. Tiny
 (latent attention at the only latent size vLLM's CPU kernel takes, 512 + 64; yarn RoPE; grouped
 sigmoid routing with an expert bias; a shared expert), handed off by the trainer from a
 config.json without vLLM's routing keys (as transformers writes it), and a transformers-built tiny
-gpt-oss (attention sinks, biases, a sliding-window layer, yarn RoPE): `aipo-mp sample` samples with
-each, and vLLM's teacher-forced log-probs equal transformers'. Real vLLM and transformers, tiny
+gpt-oss (attention sinks, biases, a sliding-window layer, yarn RoPE) handed off by the trainer at
+TP2 x EP2 + SP in its fused expert layout: `aipo-mp sample` samples with each, and vLLM's
+teacher-forced log-probs equal transformers'. Real vLLM and transformers, tiny
 models built here; no mocks."""
 
 from __future__ import annotations
@@ -57,7 +58,12 @@ def moe(tiny_hf_dirs, tmp_path_factory) -> dict:
                                                     if k not in ("topk_method", "scoring_func")}))
     cases.append(dict(hf_dir=str(source), out=str(base / "deepseek_v3_handoff"), extra=str(tok), **LAYOUT))
     dirs["deepseek_v3"] = {"policy": base / "deepseek_v3_handoff", "source": source}
-    dirs["gpt_oss"] = {"policy": save_tiny_gpt_oss(base / "gpt_oss", tok)}
+    # gpt-oss built and saved by transformers (fused, gate/up-interleaved experts), handed off by the
+    # trainer at TP2 x EP2 + SP (expert-TP 1: megatron's expert biases), which writes that layout back.
+    gpt_oss = save_tiny_gpt_oss(base / "gpt_oss_source", tok)
+    cases.append(dict(hf_dir=str(gpt_oss), out=str(base / "gpt_oss_handoff"), extra=str(tok), tp=2, sp=True, ep=2,
+                      etp=1))
+    dirs["gpt_oss"] = {"policy": base / "gpt_oss_handoff", "source": gpt_oss}
     spec = base / "handoff.json"
     spec.write_text(json.dumps({"cases": cases}))
     run_ranks(4, "tests.handoff_worker", [str(spec)])
@@ -234,6 +240,12 @@ def test_deepseek_v3_and_gpt_oss_sample_in_vllm(moe, fam, tmp_path):
         cfg = json.loads((policy / "config.json").read_text())
         assert (cfg["topk_method"], cfg["scoring_func"]) == ("noaux_tc", "sigmoid")
         assert_same_tensors(moe[fam]["source"], policy)  # the expert bias (a buffer) included, fp32
+    if fam == "gpt_oss":
+        from aipo_mp.convert.hf_io import HFWeights
+
+        assert_same_tensors(moe[fam]["source"], policy)  # sinks, biases, every expert's slice
+        stored = set(HFWeights(policy).files)  # as stored: one fused tensor per layer, as transformers wrote it
+        assert stored == set(HFWeights(moe[fam]["source"]).files) and "model.layers.1.mlp.experts.down_proj" in stored
     prompts, out = tmp_path / "prompts.jsonl", tmp_path / "samples.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
     with pytest.raises(SystemExit) as done:
