@@ -4,7 +4,10 @@ directories and written back as the trainer does at the end of a round, equal th
 directories bit for bit, every HF tensor once (per-expert names, as vLLM loads them), at EP2
 (2 ranks), and on 4 ranks at TP2 x EP2 x ETP2 with sequence parallelism, TP2 x EP2 (ETP 1: the
 experts of an EP rank have an expert-data-parallel replica that must not write them again),
-EP2 x DP2 and PP2 x EP2. One launch per world size."""
+EP2 x DP2 and PP2 x EP2. Tiny gpt-oss (experts stored fused over the layer, gate/up interleaved,
+with biases) on the 4 ranks at TP2 x EP2 + SP, EP2 x DP2 and PP2 x EP2 (expert-TP 1: megatron's
+expert biases): the same fused tensors as the source, each stage's written by EP rank 0 alone.
+One launch per world size."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ LAYOUTS = {
     2: [dict(ep=2)],
     4: [dict(tp=2, sp=True, ep=2, etp=2), dict(tp=2, sp=True, ep=2), dict(ep=2), dict(pp=2, ep=2)],
 }
+GPT_OSS_LAYOUTS = {2: [], 4: [dict(tp=2, sp=True, ep=2), dict(ep=2), dict(pp=2, ep=2)]}
 
 
 def layout_name(lay: dict) -> str:
@@ -37,7 +41,7 @@ def read_dir(d: Path) -> dict:
     return tensors
 
 
-def assert_same_as_source(out: Path, src: Path, lay: dict) -> int:
+def assert_same_as_source(out: Path, src: Path, lay: dict, fused: bool = False) -> int:
     got, want = read_dir(out), read_dir(src)
     assert sorted(got) == sorted(want), (f"{out.name}: missing {sorted(set(want) - set(got))[:5]}, "
                                          f"extra {sorted(set(got) - set(want))[:5]}")
@@ -46,9 +50,12 @@ def assert_same_as_source(out: Path, src: Path, lay: dict) -> int:
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert sorted(index["weight_map"]) == sorted(want)
     # One writer per part: the dense part of each pipeline stage and one expert part per EP rank
-    # and stage (every stage of the tiny models holds MoE layers); no replica writes again.
+    # and stage (every stage of the tiny models holds MoE layers); no replica writes again. Fused
+    # experts (gpt-oss): one expert part per stage, written by its EP rank 0.
     stages, eps = range(lay.get("pp", 1)), range(lay["ep"])
-    parts = [f"part{s:05d}" for s in stages] + [f"part{s:05d}-experts{e:05d}" for s in stages for e in eps]
+    experts = [f"part{s:05d}-experts" for s in stages] if fused else \
+        [f"part{s:05d}-experts{e:05d}" for s in stages for e in eps]
+    parts = [f"part{s:05d}" for s in stages] + experts
     writers = [p for f in sorted(out.parent.glob(f"{out.name}.writers.rank*.json")) for p in json.loads(f.read_text())]
     assert sorted(writers) == sorted(parts), f"{out.name}: parts written {sorted(writers)}, expected each of {parts} once"
     files = sorted(out.glob("*.safetensors"))
@@ -68,12 +75,12 @@ def same_bits(a, b) -> bool:
     return torch.equal(a.reshape(-1).view(as_int), b.reshape(-1).view(as_int))
 
 
-def run_world(world: int, tiny_hf_dirs, tmp_path) -> list[tuple]:
+def run_world(world: int, sources, tmp_path) -> list[tuple]:
     cases, expected = [], []
-    for fam in MOE_MODELS:
-        for lay in LAYOUTS[world]:
+    for fam, layouts in [*((f, LAYOUTS[world]) for f in MOE_MODELS), ("gpt_oss", GPT_OSS_LAYOUTS[world])]:
+        for lay in layouts:
             out = tmp_path / f"{fam}_{layout_name(lay)}"
-            cases.append(dict(hf_dir=str(tiny_hf_dirs[fam]), out=str(out), **lay))
+            cases.append(dict(hf_dir=str(sources[fam]), out=str(out), **lay))
             expected.append((fam, lay, out))
     spec = tmp_path / f"handoff{world}.json"
     spec.write_text(json.dumps({"cases": cases}))
@@ -81,9 +88,9 @@ def run_world(world: int, tiny_hf_dirs, tmp_path) -> list[tuple]:
     return expected
 
 
-def check(expected, tiny_hf_dirs) -> None:
+def check(expected, sources) -> None:
     for fam, lay, out in expected:
-        n = assert_same_as_source(out, Path(tiny_hf_dirs[fam]), lay)
+        n = assert_same_as_source(out, Path(sources[fam]), lay, fused=fam == "gpt_oss")
         print(f"handoff {fam} {layout_name(lay)}: {n} tensors equal the source bit for bit")
 
 
@@ -94,4 +101,8 @@ def test_moe_handoff_two_ranks(tiny_hf_dirs, tmp_path):
 
 @pytest.mark.dist
 def test_moe_handoff_four_ranks(tiny_hf_dirs, tmp_path):
-    check(run_world(4, tiny_hf_dirs, tmp_path), tiny_hf_dirs)
+    from aipo_mp.testing.hf_build import save_hf_model
+    from tests.conftest import tiny_arch
+
+    sources = {**tiny_hf_dirs, "gpt_oss": save_hf_model(tiny_arch("gpt_oss"), tmp_path / "gpt_oss_source", seed=11)}
+    check(run_world(4, sources, tmp_path), sources)
