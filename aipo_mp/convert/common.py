@@ -348,7 +348,9 @@ def hf_source(directory: str | Path, allow_pickle: bool = False, pickle_flag: Op
         got = tuple(weights.shape(name))
         want = shapes.get(name)
         if want is not None and got != want:
-            raise CheckpointError(f"{d}: tensor {name} has shape {got} but config.json implies {want}; "
+            stored = weights.stored_name(name)  # gpt-oss: name the fused tensor the slice is of
+            what = name if stored == name else f"{stored} (expert slice {name})"
+            raise CheckpointError(f"{d}: tensor {what} has shape {got} but config.json implies {want}; "
                               "the weights do not match config.json")
         n = 1
         for s in got:

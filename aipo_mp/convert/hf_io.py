@@ -147,6 +147,7 @@ class HFWeights:
         if found is None:
             return False
         arch, slices = found
+        self._slice_names = tuple((re.compile(_template_regex(per_expert)), fused) for fused, per_expert in slices)
         for i in range(arch.num_layers):
             for fused_template, per_expert in slices:
                 name = fused_template.format(i=i)
@@ -168,6 +169,10 @@ class HFWeights:
             m = pattern.match(name)
             if m:
                 return f"model.layers.{m['i']}.mlp.experts.{part}" if part else FUSED_ROUTER.format(i=m["i"])
+        for pattern, fused in getattr(self, "_slice_names", ()):  # gpt-oss: expert e's slice of a fused tensor
+            m = pattern.match(name)
+            if m:
+                return fused.format(i=m["i"])
         return name
 
     def _stored_dtype(self, name: str) -> str:
@@ -451,7 +456,8 @@ def load_tokenizer(directory: str | Path, trust_remote_code: bool = False, what:
 def check_tensor_names(weights: HFWeights, expected: Iterable[str]) -> None:
     expected = list(expected)
     have = set(weights.names())
-    missing = [n for n in expected if n not in have]
+    # In a fused expert layout, the fused tensor that lacks them (once), not each expert's slice.
+    missing = list(dict.fromkeys(weights.stored_name(n) for n in expected if n not in have))
     unexpected = sorted(have - set(expected))
     if missing:
         raise CheckpointError(f"{weights.dir}: missing tensors: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))

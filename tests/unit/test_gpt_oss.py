@@ -113,8 +113,9 @@ def test_archs_and_layouts_that_do_not_fit_are_refused(overrides, fragment):
 
 
 def test_missing_expert_tensor_is_named(tmp_path):
-    """A checkpoint without a layer's fused expert biases: the name check names the per-expert
-    tensors that are missing (no expert is ever left randomly initialised)."""
+    """A checkpoint without a layer's fused expert biases: the name check names the fused tensor
+    that is missing, once (no expert is ever left randomly initialised); a fused tensor of the
+    wrong shape is named with the slice that does not fit."""
     from safetensors.torch import load_file, save_file
 
     from aipo_mp.convert.hf_io import HFWeights, check_tensor_names
@@ -126,8 +127,18 @@ def test_missing_expert_tensor_is_named(tmp_path):
     state = load_file(str(d / "model.safetensors"))
     del state["model.layers.1.mlp.experts.down_proj_bias"]
     save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"missing tensors: model\.layers\.1\.mlp\.experts\.0\.down_proj_bias"):
+    with pytest.raises(CheckpointError, match=r"missing tensors: model\.layers\.1\.mlp\.experts\.down_proj_bias$"):
         check_tensor_names(HFWeights(d), get_family("gpt_oss").hf_names(arch))
+    from aipo_mp.convert.common import hf_source
+
+    with pytest.raises(CheckpointError, match=r"missing tensors model\.layers\.1\.mlp\.experts\.down_proj_bias;"):
+        hf_source(d)
+    state["model.layers.1.mlp.experts.down_proj_bias"] = torch.zeros(arch.num_experts, arch.hidden_size)
+    state["model.layers.0.mlp.experts.down_proj"] = torch.zeros(arch.num_experts, 64, 127)
+    save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"tensor model\.layers\.0\.mlp\.experts\.down_proj \(expert slice "
+                                              r"model\.layers\.0\.mlp\.experts\.0\.down_proj\) has shape \(64, 127\)"):
+        hf_source(d)
 
 
 def test_gpt_oss_120b_config_has_the_published_sizes_and_parameter_count():
