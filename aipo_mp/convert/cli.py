@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ranks", type=int, default=None,
                    help="converter processes, any number (default: the checkpoint's tp x pp)")
     b.add_argument("--report", help="also write timings and per-rank peak RSS as JSON to this file")
+    b.add_argument("--restore-dropped", metavar="HF_DIR", default=None,
+                   help="a full checkpoint: copy the tensors import dropped (DeepSeek-V3's multi-token-prediction "
+                        "layer) from this HF directory, as its reader presents them (FP8 dequantized to bf16)")
 
     v = sub.add_parser("verify", help="compare the logits of a Megatron checkpoint with transformers on an HF dir")
     v.add_argument("--hf", required=True, help="Hugging Face model directory (the reference)")
@@ -359,6 +362,8 @@ def cmd_mcore_to_hf(args, argv) -> int:
     if Path(args.ckpt).absolute() == out:
         raise ct.ConfigError("--out must differ from --ckpt")
     out_dtype = args.dtype or meta["dtype"]
+    if args.restore_dropped:
+        check_restore_source(args.restore_dropped, arch)
     if not args.skip_space_check:
         ct.check_free_space(out, num_params(arch) * ct.BYTES_PER[out_dtype], "the HF safetensors")
     lay = meta["layout"]
@@ -379,6 +384,22 @@ def cmd_mcore_to_hf(args, argv) -> int:
         print_timing(stats, conv, wall, read_label="read")
         write_report(args, stats, wall)
     return 0
+
+
+def check_restore_source(hf_dir: str, arch) -> None:
+    """--restore-dropped: an HF directory of the checkpoint's architecture that holds tensors import drops."""
+    from aipo_mp.convert import common as ct
+    from aipo_mp.models import get_family
+
+    src = ct.hf_source(hf_dir, False)
+    same = ("family", "num_layers", "hidden_size", "vocab_size")
+    if any(getattr(src.arch, k) != getattr(arch, k) for k in same):
+        raise ct.ConfigError(f"--restore-dropped {hf_dir}: a {src.arch.family} of {src.arch.num_layers} layers, "
+                             f"hidden {src.arch.hidden_size}, not the checkpoint's {arch.family} of {arch.num_layers} "
+                             f"layers, hidden {arch.hidden_size}; give the HF directory the checkpoint was imported from")
+    if not ct.dropped_names(src.weights, get_family(arch.family), arch):
+        raise ct.ConfigError(f"--restore-dropped {hf_dir}: it holds no tensors that import drops (for {arch.family}: "
+                             "the multi-token-prediction layer); leave the option out")
 
 
 def layout_text(lay: dict) -> str:

@@ -277,6 +277,11 @@ def dropped_on_import(d: Path, family, arch: ModelArch, have: set) -> set:
     return dropped
 
 
+def dropped_names(weights, family, arch: ModelArch) -> list[str]:
+    """The tensors of an HF directory that the family's import drops (in stored order)."""
+    return [n for n in weights.names() if family.dropped_on_import and family.dropped_on_import(arch, n)]
+
+
 def expected_hf_shapes(arch: ModelArch, names: list[str]) -> dict[str, tuple[int, ...]]:
     """The shape config.json implies for each HF tensor name of the llama-style families (a family
     with its own table, DeepSeek-V3's latent attention, answers from it)."""

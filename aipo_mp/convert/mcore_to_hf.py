@@ -180,6 +180,31 @@ def split_evenly(units: list[Unit], rank: int, world: int) -> list[Unit]:
     return mine
 
 
+RESTORED_CONFIG_KEYS = ("num_nextn_predict_layers",)  # how many multi-token-prediction layers the HF dir holds
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16, "fp64": torch.float64}
+
+
+def write_dropped(tmp: Path, source: Path, family, arch, max_bytes: int, stats: IOStats) -> dict:
+    """(rank 0) --restore-dropped: the tensors import dropped (DeepSeek-V3's multi-token-prediction
+    layer), copied from the source HF directory one tensor at a time, as its reader presents
+    them (bf16 bytes unchanged; FP8 dequantized to bf16, since the export has no quantization)."""
+    from aipo_mp.convert.common import dropped_names
+    from aipo_mp.convert.hf_io import HFWeights
+
+    weights = HFWeights(source)
+    groups = [[Entry(n, tuple(weights.shape(n)), TORCH_DTYPES[weights.dtype(n)])]
+              for n in dropped_names(weights, family, arch)]
+    return write_part_files(tmp, "partrestored", plan_files(groups, max_bytes),
+                            lambda group: [weights.get(group[0].name).contiguous()], 1, stats)
+
+
+def restored_config(source: Path) -> dict:
+    from aipo_mp.convert.hf_io import read_hf_config_file
+
+    hf = read_hf_config_file(source / "config.json")
+    return {k: hf[k] for k in RESTORED_CONFIG_KEYS if k in hf}
+
+
 def mcore_to_hf_rank(args) -> dict:
     from aipo_mp.models import arch_from_hf_config, family_for_hf_config
     from aipo_mp.training.checkpoint import (
@@ -236,6 +261,10 @@ def mcore_to_hf_rank(args) -> dict:
             raise
         torch.distributed.barrier()
         hf_config = family.export_config(meta["hf_config"]) if family.export_config else meta["hf_config"]
+        restore = getattr(args, "restore_dropped", None)
+        if restore:
+            on_rank0_then_agree(lambda: write_dropped(tmp, Path(restore), family, arch, max_bytes, stats))
+            hf_config = {**hf_config, **restored_config(Path(restore))}
         done = on_rank0_then_agree(lambda: finalize_hf_dir(tmp, ckpt / EXTRA_SUBDIR, hf_config, out_dtype,
                                                            family.export_names(arch)))
         on_rank0_then_agree(lambda: publish_partial(final))

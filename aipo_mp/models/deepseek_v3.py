@@ -14,7 +14,7 @@
 - The first `first_k_dense_replace` layers keep a dense MLP.
 - The released checkpoints carry a multi-token-prediction layer as `model.layers.{num_hidden_layers}`
   (and up): preference training does not use it, so import drops it (a note names it) and export
-  does not write it.
+  does not write it unless asked (`mcore-to-hf --restore-dropped SOURCE_HF_DIR` copies it back).
 """
 
 from __future__ import annotations
@@ -276,7 +276,8 @@ def expected_shapes(arch: ModelArch, names: list[str]) -> dict[str, tuple[int, .
 def export_config(hf: dict) -> dict:
     """The imported config.json as export writes it: vLLM's routing keys (transformers does not
     write them, and vLLM routes without the group limit and the bias otherwise), no
-    multi-token-prediction layer (it is not exported), and no quantization (weights are bf16/fp32)."""
+    multi-token-prediction layer (exported only by `mcore-to-hf --restore-dropped`, which puts the
+    source's count back), and no quantization (weights are bf16/fp32)."""
     out = {k: v for k, v in hf.items() if k != "quantization_config"}
     return {**out, "topk_method": "noaux_tc", "scoring_func": "sigmoid", "num_nextn_predict_layers": 0}
 
@@ -295,7 +296,8 @@ FAMILY = Family(
     hf_config=hf_config,
     spec_options=lambda arch: SpecOptions(mla=True),
     rules=rules,
-    notes="the multi-token-prediction layer of the released checkpoints is dropped on import and not exported",
+    notes="the multi-token-prediction layer of the released checkpoints is dropped on import; "
+          "mcore-to-hf --restore-dropped HF_DIR puts it back",
     moe=True,
     arch_errors=arch_errors,
     expected_shapes=expected_shapes,

@@ -359,7 +359,10 @@ def test_fp8_block_dequantization_equals_transformers():
 
 def test_deepseek_v3_fp8_and_mtp_sources_are_checked_by_name(sources, work):
     """An FP8 tensor without its scale, or a scale without its weight, is one line naming it; the
-    multi-token-prediction layer (model.layers.3.*) is dropped with a note."""
+    multi-token-prediction layer (model.layers.3.*) is dropped with a note, left out of an export,
+    and restored bit for bit by `mcore-to-hf --restore-dropped SOURCE` (a full checkpoint)."""
+    from aipo_mp.convert.hf_io import HFWeights
+
     fp8 = sources["deepseek_v3", "fp8"]
     scale = "model.layers.1.self_attn.o_proj.weight_scale_inv"
     no_scale = rewrite_weights(fp8, work / "fp8_no_scale", lambda t: {k: v for k, v in t.items() if k != scale})
@@ -368,11 +371,26 @@ def test_deepseek_v3_fp8_and_mtp_sources_are_checked_by_name(sources, work):
     orphan = rewrite_weights(fp8, work / "fp8_orphan", lambda t: {**t, "model.layers.0.x_proj.weight_scale_inv":
                                                                   torch.ones(1, 1)})
     assert_user_error(run_main("inspect", orphan), "holds model.layers.0.x_proj.weight_scale_inv but not the weight")
-    mtp = rewrite_weights(sources["deepseek_v3", "bf16"], work / "with_mtp", lambda t: {
-        **t, "model.layers.3.eh_proj.weight": torch.zeros(128, 256, dtype=torch.bfloat16),
-        "model.layers.3.mlp.experts.0.up_proj.weight": torch.zeros(32, 128, dtype=torch.bfloat16)})
+    g = torch.Generator().manual_seed(3)
+    mtp_tensors = {"model.layers.3.eh_proj.weight": torch.randn(128, 256, generator=g).to(torch.bfloat16),
+                   "model.layers.3.mlp.experts.0.up_proj.weight": torch.randn(32, 128, generator=g).to(torch.bfloat16)}
+    mtp = rewrite_weights(sources["deepseek_v3", "bf16"], work / "with_mtp", lambda t: {**t, **mtp_tensors})
+    config = json.loads((mtp / "config.json").read_text())
+    (mtp / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
     code, _, err = run_main("inspect", mtp)
     assert code == 0 and "note:" in err and "2 tensors not imported" in err and "multi-token-prediction" in err, err
+    # Export drops it too, unless a full checkpoint is asked for: then it comes back from the source unchanged.
+    mc, plain, full = work / "mtp_mc", work / "mtp_plain", work / "mtp_full"
+    ok(run_main("hf-to-mcore", "--hf", mtp, "--out", mc, "--dtype", "bf16"))
+    ok(run_main("mcore-to-hf", "--ckpt", mc, "--out", plain))
+    assert json.loads((plain / "config.json").read_text())["num_nextn_predict_layers"] == 0
+    assert not set(mtp_tensors) & set(HFWeights(plain).names())
+    ok(run_main("mcore-to-hf", "--ckpt", mc, "--out", full, "--restore-dropped", mtp))
+    assert json.loads((full / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    assert assert_same_weights(mtp, full) == len(HFWeights(plain).names()) + 2  # every tensor, bit for bit
+    assert_user_error(run_main("mcore-to-hf", "--ckpt", mc, "--out", work / "mtp_none", "--restore-dropped",
+                               sources["deepseek_v3", "bf16"]), "holds no tensors that import drops",
+                      work / "mtp_none")
     extra = rewrite_weights(sources["deepseek_v3", "bf16"], work / "with_extra", lambda t: {
         **t, "model.layers.2.mlp.extra.weight": torch.zeros(2, 2)})
     assert_user_error(run_main("inspect", extra), "unexpected tensors model.layers.2.mlp.extra.weight")
